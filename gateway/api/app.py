@@ -1,0 +1,145 @@
+"""The application factory: every resource is one cleanup-context entry, in dependency order.
+
+Start-up opens the database, resolves the API token, connects to Docker (creating the
+session network), opens the GPU backend, recovers sessions (before serving), and
+starts the TTL sweeper. Shutdown undoes that in reverse; sessions and containers stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.api import keys, middleware
+from gateway.api.routes import routes
+from gateway.config import Config
+from gateway.gpu.allocator import GpuAllocator
+from gateway.gpu.base import GpuBackend
+from gateway.models import utcnow
+from gateway.runtime.base import Runtime
+from gateway.sessions import Clock, SessionManager
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def resolve_api_token(config: Config) -> str:
+    """The bearer token: from the environment, the token file, or generated once (0600).
+
+    Raises:
+        ValueError: ``--api-token-file`` names a missing or empty file.
+    """
+    if config.api_token:
+        return config.api_token
+    path = config.token_path
+    if config.api_token_file is not None:
+        token = path.read_text().strip() if path.is_file() else ""
+        if not token:
+            raise ValueError(f"API token file {path} is missing or empty")
+        return token
+    if path.is_file() and (token := path.read_text().strip()):
+        return token
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    log.warning("generated an API token; it is in %s", path)
+    return token
+
+
+def _state_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
+def create_app(
+    config: Config,
+    *,
+    runtime_factory: Callable[[], Runtime] | None = None,
+    gpu_factory: Callable[[], GpuBackend] | None = None,
+    clock: Clock = utcnow,
+) -> web.Application:
+    """Build the gateway application. Factories replace Docker and the GPU backend in tests."""
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=[middleware.cors, middleware.errors, middleware.auth],
+    )
+    app[keys.CONFIG] = config
+    app.router.add_routes(routes)
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(_state_dir, config.state_dir)
+        app[keys.API_TOKEN] = await asyncio.to_thread(resolve_api_token, config)
+        async with await Store.open(config.db_path) as store:
+            app[keys.STORE] = store
+            yield
+
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        if runtime_factory is None:
+            from gateway.runtime.docker import DockerRuntime
+
+            runtime: Runtime = DockerRuntime()
+        else:
+            runtime = runtime_factory()
+        try:
+            await runtime.ensure_network(config.docker_network, egress=config.network_egress)
+            app[keys.RUNTIME] = runtime
+            yield
+        finally:
+            await runtime.close()
+
+    async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:
+        backend = (
+            gpu_factory()
+            if gpu_factory
+            else await open_backend(config.gpus, state_dir=config.state_dir)
+        )
+        try:
+            app[keys.GPUS] = GpuAllocator(
+                backend, default_profile=config.default_mig_profile, dynamic=config.mig_dynamic
+            )
+            yield
+        finally:
+            await backend.close()
+
+    async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+        manager = SessionManager(
+            config,
+            store=app[keys.STORE],
+            runtime=app[keys.RUNTIME],
+            gpus=app[keys.GPUS],
+            instance_id=await app[keys.STORE].instance_id(),
+            clock=clock,
+        )
+        await manager.recover()
+        app[keys.SESSIONS] = manager
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+        manager = app[keys.SESSIONS]
+
+        async def sweep_forever() -> None:
+            while True:
+                await asyncio.sleep(config.reap_interval)
+                try:
+                    await manager.sweep()
+                except Exception:
+                    log.exception("TTL sweep failed")
+
+        task = asyncio.create_task(sweep_forever(), name="ttl-sweeper")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.extend([store_ctx, runtime_ctx, gpu_ctx, sessions_ctx, sweeper_ctx])
+    return app

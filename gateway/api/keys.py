@@ -1,0 +1,18 @@
+"""Typed keys for the state each resource puts on the aiohttp application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.gpu.allocator import GpuAllocator
+from gateway.runtime.base import Runtime
+from gateway.sessions import SessionManager
+from gateway.store import Store
+
+CONFIG = web.AppKey("config", Config)
+API_TOKEN = web.AppKey("api_token", str)
+STORE = web.AppKey("store", Store)
+RUNTIME = web.AppKey("runtime", Runtime)
+GPUS = web.AppKey("gpus", GpuAllocator)
+SESSIONS = web.AppKey("sessions", SessionManager)

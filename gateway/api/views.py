@@ -1,0 +1,49 @@
+"""JSON shapes of the API responses, built from models. Timestamps become RFC 3339 ``Z``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.config import Config
+from gateway.core.ttl import ttl_minutes_view
+from gateway.models import CreatedSession, Session, rfc3339
+
+
+def session_view(session: Session, active_connections: int) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "user_id": session.user_id,
+        "container_id": session.container_id,
+        "container_ip": session.container_ip,
+        "ssh_port": session.ssh_port,
+        "gpu_uuid": session.gpu_uuid,
+        "mig_profile": session.mig_profile,
+        "ttl_minutes": ttl_minutes_view(session.ttl_seconds),
+        "ttl_seconds": session.ttl_seconds,
+        "state": session.state.value,
+        "created_at": rfc3339(session.created_at),
+        "expires_at": rfc3339(session.expires_at),
+        "active_connections": active_connections,
+        "metadata": {
+            "image": session.image,
+            "workspace": session.workspace,
+            "ssh_port": str(session.ssh_port),
+        },
+    }
+
+
+def created_view(created: CreatedSession, config: Config) -> dict[str, Any]:
+    session, creds = created.session, created.credentials
+    return {
+        "session_id": session.id,
+        "container_id": session.container_id,
+        "ssh_user": session.user_id,
+        "ssh_host": config.public_host,
+        "ssh_port": session.ssh_port,
+        "ssh_private_key": creds.private_key,
+        "ssh_password": creds.password if config.ssh_password_auth else None,
+        "gpu_uuid": session.gpu_uuid,
+        "mig_profile": session.mig_profile,
+        "created_at": rfc3339(session.created_at),
+        "expires_at": rfc3339(session.expires_at),
+    }

@@ -1,0 +1,36 @@
+"""The ``sandman`` command: ``serve`` runs the gateway; ``gpus --probe`` prints what NVML sees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway.config import config_from_args, parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    if args.command == "gpus":
+        from gateway.gpu.nvml import probe
+
+        print(json.dumps(asyncio.run(probe()), indent=2))
+        return 0
+    try:
+        config = config_from_args(args, os.environ)
+    except ValueError as exc:
+        print(f"sandman: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from gateway.api import create_app
+
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+    return 0

@@ -1,0 +1,218 @@
+"""Gateway configuration: one frozen dataclass, built once from the command line and
+``SANDMAN_<NAME>`` environment variables. Nothing else reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.core.ports import PortRange
+
+DEFAULT_IMAGE = "gpu-workspace"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    ssh_bind: str = "0.0.0.0"
+    public_host: str = field(default_factory=socket.gethostname)
+    state_dir: Path = Path("/var/lib/orchestrator")
+    db: Path | None = None
+    workspace_root: Path = Path("/srv/workspaces")
+    ssh_ports: PortRange = field(default_factory=lambda: PortRange(10000, 20000))
+    image: str = DEFAULT_IMAGE
+    allowed_images: tuple[str, ...] = ()
+    reap_interval: float = 60.0
+    default_ttl_minutes: int = 60
+    max_ttl_minutes: int = 1440
+    api_token: str | None = None
+    api_token_file: Path | None = None
+    cors_origins: tuple[str, ...] = ()
+    docker_network: str = "worknet"
+    network_egress: bool = True
+    gpus: str = "auto"
+    default_mig_profile: str = "3g.20gb"
+    mig_dynamic: bool = False
+    ssh_password_auth: bool = True
+    start_timeout: float = 60.0
+    pids_limit: int = 1024
+    max_body_bytes: int = 64 * 1024
+    log_level: str = "INFO"
+
+    @property
+    def db_path(self) -> Path:
+        return self.db if self.db is not None else self.state_dir / "sessions.db"
+
+    @property
+    def token_path(self) -> Path:
+        return self.api_token_file or self.state_dir / "api-token"
+
+
+def _env_name(option: str) -> str:
+    return "SANDMAN_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The ``sandman`` command line; each option defaults from ``SANDMAN_<NAME>``."""
+    parser = argparse.ArgumentParser(
+        prog="sandman",
+        description="Sandman GPU SSH gateway. Every option can also be set as the "
+        "environment variable SANDMAN_<OPTION> (dashes as underscores, upper case; "
+        "repeatable options as a comma-separated list; flags as 1/true/yes).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gateway (REST API and SSH relays)")
+    d = Config()
+
+    def opt(name: str, help_text: str, *, default: object, type_: type = str) -> None:
+        raw = env.get(_env_name(name))
+        value = type_(raw) if raw is not None else default
+        serve.add_argument(
+            name,
+            type=type_,
+            default=value,
+            help=f"{help_text} (default: {default}; env {_env_name(name)})",
+        )
+
+    def multi(name: str, help_text: str) -> None:
+        raw = env.get(_env_name(name), "")
+        value = [v.strip() for v in raw.split(",") if v.strip()]
+        serve.add_argument(
+            name,
+            action="append",
+            default=value,
+            help=f"{help_text} (repeatable; env {_env_name(name)}, comma-separated)",
+        )
+
+    def flag(name: str, help_text: str) -> None:
+        raw = env.get(_env_name(name))
+        serve.add_argument(
+            name,
+            action="store_true",
+            default=_truthy(raw) if raw is not None else False,
+            help=f"{help_text} (env {_env_name(name)}=1)",
+        )
+
+    opt("--host", "address the REST API binds", default=d.host)
+    opt("--port", "REST API port", default=d.port, type_=int)
+    opt("--ssh-bind", "address the session SSH listeners bind", default=d.ssh_bind)
+    opt("--public-host", "host name returned to users as ssh_host", default=d.public_host)
+    opt(
+        "--state-dir",
+        "folder for the database and the generated API token",
+        default=d.state_dir,
+        type_=Path,
+    )
+    opt("--db", "SQLite database file", default=None, type_=Path)
+    opt(
+        "--workspace-root",
+        "folder holding one workspace per user",
+        default=d.workspace_root,
+        type_=Path,
+    )
+    opt("--ssh-port-start", "first session SSH port", default=d.ssh_ports.start, type_=int)
+    opt("--ssh-port-end", "last session SSH port", default=d.ssh_ports.end, type_=int)
+    opt("--image", "default workspace image", default=d.image)
+    multi("--allowed-image", "further image sessions may ask for")
+    opt("--reap-interval", "seconds between TTL sweeps", default=d.reap_interval, type_=float)
+    opt(
+        "--default-ttl-minutes",
+        "TTL of a session that asks for none",
+        default=d.default_ttl_minutes,
+        type_=int,
+    )
+    opt(
+        "--max-ttl-minutes",
+        "largest TTL a session may ask for",
+        default=d.max_ttl_minutes,
+        type_=int,
+    )
+    opt(
+        "--api-token-file",
+        "file holding the API bearer token (SANDMAN_API_TOKEN gives it directly)",
+        default=None,
+        type_=Path,
+    )
+    multi("--cors-origin", "origin allowed by CORS (default: any origin, echoed)")
+    opt(
+        "--docker-network", "Docker bridge network for session containers", default=d.docker_network
+    )
+    flag("--no-egress", "create the session network as internal: containers cannot reach outside")
+    opt("--gpus", "GPU backend: auto, nvml, none or sim:<topology.json>", default=d.gpus)
+    opt(
+        "--default-mig-profile",
+        "MIG profile given when a request names none",
+        default=d.default_mig_profile,
+    )
+    flag("--mig-dynamic", "create MIG instances on demand and destroy them when the session ends")
+    flag("--no-ssh-password-auth", "disable password login into session containers")
+    opt(
+        "--start-timeout",
+        "seconds a container has to answer SSH before creation fails",
+        default=d.start_timeout,
+        type_=float,
+    )
+    opt("--pids-limit", "process limit of each session container", default=d.pids_limit, type_=int)
+    opt("--max-body-bytes", "largest accepted request body", default=d.max_body_bytes, type_=int)
+    opt("--log-level", "DEBUG, INFO, WARNING or ERROR", default=d.log_level)
+
+    gpus = sub.add_parser("gpus", help="show what the GPU backend sees")
+    gpus.add_argument("--probe", action="store_true", help="read-only NVML probe, printed as JSON")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    """Build and check the :class:`Config` of ``sandman serve``.
+
+    Raises:
+        ValueError: an option is out of range.
+    """
+    if args.max_ttl_minutes < 1:
+        raise ValueError("--max-ttl-minutes must be at least 1")
+    if not 1 <= args.default_ttl_minutes <= args.max_ttl_minutes:
+        raise ValueError("--default-ttl-minutes must be between 1 and --max-ttl-minutes")
+    if args.reap_interval <= 0 or args.start_timeout <= 0:
+        raise ValueError("--reap-interval and --start-timeout must be positive")
+    return Config(
+        host=args.host,
+        port=args.port,
+        ssh_bind=args.ssh_bind,
+        public_host=args.public_host,
+        state_dir=args.state_dir,
+        db=args.db,
+        workspace_root=args.workspace_root,
+        ssh_ports=PortRange(args.ssh_port_start, args.ssh_port_end),
+        image=args.image,
+        allowed_images=tuple(dict.fromkeys(args.allowed_image)),
+        reap_interval=args.reap_interval,
+        default_ttl_minutes=args.default_ttl_minutes,
+        max_ttl_minutes=args.max_ttl_minutes,
+        api_token=env.get("SANDMAN_API_TOKEN") or None,
+        api_token_file=args.api_token_file,
+        cors_origins=tuple(args.cors_origin),
+        docker_network=args.docker_network,
+        network_egress=not args.no_egress,
+        gpus=args.gpus,
+        default_mig_profile=args.default_mig_profile,
+        mig_dynamic=args.mig_dynamic,
+        ssh_password_auth=not args.no_ssh_password_auth,
+        start_timeout=args.start_timeout,
+        pids_limit=args.pids_limit,
+        max_body_bytes=args.max_body_bytes,
+        log_level=args.log_level.upper(),
+    )
+
+
+def parse(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> argparse.Namespace:
+    return build_parser(os.environ if env is None else env).parse_args(argv)

@@ -1,0 +1,105 @@
+"""Typed errors: each fixes a stable API ``code`` and HTTP status.
+
+``message`` is for the person calling the API; ``log_message`` (defaulting to the
+same text) is what goes to the gateway's log and may carry internal detail.
+Adapters translate library errors into these with ``raise ... from exc``; the API
+middleware renders them as ``{"error": message, "code": code}``.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the API reports on purpose."""
+
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str, *, log_message: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_message = log_message or message
+
+
+class InvalidRequest(GatewayError):
+    code = "invalid_request"
+    status = 400
+
+
+class InvalidUserId(GatewayError):
+    code = "invalid_user_id"
+    status = 400
+
+
+class InvalidTtl(GatewayError):
+    code = "invalid_ttl"
+    status = 400
+
+
+class UnknownMigProfile(GatewayError):
+    code = "unknown_mig_profile"
+    status = 400
+
+
+class ImageNotAllowed(GatewayError):
+    code = "image_not_allowed"
+    status = 400
+
+
+class Unauthorized(GatewayError):
+    code = "unauthorized"
+    status = 401
+
+
+class SessionNotFound(GatewayError):
+    code = "session_not_found"
+    status = 404
+
+
+class GpuInstanceNotFound(GatewayError):
+    code = "gpu_instance_not_found"
+    status = 404
+
+
+class SessionExists(GatewayError):
+    code = "session_exists"
+    status = 409
+
+
+class GpuInstanceBusy(GatewayError):
+    code = "gpu_instance_busy"
+    status = 409
+
+
+class BodyTooLarge(GatewayError):
+    code = "body_too_large"
+    status = 413
+
+
+class NoGpuAvailable(GatewayError):
+    code = "no_gpu_available"
+    status = 503
+
+
+class NoPortAvailable(GatewayError):
+    code = "no_port_available"
+    status = 503
+
+
+class DockerUnavailable(GatewayError):
+    code = "docker_unavailable"
+    status = 503
+
+
+class GpuError(GatewayError):
+    """NVML refused or failed an operation (permission, driver state, ...)."""
+
+    code = "gpu_error"
+    status = 503
+
+
+class ContainerStartFailed(GatewayError):
+    """The session container did not come up (image, sshd or timeout)."""
+
+    code = "container_start_failed"
+    status = 502

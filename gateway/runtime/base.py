@@ -1,0 +1,81 @@
+"""What the orchestrator needs from a container runtime, and the types it speaks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+LABEL_SESSION = "sandman.session_id"
+LABEL_USER = "sandman.user_id"
+LABEL_INSTANCE = "sandman.instance"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything needed to create one session container."""
+
+    name: str
+    image: str
+    hostname: str
+    env: dict[str, str]
+    labels: dict[str, str]
+    workspace: Path  # host folder, bound at /home/<user>
+    home: str
+    network: str
+    pids_limit: int
+    gpu_uuid: str | None = None
+    device_request: bool = False  # ask the nvidia runtime for exactly gpu_uuid
+    cap_add: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerInfo:
+    id: str
+    name: str
+    running: bool
+    ip: str | None
+    labels: dict[str, str]
+    exit_code: int | None = None
+    ssh_port: int = 22  # where the container's sshd listens on ``ip``
+
+
+class Runtime(Protocol):
+    """Create, start, inspect and remove session containers.
+
+    ``remove`` is idempotent: a container that is already gone is success.
+    Every method raises :class:`gateway.errors.DockerUnavailable` when the engine
+    cannot be reached.
+    """
+
+    async def ping(self) -> None: ...
+
+    async def ensure_network(self, name: str, *, egress: bool) -> None: ...
+
+    async def create(self, spec: ContainerSpec) -> str: ...
+
+    async def start(self, container_id: str, network: str) -> ContainerInfo: ...
+
+    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None: ...
+
+    async def remove(self, container_id: str) -> None: ...
+
+    async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]: ...
+
+    async def logs(self, container_id: str, tail: int = 20) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+#: Capabilities the workspace image's entrypoint and sshd need on top of ``CapDrop: ALL``;
+#: why each is needed is in workspace-image/CAPABILITIES.md.
+SSHD_CAPABILITIES: tuple[str, ...] = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETGID",
+    "SETUID",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+)

@@ -1,0 +1,164 @@
+"""The Docker implementation of :class:`~gateway.runtime.base.Runtime`, via aiodocker.
+
+Translates Docker API failures into gateway errors: an unreachable engine is
+:class:`DockerUnavailable`; a 404 on inspect or remove means "gone".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiodocker
+from aiodocker.exceptions import DockerError
+
+from gateway.errors import ContainerStartFailed, DockerUnavailable
+from gateway.runtime.base import LABEL_INSTANCE, ContainerInfo, ContainerSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Docker's status for "could not reach the engine" in aiodocker.
+_UNREACHABLE = 900
+
+
+def _translate(exc: DockerError, doing: str) -> Exception:
+    if exc.status == _UNREACHABLE:
+        return DockerUnavailable("the Docker engine is unreachable", log_message=f"{doing}: {exc}")
+    return ContainerStartFailed(f"Docker refused to {doing}: {exc.message}")
+
+
+def container_config(spec: ContainerSpec) -> dict[str, Any]:
+    """The Docker ``containers/create`` body for ``spec``."""
+    host_config: dict[str, Any] = {
+        "Binds": [f"{spec.workspace}:{spec.home}:rw"],
+        "CapDrop": ["ALL"],
+        "CapAdd": list(spec.cap_add),
+        "SecurityOpt": ["no-new-privileges:true"],
+        "PidsLimit": spec.pids_limit,
+        "NetworkMode": spec.network,
+        "RestartPolicy": {"Name": "no"},
+        "Init": False,
+    }
+    if spec.device_request and spec.gpu_uuid:
+        host_config["DeviceRequests"] = [
+            {"Driver": "nvidia", "DeviceIDs": [spec.gpu_uuid], "Capabilities": [["gpu"]]}
+        ]
+    return {
+        "Image": spec.image,
+        "Hostname": spec.hostname,
+        "Env": [f"{key}={value}" for key, value in spec.env.items()],
+        "Labels": spec.labels,
+        "ExposedPorts": {"22/tcp": {}},
+        "HostConfig": host_config,
+    }
+
+
+def _info(data: dict[str, Any], network: str) -> ContainerInfo:
+    state = data.get("State", {})
+    networks = data.get("NetworkSettings", {}).get("Networks") or {}
+    ip = (networks.get(network) or {}).get("IPAddress") or None
+    return ContainerInfo(
+        id=data["Id"],
+        name=data.get("Name", "").lstrip("/"),
+        running=bool(state.get("Running")),
+        ip=ip,
+        labels=dict(data.get("Config", {}).get("Labels") or {}),
+        exit_code=state.get("ExitCode"),
+    )
+
+
+class DockerRuntime:
+    """Session containers on the local Docker engine."""
+
+    def __init__(self, docker: aiodocker.Docker | None = None) -> None:
+        self._docker = docker or aiodocker.Docker()
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def _call(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except DockerError as exc:
+            raise _translate(exc, doing) from exc
+
+    async def ping(self) -> None:
+        await self._call("answer a ping", self._docker.version)
+
+    async def ensure_network(self, name: str, *, egress: bool) -> None:
+        """Create the bridge ``name`` (inter-container traffic off) unless it exists."""
+        try:
+            await self._docker.networks.get(name)
+            return
+        except DockerError as exc:
+            if exc.status != 404:
+                raise _translate(exc, f"look up network {name}") from exc
+        config = {
+            "Name": name,
+            "Driver": "bridge",
+            "CheckDuplicate": True,
+            "Internal": not egress,
+            "Labels": {"sandman.network": "1"},
+            "Options": {"com.docker.network.bridge.enable_icc": "false"},
+        }
+        try:
+            await self._docker.networks.create(config)
+            log.info("created Docker network %s (icc off, egress %s)", name, egress)
+        except DockerError as exc:
+            if exc.status != 409:  # created concurrently
+                raise _translate(exc, f"create network {name}") from exc
+
+    async def create(self, spec: ContainerSpec) -> str:
+        container = await self._call(
+            f"create container {spec.name}",
+            lambda: self._docker.containers.create(container_config(spec), name=spec.name),
+        )
+        return container.id
+
+    async def start(self, container_id: str, network: str) -> ContainerInfo:
+        container = self._docker.containers.container(container_id)
+        await self._call(f"start container {container_id[:12]}", container.start)
+        data = await self._call(f"inspect container {container_id[:12]}", container.show)
+        return _info(data, network)
+
+    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
+        container = self._docker.containers.container(container_id)
+        try:
+            return _info(await container.show(), network)
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise _translate(exc, f"inspect container {container_id[:12]}") from exc
+
+    async def remove(self, container_id: str) -> None:
+        container = self._docker.containers.container(container_id)
+        try:
+            await container.delete(force=True, v=True)
+        except DockerError as exc:
+            if exc.status in (404, 409):  # gone, or removal already in progress
+                return
+            raise _translate(exc, f"remove container {container_id[:12]}") from exc
+
+    async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
+        filters = json.dumps({"label": [f"{LABEL_INSTANCE}={instance}"]})
+        found = await self._call(
+            "list containers", lambda: self._docker.containers.list(all="1", filters=filters)
+        )
+        infos = []
+        for container in found:
+            info = await self.inspect(container.id, network)
+            if info is not None:
+                infos.append(info)
+        return infos
+
+    async def logs(self, container_id: str, tail: int = 20) -> str:
+        container = self._docker.containers.container(container_id)
+        try:
+            lines = await container.log(stdout=True, stderr=True, tail=tail)
+        except DockerError:
+            return ""
+        return "".join(lines).strip()

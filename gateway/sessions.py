@@ -1,0 +1,380 @@
+"""The session orchestrator: the only place that sequences store, runtime, GPU and relay.
+
+It owns time and rollback. ``create`` reserves a row, a port (by binding its listener)
+and a GPU under one lock, then starts the container under ``--start-timeout``; every
+step registers its undo, so any failure unwinds in reverse and re-raises a typed error.
+``end`` is the single cleanup path (DELETE, TTL sweep, vanished container, restart
+recovery): connections and listener, container, GPU, row — in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from gateway import credentials
+from gateway.config import Config
+from gateway.core import ttl
+from gateway.errors import ContainerStartFailed, GatewayError, NoPortAvailable, SessionNotFound
+from gateway.gpu.allocator import GpuAllocator
+from gateway.models import CreatedSession, CreateRequest, Credentials, Session, SessionState
+from gateway.relay import SessionListener, open_listener
+from gateway.relay.probe import read_banner
+from gateway.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_SESSION,
+    LABEL_USER,
+    SSHD_CAPABILITIES,
+    ContainerSpec,
+    Runtime,
+)
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+READY_POLL_SECONDS = 0.1
+
+
+class SessionManager:
+    """Creates, tracks and ends sessions. One per gateway process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: Store,
+        runtime: Runtime,
+        gpus: GpuAllocator,
+        instance_id: str,
+        clock: Clock,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._runtime = runtime
+        self._gpus = gpus
+        self._instance_id = instance_id
+        self._clock = clock
+        self._listeners: dict[str, SessionListener] = {}
+        self._ending: dict[str, asyncio.Task[None]] = {}
+        self._reserve_lock = asyncio.Lock()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def get(self, session_id: str) -> Session:
+        session = await self._store.get_session(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        return session
+
+    async def list(self) -> list[Session]:
+        return await self._store.list_sessions()
+
+    def active_connections(self, session_id: str) -> int:
+        listener = self._listeners.get(session_id)
+        return listener.active if listener else 0
+
+    # -- create ----------------------------------------------------------------------------
+
+    async def create(self, request: CreateRequest) -> CreatedSession:
+        """Start a session and return it once its sshd answers through the session port.
+
+        Raises:
+            SessionExists, NoPortAvailable, NoGpuAvailable, ...: nothing was created.
+            ContainerStartFailed: the container did not answer SSH within the start
+                timeout; container, port, GPU and row were released.
+        """
+        creds = await asyncio.to_thread(credentials.new_credentials, f"sandman:{request.user_id}")
+        async with contextlib.AsyncExitStack() as undo:
+            session, listener = await self._reserve(request, undo)
+            try:
+                async with asyncio.timeout(self._config.start_timeout):
+                    session = await self._start_container(session, creds, listener, undo)
+            except TimeoutError:
+                raise ContainerStartFailed(
+                    f"the session container did not answer SSH within "
+                    f"{self._config.start_timeout:g} s"
+                ) from None
+            undo.pop_all()
+        log.info(
+            "session %s created for %s on port %d (gpu %s)",
+            session.id,
+            session.user_id,
+            session.ssh_port,
+            session.gpu_uuid,
+        )
+        return CreatedSession(session=session, credentials=creds)
+
+    async def _reserve(
+        self, request: CreateRequest, undo: contextlib.AsyncExitStack
+    ) -> tuple[Session, SessionListener]:
+        """Reserve user uid, GPU, port and row atomically with respect to other creates."""
+        session_id = str(uuid.uuid4())
+        now = self._clock()
+        async with self._reserve_lock:
+            uid = await self._store.ensure_user(request.user_id, now)
+            allocation = await self._gpus.allocate(request, await self._store.allocated_gpus())
+            if allocation.created:
+                _push_undo(undo, "GPU release", lambda: self._gpus.release(allocation))
+            listener = await self._bind_free_port(session_id)
+            _push_undo(undo, "listener close", listener.close)
+            session = Session(
+                id=session_id,
+                user_id=request.user_id,
+                uid=uid,
+                ssh_port=listener.port,
+                image=request.image,
+                workspace=str(self._config.workspace_root / request.user_id),
+                ttl_seconds=request.ttl_seconds,
+                created_at=now,
+                expires_at=ttl.expires_at(now, request.ttl_seconds),
+                gpu_uuid=allocation.uuid,
+                mig_profile=allocation.profile,
+                gpu_created=allocation.created,
+            )
+            await self._store.insert_session(session)
+            _push_undo(undo, "row delete", lambda: self._store.delete_session(session_id))
+        return session, listener
+
+    async def _bind_free_port(self, session_id: str) -> SessionListener:
+        held = await self._store.held_ports()
+        for port in self._config.ssh_ports.candidates(held):
+            try:
+                return await open_listener(session_id, self._config.ssh_bind, port)
+            except OSError:
+                continue  # held by another process
+        raise NoPortAvailable(
+            f"no free SSH port in {self._config.ssh_ports.start}-{self._config.ssh_ports.end}"
+        )
+
+    async def _start_container(
+        self,
+        session: Session,
+        creds: Credentials,
+        listener: SessionListener,
+        undo: contextlib.AsyncExitStack,
+    ) -> Session:
+        workspace = Path(session.workspace)
+        await asyncio.to_thread(_prepare_workspace, workspace, session.uid)
+        spec = self._container_spec(session, creds)
+        container_id = await self._runtime.create(spec)
+        _push_undo(undo, "container remove", lambda: self._runtime.remove(container_id))
+        await self._store.set_container(session.id, container_id)
+        info = await self._runtime.start(container_id, self._config.docker_network)
+        if info.ip is None:
+            raise ContainerStartFailed(
+                f"the session container has no address on network {self._config.docker_network}"
+            )
+        listener.set_upstream(info.ip, info.ssh_port)
+        await self._wait_ready(listener, container_id)
+        await self._store.mark_running(session.id, container_id, info.ip)
+        self._listeners[session.id] = listener
+        return replace(
+            session, state=SessionState.RUNNING, container_id=container_id, container_ip=info.ip
+        )
+
+    def _container_spec(self, session: Session, creds: Credentials) -> ContainerSpec:
+        user = session.user_id
+        env = {
+            "SANDMAN_USER": user,
+            "SANDMAN_UID": str(session.uid),
+            "SANDMAN_GID": str(session.uid),
+            "SANDMAN_AUTHORIZED_KEY": creds.public_key,
+            "SANDMAN_PASSWORD_HASH": creds.password_hash,
+            "SANDMAN_PASSWORD_AUTH": "yes" if self._config.ssh_password_auth else "no",
+            **self._gpus.container_env(session.gpu_uuid),
+        }
+        return ContainerSpec(
+            name=f"sandman-{user}-{session.id[:8]}",
+            image=session.image,
+            hostname=f"{user}-{session.id[:8]}",
+            env=env,
+            labels={
+                LABEL_SESSION: session.id,
+                LABEL_USER: user,
+                LABEL_INSTANCE: self._instance_id,
+            },
+            workspace=Path(session.workspace),
+            home=f"/home/{user}",
+            network=self._config.docker_network,
+            pids_limit=self._config.pids_limit,
+            gpu_uuid=session.gpu_uuid,
+            device_request=self._gpus.needs_device_request and session.gpu_uuid is not None,
+            cap_add=SSHD_CAPABILITIES,
+        )
+
+    async def _wait_ready(self, listener: SessionListener, container_id: str) -> None:
+        """Return once an SSH banner is readable through the session port.
+
+        Raises:
+            ContainerStartFailed: the container exited before answering.
+        """
+        host = _loopback_for(self._config.ssh_bind)
+        while True:
+            banner = await read_banner(host, listener.port)
+            if banner is not None:
+                return
+            info = await self._runtime.inspect(container_id, self._config.docker_network)
+            if info is None or not info.running:
+                tail = await self._runtime.logs(container_id)
+                raise ContainerStartFailed(
+                    "the session container exited before its SSH server started",
+                    log_message=f"container {container_id[:12]} exited; log tail:\n{tail}",
+                )
+            await asyncio.sleep(READY_POLL_SECONDS)
+
+    # -- end -------------------------------------------------------------------------------
+
+    async def delete(self, session_id: str, reason: str = "session_deleted") -> None:
+        """End the session now.
+
+        Raises:
+            SessionNotFound: no such session.
+        """
+        await self.end(await self.get(session_id), reason)
+
+    async def delete_all(self) -> int:
+        sessions = await self.list()
+        results = await asyncio.gather(
+            *(self.end(s, "session_deleted") for s in sessions), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return len(sessions)
+
+    async def end(self, session: Session, reason: str) -> None:
+        """Clean one session up: connections and listener, container, GPU, row.
+
+        Concurrent calls for one session share a single cleanup. If a step fails
+        (e.g. Docker unreachable) the row stays, so the next sweep retries.
+        """
+        task = self._ending.get(session.id)
+        if task is None:
+            task = asyncio.create_task(self._end(session, reason), name=f"end:{session.id}")
+            self._ending[session.id] = task
+            task.add_done_callback(lambda _: self._ending.pop(session.id, None))
+        await asyncio.shield(task)
+
+    async def _end(self, session: Session, reason: str) -> None:
+        listener = self._listeners.pop(session.id, None)
+        if listener is not None:
+            await listener.close()
+        if session.container_id:
+            await self._runtime.remove(session.container_id)
+        if session.gpu_uuid:
+            await self._gpus.release_session(session)
+        await self._store.delete_session(session.id)
+        log.info("session %s of %s ended: %s", session.id, session.user_id, reason)
+
+    async def sweep(self) -> int:
+        """End every expired session, and every session whose container is gone."""
+        ended = 0
+        for session in await self._store.list_sessions():
+            reason = await self._due_reason(session)
+            if reason is None:
+                continue
+            try:
+                await self.end(session, reason)
+                ended += 1
+            except GatewayError as exc:
+                log.warning(
+                    "session %s: cleanup failed, will retry: %s", session.id, exc.log_message
+                )
+        return ended
+
+    async def _due_reason(self, session: Session) -> str | None:
+        if ttl.is_expired(session, self._clock()):
+            return "ttl_expired"
+        if session.state is SessionState.RUNNING and session.container_id:
+            info = await self._runtime.inspect(session.container_id, self._config.docker_network)
+            if info is None or not info.running:
+                return "container_gone"
+        return None
+
+    # -- restart ---------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Adopt what the database says is live; clean what is not; remove orphans.
+
+        Runs once at start, before the API serves.
+        """
+        sessions = await self._store.list_sessions()
+        owned = {
+            c.id: c
+            for c in await self._runtime.list_owned(self._instance_id, self._config.docker_network)
+        }
+        for session in sessions:
+            info = owned.get(session.container_id or "")
+            if session.state is not SessionState.RUNNING or info is None:
+                await self.end(session, "recovered_gone")
+                continue
+            if ttl.is_expired(session, self._clock()):
+                await self.end(session, "ttl_expired")
+                continue
+            if not info.running:
+                info = await self._runtime.start(info.id, self._config.docker_network)
+            try:
+                listener = await open_listener(session.id, self._config.ssh_bind, session.ssh_port)
+            except OSError as exc:
+                log.error(
+                    "session %s: cannot re-open port %d: %s", session.id, session.ssh_port, exc
+                )
+                await self.end(session, "recovered_port_busy")
+                continue
+            listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port)
+            self._listeners[session.id] = listener
+            if info.ip and info.ip != session.container_ip:
+                await self._store.mark_running(session.id, info.id, info.ip)
+            log.info(
+                "session %s of %s recovered on port %d",
+                session.id,
+                session.user_id,
+                session.ssh_port,
+            )
+        known = {s.container_id for s in sessions}
+        for container in owned.values():
+            if container.id not in known:
+                log.info("removing orphan container %s (%s)", container.name, container.id[:12])
+                await self._runtime.remove(container.id)
+
+    async def close(self) -> None:
+        """Close every listener (gateway shutdown); sessions and containers stay."""
+        listeners, self._listeners = list(self._listeners.values()), {}
+        await asyncio.gather(*(listener.close() for listener in listeners))
+
+
+def _push_undo(
+    stack: contextlib.AsyncExitStack, what: str, undo: Callable[[], Awaitable[object]]
+) -> None:
+    async def run() -> None:
+        try:
+            await undo()
+        except Exception:
+            log.exception("rollback step failed: %s", what)
+
+    stack.push_async_callback(run)
+
+
+def _prepare_workspace(path: Path, uid: int) -> None:
+    """Create the user's workspace owned by ``uid`` (gid = uid), keeping what it holds."""
+    path.mkdir(parents=True, exist_ok=True)
+    stat = path.stat()
+    if (stat.st_uid, stat.st_gid) != (uid, uid):
+        os.chown(path, uid, uid)
+    path.chmod(0o750)
+
+
+def _loopback_for(bind: str) -> str:
+    if bind in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind == "::":
+        return "::1"
+    return bind

@@ -1,0 +1,73 @@
+"""The versioned schema. ``PRAGMA user_version`` says how many steps a database has had.
+
+Migrations only go forward: each entry of :data:`MIGRATIONS` is applied once, in order,
+inside one transaction with the version bump. Never edit a released step; append one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: users with stable uids, sessions, and the gateway's own facts (instance id).
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE users (
+        user_id    TEXT PRIMARY KEY,
+        uid        INTEGER NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE sessions (
+        id           TEXT PRIMARY KEY,
+        user_id      TEXT NOT NULL UNIQUE REFERENCES users(user_id),
+        ssh_port     INTEGER NOT NULL UNIQUE,
+        image        TEXT NOT NULL,
+        workspace    TEXT NOT NULL,
+        ttl_seconds  INTEGER NOT NULL,
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL,
+        state        TEXT NOT NULL,
+        container_id TEXT,
+        container_ip TEXT
+    );
+    CREATE INDEX sessions_expires_at ON sessions(expires_at);
+    """,
+    # 2: GPU allocation lives on the session row, so it commits with it; a UUID is
+    # never held twice.
+    """
+    ALTER TABLE sessions ADD COLUMN gpu_uuid TEXT;
+    ALTER TABLE sessions ADD COLUMN mig_profile TEXT;
+    ALTER TABLE sessions ADD COLUMN gpu_created INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX sessions_gpu_uuid ON sessions(gpu_uuid) WHERE gpu_uuid IS NOT NULL;
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring ``conn`` to :data:`SCHEMA_VERSION`; return the version it started at.
+
+    Raises:
+        RuntimeError: the database is newer than this gateway knows.
+    """
+    (start,) = conn.execute("PRAGMA user_version").fetchone()
+    if start > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema version {start} is newer than this gateway's {SCHEMA_VERSION}"
+        )
+    for version in range(start, SCHEMA_VERSION):
+        statements = [s for s in MIGRATIONS[version].split(";") if s.strip()]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return start

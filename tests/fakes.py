@@ -1,0 +1,142 @@
+"""Test doubles for what unit tests cannot have: Docker, GPUs and the wall clock.
+
+``FakeRuntime`` runs, per "container", a tiny TCP server on loopback that greets
+like sshd, so the real relay and readiness probe are exercised without Docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from gateway.errors import ContainerStartFailed, DockerUnavailable
+from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
+from gateway.runtime.base import LABEL_INSTANCE, ContainerInfo, ContainerSpec
+
+
+class Clock:
+    """A settable clock."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class FakeContainer:
+    spec: ContainerSpec
+    id: str
+    running: bool = False
+    server: asyncio.Server | None = None
+    port: int = 0
+
+
+@dataclass
+class FakeRuntime:
+    """In-memory containers. ``mode``: "ok", "never_ready", "crash" or "fail_create"."""
+
+    mode: str = "ok"
+    reachable: bool = True
+    containers: dict[str, FakeContainer] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+    networks: set[str] = field(default_factory=set)
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    def _check(self) -> None:
+        if not self.reachable:
+            raise DockerUnavailable("the Docker engine is unreachable")
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def ensure_network(self, name: str, *, egress: bool) -> None:
+        self._check()
+        self.networks.add(name)
+
+    async def create(self, spec: ContainerSpec) -> str:
+        self._check()
+        if self.mode == "fail_create":
+            raise ContainerStartFailed("Docker refused to create the container")
+        cid = f"fake{next(self._ids):012d}"
+        self.containers[cid] = FakeContainer(spec=spec, id=cid)
+        return cid
+
+    async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-FakeSSH\r\n")
+        await writer.drain()
+        while await reader.read(1024):
+            pass
+        writer.close()
+
+    async def start(self, container_id: str, network: str) -> ContainerInfo:
+        self._check()
+        container = self.containers[container_id]
+        container.running = self.mode != "crash"
+        if self.mode == "ok" and container.server is None:
+            container.server = await asyncio.start_server(self._greet, "127.0.0.1", 0)
+            container.port = container.server.sockets[0].getsockname()[1]
+        info = await self.inspect(container_id, network)
+        assert info is not None
+        return info
+
+    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
+        self._check()
+        c = self.containers.get(container_id)
+        if c is None:
+            return None
+        return ContainerInfo(
+            id=c.id,
+            name=c.spec.name,
+            running=c.running,
+            ip="127.0.0.1",
+            labels=c.spec.labels,
+            ssh_port=c.port or 1,
+        )
+
+    async def remove(self, container_id: str) -> None:
+        self._check()
+        container = self.containers.pop(container_id, None)
+        if container is not None:
+            self.removed.append(container_id)
+            if container.server is not None:
+                container.server.close()
+
+    async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
+        infos = [await self.inspect(cid, network) for cid in list(self.containers)]
+        return [i for i in infos if i is not None and i.labels.get(LABEL_INSTANCE) == instance]
+
+    async def logs(self, container_id: str, tail: int = 20) -> str:
+        return "fake log"
+
+    async def close(self) -> None:
+        for container in self.containers.values():
+            if container.server is not None:
+                container.server.close()
+
+
+class NoGpus:
+    """The GPU-less backend."""
+
+    needs_device_request = False
+
+    async def inventory(self) -> list[GpuInfo]:
+        return []
+
+    async def profiles(self) -> list[MigProfile]:
+        return []
+
+    async def create_instance(self, gpu_uuid: str, profile: str) -> MigDevice:
+        raise AssertionError("no GPUs")
+
+    async def destroy_instance(self, mig_uuid: str) -> None:
+        raise AssertionError("no GPUs")
+
+    async def close(self) -> None:
+        pass

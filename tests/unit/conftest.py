@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from gateway.api import create_app
+from gateway.config import Config
+from gateway.core.ports import PortRange
+from tests.fakes import Clock, FakeRuntime, NoGpus
+
+TOKEN = "test-token"
+
+
+def unit_config(tmp_path: Path, **overrides) -> Config:
+    values = dict(
+        host="127.0.0.1",
+        ssh_bind="127.0.0.1",
+        public_host="gpu01.test",
+        state_dir=tmp_path / "state",
+        workspace_root=tmp_path / "workspaces",
+        ssh_ports=PortRange(15000, 15019),
+        api_token=TOKEN,
+        gpus="none",
+        start_timeout=5,
+        reap_interval=3600,
+        max_ttl_minutes=120,
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+@pytest.fixture
+def runtime():
+    return FakeRuntime()
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def make_client(aiohttp_client, tmp_path, runtime, clock, monkeypatch):
+    monkeypatch.setattr(
+        "gateway.sessions._prepare_workspace",
+        lambda path, uid: path.mkdir(parents=True, exist_ok=True),
+    )
+
+    async def make(**overrides):
+        config = unit_config(tmp_path, **overrides)
+        app = create_app(config, runtime_factory=lambda: runtime, gpu_factory=NoGpus, clock=clock)
+        client = await aiohttp_client(app, headers={"Authorization": f"Bearer {TOKEN}"})
+        return client
+
+    return make
