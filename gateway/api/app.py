@@ -95,11 +95,12 @@ def create_app(
             await runtime.close()
 
     async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:
-        backend = (
-            gpu_factory()
-            if gpu_factory
-            else await open_backend(config.gpus, state_dir=config.state_dir)
-        )
+        if gpu_factory is None:
+            from gateway.gpu import open_backend
+
+            backend = await open_backend(config.gpus, state_dir=config.state_dir)
+        else:
+            backend = gpu_factory()
         try:
             app[keys.GPUS] = GpuAllocator(
                 backend, default_profile=config.default_mig_profile, dynamic=config.mig_dynamic
