@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what the gateway's venv and the end-to-end tests use (python3-venv, ssh,
+# ssh-keygen, sshpass)
+# on a Debian/Ubuntu machine, as root. Idempotent: installs only what is missing.
+# The Docker engine itself is scripts/setup-docker.sh.
+set -euo pipefail
+
+pkgs=()
+command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || pkgs+=(openssh-client)
+command -v sshpass >/dev/null 2>&1 || pkgs+=(sshpass)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3-venv)
+
+if [ ${#pkgs[@]} -eq 0 ]; then
+  echo "host tools already installed"
+  exit 0
+fi
+[ "$(id -u)" = 0 ] || { echo "setup-host.sh: must run as root to install ${pkgs[*]}" >&2; exit 1; }
+apt-get update -q
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}"
