@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from gateway.errors import ContainerStartFailed, DockerUnavailable
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 from gateway.runtime.base import LABEL_INSTANCE, ContainerInfo, ContainerSpec
 
 
@@ -119,24 +118,3 @@ class FakeRuntime:
         for container in self.containers.values():
             if container.server is not None:
                 container.server.close()
-
-
-class NoGpus:
-    """The GPU-less backend."""
-
-    needs_device_request = False
-
-    async def inventory(self) -> list[GpuInfo]:
-        return []
-
-    async def profiles(self) -> list[MigProfile]:
-        return []
-
-    async def create_instance(self, gpu_uuid: str, profile: str) -> MigDevice:
-        raise AssertionError("no GPUs")
-
-    async def destroy_instance(self, mig_uuid: str) -> None:
-        raise AssertionError("no GPUs")
-
-    async def close(self) -> None:
-        pass

@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.api import keys, middleware
 from gateway.api.routes import routes
 from gateway.config import Config
+from gateway.gpu import open_backend
 from gateway.gpu.allocator import GpuAllocator
 from gateway.gpu.base import GpuBackend
 from gateway.models import utcnow
@@ -96,8 +97,6 @@ def create_app(
 
     async def gpu_ctx(app: web.Application) -> AsyncIterator[None]:
         if gpu_factory is None:
-            from gateway.gpu import open_backend
-
             backend = await open_backend(config.gpus, state_dir=config.state_dir)
         else:
             backend = gpu_factory()

@@ -71,8 +71,6 @@ class Runtime(Protocol):
 #: why each is needed is in workspace-image/CAPABILITIES.md.
 SSHD_CAPABILITIES: tuple[str, ...] = (
     "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
     "SETGID",
     "SETUID",
     "SYS_CHROOT",

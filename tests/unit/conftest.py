@@ -5,7 +5,8 @@ import pytest
 from gateway.api import create_app
 from gateway.config import Config
 from gateway.core.ports import PortRange
-from tests.fakes import Clock, FakeRuntime, NoGpus
+from gateway.gpu.none import NoneBackend
+from tests.fakes import Clock, FakeRuntime
 
 TOKEN = "test-token"
 
@@ -47,7 +48,9 @@ def make_client(aiohttp_client, tmp_path, runtime, clock, monkeypatch):
 
     async def make(**overrides):
         config = unit_config(tmp_path, **overrides)
-        app = create_app(config, runtime_factory=lambda: runtime, gpu_factory=NoGpus, clock=clock)
+        app = create_app(
+            config, runtime_factory=lambda: runtime, gpu_factory=NoneBackend, clock=clock
+        )
         client = await aiohttp_client(app, headers={"Authorization": f"Bearer {TOKEN}"})
         return client
 

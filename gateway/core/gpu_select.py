@@ -1,0 +1,246 @@
+"""Which GPU a new session gets, decided from the inventory and the allocated UUIDs (pure).
+
+The rules, in order (``allocated`` is every GPU/MIG UUID the database holds):
+
+1. ``mig_instance_uuid``: exactly that MIG device, named in either UUID form
+   (``MIG-<uuid>``, or the old ``MIG-GPU-<uuid>/<gi>/<ci>`` matched on GPU, GI and CI);
+   missing → :class:`GpuInstanceNotFound`, allocated → :class:`GpuInstanceBusy`.
+2. ``mig_profile``: a profile no GPU here offers → :class:`UnknownMigProfile`; else the
+   free existing device of that profile on the lowest GPU index, lowest GI id; else, if
+   ``dynamic``, :class:`CreateInstance` on the MIG-enabled GPUs whose model has the
+   profile (lowest index first; the backend refuses a full GPU); else
+   :class:`NoGpuAvailable`. A GPU with MIG disabled is never given for a profile.
+3. Neither: on a host where some GPU has MIG enabled, the default profile as in 2
+   (with no default, any free existing device); when that finds nothing, a whole free
+   MIG-disabled GPU is the fallback (also after a failed dynamic create). A default
+   profile that no GPU here offers is a configuration error (:class:`GpuError`), not
+   the caller's. Without MIG, the lowest free whole GPU (profile ``full``).
+4. No GPUs: :class:`NoGpu` on a GPU-less backend (``--gpus none``), otherwise
+   :class:`NoGpuAvailable`.
+
+The caller must hold one lock from reading the inventory until the chosen UUID is
+stored, so two requests never pick the same device.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+
+from gateway.errors import (
+    GpuError,
+    GpuInstanceBusy,
+    GpuInstanceNotFound,
+    InvalidRequest,
+    NoGpuAvailable,
+    UnknownMigProfile,
+)
+from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
+
+FULL_GPU = "full"
+
+_LEGACY_MIG_UUID = re.compile(r"^MIG-(GPU-[^/]+)/(\d+)/(\d+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyMigId:
+    """The parts of an old-style MIG UUID, ``MIG-GPU-<uuid>/<gi>/<ci>``."""
+
+    gpu_uuid: str
+    gi_id: int
+    ci_id: int
+
+
+def parse_mig_uuid(uuid: str) -> LegacyMigId | None:
+    """Split an old-style MIG UUID; None for any other string (e.g. ``MIG-<uuid>``)."""
+    match = _LEGACY_MIG_UUID.match(uuid)
+    if match is None:
+        return None
+    return LegacyMigId(match[1], int(match[2]), int(match[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class UseDevice:
+    """Give the session this existing MIG device, or this whole GPU (profile ``full``)."""
+
+    uuid: str
+    gpu_uuid: str
+    profile: str
+
+
+@dataclass(frozen=True, slots=True)
+class CreateInstance:
+    """Create a MIG instance of ``profile`` on the first of ``gpu_uuids`` with room.
+
+    ``fallback``, when set, is the whole GPU to use if every candidate is full.
+    """
+
+    gpu_uuids: tuple[str, ...]
+    profile: str
+    fallback: UseDevice | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NoGpu:
+    """The session runs without a GPU (GPU-less host)."""
+
+
+Decision = UseDevice | CreateInstance | NoGpu
+
+
+@dataclass(frozen=True, slots=True)
+class AvailableInstance:
+    """One entry of ``/gpus/available``: a free MIG device or a free whole GPU."""
+
+    uuid: str
+    parent_gpu: str
+    profile: str
+    memory: int  # bytes
+    compute_slices: int | None
+    memory_slices: int | None
+
+
+def select_gpu(
+    *,
+    mig_profile: str | None,
+    mig_instance_uuid: str | None,
+    inventory: Sequence[GpuInfo],
+    profiles: Sequence[MigProfile],
+    allocated: Collection[str],
+    default_profile: str | None,
+    dynamic: bool,
+    gpu_less: bool,
+) -> Decision:
+    """Decide which GPU a new session gets (see the module docstring for the rules).
+
+    Raises:
+        InvalidRequest: both selectors given.
+        GpuInstanceNotFound, GpuInstanceBusy: the named MIG device is missing or taken.
+        UnknownMigProfile: no GPU here offers the requested profile.
+        NoGpuAvailable: nothing suitable is free.
+        GpuError: the configured default profile does not exist on this host.
+    """
+    if mig_profile is not None and mig_instance_uuid is not None:
+        raise InvalidRequest("give mig_profile or mig_instance_uuid, not both")
+    gpus = sorted(inventory, key=lambda g: g.index)
+    if mig_instance_uuid is not None:
+        return _named_device(mig_instance_uuid, gpus, allocated)
+    if mig_profile is not None:
+        if mig_profile not in _known_profiles(gpus, profiles):
+            raise UnknownMigProfile(f"MIG profile {mig_profile!r} is not offered by this host")
+        return _by_profile(mig_profile, gpus, profiles, allocated, dynamic)
+    if not gpus:
+        if gpu_less:
+            return NoGpu()
+        raise NoGpuAvailable("this host reports no GPUs")
+    whole = _free_whole_gpu(gpus, allocated)
+    if not any(g.mig_enabled for g in gpus):
+        if whole is None:
+            raise NoGpuAvailable("every GPU is allocated")
+        return whole
+    if default_profile is None:
+        device = next(_free_devices(gpus, allocated), None)
+        chosen = _use(device) if device is not None else whole
+    else:
+        if default_profile not in _known_profiles(gpus, profiles):
+            raise GpuError(
+                "the gateway's default MIG profile is not offered by this host",
+                log_message=f"--default-mig-profile {default_profile!r} matches no MIG "
+                f"profile of this host's GPUs; set it to one of "
+                f"{sorted(_known_profiles(gpus, profiles))}",
+            )
+        try:
+            chosen = _by_profile(default_profile, gpus, profiles, allocated, dynamic)
+        except NoGpuAvailable:
+            chosen = whole
+        else:
+            if isinstance(chosen, CreateInstance) and whole is not None:
+                chosen = CreateInstance(chosen.gpu_uuids, chosen.profile, fallback=whole)
+    if chosen is None:
+        raise NoGpuAvailable(f"no free MIG instance ({default_profile or 'any profile'})")
+    return chosen
+
+
+def available_instances(
+    inventory: Sequence[GpuInfo], profiles: Sequence[MigProfile], allocated: Collection[str]
+) -> list[AvailableInstance]:
+    """What ``/gpus/available`` lists: free MIG devices, then free whole MIG-disabled GPUs."""
+    specs = {(p.gpu_name, p.name): p for p in profiles}
+    gpus = sorted(inventory, key=lambda g: g.index)
+    out: list[AvailableInstance] = []
+    for gpu in gpus:
+        for device in _sorted_devices(gpu):
+            if device.uuid in allocated:
+                continue
+            spec = specs.get((gpu.name, device.profile))
+            out.append(
+                AvailableInstance(
+                    uuid=device.uuid,
+                    parent_gpu=gpu.uuid,
+                    profile=device.profile,
+                    memory=device.memory_bytes,
+                    compute_slices=spec.compute_slices if spec else None,
+                    memory_slices=spec.memory_slices if spec else None,
+                )
+            )
+    for gpu in gpus:
+        if not gpu.mig_enabled and gpu.uuid not in allocated:
+            out.append(
+                AvailableInstance(gpu.uuid, gpu.uuid, FULL_GPU, gpu.memory_total, None, None)
+            )
+    return out
+
+
+def _named_device(uuid: str, gpus: Sequence[GpuInfo], allocated: Collection[str]) -> UseDevice:
+    legacy = parse_mig_uuid(uuid)
+    for gpu in gpus:
+        for device in gpu.mig_devices:
+            same = device.uuid == uuid or (
+                legacy is not None
+                and (device.gpu_uuid, device.gi_id, device.ci_id)
+                == (legacy.gpu_uuid, legacy.gi_id, legacy.ci_id)
+            )
+            if same:
+                if device.uuid in allocated:
+                    raise GpuInstanceBusy(f"MIG instance {uuid} is in use by another session")
+                return _use(device)
+    raise GpuInstanceNotFound(f"no MIG instance {uuid} on this host")
+
+
+def _by_profile(
+    profile: str,
+    gpus: Sequence[GpuInfo],
+    profiles: Sequence[MigProfile],
+    allocated: Collection[str],
+    dynamic: bool,
+) -> UseDevice | CreateInstance:
+    device = next((d for d in _free_devices(gpus, allocated) if d.profile == profile), None)
+    if device is not None:
+        return _use(device)
+    offering = {p.gpu_name for p in profiles if p.name == profile}
+    candidates = tuple(g.uuid for g in gpus if g.mig_enabled and g.name in offering)
+    if dynamic and candidates:
+        return CreateInstance(candidates, profile)
+    raise NoGpuAvailable(f"no free MIG instance of profile {profile}")
+
+
+def _known_profiles(gpus: Sequence[GpuInfo], profiles: Sequence[MigProfile]) -> set[str]:
+    return {p.name for p in profiles} | {d.profile for g in gpus for d in g.mig_devices}
+
+
+def _free_devices(gpus: Sequence[GpuInfo], allocated: Collection[str]) -> Iterator[MigDevice]:
+    return (d for g in gpus if g.mig_enabled for d in _sorted_devices(g) if d.uuid not in allocated)
+
+
+def _sorted_devices(gpu: GpuInfo) -> list[MigDevice]:
+    return sorted(gpu.mig_devices, key=lambda d: (d.gi_id, d.ci_id))
+
+
+def _free_whole_gpu(gpus: Sequence[GpuInfo], allocated: Collection[str]) -> UseDevice | None:
+    gpu = next((g for g in gpus if not g.mig_enabled and g.uuid not in allocated), None)
+    return UseDevice(gpu.uuid, gpu.uuid, FULL_GPU) if gpu is not None else None
+
+
+def _use(device: MigDevice) -> UseDevice:
+    return UseDevice(device.uuid, device.gpu_uuid, device.profile)

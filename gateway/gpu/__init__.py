@@ -1,0 +1,66 @@
+"""GPU backends behind one interface (:class:`~gateway.gpu.base.GpuBackend`).
+
+``--gpus`` picks one: ``nvml`` (real GPUs), ``none`` (no GPUs), ``sim:<topology.json>``
+(a simulated host, :mod:`gateway.gpu.sim`), or ``auto``: NVML when ``libnvidia-ml.so.1``
+loads and initialises, otherwise ``none`` with a log line saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from gateway.errors import GpuError, NoGpuAvailable
+from gateway.gpu.base import GpuBackend, MigDevice
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_on_first", "open_backend"]
+
+
+async def open_backend(spec: str, *, state_dir: Path, nv: ModuleType | None = None) -> GpuBackend:
+    """Open the backend ``spec`` names; ``nv`` replaces ``pynvml`` (tests).
+
+    A simulator keeps its instances in ``state_dir/gpu-sim-<topology stem>.json``.
+
+    Raises:
+        ValueError: ``spec`` is not ``auto``, ``nvml``, ``none`` or ``sim:<path>``, or
+            the topology is invalid.
+        GpuError: ``nvml`` was asked for and NVML does not start.
+    """
+    # Imported here: the backends import gateway.core, which imports this package's base.
+    from gateway.gpu.none import NoneBackend
+    from gateway.gpu.nvml import NvmlBackend
+    from gateway.gpu.sim import SimBackend
+
+    if spec == "none":
+        return NoneBackend()
+    if spec.startswith("sim:"):
+        topology = Path(spec.removeprefix("sim:"))
+        return SimBackend(topology, state_dir / f"gpu-sim-{topology.stem}.json")
+    if spec == "nvml":
+        return await NvmlBackend.open(nv)
+    if spec == "auto":
+        try:
+            return await NvmlBackend.open(nv)
+        except GpuError as exc:
+            log.warning("no usable NVML (%s): running without GPUs (--gpus none)", exc.log_message)
+            return NoneBackend()
+    raise ValueError(f"--gpus {spec!r}: expected auto, nvml, none or sim:<topology.json>")
+
+
+async def create_on_first(backend: GpuBackend, gpu_uuids: Sequence[str], profile: str) -> MigDevice:
+    """Create a ``profile`` instance on the first GPU (in order) that has room for it.
+
+    Raises:
+        NoGpuAvailable: every GPU is full for that profile.
+        UnknownMigProfile, GpuError: as :meth:`GpuBackend.create_instance`.
+    """
+    for gpu_uuid in gpu_uuids:
+        try:
+            return await backend.create_instance(gpu_uuid, profile)
+        except NoGpuAvailable:
+            continue
+    raise NoGpuAvailable(f"no GPU has room for another {profile} instance")

@@ -1,0 +1,30 @@
+"""The GPU-less backend (``--gpus none``, or ``auto`` without NVML): no GPUs, no profiles."""
+
+from __future__ import annotations
+
+from gateway.errors import NoGpuAvailable
+from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
+
+
+class NoneBackend:
+    """A host without GPUs: sessions run with ``NVIDIA_VISIBLE_DEVICES=void``."""
+
+    needs_device_request = False
+
+    async def inventory(self) -> list[GpuInfo]:
+        return []
+
+    async def profiles(self) -> list[MigProfile]:
+        return []
+
+    async def create_instance(self, gpu_uuid: str, profile: str) -> MigDevice:
+        """Raises:
+        NoGpuAvailable: always; this host has no GPUs.
+        """
+        raise NoGpuAvailable("this host has no GPUs")
+
+    async def destroy_instance(self, mig_uuid: str) -> None:
+        """Nothing exists here, so there is nothing to destroy."""
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,626 @@
+"""The NVML backend (nvidia-ml-py): real GPUs, their MIG devices and profiles, create/destroy.
+
+Every NVML call runs in a worker thread (``asyncio.to_thread``) under one lock, so calls
+never overlap and never block the event loop. The ``pynvml`` module is a parameter, so
+tests pass a fake that behaves as NVML documents.
+
+What this relies on from NVML:
+
+- MIG mode is ``nvmlDeviceGetMigMode`` → ``[current, pending]``; NotSupported means a
+  GPU without MIG.
+- MIG devices sit in slots ``0 .. nvmlDeviceGetMaxMigDeviceCount-1``; an empty slot
+  raises NotFound. A device's GPU-instance id names its GPU instance, whose
+  ``nvmlGpuInstanceGetInfo().profileId`` names its profile.
+- Profiles come from ``nvmlDeviceGetGpuInstanceProfileInfo(handle, NVML_GPU_INSTANCE_
+  PROFILE_*)`` (NotSupported/InvalidArgument: the GPU lacks it). Capacity, placement and
+  create calls take ``info.id`` (19 for ``1g.10gb`` on an A100-80GB), never the enum index.
+  A profile's memory slices are the size of its possible placements.
+- Walking GPU instances, placements and create/destroy need privileges (root, or read
+  access to ``/proc/driver/nvidia/capabilities/mig/config``). Without them, MIG devices
+  are named from their device name (``... MIG 1g.10gb``) and NoPermission on a change
+  becomes a :class:`GpuError` saying so.
+
+A MIG device is reported under its GPU instance's profile; a GPU instance split into
+several compute instances yields several devices with that same profile name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
+
+import pynvml
+
+from gateway.core.gpu_select import parse_mig_uuid
+from gateway.core.mig_placement import Placement, choose_placement, unoccupied
+from gateway.errors import GatewayError, GpuError, NoGpuAvailable, UnknownMigProfile
+from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+T = TypeVar("T")
+
+_PERMISSION_HINT = (
+    "the gateway lacks the rights to manage MIG instances: run it as root, or give it "
+    "read access to /proc/driver/nvidia/capabilities/mig/config"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Profile:
+    enum_index: int  # NVML_GPU_INSTANCE_PROFILE_*, only for looking the profile up
+    profile_id: int  # info.id, what every other call takes
+    name: str
+    compute_slices: int
+    instance_count: int
+    memory_mb: int
+
+
+class NvmlBackend:
+    """GPUs as NVML reports them; MIG instances created and destroyed through NVML."""
+
+    needs_device_request = True
+
+    def __init__(self, nv: ModuleType) -> None:
+        """Wrap an initialised ``pynvml``; use :meth:`open` to initialise it."""
+        self._nv = nv
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, nv: ModuleType | None = None) -> NvmlBackend:
+        """Initialise NVML (``nvmlInit``) and return the backend.
+
+        Raises:
+            GpuError: NVML cannot start (no ``libnvidia-ml.so.1``, no driver, ...).
+        """
+        nv = nv or pynvml
+        try:
+            await asyncio.to_thread(nv.nvmlInit)
+        except nv.NVMLError as exc:
+            raise GpuError(
+                "NVML is not available on this host", log_message=f"nvmlInit failed: {exc}"
+            ) from exc
+        return cls(nv)
+
+    async def inventory(self) -> list[GpuInfo]:
+        return await self._call("reading the GPU inventory", _inventory, self._nv)
+
+    async def profiles(self) -> list[MigProfile]:
+        return await self._call("reading MIG profiles", _all_profiles, self._nv)
+
+    async def create_instance(self, gpu_uuid: str, profile: str) -> MigDevice:
+        """Create a GPU instance of ``profile`` at a free placement, and one compute instance.
+
+        If the compute instance (or finding its MIG device) fails, the GPU instance is
+        destroyed again. If the caller is cancelled meanwhile, the call still finishes
+        and what it created is destroyed before the cancellation propagates.
+
+        Raises:
+            NoGpuAvailable: no capacity or free placement left on that GPU.
+            UnknownMigProfile: the GPU's model has no such profile.
+            GpuError: MIG disabled, missing rights (NoPermission), or another NVML error.
+        """
+        work = asyncio.create_task(
+            self._call(f"creating a {profile} instance", _create, self._nv, gpu_uuid, profile),
+            name=f"nvml-create-{profile}",
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            with contextlib.suppress(GatewayError):
+                await self.destroy_instance((await work).uuid)
+            raise
+
+    async def destroy_instance(self, mig_uuid: str) -> None:
+        """Destroy the compute instance, then its GPU instance; already gone is success.
+
+        Accepts ``MIG-<uuid>`` and ``MIG-GPU-<uuid>/<gi>/<ci>``.
+
+        Raises:
+            GpuError: NVML refused (e.g. NoPermission, or the GPU instance is in use).
+        """
+        await self._call(f"destroying MIG instance {mig_uuid}", _destroy, self._nv, mig_uuid)
+
+    async def close(self) -> None:
+        """Shut NVML down (``nvmlShutdown``); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.to_thread(self._locked, self._nv.nvmlShutdown)
+        except self._nv.NVMLError as exc:
+            log.warning("nvmlShutdown failed: %s", exc)
+
+    async def _call(self, action: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(self._locked, fn, *args)
+        except self._nv.NVMLError as exc:
+            raise _translate(self._nv, exc, action) from exc
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            return fn(*args)
+
+
+def _translate(nv: ModuleType, exc: Exception, action: str) -> GatewayError:
+    """The API error for an NVML error raised while doing ``action``."""
+    if isinstance(exc, nv.NVMLError_InsufficientResources):
+        return NoGpuAvailable(
+            "no room left for a new MIG instance", log_message=f"{action}: NVML: {exc}"
+        )
+    if isinstance(exc, nv.NVMLError_NoPermission):
+        return GpuError(_PERMISSION_HINT, log_message=f"{action}: NVML: {exc}")
+    return GpuError(f"NVML failed while {action}: {exc}")
+
+
+# --- synchronous NVML work (always called under the backend's lock) ---------------------
+
+
+def _inventory(nv: ModuleType) -> list[GpuInfo]:
+    return [
+        _gpu_info(nv, i, nv.nvmlDeviceGetHandleByIndex(i)) for i in range(nv.nvmlDeviceGetCount())
+    ]
+
+
+def _gpu_info(nv: ModuleType, index: int, handle: Any) -> GpuInfo:
+    uuid = nv.nvmlDeviceGetUUID(handle)
+    memory = nv.nvmlDeviceGetMemoryInfo(handle)
+    current, pending = _mig_mode(nv, handle)
+    utilization = _optional(nv, lambda: nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+    temperature = _optional(
+        nv, lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
+    )
+    return GpuInfo(
+        uuid=uuid,
+        index=index,
+        name=nv.nvmlDeviceGetName(handle),
+        memory_total=memory.total,
+        memory_free=memory.free,
+        memory_used=memory.used,
+        utilization=int(utilization),
+        temperature=int(temperature),
+        power_usage=_optional(nv, lambda: nv.nvmlDeviceGetPowerUsage(handle)) / 1000,
+        power_limit=_optional(nv, lambda: nv.nvmlDeviceGetEnforcedPowerLimit(handle)) / 1000,
+        mig_enabled=current,
+        mig_pending=pending,
+        mig_devices=tuple(_mig_devices(nv, handle, uuid)) if current else (),
+    )
+
+
+def _optional(nv: ModuleType, read: Callable[[], float]) -> float:
+    """A telemetry value, or 0 where the GPU doesn't report it (e.g. utilization under MIG)."""
+    try:
+        return read()
+    except (nv.NVMLError_NotSupported, nv.NVMLError_NoPermission):
+        return 0
+
+
+def _mig_mode(nv: ModuleType, handle: Any) -> tuple[bool, bool]:
+    try:
+        current, pending = nv.nvmlDeviceGetMigMode(handle)
+    except nv.NVMLError_NotSupported:
+        return False, False
+    return current == nv.NVML_DEVICE_MIG_ENABLE, pending == nv.NVML_DEVICE_MIG_ENABLE
+
+
+def _mig_handles(nv: ModuleType, handle: Any) -> Iterator[Any]:
+    """Every MIG device of a GPU, skipping empty slots."""
+    for slot in range(nv.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            yield nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except nv.NVMLError_NotFound:
+            continue
+
+
+def _mig_devices(nv: ModuleType, handle: Any, gpu_uuid: str) -> list[MigDevice]:
+    try:
+        gi_profiles = {
+            gi_id: spot.profile
+            for gi_id, spot in _gpu_instances(nv, handle, _profiles(nv, handle)).items()
+        }
+    except nv.NVMLError_NoPermission:
+        gi_profiles = {}  # unprivileged: name each device from its device name instead
+    devices = []
+    for mig in _mig_handles(nv, handle):
+        gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
+        devices.append(
+            MigDevice(
+                uuid=nv.nvmlDeviceGetUUID(mig),
+                gpu_uuid=gpu_uuid,
+                profile=gi_profiles.get(gi_id) or _profile_from_name(nv.nvmlDeviceGetName(mig)),
+                gi_id=gi_id,
+                ci_id=nv.nvmlDeviceGetComputeInstanceId(mig),
+                memory_bytes=nv.nvmlDeviceGetMemoryInfo(mig).total,
+            )
+        )
+    return devices
+
+
+def _profile_from_name(name: str) -> str:
+    """``NVIDIA A100-SXM4-40GB MIG 1g.5gb`` → ``1g.5gb``."""
+    return name.rpartition("MIG ")[2] if "MIG " in name else "unknown"
+
+
+def _profiles(nv: ModuleType, handle: Any) -> list[_Profile]:
+    """The GPU instance profiles this GPU supports (every enum index tried), smallest first."""
+    found = []
+    for index in range(nv.NVML_GPU_INSTANCE_PROFILE_COUNT):
+        try:
+            info = _profile_info(nv, handle, index)
+        except (nv.NVMLError_NotSupported, nv.NVMLError_InvalidArgument):
+            continue
+        found.append(
+            _Profile(
+                enum_index=index,
+                profile_id=info.id,
+                name=_profile_name(info),
+                compute_slices=info.sliceCount,
+                instance_count=info.instanceCount,
+                memory_mb=info.memorySizeMB,
+            )
+        )
+    return sorted(found, key=lambda p: (p.compute_slices, p.memory_mb, p.name))
+
+
+def _profile_info(nv: ModuleType, handle: Any, index: int) -> Any:
+    try:
+        return nv.nvmlDeviceGetGpuInstanceProfileInfo(handle, index)
+    except nv.NVMLError_FunctionNotFound:  # driver older than the versioned (named) call
+        return nv.nvmlDeviceGetGpuInstanceProfileInfo(handle, index, 1)
+
+
+def _profile_name(info: Any) -> str:
+    """NVML's name without ``MIG ``; drivers without names get ``<slices>g.<GiB rounded up>gb``.
+
+    The derived name matches NVIDIA's for every A100-40GB and H100 profile; the one
+    known miss is the A100-80GB's full profile (78.5 GiB: ``7g.79gb``, not ``7g.80gb``).
+    """
+    name = getattr(info, "name", b"")
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    name = name.removeprefix("MIG ").strip()
+    return name or f"{info.sliceCount}g.{math.ceil(info.memorySizeMB / 1024)}gb"
+
+
+def _all_profiles(nv: ModuleType) -> list[MigProfile]:
+    """Profiles of each MIG-enabled GPU model present, once per model."""
+    out: list[MigProfile] = []
+    models: set[str] = set()
+    for index in range(nv.nvmlDeviceGetCount()):
+        handle = nv.nvmlDeviceGetHandleByIndex(index)
+        model = nv.nvmlDeviceGetName(handle)
+        if model in models or not _mig_mode(nv, handle)[0]:
+            continue
+        models.add(model)
+        for p in _profiles(nv, handle):
+            out.append(
+                MigProfile(
+                    name=p.name,
+                    profile_id=p.profile_id,
+                    compute_slices=p.compute_slices,
+                    memory_slices=_memory_slices(nv, handle, p),
+                    memory_bytes=p.memory_mb * MIB,
+                    max_instances=p.instance_count,
+                    gpu_name=model,
+                )
+            )
+    return out
+
+
+def _memory_slices(nv: ModuleType, handle: Any, profile: _Profile) -> int:
+    """The profile's placement size; 0 (unknown) when NVML withholds placements."""
+    try:
+        placements = _possible_placements(nv, handle, profile)
+    except nv.NVMLError_NoPermission:
+        return 0
+    return placements[0].size if placements else 0
+
+
+def _possible_placements(nv: ModuleType, handle: Any, profile: _Profile) -> list[Placement]:
+    count = ctypes.c_uint(0)
+    nv.nvmlDeviceGetGpuInstancePossiblePlacements(
+        handle, profile.profile_id, None, ctypes.pointer(count)
+    )
+    buf = (nv.c_nvmlGpuInstancePlacement_t * count.value)()
+    nv.nvmlDeviceGetGpuInstancePossiblePlacements(
+        handle, profile.profile_id, buf, ctypes.pointer(count)
+    )
+    return [Placement(profile.name, buf[i].start, buf[i].size) for i in range(count.value)]
+
+
+def _gpu_instances(nv: ModuleType, handle: Any, profiles: list[_Profile]) -> dict[int, Placement]:
+    """Every GPU instance on the GPU: its id → where it sits and its profile name."""
+    found = {}
+    for p in profiles:
+        buf = (nv.c_nvmlGpuInstance_t * p.instance_count)()
+        count = ctypes.c_uint(0)
+        nv.nvmlDeviceGetGpuInstances(handle, p.profile_id, buf, ctypes.pointer(count))
+        for i in range(count.value):
+            info = nv.nvmlGpuInstanceGetInfo(buf[i])
+            found[info.id] = Placement(p.name, info.placement.start, info.placement.size)
+    return found
+
+
+def _gpu_handle(nv: ModuleType, gpu_uuid: str) -> Any:
+    try:
+        return nv.nvmlDeviceGetHandleByUUID(gpu_uuid)
+    except nv.NVMLError_NotFound as exc:
+        raise GpuError(f"no GPU {gpu_uuid} on this host") from exc
+
+
+def _create(nv: ModuleType, gpu_uuid: str, profile_name: str) -> MigDevice:
+    handle = _gpu_handle(nv, gpu_uuid)
+    if not _mig_mode(nv, handle)[0]:
+        raise GpuError(f"MIG is not enabled on GPU {gpu_uuid}")
+    profiles = _profiles(nv, handle)
+    profile = next((p for p in profiles if p.name == profile_name), None)
+    if profile is None:
+        raise UnknownMigProfile(
+            f"{nv.nvmlDeviceGetName(handle)} has no MIG profile {profile_name!r}"
+        )
+    if nv.nvmlDeviceGetGpuInstanceRemainingCapacity(handle, profile.profile_id) == 0:
+        raise NoGpuAvailable(f"no room for another {profile_name} instance on GPU {gpu_uuid}")
+    occupied = list(_gpu_instances(nv, handle, profiles).values())
+    spot = choose_placement(unoccupied(_possible_placements(nv, handle, profile), occupied))
+    if spot is None:
+        raise NoGpuAvailable(f"no free placement for a {profile_name} instance on GPU {gpu_uuid}")
+    placement = nv.c_nvmlGpuInstancePlacement_t(spot.start, spot.size)
+    gi = nv.nvmlDeviceCreateGpuInstanceWithPlacement(
+        handle, profile.profile_id, ctypes.pointer(placement)
+    )
+    ci = None
+    try:
+        ci_profile = nv.nvmlGpuInstanceGetComputeInstanceProfileInfo(
+            gi,
+            _compute_profile_enum(nv, profile.compute_slices),
+            nv.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED,
+        )
+        ci = nv.nvmlGpuInstanceCreateComputeInstance(gi, ci_profile.id)
+        ids = (nv.nvmlGpuInstanceGetInfo(gi).id, nv.nvmlComputeInstanceGetInfo(ci).id)
+        device = next(
+            (d for d in _mig_devices(nv, handle, gpu_uuid) if (d.gi_id, d.ci_id) == ids), None
+        )
+        if device is None:
+            raise GpuError(
+                "the new MIG instance did not appear",
+                log_message=f"no MIG device for GI {ids[0]} CI {ids[1]} on {gpu_uuid}",
+            )
+    except Exception:
+        _rollback(nv, gi, ci)
+        raise
+    return device
+
+
+def _compute_profile_enum(nv: ModuleType, slices: int) -> int:
+    value = getattr(nv, f"NVML_COMPUTE_INSTANCE_PROFILE_{slices}_SLICE", None)
+    if value is None:
+        raise GpuError(f"NVML has no compute instance profile with {slices} slices")
+    return value
+
+
+def _rollback(nv: ModuleType, gi: Any, ci: Any) -> None:
+    """Undo a half-made instance: compute instance first, then the GPU instance."""
+    for destroy, target in ((nv.nvmlComputeInstanceDestroy, ci), (nv.nvmlGpuInstanceDestroy, gi)):
+        if target is None:
+            continue
+        try:
+            destroy(target)
+        except nv.NVMLError as exc:
+            log.error("rollback: %s failed (%s); a MIG instance may be left", destroy.__name__, exc)
+
+
+def _destroy(nv: ModuleType, mig_uuid: str) -> None:
+    located = _locate(nv, mig_uuid)
+    if located is None:
+        log.info("MIG instance %s is already gone", mig_uuid)
+        return
+    handle, gi_id, ci_id = located
+    gone = (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument)
+    try:
+        gi = nv.nvmlDeviceGetGpuInstanceById(handle, gi_id)
+    except gone:
+        return
+    with contextlib.suppress(*gone):
+        nv.nvmlComputeInstanceDestroy(nv.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id))
+    with contextlib.suppress(*gone):
+        nv.nvmlGpuInstanceDestroy(gi)
+
+
+def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
+    """The parent GPU handle, GI id and CI id of a MIG device, or None if it doesn't exist."""
+    legacy = parse_mig_uuid(mig_uuid)
+    if legacy is not None:
+        try:
+            handle = nv.nvmlDeviceGetHandleByUUID(legacy.gpu_uuid)
+        except nv.NVMLError_NotFound:
+            return None
+        return handle, legacy.gi_id, legacy.ci_id
+    for index in range(nv.nvmlDeviceGetCount()):
+        handle = nv.nvmlDeviceGetHandleByIndex(index)
+        if not _mig_mode(nv, handle)[0]:
+            continue
+        for mig in _mig_handles(nv, handle):
+            if nv.nvmlDeviceGetUUID(mig) == mig_uuid:
+                return (
+                    handle,
+                    nv.nvmlDeviceGetGpuInstanceId(mig),
+                    nv.nvmlDeviceGetComputeInstanceId(mig),
+                )
+    return None
+
+
+# --- the read-only probe -----------------------------------------------------------------
+
+
+async def probe(nv: ModuleType | None = None) -> dict[str, Any]:
+    """Everything NVML reports about this host, as JSON-able data, changing nothing.
+
+    Only queries run (plus ``nvmlInit``/``nvmlShutdown``); each failing call is listed
+    under ``errors`` with its NVML code, and the probe carries on.
+    """
+    return await asyncio.to_thread(_probe, nv or pynvml)
+
+
+def _probe(nv: ModuleType) -> dict[str, Any]:
+    errors: list[dict[str, Any]] = []
+
+    def ask(call: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except nv.NVMLError as exc:
+            errors.append({"call": call, "error": str(exc), "code": exc.value})
+            return None
+
+    try:
+        nv.nvmlInit()
+    except nv.NVMLError as exc:
+        return {
+            "nvml": False,
+            "errors": [{"call": "nvmlInit", "error": str(exc), "code": exc.value}],
+        }
+    try:
+        count = ask("nvmlDeviceGetCount", nv.nvmlDeviceGetCount) or 0
+        return {
+            "nvml": True,
+            "driver_version": ask("nvmlSystemGetDriverVersion", nv.nvmlSystemGetDriverVersion),
+            "nvml_version": ask("nvmlSystemGetNVMLVersion", nv.nvmlSystemGetNVMLVersion),
+            "cuda_driver_version": ask(
+                "nvmlSystemGetCudaDriverVersion", nv.nvmlSystemGetCudaDriverVersion
+            ),
+            "gpus": [_probe_gpu(nv, ask, i) for i in range(count)],
+            "errors": errors,
+        }
+    finally:
+        ask("nvmlShutdown", nv.nvmlShutdown)
+
+
+def _probe_gpu(nv: ModuleType, ask: Callable[..., Any], index: int) -> dict[str, Any]:
+    handle = ask(f"nvmlDeviceGetHandleByIndex({index})", nv.nvmlDeviceGetHandleByIndex, index)
+    if handle is None:
+        return {"index": index}
+    at = f"({index})"
+    memory = ask("nvmlDeviceGetMemoryInfo" + at, nv.nvmlDeviceGetMemoryInfo, handle)
+    utilization = ask(
+        "nvmlDeviceGetUtilizationRates" + at, nv.nvmlDeviceGetUtilizationRates, handle
+    )
+    mig_mode = ask("nvmlDeviceGetMigMode" + at, nv.nvmlDeviceGetMigMode, handle)
+    gpu: dict[str, Any] = {
+        "index": index,
+        "uuid": ask("nvmlDeviceGetUUID" + at, nv.nvmlDeviceGetUUID, handle),
+        "name": ask("nvmlDeviceGetName" + at, nv.nvmlDeviceGetName, handle),
+        "memory": _memory_dict(memory),
+        "utilization_gpu": utilization.gpu if utilization is not None else None,
+        "temperature_c": ask(
+            "nvmlDeviceGetTemperature" + at,
+            nv.nvmlDeviceGetTemperature,
+            handle,
+            nv.NVML_TEMPERATURE_GPU,
+        ),
+        "power_usage_mw": ask("nvmlDeviceGetPowerUsage" + at, nv.nvmlDeviceGetPowerUsage, handle),
+        "power_limit_mw": ask(
+            "nvmlDeviceGetEnforcedPowerLimit" + at, nv.nvmlDeviceGetEnforcedPowerLimit, handle
+        ),
+        "mig_mode": {"current": mig_mode[0], "pending": mig_mode[1]} if mig_mode else None,
+    }
+    if mig_mode and mig_mode[0] == nv.NVML_DEVICE_MIG_ENABLE:
+        gpu["mig_devices"] = _probe_mig_devices(nv, ask, handle, at)
+        gpu["profiles"] = _probe_profiles(nv, ask, handle, at)
+    return gpu
+
+
+def _probe_mig_devices(nv: ModuleType, ask: Callable[..., Any], handle: Any, at: str) -> list[Any]:
+    slots = (
+        ask("nvmlDeviceGetMaxMigDeviceCount" + at, nv.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
+    )
+    devices = []
+    for slot in range(slots):
+        try:
+            mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except nv.NVMLError_NotFound:
+            continue  # an empty slot
+        except nv.NVMLError as exc:
+            devices.append({"slot": slot, "error": str(exc)})
+            continue
+        where = f"({at[1:-1]}, slot {slot})"
+        devices.append(
+            {
+                "slot": slot,
+                "uuid": ask("nvmlDeviceGetUUID" + where, nv.nvmlDeviceGetUUID, mig),
+                "name": ask("nvmlDeviceGetName" + where, nv.nvmlDeviceGetName, mig),
+                "gi_id": ask(
+                    "nvmlDeviceGetGpuInstanceId" + where, nv.nvmlDeviceGetGpuInstanceId, mig
+                ),
+                "ci_id": ask(
+                    "nvmlDeviceGetComputeInstanceId" + where, nv.nvmlDeviceGetComputeInstanceId, mig
+                ),
+                "memory": _memory_dict(
+                    ask("nvmlDeviceGetMemoryInfo" + where, nv.nvmlDeviceGetMemoryInfo, mig)
+                ),
+            }
+        )
+    return devices
+
+
+def _probe_profiles(nv: ModuleType, ask: Callable[..., Any], handle: Any, at: str) -> list[Any]:
+    profiles = []
+    for index in range(nv.NVML_GPU_INSTANCE_PROFILE_COUNT):
+        try:
+            info = _profile_info(nv, handle, index)
+        except nv.NVMLError as exc:
+            profiles.append({"enum_index": index, "error": str(exc)})
+            continue
+        profile = _Profile(
+            index,
+            info.id,
+            _profile_name(info),
+            info.sliceCount,
+            info.instanceCount,
+            info.memorySizeMB,
+        )
+        where = f"({at[1:-1]}, profile id {info.id})"
+        placements = ask(
+            "nvmlDeviceGetGpuInstancePossiblePlacements" + where,
+            _possible_placements,
+            nv,
+            handle,
+            profile,
+        )
+        instances = ask("nvmlDeviceGetGpuInstances" + where, _gpu_instances, nv, handle, [profile])
+        profiles.append(
+            {
+                "enum_index": index,
+                "id": info.id,
+                "name": profile.name,
+                "slice_count": info.sliceCount,
+                "instance_count": info.instanceCount,
+                "memory_size_mb": info.memorySizeMB,
+                "remaining_capacity": ask(
+                    "nvmlDeviceGetGpuInstanceRemainingCapacity" + where,
+                    nv.nvmlDeviceGetGpuInstanceRemainingCapacity,
+                    handle,
+                    info.id,
+                ),
+                "placements": [{"start": p.start, "size": p.size} for p in placements or []],
+                "gpu_instances": [
+                    {"id": gi_id, "start": p.start, "size": p.size}
+                    for gi_id, p in (instances or {}).items()
+                ],
+            }
+        )
+    return profiles
+
+
+def _memory_dict(memory: Any) -> dict[str, int] | None:
+    if memory is None:
+        return None
+    return {"total": memory.total, "free": memory.free, "used": memory.used}

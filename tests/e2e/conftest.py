@@ -1,0 +1,313 @@
+"""End-to-end harness: the real gateway process, real Docker, real OpenSSH client.
+
+Each test gets its own gateway (state folder, API port, SSH port range, Docker network
+and instance id), so tests never see each other's sessions. Everything a test starts is
+removed in teardown, even when it fails. A missing Docker engine, image or ssh client is
+a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IMAGE = os.environ.get("SANDMAN_TEST_IMAGE", "gpu-workspace")
+TOKEN = "e2e-" + secrets.token_hex(8)
+START_DEADLINE = 60.0
+_port_blocks = itertools.count()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prerequisites() -> None:
+    missing = [tool for tool in ("docker", "ssh", "sshpass") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"e2e tests need {', '.join(missing)} (run: make setup)")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("e2e tests need a running Docker engine (run: make setup)")
+    if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
+        pytest.fail(f"e2e tests need the image {IMAGE} (run: make images)")
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def port_bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def docker(*args: str, check: bool = True) -> str:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed: {done.stderr}")
+    return done.stdout.strip()
+
+
+def wait_for(predicate: Any, *, timeout: float, what: str) -> None:
+    """Poll an outside condition (another process's state) until true or fail."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class Response:
+    status: int
+    body: Any
+
+
+@dataclass
+class Gateway:
+    """One real ``sandman serve`` process and what it owns."""
+
+    root: Path
+    network: str
+    port_start: int
+    port_end: int
+    extra_args: list[str] = field(default_factory=list)
+    api_port: int = field(default_factory=free_tcp_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def workspaces(self) -> Path:
+        return self.root / "workspaces"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "gateway.log"
+
+    def start(self) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.api_port),
+            "--ssh-bind",
+            "127.0.0.1",
+            "--public-host",
+            "127.0.0.1",
+            "--state-dir",
+            str(self.state_dir),
+            "--workspace-root",
+            str(self.workspaces),
+            "--ssh-port-start",
+            str(self.port_start),
+            "--ssh-port-end",
+            str(self.port_end),
+            "--docker-network",
+            self.network,
+            "--image",
+            IMAGE,
+            "--gpus",
+            "none",
+            "--log-level",
+            "DEBUG",
+            *self.extra_args,
+        ]
+        env = {**os.environ, "SANDMAN_API_TOKEN": TOKEN}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_for(self._healthy, timeout=START_DEADLINE, what="the gateway to answer /healthz")
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gateway exited early:\n{self.log_path.read_text()}")
+        try:
+            return self.request("GET", "/healthz").status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = TOKEN,
+        raw: bytes | None = None,
+    ) -> Response:
+        conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=120)
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+        finally:
+            conn.close()
+        return Response(resp.status, json.loads(payload) if payload else None)
+
+    def create(self, **body: Any) -> Response:
+        return self.request("POST", "/sessions", body)
+
+    def instance_id(self) -> str:
+        conn = sqlite3.connect(self.state_dir / "sessions.db")
+        try:
+            return conn.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()[0]
+        finally:
+            conn.close()
+
+    def containers(self, *filters: str) -> list[str]:
+        args = ["ps", "-aq", "--filter", f"network={self.network}"]
+        for f in filters:
+            args += ["--filter", f]
+        return docker(*args).split()
+
+    def cleanup(self) -> None:
+        self.stop(signal.SIGKILL)
+        ids = self.containers()
+        if ids:
+            docker("rm", "-f", *ids, check=False)
+        docker("network", "rm", self.network, check=False)
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Any]:
+    made: list[Gateway] = []
+
+    def make(*extra_args: str, start: bool = True) -> Gateway:
+        block = next(_port_blocks)
+        base = 21000 + (os.getpid() % 50) * 400 + block * 20
+        gw = Gateway(
+            root=tmp_path / f"gw{block}",
+            network=f"sandman-test-{secrets.token_hex(4)}",
+            port_start=base,
+            port_end=base + 19,
+            extra_args=list(extra_args),
+        )
+        gw.root.mkdir()
+        made.append(gw)
+        if start:
+            gw.start()
+        return gw
+
+    yield make
+    for gw in made:
+        gw.cleanup()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Any) -> Gateway:
+    return gateway_factory()
+
+
+@dataclass
+class SshClient:
+    """The real OpenSSH client, logging in through a session port."""
+
+    key_dir: Path
+
+    def _base(self, port: int) -> list[str]:
+        return [
+            "ssh",
+            "-p",
+            str(port),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=15",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+
+    def with_key(
+        self, session: dict[str, Any], command: str, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        key = self.key_dir / f"{session['session_id']}.key"
+        key.write_text(session["ssh_private_key"])
+        key.chmod(0o600)
+        args = [
+            *self._base(session["ssh_port"]),
+            "-i",
+            str(key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            f"{session['ssh_user']}@127.0.0.1",
+            command,
+        ]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60, **kw)
+
+    def with_password(
+        self, session: dict[str, Any], command: str
+    ) -> subprocess.CompletedProcess[str]:
+        args = [
+            "sshpass",
+            "-p",
+            session["ssh_password"],
+            *self._base(session["ssh_port"]),
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password",
+            f"{session['ssh_user']}@127.0.0.1",
+            command,
+        ]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def ssh(tmp_path: Path) -> SshClient:
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir()
+    return SshClient(key_dir)

@@ -1,0 +1,380 @@
+import asyncio
+import json
+import logging
+import threading
+import time
+
+import pynvml
+import pytest
+
+from gateway.errors import GpuError, NoGpuAvailable, UnknownMigProfile
+from gateway.gpu import create_on_first, open_backend
+from gateway.gpu.none import NoneBackend
+from gateway.gpu.nvml import NvmlBackend, probe
+from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml
+
+A80 = "GPU-a80-0000"
+A40 = "GPU-a40-0001"
+L4 = "GPU-l4-0002"
+
+
+def host(**options) -> FakeNvml:
+    return FakeNvml(
+        [
+            FakeGpu(A80),
+            FakeGpu(
+                A40,
+                name="NVIDIA A100-SXM4-40GB",
+                memory_total=40960 * MIB,
+                memory_used=1024 * MIB,
+                utilization=37,
+                power_mw=123_456,
+                mig=False,
+                mig_pending=True,
+                profiles=list(A100_40GB),
+            ),
+            FakeGpu(L4, name="NVIDIA L4", mig=None, profiles=[], power_limit_mw=72_000),
+        ],
+        **options,
+    )
+
+
+@pytest.fixture
+def nv():
+    return host()
+
+
+@pytest.fixture
+async def backend(nv):
+    backend = await NvmlBackend.open(nv)
+    yield backend
+    await backend.close()
+
+
+# --- lifecycle -------------------------------------------------------------------------
+
+
+async def test_open_initialises_and_close_shuts_down_once(nv):
+    backend = await NvmlBackend.open(nv)
+    assert nv.initialised == 1
+    await backend.close()
+    await backend.close()
+    assert nv.initialised == 0
+    assert nv.calls.count("nvmlShutdown") == 1
+
+
+async def test_open_without_library_is_a_gpu_error():
+    with pytest.raises(GpuError):
+        await NvmlBackend.open(host(library=False))
+
+
+async def test_auto_falls_back_to_none_and_says_so(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        backend = await open_backend("auto", state_dir=tmp_path, nv=host(library=False))
+    assert isinstance(backend, NoneBackend)
+    assert "running without GPUs" in caplog.text
+    assert await backend.inventory() == []
+
+
+async def test_auto_uses_nvml_when_it_starts(tmp_path, nv):
+    backend = await open_backend("auto", state_dir=tmp_path, nv=nv)
+    assert isinstance(backend, NvmlBackend) and backend.needs_device_request
+    await backend.close()
+
+
+async def test_explicit_nvml_does_not_fall_back(tmp_path):
+    with pytest.raises(GpuError):
+        await open_backend("nvml", state_dir=tmp_path, nv=host(library=False))
+
+
+async def test_unknown_spec(tmp_path):
+    with pytest.raises(ValueError, match="auto, nvml, none"):
+        await open_backend("cuda", state_dir=tmp_path)
+    assert isinstance(await open_backend("none", state_dir=tmp_path), NoneBackend)
+
+
+# --- inventory -------------------------------------------------------------------------
+
+
+async def test_inventory_values_and_watts(backend):
+    a80, a40, l4 = await backend.inventory()
+    assert (a80.uuid, a80.index, a80.name) == (A80, 0, "NVIDIA A100-SXM4-80GB")
+    assert (a80.mig_enabled, a80.mig_pending) == (True, True)
+    assert a80.utilization == 0  # NVML: NotSupported in MIG mode
+    assert (a80.power_usage, a80.power_limit) == (61.5, 400.0)
+    assert (a40.memory_total, a40.memory_used) == (40960 * MIB, 1024 * MIB)
+    assert a40.memory_free == 39936 * MIB
+    assert (a40.utilization, a40.temperature, a40.power_usage) == (37, 34, 123.456)
+    assert (a40.mig_enabled, a40.mig_pending) == (False, True)
+    assert (l4.mig_enabled, l4.mig_pending, l4.power_limit) == (False, False, 72.0)
+    assert a40.mig_devices == () and l4.mig_devices == ()
+
+
+async def test_mig_devices_skip_empty_slots_and_match_gi_ids(nv, backend):
+    a80 = nv.gpus[0]
+    gone = nv.precreate(a80, "1g.10gb", 0)  # slot 0
+    big = nv.precreate(a80, "3g.40gb", 4)  # slot 1
+    small = nv.precreate(a80, "1g.20gb", 2)  # slot 2
+    del a80.gis[9].cis[0]  # the 1g.10gb's compute instance is destroyed: slot 0 empty
+    devices = (await backend.inventory())[0].mig_devices
+    assert [(d.uuid, d.profile, d.gi_id, d.ci_id) for d in devices] == [
+        (big.uuid, "3g.40gb", 5, 0),
+        (small.uuid, "1g.20gb", 3, 0),
+    ]
+    assert devices[0].memory_bytes == 40192 * MIB
+    assert gone.uuid not in {d.uuid for d in devices}
+    assert nv.calls.count("nvmlDeviceGetMigDeviceHandleByIndex") == 7  # every slot tried
+
+
+async def test_unprivileged_inventory_names_devices_from_their_name():
+    nv = host(privileged=False)
+    nv.precreate(nv.gpus[0], "2g.20gb", 4)
+    backend = await NvmlBackend.open(nv)
+    (device,) = (await backend.inventory())[0].mig_devices
+    assert (device.profile, device.gi_id) == ("2g.20gb", 5)
+    assert "nvmlDeviceGetGpuInstances" in nv.calls  # tried, refused, fell back
+    await backend.close()
+
+
+async def test_old_style_mig_uuids_are_reported_as_nvml_gives_them():
+    nv = host()
+    nv.gpus[0].legacy_uuids = True
+    nv.precreate(nv.gpus[0], "1g.10gb", 6)
+    backend = await NvmlBackend.open(nv)
+    (device,) = (await backend.inventory())[0].mig_devices
+    assert device.uuid == f"MIG-{A80}/15/0"
+    await backend.destroy_instance(device.uuid)
+    assert (await backend.inventory())[0].mig_devices == ()
+    await backend.close()
+
+
+async def test_nvml_failure_becomes_gpu_error(nv, backend):
+    nv.failures["nvmlDeviceGetCount"] = pynvml.NVML_ERROR_GPU_IS_LOST
+    with pytest.raises(GpuError, match="GPU is lost"):
+        await backend.inventory()
+
+
+# --- profiles --------------------------------------------------------------------------
+
+
+async def test_profiles_use_info_id_not_enum_index(backend):
+    profiles = await backend.profiles()
+    assert {p.gpu_name for p in profiles} == {"NVIDIA A100-SXM4-80GB"}  # MIG-enabled only
+    table = [
+        (p.name, p.profile_id, p.compute_slices, p.memory_slices, p.max_instances) for p in profiles
+    ]
+    assert table == [
+        ("1g.10gb", 19, 1, 1, 7),
+        ("1g.10gb+me", 20, 1, 1, 1),
+        ("1g.20gb", 15, 1, 2, 4),
+        ("2g.20gb", 14, 2, 2, 3),
+        ("3g.40gb", 9, 3, 4, 2),
+        ("4g.40gb", 5, 4, 4, 1),
+        ("7g.80gb", 0, 7, 8, 1),
+    ]
+    assert profiles[0].memory_bytes == 9856 * MIB
+
+
+async def test_profiles_once_per_model():
+    nv = FakeNvml([FakeGpu("GPU-1"), FakeGpu("GPU-2")])
+    backend = await NvmlBackend.open(nv)
+    assert len(await backend.profiles()) == 7
+    await backend.close()
+
+
+async def test_old_driver_profile_names_are_derived():
+    nv = host(old_driver=True)
+    backend = await NvmlBackend.open(nv)
+    names = [p.name for p in await backend.profiles()]
+    assert names[:5] == ["1g.10gb", "1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb"]
+    await backend.close()
+
+
+async def test_unprivileged_profiles_have_unknown_memory_slices():
+    backend = await NvmlBackend.open(host(privileged=False))
+    assert {p.memory_slices for p in await backend.profiles()} == {0}
+    await backend.close()
+
+
+# --- create ----------------------------------------------------------------------------
+
+
+async def test_create_places_and_returns_the_mig_device(nv, backend):
+    device = await backend.create_instance(A80, "3g.40gb")
+    assert (device.gpu_uuid, device.profile, device.gi_id, device.ci_id) == (A80, "3g.40gb", 5, 0)
+    assert device.memory_bytes == 40192 * MIB
+    assert nv.mig_uuids(nv.gpus[0]) == [device.uuid]
+    gi = nv.gpus[0].gis[5]
+    assert (gi.profile.id, gi.start) == (9, 4)  # info.id 9 (enum index 2), highest start
+    assert (await backend.inventory())[0].mig_devices == (device,)
+
+
+async def test_create_until_full(nv, backend):
+    made = [await backend.create_instance(A80, "1g.10gb") for _ in range(7)]
+    assert len({d.uuid for d in made}) == 7
+    with pytest.raises(NoGpuAvailable):
+        await backend.create_instance(A80, "1g.10gb")
+    assert "nvmlDeviceGetGpuInstanceRemainingCapacity" in nv.calls
+
+
+async def test_create_respects_existing_placements(nv, backend):
+    nv.precreate(nv.gpus[0], "4g.40gb", 0)
+    await backend.create_instance(A80, "3g.40gb")
+    with pytest.raises(NoGpuAvailable):
+        await backend.create_instance(A80, "1g.10gb")
+
+
+async def test_insufficient_resources_on_create_is_no_gpu(nv, backend):
+    nv.failures["nvmlDeviceCreateGpuInstanceWithPlacement"] = (
+        pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES
+    )
+    with pytest.raises(NoGpuAvailable):
+        await backend.create_instance(A80, "1g.10gb")
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES, NoGpuAvailable),
+        (pynvml.NVML_ERROR_NO_PERMISSION, GpuError),
+        (pynvml.NVML_ERROR_UNKNOWN, GpuError),
+    ],
+)
+async def test_compute_instance_failure_rolls_back_the_gpu_instance(nv, backend, code, error):
+    nv.failures["nvmlGpuInstanceCreateComputeInstance"] = code
+    with pytest.raises(error):
+        await backend.create_instance(A80, "2g.20gb")
+    assert nv.gpus[0].gis == {}
+    assert nv.calls[-1] == "nvmlGpuInstanceDestroy"
+
+
+async def test_no_permission_says_what_rights_are_missing():
+    backend = await NvmlBackend.open(host(privileged=False))
+    with pytest.raises(GpuError) as caught:
+        await backend.create_instance(A80, "1g.10gb")
+    assert "root" in caught.value.message and "mig/config" in caught.value.message
+    await backend.close()
+
+
+@pytest.mark.parametrize("profile", ["1g.5gb", "9g.1tb"])
+async def test_profile_the_gpu_lacks_is_unknown(backend, profile):
+    with pytest.raises(UnknownMigProfile):
+        await backend.create_instance(A80, profile)
+
+
+async def test_create_on_a_gpu_without_mig_or_unknown_gpu(backend):
+    with pytest.raises(GpuError, match="MIG is not enabled"):
+        await backend.create_instance(A40, "1g.5gb")
+    with pytest.raises(GpuError, match="no GPU"):
+        await backend.create_instance("GPU-missing", "1g.10gb")
+
+
+async def test_cancelled_create_destroys_what_it_made(nv, backend):
+    real = nv.nvmlGpuInstanceCreateComputeInstance
+
+    def slow(gi, profile_id):
+        time.sleep(0.2)
+        return real(gi, profile_id)
+
+    nv.nvmlGpuInstanceCreateComputeInstance = slow
+    task = asyncio.create_task(backend.create_instance(A80, "1g.10gb"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert nv.gpus[0].gis == {}
+
+
+async def test_create_on_first_skips_full_gpus():
+    nv = FakeNvml([FakeGpu("GPU-1"), FakeGpu("GPU-2")])
+    backend = await NvmlBackend.open(nv)
+    nv.precreate(nv.gpus[0], "7g.80gb", 0)
+    device = await create_on_first(backend, ["GPU-1", "GPU-2"], "3g.40gb")
+    assert device.gpu_uuid == "GPU-2"
+    await create_on_first(backend, ["GPU-1", "GPU-2"], "3g.40gb")
+    with pytest.raises(NoGpuAvailable):
+        await create_on_first(backend, ["GPU-1", "GPU-2"], "3g.40gb")
+    await backend.close()
+
+
+# --- destroy ---------------------------------------------------------------------------
+
+
+async def test_destroy_removes_compute_then_gpu_instance(nv, backend):
+    device = await backend.create_instance(A80, "1g.10gb")
+    nv.calls.clear()
+    await backend.destroy_instance(device.uuid)
+    assert nv.gpus[0].gis == {}
+    destroys = [c for c in nv.calls if c.endswith("Destroy")]
+    assert destroys == ["nvmlComputeInstanceDestroy", "nvmlGpuInstanceDestroy"]
+
+
+async def test_destroy_of_a_gone_instance_is_success(nv, backend):
+    device = await backend.create_instance(A80, "1g.10gb")
+    await backend.destroy_instance(device.uuid)
+    await backend.destroy_instance(device.uuid)
+    await backend.destroy_instance("MIG-00000000-0000-0000-0000-000000000000")
+    await backend.destroy_instance(f"MIG-{A80}/3/0")
+    await backend.destroy_instance("MIG-GPU-unknown/1/0")
+
+
+async def test_destroy_by_old_form_of_a_modern_device(nv, backend):
+    device = await backend.create_instance(A80, "2g.20gb")
+    await backend.destroy_instance(f"MIG-{A80}/{device.gi_id}/{device.ci_id}")
+    assert nv.gpus[0].gis == {}
+
+
+async def test_destroy_without_rights(nv, backend):
+    device = await backend.create_instance(A80, "1g.10gb")
+    nv.privileged = False
+    with pytest.raises(GpuError, match="root"):
+        await backend.destroy_instance(device.uuid)
+
+
+# --- serialisation and the probe -------------------------------------------------------
+
+
+async def test_nvml_calls_never_overlap(nv, backend):
+    active, peak = 0, 0
+    guard = threading.Lock()
+    real = nv.nvmlDeviceGetCount
+
+    def count():
+        nonlocal active, peak
+        with guard:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.02)
+        with guard:
+            active -= 1
+        return real()
+
+    nv.nvmlDeviceGetCount = count
+    await asyncio.gather(*(backend.inventory() for _ in range(5)))
+    assert peak == 1
+
+
+async def test_probe_reports_everything_and_changes_nothing(nv):
+    nv.precreate(nv.gpus[0], "3g.40gb", 4)
+    report = await probe(nv)
+    json.dumps(report)
+    assert nv.initialised == 0
+    assert not [c for c in nv.calls if any(w in c for w in ("Create", "Destroy", "Set"))]
+    assert report["driver_version"] == "550.54.15"
+    a80, a40, l4 = report["gpus"]
+    assert a80["power_usage_mw"] == 61_500
+    assert [d["gi_id"] for d in a80["mig_devices"]] == [5]
+    three = next(p for p in a80["profiles"] if p.get("name") == "3g.40gb")
+    assert (three["enum_index"], three["id"], three["remaining_capacity"]) == (2, 9, 1)
+    assert three["placements"] == [{"start": 0, "size": 4}, {"start": 4, "size": 4}]
+    assert three["gpu_instances"] == [{"id": 5, "start": 4, "size": 4}]
+    assert "profiles" not in a40 and l4["mig_mode"] is None
+    failed = {e["call"] for e in report["errors"]}
+    assert "nvmlDeviceGetUtilizationRates(0)" in failed
+    assert "nvmlDeviceGetMigMode(2)" in failed
+
+
+async def test_probe_without_nvml():
+    report = await probe(host(library=False))
+    assert report["nvml"] is False
+    assert report["errors"][0]["code"] == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
