@@ -1,0 +1,48 @@
+# Sandman: the two commands a fresh Debian/Ubuntu machine (as root) needs.
+#   make run    set everything up, then run the gateway with state under ./state
+#   make test   set everything up, then run every test (unit, lint, end-to-end)
+# The other targets are the steps they are made of.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STATE  ?= $(CURDIR)/state
+PYTEST_ARGS ?=
+
+.PHONY: run test setup host venv images unit e2e lint clean
+
+run: setup images
+	$(BIN)/sandman serve --state-dir $(STATE) --workspace-root $(STATE)/workspaces
+
+test: setup images lint
+	$(BIN)/pytest -ra $(PYTEST_ARGS) tests
+
+setup: host venv
+
+host:
+	bash scripts/setup-docker.sh
+	bash scripts/setup-host.sh
+
+venv: $(BIN)/sandman
+
+$(BIN)/sandman: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+images:
+	bash scripts/build-images.sh
+
+unit: venv
+	$(BIN)/pytest -ra $(PYTEST_ARGS) tests/unit
+
+e2e: setup images
+	$(BIN)/pytest -ra $(PYTEST_ARGS) tests/e2e
+
+lint: venv
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+
+clean:
+	rm -rf $(VENV) $(STATE) .pytest_cache .ruff_cache
