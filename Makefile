@@ -41,8 +41,8 @@ e2e: setup images
 	$(BIN)/pytest -ra $(PYTEST_ARGS) tests/e2e
 
 lint: venv
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff format --check gateway tests
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache .ruff_cache

@@ -73,14 +73,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway (REST API and SSH relays)")
     d = Config()
 
-    def opt(name: str, help_text: str, *, default: object, type_: type = str) -> None:
+    def opt(
+        name: str, help_text: str, *, default: object, type_: type = str, shown: str = ""
+    ) -> None:
         raw = env.get(_env_name(name))
         value = type_(raw) if raw is not None else default
         serve.add_argument(
             name,
             type=type_,
             default=value,
-            help=f"{help_text} (default: {default}; env {_env_name(name)})",
+            help=f"{help_text} (default: {shown or default}; env {_env_name(name)})",
         )
 
     def multi(name: str, help_text: str) -> None:
@@ -112,7 +114,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=d.state_dir,
         type_=Path,
     )
-    opt("--db", "SQLite database file", default=None, type_=Path)
+    opt("--db", "SQLite database file", default=None, type_=Path, shown="<state-dir>/sessions.db")
     opt(
         "--workspace-root",
         "folder holding one workspace per user",
@@ -141,6 +143,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "file holding the API bearer token (SANDMAN_API_TOKEN gives it directly)",
         default=None,
         type_=Path,
+        shown="<state-dir>/api-token, generated on first start",
     )
     multi("--cors-origin", "origin allowed by CORS (default: any origin, echoed)")
     opt(
