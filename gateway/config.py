@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.core.ports import PortRange
+from gateway.core.validation import parse_duration
 
 DEFAULT_IMAGE = "gpu-workspace"
+DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +45,20 @@ class Config:
     pids_limit: int = 1024
     max_body_bytes: int = 64 * 1024
     log_level: str = "INFO"
+    audit_log: Path | None = None
+    audit_retention_days: float = 90.0
+    expiry_warnings: tuple[float, ...] = DEFAULT_EXPIRY_WARNINGS
+    idle_timeout: float | None = None
+    preauth_timeout: float = 10.0
+    max_connections_per_session: int = 8
 
     @property
     def db_path(self) -> Path:
         return self.db if self.db is not None else self.state_dir / "sessions.db"
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit_log if self.audit_log is not None else self.state_dir / "audit.log"
 
     @property
     def token_path(self) -> Path:
@@ -167,6 +179,40 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--pids-limit", "process limit of each session container", default=d.pids_limit, type_=int)
     opt("--max-body-bytes", "largest accepted request body", default=d.max_body_bytes, type_=int)
     opt("--log-level", "DEBUG, INFO, WARNING or ERROR", default=d.log_level)
+    opt(
+        "--audit-log",
+        "JSON-lines file of connection and session events",
+        default=None,
+        type_=Path,
+        shown="<state-dir>/audit.log",
+    )
+    opt(
+        "--audit-retention-days",
+        "days audit records are kept",
+        default=d.audit_retention_days,
+        type_=float,
+    )
+    multi(
+        "--expiry-warning",
+        "warn the user's terminals this long before expiry, e.g. 10m, 60s (default: 10m and 1m)",
+    )
+    opt(
+        "--idle-timeout",
+        "close a connection after this long with no bytes either way; SSH keepalives "
+        "count as traffic; 0 is off",
+        default="0",
+    )
+    opt(
+        "--preauth-timeout",
+        "close a connection whose client sends no SSH identification line within this long",
+        default="10s",
+    )
+    opt(
+        "--max-connections-per-session",
+        "further connections to a session are refused",
+        default=d.max_connections_per_session,
+        type_=int,
+    )
 
     gpus = sub.add_parser("gpus", help="show what the GPU backend sees")
     gpus.add_argument("--probe", action="store_true", help="read-only NVML probe, printed as JSON")
@@ -185,6 +231,13 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         raise ValueError("--default-ttl-minutes must be between 1 and --max-ttl-minutes")
     if args.reap_interval <= 0 or args.start_timeout <= 0:
         raise ValueError("--reap-interval and --start-timeout must be positive")
+    if args.max_connections_per_session < 1:
+        raise ValueError("--max-connections-per-session must be at least 1")
+    warnings = tuple(parse_duration(w) for w in args.expiry_warning) or DEFAULT_EXPIRY_WARNINGS
+    idle = parse_duration(args.idle_timeout)
+    preauth = parse_duration(args.preauth_timeout)
+    if preauth <= 0:
+        raise ValueError("--preauth-timeout must be positive")
     return Config(
         host=args.host,
         port=args.port,
@@ -212,6 +265,12 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         pids_limit=args.pids_limit,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level.upper(),
+        audit_log=args.audit_log,
+        audit_retention_days=args.audit_retention_days,
+        expiry_warnings=warnings,
+        idle_timeout=idle or None,
+        preauth_timeout=preauth,
+        max_connections_per_session=args.max_connections_per_session,
     )
 
 

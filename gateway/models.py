@@ -7,6 +7,21 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 
+class CloseReason(StrEnum):
+    """Why a relayed connection ended (a fixed set; audit records and metrics use it)."""
+
+    CLIENT_CLOSED = "client_closed"
+    SERVER_CLOSED = "server_closed"
+    TTL_EXPIRED = "ttl_expired"
+    SESSION_DELETED = "session_deleted"
+    GATEWAY_SHUTDOWN = "gateway_shutdown"
+    IDLE_TIMEOUT = "idle_timeout"
+    PREAUTH_TIMEOUT = "preauth_timeout"
+    CONNECTION_LIMIT = "connection_limit"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    ERROR = "error"
+
+
 class SessionState(StrEnum):
     STARTING = "starting"  # row reserved, container not yet answering SSH
     RUNNING = "running"
@@ -62,6 +77,47 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def rfc3339(moment: datetime) -> str:
-    """RFC 3339 UTC with a ``Z`` suffix, second precision."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def rfc3339(moment: datetime, *, fraction: bool = False) -> str:
+    """RFC 3339 UTC with a ``Z`` suffix; seconds, or milliseconds with ``fraction``."""
+    utc = moment.astimezone(UTC)
+    if fraction:
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """The audit record of one relayed connection; ``ended_at`` is None while it lives."""
+
+    id: str
+    session_id: str
+    user_id: str
+    client_addr: str
+    client_port: int
+    started_at: datetime
+    ended_at: datetime | None = None
+    bytes_up: int = 0  # client -> container
+    bytes_down: int = 0  # container -> client
+    client_banner: str | None = None
+    server_banner: str | None = None
+    closed_by: str | None = None  # "client", "server" or "gateway"
+    reason: CloseReason | None = None
+
+    @property
+    def duration(self) -> float | None:
+        if self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One line of the audit trail: a connection or session lifecycle event."""
+
+    id: int
+    at: datetime
+    event: str  # connect, disconnect, session_created, session_deleted, session_expired, ...
+    session_id: str | None
+    user_id: str | None
+    connection_id: str | None
+    data: dict[str, object]

@@ -3,8 +3,10 @@
 It owns time and rollback. ``create`` reserves a row, a port (by binding its listener)
 and a GPU under one lock, then starts the container under ``--start-timeout``; every
 step registers its undo, so any failure unwinds in reverse and re-raises a typed error.
-``end`` is the single cleanup path (DELETE, TTL sweep, vanished container, restart
-recovery): connections and listener, container, GPU, row — in that order.
+``end`` is the single cleanup path (DELETE, TTL timer or sweep, vanished container,
+restart recovery): connections and listener, container, GPU, row — in that order.
+Each live session has a timer task that warns the user's terminals before expiry and
+ends the session at ``expires_at``; the periodic sweep is the backstop.
 """
 
 from __future__ import annotations
@@ -13,19 +15,36 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from gateway import credentials
 from gateway.config import Config
 from gateway.core import ttl
-from gateway.errors import ContainerStartFailed, GatewayError, NoPortAvailable, SessionNotFound
+from gateway.errors import (
+    ContainerStartFailed,
+    GatewayError,
+    InvalidTtl,
+    NoPortAvailable,
+    SessionNotFound,
+)
 from gateway.gpu.allocator import GpuAllocator
-from gateway.models import CreatedSession, CreateRequest, Credentials, Session, SessionState
-from gateway.relay import SessionListener, open_listener
+from gateway.metrics import Metrics
+from gateway.models import (
+    CloseReason,
+    CreatedSession,
+    CreateRequest,
+    Credentials,
+    Session,
+    SessionState,
+    rfc3339,
+)
+from gateway.relay import RelayLimits, SessionListener
+from gateway.relay.audit import Audit
 from gateway.relay.probe import read_banner
 from gateway.runtime.base import (
     LABEL_INSTANCE,
@@ -41,10 +60,20 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 READY_POLL_SECONDS = 0.1
+TTY_GROUP = 5  # wall writes to ptys of mode 0620, group tty; root here lacks DAC_OVERRIDE
+
+#: How an ending session closes its live connections, by why it ends.
+_CONNECTION_REASON = {
+    "ttl_expired": CloseReason.TTL_EXPIRED,
+    "session_deleted": CloseReason.SESSION_DELETED,
+    "container_gone": CloseReason.SERVER_CLOSED,
+}
+#: The audit event of a session ending, by why it ends.
+_END_EVENT = {"ttl_expired": "session_expired", "session_deleted": "session_deleted"}
 
 
 class SessionManager:
-    """Creates, tracks and ends sessions. One per gateway process."""
+    """Creates, tracks, extends and ends sessions. One per gateway process."""
 
     def __init__(
         self,
@@ -53,6 +82,8 @@ class SessionManager:
         store: Store,
         runtime: Runtime,
         gpus: GpuAllocator,
+        audit: Audit,
+        metrics: Metrics,
         instance_id: str,
         clock: Clock,
     ) -> None:
@@ -60,9 +91,17 @@ class SessionManager:
         self._store = store
         self._runtime = runtime
         self._gpus = gpus
+        self._audit = audit
+        self._metrics = metrics
         self._instance_id = instance_id
         self._clock = clock
+        self._limits = RelayLimits(
+            max_connections=config.max_connections_per_session,
+            preauth_timeout=config.preauth_timeout,
+            idle_timeout=config.idle_timeout,
+        )
         self._listeners: dict[str, SessionListener] = {}
+        self._timers: dict[str, asyncio.Task[None]] = {}
         self._ending: dict[str, asyncio.Task[None]] = {}
         self._reserve_lock = asyncio.Lock()
 
@@ -81,6 +120,14 @@ class SessionManager:
         listener = self._listeners.get(session_id)
         return listener.active if listener else 0
 
+    @property
+    def live_sessions(self) -> int:
+        return len(self._listeners)
+
+    @property
+    def live_connections(self) -> int:
+        return sum(listener.active for listener in self._listeners.values())
+
     # -- create ----------------------------------------------------------------------------
 
     async def create(self, request: CreateRequest) -> CreatedSession:
@@ -91,6 +138,7 @@ class SessionManager:
             ContainerStartFailed: the container did not answer SSH within the start
                 timeout; container, port, GPU and row were released.
         """
+        started = time.monotonic()
         creds = await asyncio.to_thread(credentials.new_credentials, f"sandman:{request.user_id}")
         async with contextlib.AsyncExitStack() as undo:
             session, listener = await self._reserve(request, undo)
@@ -103,13 +151,15 @@ class SessionManager:
                     f"{self._config.start_timeout:g} s"
                 ) from None
             undo.pop_all()
+        self._metrics.create_seconds.observe(time.monotonic() - started)
+        self._start_timer(session)
+        await self._audit.session_event(
+            "session_created", session, image=session.image, ttl_seconds=session.ttl_seconds
+        )
         log.info(
             "session %s created for %s on port %d (gpu %s)",
-            session.id,
-            session.user_id,
-            session.ssh_port,
-            session.gpu_uuid,
-        )
+            session.id, session.user_id, session.ssh_port, session.gpu_uuid,
+        )  # fmt: skip
         return CreatedSession(session=session, credentials=creds)
 
     async def _reserve(
@@ -123,7 +173,7 @@ class SessionManager:
             allocation = await self._gpus.allocate(request, await self._store.allocated_gpus())
             if allocation.created:
                 _push_undo(undo, "GPU release", lambda: self._gpus.release(allocation))
-            listener = await self._bind_free_port(session_id)
+            listener = await self._bind_free_port(session_id, request.user_id)
             _push_undo(undo, "listener close", listener.close)
             session = Session(
                 id=session_id,
@@ -143,13 +193,20 @@ class SessionManager:
             _push_undo(undo, "row delete", lambda: self._store.delete_session(session_id))
         return session, listener
 
-    async def _bind_free_port(self, session_id: str) -> SessionListener:
+    def _listener(self, session_id: str, user_id: str, port: int) -> SessionListener:
+        return SessionListener(
+            session_id, user_id, port, limits=self._limits, observer=self._audit, clock=self._clock
+        )
+
+    async def _bind_free_port(self, session_id: str, user_id: str) -> SessionListener:
         held = await self._store.held_ports()
         for port in self._config.ssh_ports.candidates(held):
+            listener = self._listener(session_id, user_id, port)
             try:
-                return await open_listener(session_id, self._config.ssh_bind, port)
+                await listener.bind(self._config.ssh_bind)
             except OSError:
                 continue  # held by another process
+            return listener
         raise NoPortAvailable(
             f"no free SSH port in {self._config.ssh_ports.start}-{self._config.ssh_ports.end}"
         )
@@ -230,15 +287,80 @@ class SessionManager:
                 )
             await asyncio.sleep(READY_POLL_SECONDS)
 
+    # -- time ------------------------------------------------------------------------------
+
+    async def extend(
+        self, session_id: str, *, new_total_seconds: int | None, extend_seconds: int | None
+    ) -> Session:
+        """Change the session's TTL (counted from creation); its timer and warnings move.
+
+        Raises:
+            SessionNotFound: no such session.
+            InvalidTtl: beyond ``--max-ttl-minutes``, or ending in the past.
+        """
+        session = await self.get(session_id)
+        try:
+            total = ttl.extended_ttl(
+                created_at=session.created_at,
+                current_ttl_seconds=session.ttl_seconds,
+                now=self._clock(),
+                new_total_seconds=new_total_seconds,
+                extend_seconds=extend_seconds,
+                max_seconds=self._config.max_ttl_minutes * 60,
+            )
+        except ValueError as exc:
+            raise InvalidTtl(str(exc)) from None
+        expires = ttl.expires_at(session.created_at, total)
+        await self._store.update_ttl(session.id, total, expires)
+        updated = replace(session, ttl_seconds=total, expires_at=expires)
+        timer = self._timers.pop(session.id, None)
+        if timer is not None:
+            timer.cancel()
+            self._start_timer(updated)
+        await self._audit.session_event(
+            "session_extended", updated, previous_expires_at=rfc3339(session.expires_at)
+        )
+        return updated
+
+    def _start_timer(self, session: Session) -> None:
+        self._timers[session.id] = asyncio.create_task(
+            self._expire_on_time(session), name=f"ttl:{session.id}"
+        )
+
+    async def _sleep_until(self, moment: datetime) -> None:
+        await asyncio.sleep(max(0.0, (moment - self._clock()).total_seconds()))
+
+    async def _expire_on_time(self, session: Session) -> None:
+        """Warn the user's terminals at the configured offsets, then end the session at
+        ``expires_at`` (within the event loop's timer precision)."""
+        now = self._clock()
+        for moment in ttl.warning_schedule(session.expires_at, self._config.expiry_warnings, now):
+            await self._sleep_until(moment)
+            await self._warn(session)
+        await self._sleep_until(session.expires_at)
+        try:
+            await self.end(session, "ttl_expired")
+        except GatewayError as exc:
+            log.warning("session %s: expiry failed, the sweep retries: %s", session.id, exc)
+
+    async def _warn(self, session: Session) -> None:
+        if not session.container_id:
+            return
+        message = ttl.warning_message(session.expires_at, self._clock())
+        try:
+            await self._runtime.exec(session.container_id, ["wall", message], user=f"0:{TTY_GROUP}")
+        except GatewayError as exc:
+            log.warning("session %s: expiry warning failed: %s", session.id, exc.log_message)
+
     # -- end -------------------------------------------------------------------------------
 
-    async def delete(self, session_id: str, reason: str = "session_deleted") -> None:
+    async def delete(self, session_id: str) -> None:
         """End the session now.
 
         Raises:
             SessionNotFound: no such session.
         """
-        await self.end(await self.get(session_id), reason)
+        await self.end(await self.get(session_id), "session_deleted")
 
     async def delete_all(self) -> int:
         sessions = await self.list()
@@ -264,18 +386,25 @@ class SessionManager:
         await asyncio.shield(task)
 
     async def _end(self, session: Session, reason: str) -> None:
+        timer = self._timers.pop(session.id, None)
+        if timer is not None:
+            timer.cancel()
         listener = self._listeners.pop(session.id, None)
         if listener is not None:
-            await listener.close()
+            await listener.close(_CONNECTION_REASON.get(reason, CloseReason.SESSION_DELETED))
         if session.container_id:
             await self._runtime.remove(session.container_id)
         if session.gpu_uuid:
             await self._gpus.release_session(session)
         await self._store.delete_session(session.id)
+        await self._audit.session_event(
+            _END_EVENT.get(reason, "session_ended"), session, reason=reason
+        )
         log.info("session %s of %s ended: %s", session.id, session.user_id, reason)
 
     async def sweep(self) -> int:
-        """End every expired session, and every session whose container is gone."""
+        """End every expired session and every session whose container is gone; prune
+        audit records past their retention."""
         ended = 0
         for session in await self._store.list_sessions():
             reason = await self._due_reason(session)
@@ -285,9 +414,9 @@ class SessionManager:
                 await self.end(session, reason)
                 ended += 1
             except GatewayError as exc:
-                log.warning(
-                    "session %s: cleanup failed, will retry: %s", session.id, exc.log_message
-                )
+                log.warning("session %s: cleanup failed, will retry: %s", session.id, exc)
+        retention = timedelta(days=self._config.audit_retention_days)
+        await self._store.prune_audit(self._clock() - retention)
         return ended
 
     async def _due_reason(self, session: Session) -> str | None:
@@ -304,8 +433,10 @@ class SessionManager:
     async def recover(self) -> None:
         """Adopt what the database says is live; clean what is not; remove orphans.
 
-        Runs once at start, before the API serves.
+        Runs once at start, before the API serves. Connection records a crash left
+        open are closed with reason ``error``.
         """
+        await self._store.end_open_connections(self._clock())
         sessions = await self._store.list_sessions()
         owned = {
             c.id: c
@@ -321,8 +452,9 @@ class SessionManager:
                 continue
             if not info.running:
                 info = await self._runtime.start(info.id, self._config.docker_network)
+            listener = self._listener(session.id, session.user_id, session.ssh_port)
             try:
-                listener = await open_listener(session.id, self._config.ssh_bind, session.ssh_port)
+                await listener.bind(self._config.ssh_bind)
             except OSError as exc:
                 log.error(
                     "session %s: cannot re-open port %d: %s", session.id, session.ssh_port, exc
@@ -333,12 +465,10 @@ class SessionManager:
             self._listeners[session.id] = listener
             if info.ip and info.ip != session.container_ip:
                 await self._store.mark_running(session.id, info.id, info.ip)
-            log.info(
-                "session %s of %s recovered on port %d",
-                session.id,
-                session.user_id,
-                session.ssh_port,
-            )
+            self._start_timer(session)
+            await self._audit.session_event("session_recovered", session)
+            log.info("session %s of %s recovered on port %d", session.id, session.user_id,
+                     session.ssh_port)  # fmt: skip
         known = {s.container_id for s in sessions}
         for container in owned.values():
             if container.id not in known:
@@ -346,9 +476,16 @@ class SessionManager:
                 await self._runtime.remove(container.id)
 
     async def close(self) -> None:
-        """Close every listener (gateway shutdown); sessions and containers stay."""
+        """Gateway shutdown: stop the timers, cut connections (``gateway_shutdown``) and
+        close every listener. Sessions and containers stay for the next start."""
+        timers, self._timers = list(self._timers.values()), {}
+        for timer in timers:
+            timer.cancel()
+        await asyncio.gather(*timers, return_exceptions=True)
         listeners, self._listeners = list(self._listeners.values()), {}
-        await asyncio.gather(*(listener.close() for listener in listeners))
+        await asyncio.gather(
+            *(listener.close(CloseReason.GATEWAY_SHUTDOWN) for listener in listeners)
+        )
 
 
 def _push_undo(

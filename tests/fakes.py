@@ -45,6 +45,7 @@ class FakeRuntime:
     reachable: bool = True
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
+    execs: list[tuple[str, list[str], str]] = field(default_factory=list)
     networks: set[str] = field(default_factory=set)
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -113,6 +114,10 @@ class FakeRuntime:
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         return "fake log"
+
+    async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
+        self._check()
+        self.execs.append((container_id, argv, user))
 
     async def close(self) -> None:
         for container in self.containers.values():

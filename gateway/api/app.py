@@ -1,8 +1,9 @@
 """The application factory: every resource is one cleanup-context entry, in dependency order.
 
-Start-up opens the database, resolves the API token, connects to Docker (creating the
-session network), opens the GPU backend, recovers sessions (before serving), and
-starts the TTL sweeper. Shutdown undoes that in reverse; sessions and containers stay.
+Start-up opens the database, resolves the API token, opens the audit trail and metrics,
+connects to Docker (creating the session network), opens the GPU backend, recovers
+sessions (before serving), and starts the TTL sweeper. Shutdown undoes that in
+reverse; sessions and containers stay.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from gateway.config import Config
 from gateway.gpu import open_backend
 from gateway.gpu.allocator import GpuAllocator
 from gateway.gpu.base import GpuBackend
+from gateway.metrics import Metrics
 from gateway.models import utcnow
+from gateway.relay.audit import Audit
 from gateway.runtime.base import Runtime
 from gateway.sessions import Clock, SessionManager
 from gateway.store import Store
@@ -81,6 +84,18 @@ def create_app(
             app[keys.STORE] = store
             yield
 
+    async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
+        metrics = Metrics()
+        audit = await asyncio.to_thread(
+            Audit, app[keys.STORE], metrics, config.audit_log_path, clock
+        )
+        app[keys.METRICS] = metrics
+        app[keys.AUDIT] = audit
+        try:
+            yield
+        finally:
+            audit.close()
+
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         if runtime_factory is None:
             from gateway.runtime.docker import DockerRuntime
@@ -114,6 +129,8 @@ def create_app(
             store=app[keys.STORE],
             runtime=app[keys.RUNTIME],
             gpus=app[keys.GPUS],
+            audit=app[keys.AUDIT],
+            metrics=app[keys.METRICS],
             instance_id=await app[keys.STORE].instance_id(),
             clock=clock,
         )
@@ -141,5 +158,5 @@ def create_app(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    app.cleanup_ctx.extend([store_ctx, runtime_ctx, gpu_ctx, sessions_ctx, sweeper_ctx])
+    app.cleanup_ctx.extend([store_ctx, audit_ctx, runtime_ctx, gpu_ctx, sessions_ctx, sweeper_ctx])
     return app

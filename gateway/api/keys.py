@@ -6,6 +6,8 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.gpu.allocator import GpuAllocator
+from gateway.metrics import Metrics
+from gateway.relay.audit import Audit
 from gateway.runtime.base import Runtime
 from gateway.sessions import SessionManager
 from gateway.store import Store
@@ -16,3 +18,5 @@ STORE = web.AppKey("store", Store)
 RUNTIME = web.AppKey("runtime", Runtime)
 GPUS = web.AppKey("gpus", GpuAllocator)
 SESSIONS = web.AppKey("sessions", SessionManager)
+AUDIT = web.AppKey("audit", Audit)
+METRICS = web.AppKey("metrics", Metrics)

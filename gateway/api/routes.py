@@ -7,10 +7,13 @@ import logging
 
 from aiohttp import web
 
-from gateway.api.keys import CONFIG, GPUS, RUNTIME, SESSIONS, STORE
-from gateway.api.schemas import parse_create
+from gateway.api.keys import CONFIG, GPUS, METRICS, RUNTIME, SESSIONS, STORE
+from gateway.api.schemas import parse_audit_query, parse_create, parse_patch
 from gateway.api.views import created_view, session_view
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, SessionNotFound
+from gateway.gpu.allocator import GpuAllocator
+from gateway.metrics import CONTENT_TYPE
+from gateway.relay.audit import connection_data, event_data
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,70 @@ async def get_session(request: web.Request) -> web.Response:
     manager = request.app[SESSIONS]
     session = await manager.get(request.match_info["session_id"])
     return web.json_response(session_view(session, manager.active_connections(session.id)))
+
+
+@routes.patch("/sessions/{session_id}")
+async def extend_session(request: web.Request) -> web.Response:
+    change = parse_patch(await request.read())
+    manager = request.app[SESSIONS]
+    session = await manager.extend(
+        request.match_info["session_id"],
+        new_total_seconds=change.new_total_seconds,
+        extend_seconds=change.extend_seconds,
+    )
+    return web.json_response(session_view(session, manager.active_connections(session.id)))
+
+
+@routes.get("/sessions/{session_id}/connections")
+async def list_connections(request: web.Request) -> web.Response:
+    """Live and ended connections of a session; kept after the session has ended."""
+    session_id = request.match_info["session_id"]
+    records = await request.app[STORE].connections(session_id=session_id)
+    if not records and await request.app[STORE].get_session(session_id) is None:
+        raise SessionNotFound(f"no session {session_id!r}")
+    return web.json_response(
+        {"connections": [connection_data(r) for r in records], "count": len(records)}
+    )
+
+
+@routes.get("/audit")
+async def list_audit(request: web.Request) -> web.Response:
+    """Audit events, newest first; pass ``next_cursor`` back as ``cursor`` for more."""
+    query = parse_audit_query(request.query)
+    events = await request.app[STORE].events(
+        user_id=query.user_id,
+        session_id=query.session_id,
+        since=query.since,
+        until=query.until,
+        before_id=query.before_id,
+        limit=query.limit,
+    )
+    more = len(events) == query.limit
+    return web.json_response(
+        {
+            "events": [event_data(e) for e in events],
+            "next_cursor": str(events[-1].id) if events and more else None,
+        }
+    )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    app_metrics = request.app[METRICS]
+    manager = request.app[SESSIONS]
+    app_metrics.sessions_live.set(manager.live_sessions)
+    app_metrics.connections_live.set(manager.live_connections)
+    free, used = await _gpu_slices(request.app[GPUS], await request.app[STORE].allocated_gpus())
+    app_metrics.gpu_slices.labels("free").set(free)
+    app_metrics.gpu_slices.labels("used").set(used)
+    response = web.Response(body=app_metrics.render())
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+async def _gpu_slices(gpus: GpuAllocator, allocated: set[str]) -> tuple[int, int]:
+    free = len(await gpus.available_view(allocated))
+    return free, len(allocated)
 
 
 @routes.delete("/sessions/{session_id}")

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import Config
 from gateway.core.validation import ttl_seconds_from, validate_image, validate_user_id
 from gateway.errors import InvalidRequest
 from gateway.models import CreateRequest
+
+AUDIT_PAGE_DEFAULT = 100
+AUDIT_PAGE_MAX = 1000
 
 _CREATE_FIELDS: dict[str, type] = {
     "user_id": str,
@@ -76,4 +82,87 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
         image=validate_image(values["image"], default=config.image, allowed=config.allowed_images),
         mig_profile=values["mig_profile"],
         mig_instance_uuid=values["mig_instance_uuid"],
+    )
+
+
+_PATCH_FIELDS: dict[str, type] = {
+    "ttl_minutes": int,
+    "ttl_seconds": int,
+    "extend_minutes": int,
+    "extend_seconds": int,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TtlChange:
+    new_total_seconds: int | None
+    extend_seconds: int | None
+
+
+def parse_patch(body: bytes) -> TtlChange:
+    """Parse a PATCH /sessions/{id} body: exactly one of ``ttl_minutes`` (new total from
+    creation), ``extend_minutes``, or their ``*_seconds`` forms.
+
+    Raises:
+        InvalidRequest: malformed, unknown fields, or not exactly one field.
+    """
+    values = {
+        k: v for k, v in _typed(parse_json_object(body), _PATCH_FIELDS).items() if v is not None
+    }
+    if len(values) != 1:
+        raise InvalidRequest(
+            "give exactly one of ttl_minutes, ttl_seconds, extend_minutes, extend_seconds"
+        )
+    ((name, value),) = values.items()
+    seconds = value * 60 if name.endswith("minutes") else value
+    if name.startswith("ttl"):
+        return TtlChange(new_total_seconds=seconds, extend_seconds=None)
+    return TtlChange(new_total_seconds=None, extend_seconds=seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    user_id: str | None
+    session_id: str | None
+    since: datetime | None
+    until: datetime | None
+    limit: int
+    before_id: int | None
+
+
+def _timestamp(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an RFC 3339 timestamp") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
+
+
+def parse_audit_query(query: Mapping[str, str]) -> AuditQuery:
+    """Parse ``GET /audit`` parameters.
+
+    Raises:
+        InvalidRequest: unknown parameter, bad timestamp, limit or cursor.
+    """
+    unknown = sorted(set(query) - {"user_id", "session_id", "since", "until", "limit", "cursor"})
+    if unknown:
+        raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}")
+    try:
+        limit = int(query.get("limit", AUDIT_PAGE_DEFAULT))
+        cursor = int(query["cursor"]) if "cursor" in query else None
+    except ValueError:
+        raise InvalidRequest("limit and cursor must be integers") from None
+    if not 1 <= limit <= AUDIT_PAGE_MAX:
+        raise InvalidRequest(f"limit must be between 1 and {AUDIT_PAGE_MAX}")
+    return AuditQuery(
+        user_id=query.get("user_id"),
+        session_id=query.get("session_id"),
+        since=_timestamp("since", query.get("since")),
+        until=_timestamp("until", query.get("until")),
+        limit=limit,
+        before_id=cursor,
     )

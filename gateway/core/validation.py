@@ -115,3 +115,24 @@ def validate_image(image: str | None, *, default: str, allowed: Collection[str])
     if image not in allowed:
         raise ImageNotAllowed(f"image {image!r} is not on this gateway's allow-list")
     return image
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"90s"``, ``"10m"`` or ``"1h"``.
+
+    Raises:
+        ValueError: anything else, or negative.
+    """
+    value = text.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90, 90s, 10m, 1h)") from None
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative: {text!r}")
+    return seconds

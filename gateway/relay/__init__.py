@@ -1,5 +1,7 @@
-"""SSH relay: one TCP listener per session, each connection piped into the container's sshd."""
+"""SSH relay: one TCP listener per session, each connection piped into the container's sshd,
+with the audit trail of every connection."""
 
-from gateway.relay.listener import SessionListener, open_listener
+from gateway.relay.connection import ConnectionObserver, RelayLimits
+from gateway.relay.listener import SessionListener
 
-__all__ = ["SessionListener", "open_listener"]
+__all__ = ["ConnectionObserver", "RelayLimits", "SessionListener"]

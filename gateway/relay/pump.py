@@ -1,12 +1,14 @@
-"""Byte pumps between a client and its upstream, with backpressure and half-close."""
+"""Byte pumps between a client and its upstream, with backpressure, half-close and accounting."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+import time
 
 CHUNK = 64 * 1024
+BANNER_SNIFF_BYTES = 1024  # SSH allows lines before the identification string; 255 max each
 
 
 def set_nodelay(writer: asyncio.StreamWriter) -> None:
@@ -15,21 +17,61 @@ def set_nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+class Flow:
+    """One direction's accounting: bytes, its SSH identification line, last activity."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.banner: str | None = None
+        self.banner_seen = asyncio.Event()
+        self.last_activity = time.monotonic()
+        self._head = b""
+
+    def observe(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+        self.last_activity = time.monotonic()
+        if self.banner is None and len(self._head) < BANNER_SNIFF_BYTES:
+            self._head += chunk[: BANNER_SNIFF_BYTES - len(self._head)]
+            for line in self._head.split(b"\n")[:-1]:
+                if line.startswith(b"SSH-"):
+                    self.banner = line.rstrip(b"\r").decode("ascii", "replace")[:255]
+                    self.banner_seen.set()
+                    break
+
+
+class PeerFailed(Exception):
+    """A socket of the pump failed: its source (``source=True``) or its destination."""
+
+    def __init__(self, *, source: bool) -> None:
+        super().__init__("source failed" if source else "destination failed")
+        self.source = source
+
+
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow) -> None:
     """Copy ``reader`` into ``writer`` until EOF, then half-close ``writer``.
 
     ``drain()`` after every chunk bounds what is buffered: a slow receiver pauses
-    reading from the sender. Returns the number of bytes copied.
+    reading from the sender.
+
+    Raises:
+        PeerFailed: reading or writing failed (reset, broken pipe).
     """
-    copied = 0
-    while chunk := await reader.read(CHUNK):
+    while True:
+        try:
+            chunk = await reader.read(CHUNK)
+        except OSError as exc:
+            raise PeerFailed(source=True) from exc
+        if not chunk:
+            break
+        flow.observe(chunk)
         writer.write(chunk)
-        copied += len(chunk)
-        await writer.drain()
+        try:
+            await writer.drain()
+        except OSError as exc:
+            raise PeerFailed(source=False) from exc
     if writer.can_write_eof():
         with contextlib.suppress(OSError):
             writer.write_eof()
-    return copied
 
 
 async def close_writer(writer: asyncio.StreamWriter) -> None:

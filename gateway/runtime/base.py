@@ -64,6 +64,10 @@ class Runtime(Protocol):
 
     async def logs(self, container_id: str, tail: int = 20) -> str: ...
 
+    async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
+        """Start ``argv`` in the container as ``user`` ("uid:gid"), without waiting."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -162,3 +162,12 @@ class DockerRuntime:
         except DockerError:
             return ""
         return "".join(lines).strip()
+
+    async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
+        container = self._docker.containers.container(container_id)
+
+        async def run() -> None:
+            execution = await container.exec(argv, stdout=False, stderr=False, user=user)
+            await execution.start(detach=True)
+
+        await self._call(f"exec in container {container_id[:12]}", run)

@@ -7,21 +7,26 @@ transactions never interleave. Returns :mod:`gateway.models` dataclasses, never 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Self
+from typing import Any, ParamSpec, Self, TypeVar
 
 import aiosqlite
 
 from gateway.errors import GpuInstanceBusy, NoPortAvailable, SessionExists
-from gateway.models import Session, SessionState
+from gateway.models import AuditEvent, CloseReason, ConnectionRecord, Session, SessionState
 from gateway.store.migrations import migrate
 
 FIRST_UID = 10000
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _SESSION_COLUMNS = (
     "id, user_id, ssh_port, image, workspace, ttl_seconds, created_at, expires_at, state, "
@@ -57,6 +62,42 @@ def _session(row: aiosqlite.Row) -> Session:
     )
 
 
+_CONNECTION_COLUMNS = (
+    "id, session_id, user_id, client_addr, client_port, started_at, ended_at, bytes_up, "
+    "bytes_down, client_banner, server_banner, closed_by, reason"
+)
+
+
+def _connection(row: aiosqlite.Row) -> ConnectionRecord:
+    return ConnectionRecord(
+        id=row["id"],
+        session_id=row["session_id"],
+        user_id=row["user_id"],
+        client_addr=row["client_addr"],
+        client_port=row["client_port"],
+        started_at=_dt(row["started_at"]),
+        ended_at=None if row["ended_at"] is None else _dt(row["ended_at"]),
+        bytes_up=row["bytes_up"],
+        bytes_down=row["bytes_down"],
+        client_banner=row["client_banner"],
+        server_banner=row["server_banner"],
+        closed_by=row["closed_by"],
+        reason=None if row["reason"] is None else CloseReason(row["reason"]),
+    )
+
+
+def _event(row: aiosqlite.Row) -> AuditEvent:
+    return AuditEvent(
+        id=row["id"],
+        at=_dt(row["at"]),
+        event=row["event"],
+        session_id=row["session_id"],
+        user_id=row["user_id"],
+        connection_id=row["connection_id"],
+        data=json.loads(row["data"]),
+    )
+
+
 def _migrate_file(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
@@ -64,6 +105,17 @@ def _migrate_file(path: Path) -> None:
         migrate(conn)
     finally:
         conn.close()
+
+
+def _atomic(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Run a write method to completion even if its caller is cancelled: the caller
+    stops waiting, the transaction still commits or rolls back as a whole."""
+
+    @functools.wraps(method)
+    async def shielded(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await asyncio.shield(method(*args, **kwargs))
+
+    return shielded
 
 
 class Store:
@@ -96,6 +148,8 @@ class Store:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction. Callers are :func:`_atomic` methods, so a cancelled
+        caller never leaves it half done."""
         async with self._lock:
             await self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -109,6 +163,7 @@ class Store:
         async with self._lock:
             await self._conn.execute("SELECT 1")
 
+    @_atomic
     async def instance_id(self) -> str:
         """This gateway's instance id, created on first use; labels its containers."""
         async with self._transaction() as conn:
@@ -120,6 +175,7 @@ class Store:
             await conn.execute("INSERT INTO meta (key, value) VALUES ('instance_id', ?)", (value,))
             return value
 
+    @_atomic
     async def ensure_user(self, user_id: str, now: datetime) -> int:
         """The stable uid of ``user_id``, assigning the next free one on first sight."""
         async with self._transaction() as conn:
@@ -136,6 +192,7 @@ class Store:
             )
             return uid
 
+    @_atomic
     async def insert_session(self, session: Session) -> None:
         """Insert a new session row.
 
@@ -176,6 +233,7 @@ class Store:
                 raise GpuInstanceBusy(f"GPU {session.gpu_uuid} is already allocated") from exc
             raise
 
+    @_atomic
     async def mark_running(self, session_id: str, container_id: str, container_ip: str) -> None:
         async with self._transaction() as conn:
             await conn.execute(
@@ -183,12 +241,14 @@ class Store:
                 (SessionState.RUNNING.value, container_id, container_ip, session_id),
             )
 
+    @_atomic
     async def set_container(self, session_id: str, container_id: str) -> None:
         async with self._transaction() as conn:
             await conn.execute(
                 "UPDATE sessions SET container_id = ? WHERE id = ?", (container_id, session_id)
             )
 
+    @_atomic
     async def delete_session(self, session_id: str) -> bool:
         async with self._transaction() as conn:
             cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
@@ -218,3 +278,128 @@ class Store:
         sql = "SELECT gpu_uuid FROM sessions WHERE gpu_uuid IS NOT NULL"
         async with self._lock, self._conn.execute(sql) as cur:
             return {str(row["gpu_uuid"]) for row in await cur.fetchall()}
+
+    @_atomic
+    async def update_ttl(self, session_id: str, ttl_seconds: int, expires_at: datetime) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "UPDATE sessions SET ttl_seconds = ?, expires_at = ? WHERE id = ?",
+                (ttl_seconds, _ts(expires_at), session_id),
+            )
+
+    # -- audit trail -----------------------------------------------------------------------
+
+    @_atomic
+    async def save_connection(self, record: ConnectionRecord) -> None:
+        """Insert or replace the record (opened, then again when it ends)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                f"INSERT OR REPLACE INTO connections ({_CONNECTION_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.session_id,
+                    record.user_id,
+                    record.client_addr,
+                    record.client_port,
+                    _ts(record.started_at),
+                    None if record.ended_at is None else _ts(record.ended_at),
+                    record.bytes_up,
+                    record.bytes_down,
+                    record.client_banner,
+                    record.server_banner,
+                    record.closed_by,
+                    None if record.reason is None else record.reason.value,
+                ),
+            )
+
+    async def connections(
+        self, *, session_id: str | None = None, live_only: bool = False
+    ) -> list[ConnectionRecord]:
+        clauses, params = [], []
+        if session_id is not None:
+            clauses.append("session_id = ?")
+            params.append(session_id)
+        if live_only:
+            clauses.append("ended_at IS NULL")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT {_CONNECTION_COLUMNS} FROM connections {where} ORDER BY started_at"
+        async with self._lock, self._conn.execute(sql, params) as cur:
+            return [_connection(row) for row in await cur.fetchall()]
+
+    @_atomic
+    async def add_event(
+        self,
+        at: datetime,
+        event: str,
+        *,
+        session_id: str | None,
+        user_id: str | None,
+        connection_id: str | None,
+        data: dict[str, object],
+    ) -> AuditEvent:
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO audit_events (at, event, session_id, user_id, connection_id, data)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (_ts(at), event, session_id, user_id, connection_id, json.dumps(data)),
+            )
+            event_id = cur.lastrowid
+        assert event_id is not None
+        return AuditEvent(event_id, at, event, session_id, user_id, connection_id, data)
+
+    async def events(
+        self,
+        *,
+        user_id: str | None = None,
+        session_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[AuditEvent]:
+        """Audit events, newest first; ``before_id`` continues a previous page."""
+        clauses: list[str] = []
+        params: list[object] = []
+        for column, value in (("user_id", user_id), ("session_id", session_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(_ts(since))
+        if until is not None:
+            clauses.append("at < ?")
+            params.append(_ts(until))
+        if before_id is not None:
+            clauses.append("id < ?")
+            params.append(before_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            "SELECT id, at, event, session_id, user_id, connection_id, data FROM audit_events "
+            f"{where} ORDER BY id DESC LIMIT ?"
+        )
+        async with self._lock, self._conn.execute(sql, (*params, limit)) as cur:
+            return [_event(row) for row in await cur.fetchall()]
+
+    @_atomic
+    async def prune_audit(self, before: datetime) -> int:
+        """Delete ended connection records and events older than ``before``."""
+        async with self._transaction() as conn:
+            ended = await conn.execute(
+                "DELETE FROM connections WHERE ended_at IS NOT NULL AND ended_at < ?",
+                (_ts(before),),
+            )
+            events = await conn.execute("DELETE FROM audit_events WHERE at < ?", (_ts(before),))
+            return ended.rowcount + events.rowcount
+
+    @_atomic
+    async def end_open_connections(self, now: datetime) -> int:
+        """Close records a crashed gateway left open (reason ``error``, by the gateway)."""
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE connections SET ended_at = ?, closed_by = 'gateway', reason = ? "
+                "WHERE ended_at IS NULL",
+                (_ts(now), CloseReason.ERROR.value),
+            )
+            return cur.rowcount

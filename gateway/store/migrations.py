@@ -43,6 +43,39 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sessions ADD COLUMN gpu_created INTEGER NOT NULL DEFAULT 0;
     CREATE UNIQUE INDEX sessions_gpu_uuid ON sessions(gpu_uuid) WHERE gpu_uuid IS NOT NULL;
     """,
+    # 3: the audit trail. Kept after sessions end (pruned by retention), so no
+    # foreign key to sessions.
+    """
+    CREATE TABLE connections (
+        id            TEXT PRIMARY KEY,
+        session_id    TEXT NOT NULL,
+        user_id       TEXT NOT NULL,
+        client_addr   TEXT NOT NULL,
+        client_port   INTEGER NOT NULL,
+        started_at    REAL NOT NULL,
+        ended_at      REAL,
+        bytes_up      INTEGER NOT NULL DEFAULT 0,
+        bytes_down    INTEGER NOT NULL DEFAULT 0,
+        client_banner TEXT,
+        server_banner TEXT,
+        closed_by     TEXT,
+        reason        TEXT
+    );
+    CREATE INDEX connections_session ON connections(session_id, started_at);
+    CREATE INDEX connections_started ON connections(started_at);
+    CREATE TABLE audit_events (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        at            REAL NOT NULL,
+        event         TEXT NOT NULL,
+        session_id    TEXT,
+        user_id       TEXT,
+        connection_id TEXT,
+        data          TEXT NOT NULL
+    );
+    CREATE INDEX audit_events_user ON audit_events(user_id, id);
+    CREATE INDEX audit_events_session ON audit_events(session_id, id);
+    CREATE INDEX audit_events_at ON audit_events(at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,55 @@
+"""Prometheus metrics of one gateway, in a registry of its own (no module globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gateway.models import CloseReason, ConnectionRecord
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+CREATE_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_live = Gauge("sandman_sessions_live", "Live sessions", registry=r)
+        self.connections_live = Gauge(
+            "sandman_connections_live", "Relayed SSH connections now open", registry=r
+        )
+        self.connections_ended = Counter(
+            "sandman_connections_ended",
+            "Relayed connections ended, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.bytes_relayed = Counter(
+            "sandman_relayed_bytes",
+            "Bytes relayed by ended connections; up is client to container",
+            ["direction"],
+            registry=r,
+        )
+        self.create_seconds = Histogram(
+            "sandman_session_create_seconds",
+            "Time from POST /sessions to SSH answering through the session port",
+            buckets=CREATE_BUCKETS,
+            registry=r,
+        )
+        self.gpu_slices = Gauge(
+            "sandman_gpu_slices", "GPU slices (MIG instances or whole GPUs)", ["state"], registry=r
+        )
+        for reason in CloseReason:
+            self.connections_ended.labels(reason.value)
+        for direction in ("up", "down"):
+            self.bytes_relayed.labels(direction)
+
+    def connection_ended(self, record: ConnectionRecord) -> None:
+        assert record.reason is not None
+        self.connections_ended.labels(record.reason.value).inc()
+        self.bytes_relayed.labels("up").inc(record.bytes_up)
+        self.bytes_relayed.labels("down").inc(record.bytes_down)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

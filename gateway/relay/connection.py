@@ -1,0 +1,204 @@
+"""One relayed SSH connection: pumps both ways, enforces its deadlines, and records why it ended.
+
+A connection ends, with a :class:`~gateway.models.CloseReason`, when both sides have
+closed (the first to close names it), a socket fails, the client sends no SSH
+identification line within the pre-auth deadline, no byte moves either way for the
+idle timeout, or the gateway cuts it (session expired or deleted, shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Protocol
+
+from gateway.models import CloseReason, ConnectionRecord
+from gateway.relay.pump import Flow, PeerFailed, close_writer, pump, set_nodelay
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    max_connections: int = 8
+    preauth_timeout: float = 10.0
+    idle_timeout: float | None = None  # None: off
+
+
+class ConnectionObserver(Protocol):
+    """Told when a connection opens and when it ends (the audit trail)."""
+
+    async def connection_opened(self, record: ConnectionRecord) -> None: ...
+
+    async def connection_closed(self, record: ConnectionRecord) -> None: ...
+
+
+class _Deadline(Exception):
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+
+
+class RelayedConnection:
+    """Relays one accepted client to ``upstream``; :meth:`run` returns when it has ended."""
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        user_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        limits: RelayLimits,
+        observer: ConnectionObserver,
+        clock: Callable[[], datetime],
+    ) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        self.record = ConnectionRecord(
+            id=str(uuid.uuid4()),
+            session_id=session_id,
+            user_id=user_id,
+            client_addr=str(peer[0]),
+            client_port=int(peer[1]),
+            started_at=clock(),
+        )
+        self._reader = reader
+        self._writer = writer
+        self._limits = limits
+        self._observer = observer
+        self._clock = clock
+        self._up = Flow()  # client -> container
+        self._down = Flow()  # container -> client
+        self._cut_reason: CloseReason | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def cut(self, reason: CloseReason) -> None:
+        """End the connection from the gateway's side with ``reason``."""
+        if self._cut_reason is not None:
+            return
+        self._cut_reason = reason
+        if self._task is not None:
+            self._task.cancel()
+
+    async def refuse(self, reason: CloseReason, message: str) -> None:
+        """Record and close a connection that is not relayed at all."""
+        await self._observer.connection_opened(self.record)
+        self._writer.write(message.encode() + b"\r\n")
+        await self._finish(reason, "gateway")
+
+    async def run(self, upstream: tuple[str, int] | None) -> None:
+        self._task = asyncio.current_task()
+        reason, closed_by = CloseReason.ERROR, "gateway"
+        try:
+            await self._observer.connection_opened(self.record)
+            reason, closed_by = await self._relay(upstream)
+        except asyncio.CancelledError:
+            reason, closed_by = self._cut_reason or CloseReason.GATEWAY_SHUTDOWN, "gateway"
+        except Exception:
+            log.exception("session %s: relay failed", self.record.session_id)
+        finally:
+            await _through_cancellation(self._finish(reason, closed_by))
+
+    async def _finish(self, reason: CloseReason, closed_by: str) -> None:
+        await close_writer(self._writer)
+        self.record = replace(
+            self.record,
+            ended_at=self._clock(),
+            bytes_up=self._up.bytes,
+            bytes_down=self._down.bytes,
+            client_banner=self._up.banner,
+            server_banner=self._down.banner,
+            closed_by=closed_by,
+            reason=reason,
+        )
+        await self._observer.connection_closed(self.record)
+
+    async def _relay(self, upstream: tuple[str, int] | None) -> tuple[CloseReason, str]:
+        if upstream is None:
+            return CloseReason.UPSTREAM_UNREACHABLE, "gateway"
+        try:
+            async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
+                up_reader, up_writer = await asyncio.open_connection(*upstream)
+        except (OSError, TimeoutError) as exc:
+            log.info(
+                "session %s: upstream %s unreachable: %s", self.record.session_id, upstream, exc
+            )
+            return CloseReason.UPSTREAM_UNREACHABLE, "gateway"
+        set_nodelay(self._writer)
+        set_nodelay(up_writer)
+        closed_first: list[str] = []
+
+        async def direction(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow, source: str
+        ) -> None:
+            try:
+                await pump(reader, writer, flow)
+            except PeerFailed as exc:
+                other = "server" if source == "client" else "client"
+                closed_first.append(source if exc.source else other)
+                raise
+            closed_first.append(source)
+
+        deadline: CloseReason | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                name = self.record.id[:8]
+                pumps = [
+                    group.create_task(
+                        direction(self._reader, up_writer, self._up, "client"), name=f"{name}:up"
+                    ),
+                    group.create_task(
+                        direction(up_reader, self._writer, self._down, "server"),
+                        name=f"{name}:down",
+                    ),
+                ]
+                guard = group.create_task(self._guard(), name=f"{name}:guard")
+                await asyncio.gather(*pumps)
+                guard.cancel()
+        except* _Deadline as expired:
+            deadline = expired.exceptions[0].reason  # type: ignore[attr-defined]
+        except* PeerFailed:
+            pass  # closed_first names the side that failed
+        finally:
+            await close_writer(up_writer)
+        if deadline is not None:
+            return deadline, "gateway"
+        side = closed_first[0] if closed_first else "client"
+        reason = CloseReason.CLIENT_CLOSED if side == "client" else CloseReason.SERVER_CLOSED
+        return reason, side
+
+    async def _guard(self) -> None:
+        """Raise :class:`_Deadline` when the pre-auth or idle deadline passes."""
+        try:
+            async with asyncio.timeout(self._limits.preauth_timeout):
+                await self._up.banner_seen.wait()
+        except TimeoutError:
+            raise _Deadline(CloseReason.PREAUTH_TIMEOUT) from None
+        idle = self._limits.idle_timeout
+        if idle is None:
+            await asyncio.Future()  # until the pumps finish and cancel us
+            return
+        while True:
+            last = max(self._up.last_activity, self._down.last_activity)
+            remaining = last + idle - time.monotonic()
+            if remaining <= 0:
+                raise _Deadline(CloseReason.IDLE_TIMEOUT)
+            await asyncio.sleep(remaining)
+
+
+async def _through_cancellation(work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work`` to the end even if this task is cancelled again meanwhile: the
+    connection is already ending, and its record must still be written."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+    task.result()
