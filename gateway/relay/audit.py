@@ -44,13 +44,13 @@ def connection_data(record: ConnectionRecord) -> dict[str, Any]:
 
 def event_data(event: AuditEvent) -> dict[str, Any]:
     return {
+        **event.data,
         "id": event.id,
         "at": rfc3339(event.at, fraction=True),
         "event": event.event,
         "session_id": event.session_id,
         "user_id": event.user_id,
         "connection_id": event.connection_id,
-        **event.data,
     }
 
 
@@ -109,7 +109,10 @@ class Audit:
     async def connection_closed(self, record: ConnectionRecord) -> None:
         self._metrics.connection_ended(record)
         await self._store.save_connection(record)
-        await self._event(record, "disconnect", connection_data(record), connection_id=record.id)
+        data = connection_data(record)
+        for key in ("id", "session_id", "user_id"):  # the event's own fields say these
+            del data[key]
+        await self._event(record, "disconnect", data, connection_id=record.id)
 
     async def session_event(self, event: str, session: Session, **data: Any) -> None:
         """``session_created``, ``session_deleted``, ``session_expired``, ``session_extended``,

@@ -74,7 +74,17 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow:
             writer.write_eof()
 
 
+CLOSE_GRACE = 1.0
+
+
 async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close, flushing what is buffered for up to :data:`CLOSE_GRACE` seconds; a peer
+    that reads nothing is then aborted, so closing never hangs."""
     writer.close()
-    with contextlib.suppress(OSError, asyncio.CancelledError):
-        await writer.wait_closed()
+    try:
+        async with asyncio.timeout(CLOSE_GRACE):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except OSError:
+        pass

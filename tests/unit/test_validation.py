@@ -1,6 +1,11 @@
 import pytest
 
-from gateway.core.validation import ttl_seconds_from, validate_image, validate_user_id
+from gateway.core.validation import (
+    parse_duration,
+    ttl_seconds_from,
+    validate_image,
+    validate_user_id,
+)
 from gateway.errors import ImageNotAllowed, InvalidTtl, InvalidUserId
 
 
@@ -57,3 +62,17 @@ def test_image_allow_list():
     assert validate_image("other:1", default="ws", allowed=("other:1",)) == "other:1"
     with pytest.raises(ImageNotAllowed):
         validate_image("evil", default="ws", allowed=("other:1",))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("10m", 600), ("1h", 3600), ("0.5m", 30), ("0", 0)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "ten", "-1", "5d", "1mm"])
+def test_parse_duration_refused(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
