@@ -167,7 +167,7 @@ class SessionManager:
     ) -> tuple[Session, SessionListener]:
         """Reserve user uid, GPU, port and row atomically with respect to other creates."""
         session_id = str(uuid.uuid4())
-        now = self._clock()
+        now = self._clock().replace(microsecond=0)  # so the shown expires_at is exact
         async with self._reserve_lock:
             uid = await self._store.ensure_user(request.user_id, now)
             allocation = await self._gpus.allocate(request, await self._store.allocated_gpus())

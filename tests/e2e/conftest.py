@@ -192,7 +192,8 @@ class Gateway:
             payload = resp.read()
         finally:
             conn.close()
-        return Response(resp.status, json.loads(payload) if payload else None)
+        is_json = resp.getheader("Content-Type", "").startswith("application/json")
+        return Response(resp.status, json.loads(payload) if is_json else payload.decode())
 
     def create(self, **body: Any) -> Response:
         return self.request("POST", "/sessions", body)
@@ -269,24 +270,36 @@ class SshClient:
             "LogLevel=ERROR",
         ]
 
-    def with_key(
-        self, session: dict[str, Any], command: str, **kw: Any
-    ) -> subprocess.CompletedProcess[str]:
+    def _key_args(self, session: dict[str, Any]) -> list[str]:
         key = self.key_dir / f"{session['session_id']}.key"
         key.write_text(session["ssh_private_key"])
         key.chmod(0o600)
-        args = [
+        return [
             *self._base(session["ssh_port"]),
-            "-i",
-            str(key),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
+            *("-i", str(key), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"),
+        ]
+
+    def with_key(self, session: dict[str, Any], command: str) -> subprocess.CompletedProcess[str]:
+        args = [*self._key_args(session), f"{session['ssh_user']}@127.0.0.1", command]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+    def start_with_key(
+        self, session: dict[str, Any], command: str, *, tty: bool = False
+    ) -> subprocess.Popen[str]:
+        """Start ``ssh`` in the background (``tty``: force a pty, as a terminal would)."""
+        args = [
+            *self._key_args(session),
+            *(["-tt"] if tty else []),
             f"{session['ssh_user']}@127.0.0.1",
             command,
         ]
-        return subprocess.run(args, capture_output=True, text=True, timeout=60, **kw)
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if tty else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def with_password(
         self, session: dict[str, Any], command: str

@@ -1,0 +1,180 @@
+"""Connections end to end: audit records, live TTL, warnings, PATCH, limits, metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from datetime import datetime
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import wait_for
+
+OPENSSH = "SSH-2.0-OpenSSH"
+
+
+def ended_connections(gateway, session_id: str) -> list[dict]:
+    body = gateway.request("GET", f"/sessions/{session_id}/connections").body
+    return [c for c in body["connections"] if c["ended_at"] is not None]
+
+
+def ssh_record(gateway, session_id: str) -> dict:
+    """The ended record of the (one) connection made by the OpenSSH client."""
+    found: list[dict] = []
+
+    def ready() -> bool:
+        found[:] = [
+            c
+            for c in ended_connections(gateway, session_id)
+            if (c["client_banner"] or "").startswith(OPENSSH)
+        ]
+        return bool(found)
+
+    try:
+        wait_for(ready, timeout=15, what="the ssh connection's audit record")
+    except AssertionError:
+        body = gateway.request("GET", f"/sessions/{session_id}/connections").body
+        raise AssertionError(f"no ended OpenSSH connection among {body}") from None
+    return found[0]
+
+
+def logged_in(ssh, session: dict) -> subprocess.Popen[str]:
+    """An ``ssh`` left running in the session, returned once it is logged in."""
+    proc = ssh.start_with_key(session, "echo ready; exec sleep 600")
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def test_record_of_a_bulk_download(gateway, ssh):
+    session = gateway.create(user_id="ivy").body
+    result = ssh.with_key(session, "head -c 5000000 /dev/zero")
+    assert result.returncode == 0 and len(result.stdout) == 5_000_000
+    record = ssh_record(gateway, session["session_id"])
+    assert record["reason"] == "client_closed" and record["closed_by"] == "client"
+    assert record["bytes_container_to_client"] >= 5_000_000
+    assert record["client_banner"].startswith(OPENSSH)
+    assert record["server_banner"].startswith(OPENSSH)
+    assert record["client_addr"] == "127.0.0.1" and record["duration_seconds"] > 0
+    lines = [
+        json.loads(line) for line in (gateway.state_dir / "audit.log").read_text().splitlines()
+    ]
+    disconnects = [
+        e for e in lines if e["event"] == "disconnect" and e["connection_id"] == record["id"]
+    ]
+    assert len(disconnects) == 1
+    assert disconnects[0]["bytes_container_to_client"] == record["bytes_container_to_client"]
+    assert any(e["event"] == "connect" and e["connection_id"] == record["id"] for e in lines)
+
+
+def test_live_connection_cut_at_expiry(gateway, ssh):
+    session = gateway.create(user_id="jay", ttl_seconds=6).body
+    proc = logged_in(ssh, session)
+    proc.wait(timeout=30)
+    ended = time.time()
+    assert ended - epoch(session["expires_at"]) < 2
+    assert ended >= epoch(session["expires_at"])
+    record = ssh_record(gateway, session["session_id"])
+    assert (record["reason"], record["closed_by"]) == ("ttl_expired", "gateway")
+    wait_for(
+        lambda: gateway.request("GET", f"/sessions/{session['session_id']}").status == 404,
+        timeout=15,
+        what="the expired session's cleanup",
+    )
+
+
+def test_live_connection_cut_on_delete_and_on_shutdown(gateway, ssh):
+    deleted = gateway.create(user_id="kim").body
+    proc = logged_in(ssh, deleted)
+    gateway.request("DELETE", f"/sessions/{deleted['session_id']}")
+    proc.wait(timeout=15)
+    assert ssh_record(gateway, deleted["session_id"])["reason"] == "session_deleted"
+
+    kept = gateway.create(user_id="lee").body
+    proc = logged_in(ssh, kept)
+    gateway.stop(signal.SIGTERM)
+    proc.wait(timeout=15)
+    gateway.start()
+    assert ssh_record(gateway, kept["session_id"])["reason"] == "gateway_shutdown"
+    assert ssh.with_key(kept, "true").returncode == 0  # the session itself survived
+
+
+def test_interactive_terminal_gets_the_expiry_warning(gateway_factory, ssh):
+    gateway = gateway_factory("--expiry-warning", "6s")
+    session = gateway.create(user_id="mia", ttl_seconds=9).body
+    proc = ssh.start_with_key(session, "sleep 30", tty=True)
+    out, _ = proc.communicate(timeout=30)
+    assert "Sandman: this session ends in" in out
+    assert "Save your work" in out
+
+
+def test_patch_keeps_a_session_past_its_first_expiry(gateway, ssh):
+    session = gateway.create(user_id="ned", ttl_seconds=4).body
+    url = f"/sessions/{session['session_id']}"
+    patched = gateway.request("PATCH", url, {"extend_minutes": 1})
+    assert patched.status == 200
+    assert epoch(patched.body["expires_at"]) - epoch(session["expires_at"]) == 60
+    time.sleep(max(0.0, epoch(session["expires_at"]) - time.time()) + 1.5)  # past the old end
+    assert gateway.request("GET", url).status == 200
+    assert ssh.with_key(session, "true").returncode == 0
+    too_long = gateway.request("PATCH", url, {"ttl_minutes": 100000})
+    assert (too_long.status, too_long.body["code"]) == (400, "invalid_ttl")
+
+
+def test_silent_socket_and_connection_limit(gateway_factory):
+    gateway = gateway_factory("--preauth-timeout", "1s", "--max-connections-per-session", "2")
+    session = gateway.create(user_id="oda").body
+    port = session["ssh_port"]
+    silent = socket.create_connection(("127.0.0.1", port))
+    talking = socket.create_connection(("127.0.0.1", port))
+    talking.sendall(b"SSH-2.0-OpenSSH_test\r\n")
+    extra = socket.create_connection(("127.0.0.1", port))
+    extra.settimeout(10)
+    assert b"limit" in extra.recv(1024)
+    silent.settimeout(10)
+    received = b""
+    while chunk := silent.recv(4096):  # the server banner, then EOF from the gateway
+        received += chunk
+    assert received.startswith(b"SSH-2.0-OpenSSH")
+    reasons = [c["reason"] for c in ended_connections(gateway, session["session_id"])]
+    for sock in (silent, talking, extra):
+        sock.close()
+    assert "connection_limit" in reasons and "preauth_timeout" in reasons
+
+
+def test_metrics_match_the_audit_records(gateway, ssh):
+    session = gateway.create(user_id="pat").body
+    for _ in range(2):
+        assert ssh.with_key(session, "head -c 100000 /dev/urandom >/dev/null").returncode == 0
+    gateway.request("DELETE", f"/sessions/{session['session_id']}")
+    records = ended_connections(gateway, session["session_id"])
+    assert len(records) >= 3  # the readiness probe and two logins
+
+    text = gateway.request("GET", "/metrics").body
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ended = {
+        s.labels["reason"]: s.value
+        for s in families["sandman_connections_ended"].samples
+        if s.name.endswith("_total")
+    }
+    for reason in {r["reason"] for r in records}:
+        assert ended[reason] == sum(r["reason"] == reason for r in records)
+    assert sum(ended.values()) == len(records)
+    relayed = {
+        s.labels["direction"]: s.value
+        for s in families["sandman_relayed_bytes"].samples
+        if s.name.endswith("_total")
+    }
+    assert relayed["up"] == sum(r["bytes_client_to_container"] for r in records)
+    assert relayed["down"] == sum(r["bytes_container_to_client"] for r in records)
+    assert families["sandman_sessions_live"].samples[0].value == 0
+    created = [
+        s for s in families["sandman_session_create_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert created[0].value == 1
