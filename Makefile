@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STATE  ?= $(CURDIR)/state
 PYTEST_ARGS ?=
 
-.PHONY: run test setup host venv images unit e2e lint clean
+.PHONY: run test setup host venv images unit e2e lint bench clean
 
 run: setup images
 	$(BIN)/sandman serve --state-dir $(STATE) --workspace-root $(STATE)/workspaces
@@ -41,8 +41,11 @@ e2e: setup images
 	$(BIN)/pytest -ra $(PYTEST_ARGS) tests/e2e
 
 lint: venv
-	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff format --check gateway tests bench
+
+bench: venv
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache .ruff_cache

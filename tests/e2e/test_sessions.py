@@ -7,6 +7,7 @@ import signal
 
 from gateway.runtime.base import SSHD_CAPABILITIES
 from tests.e2e.conftest import docker, port_bindable, port_refuses, wait_for
+from tests.routes import PROTECTED_ROUTES
 
 CAP_BITS = {
     "CHOWN": 0,
@@ -140,16 +141,7 @@ def test_restart_cleans_session_whose_container_is_gone(gateway):
 
 
 def test_auth_and_validation_create_nothing(gateway):
-    for method, path in [
-        ("GET", "/sessions"),
-        ("POST", "/sessions"),
-        ("GET", "/sessions/x"),
-        ("DELETE", "/sessions/x"),
-        ("DELETE", "/sessions"),
-        ("GET", "/gpus"),
-        ("GET", "/gpus/profiles"),
-        ("GET", "/gpus/available"),
-    ]:
+    for method, path in PROTECTED_ROUTES:
         response = gateway.request(method, path, token=None)
         assert response.status == 401 and response.body["code"] == "unauthorized", path
     assert gateway.request("GET", "/healthz", token=None).status == 200

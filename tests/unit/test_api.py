@@ -4,6 +4,8 @@ import asyncio
 
 import pytest
 
+from tests.routes import PROTECTED_ROUTES
+
 NO_AUTH = {"Authorization": ""}
 
 
@@ -193,19 +195,7 @@ async def test_body_too_large(make_client):
     assert resp.status == 413 and (await resp.json())["code"] == "body_too_large"
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("GET", "/sessions"),
-        ("POST", "/sessions"),
-        ("GET", "/sessions/x"),
-        ("DELETE", "/sessions/x"),
-        ("DELETE", "/sessions"),
-        ("GET", "/gpus"),
-        ("GET", "/gpus/profiles"),
-        ("GET", "/gpus/available"),
-    ],
-)
+@pytest.mark.parametrize(("method", "path"), PROTECTED_ROUTES)
 async def test_auth_required(make_client, method, path):
     client = await make_client()
     for headers in (
