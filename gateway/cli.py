@@ -17,6 +17,9 @@ from gateway.config import config_from_args, parse
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.command == "gpus":
+        if not args.probe:
+            print("sandman gpus: give --probe (a read-only NVML probe)", file=sys.stderr)
+            return 2
         from gateway.gpu.nvml import probe
 
         print(json.dumps(asyncio.run(probe()), indent=2))
