@@ -73,7 +73,7 @@ def test_delete_closes_port_removes_container_and_row(gateway, ssh):
     assert gateway.request("GET", f"/sessions/{session['session_id']}").status == 404
 
 
-def test_ttl_sweep_cleans_expired_session_and_keeps_workspace(gateway_factory, ssh):
+def test_expired_session_is_cleaned_and_workspace_kept(gateway_factory, ssh):
     gateway = gateway_factory("--reap-interval", "0.5")
     session = gateway.create(user_id="dave", ttl_seconds=3).body
     assert ssh.with_key(session, "echo kept > ~/notes.txt").returncode == 0
