@@ -7,7 +7,7 @@ import contextlib
 import socket
 import time
 
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 BANNER_SNIFF_BYTES = 1024  # SSH allows lines before the identification string; 255 max each
 
 
