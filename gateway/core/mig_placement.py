@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MEMORY_SLICES = 8
-
 
 @dataclass(frozen=True, slots=True)
 class Placement:

@@ -1,18 +1,15 @@
-"""TTL arithmetic: when a session expires and which sessions are due."""
+"""TTL arithmetic: when a session expires, when to warn, and how far it may be extended."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 
 class Expiring(Protocol):
     @property
     def expires_at(self) -> datetime: ...
-
-
-E = TypeVar("E", bound=Expiring)
 
 
 def expires_at(created_at: datetime, ttl_seconds: int) -> datetime:
@@ -23,16 +20,6 @@ def expires_at(created_at: datetime, ttl_seconds: int) -> datetime:
 def is_expired(item: Expiring, now: datetime) -> bool:
     """Expired at exactly ``expires_at`` and after."""
     return item.expires_at <= now
-
-
-def due(items: Iterable[E], now: datetime) -> list[E]:
-    """The items whose expiry has come, soonest first."""
-    return sorted((i for i in items if is_expired(i, now)), key=lambda i: i.expires_at)
-
-
-def seconds_left(item: Expiring, now: datetime) -> float:
-    """Seconds until expiry, never negative."""
-    return max(0.0, (item.expires_at - now).total_seconds())
 
 
 def ttl_minutes_view(ttl_seconds: int) -> int:

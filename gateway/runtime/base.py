@@ -36,7 +36,6 @@ class ContainerInfo:
     running: bool
     ip: str | None
     labels: dict[str, str]
-    exit_code: int | None = None
     ssh_port: int = 22  # where the container's sshd listens on ``ip``
 
 

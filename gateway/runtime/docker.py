@@ -67,7 +67,6 @@ def _info(data: dict[str, Any], network: str) -> ContainerInfo:
         running=bool(state.get("Running")),
         ip=ip,
         labels=dict(data.get("Config", {}).get("Labels") or {}),
-        exit_code=state.get("ExitCode"),
     )
 
 

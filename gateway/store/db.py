@@ -267,9 +267,6 @@ class Store:
     async def list_sessions(self) -> list[Session]:
         return await self._select()
 
-    async def expired_sessions(self, now: datetime) -> list[Session]:
-        return await self._select("WHERE s.expires_at <= ?", (_ts(now),))
-
     async def held_ports(self) -> set[int]:
         async with self._lock, self._conn.execute("SELECT ssh_port FROM sessions") as cur:
             return {int(row["ssh_port"]) for row in await cur.fetchall()}
