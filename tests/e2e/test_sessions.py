@@ -185,3 +185,17 @@ def test_capabilities_are_minimal_and_login_shell_has_none(gateway, ssh):
         "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", session["container_id"]
     )
     assert mounts.split() == [str(gateway.workspaces / "hank")]
+
+
+def test_no_egress_network_is_internal_and_still_reachable(gateway_factory, ssh):
+    gateway = gateway_factory("--no-egress")
+    assert docker("network", "inspect", "-f", "{{.Internal}}", gateway.network) == "true"
+    icc = docker(
+        "network", "inspect", "-f",
+        '{{index .Options "com.docker.network.bridge.enable_icc"}}', gateway.network,
+    )  # fmt: skip
+    assert icc == "false"
+    session = gateway.create(user_id="quinn").body
+    result = ssh.with_key(session, "whoami")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "quinn"
