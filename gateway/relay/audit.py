@@ -76,20 +76,19 @@ class Audit:
 
     async def _event(
         self,
-        record_at: ConnectionRecord | Session,
         event: str,
         data: dict[str, Any],
+        *,
+        session_id: str,
+        user_id: str,
         connection_id: str | None = None,
     ) -> None:
-        session_id = (
-            record_at.session_id if isinstance(record_at, ConnectionRecord) else record_at.id
-        )
         async with self._lock:  # file lines in the same order as row ids
             saved = await self._store.add_event(
                 self._clock(),
                 event,
                 session_id=session_id,
-                user_id=record_at.user_id,
+                user_id=user_id,
                 connection_id=connection_id,
                 data=data,
             )
@@ -97,13 +96,23 @@ class Audit:
                 self._file.write(json.dumps(event_data(saved)) + "\n")
                 self._file.flush()
 
+    async def _connection_event(
+        self, event: str, record: ConnectionRecord, data: dict[str, Any]
+    ) -> None:
+        await self._event(
+            event,
+            data,
+            session_id=record.session_id,
+            user_id=record.user_id,
+            connection_id=record.id,
+        )
+
     async def connection_opened(self, record: ConnectionRecord) -> None:
         await self._store.save_connection(record)
-        await self._event(
-            record,
+        await self._connection_event(
             "connect",
+            record,
             {"client_addr": record.client_addr, "client_port": record.client_port},
-            connection_id=record.id,
         )
 
     async def connection_closed(self, record: ConnectionRecord) -> None:
@@ -112,7 +121,7 @@ class Audit:
         data = connection_data(record)
         for key in ("id", "session_id", "user_id"):  # the event's own fields say these
             del data[key]
-        await self._event(record, "disconnect", data, connection_id=record.id)
+        await self._connection_event("disconnect", record, data)
 
     async def session_event(self, event: str, session: Session, **data: Any) -> None:
         """``session_created``, ``session_deleted``, ``session_expired``, ``session_extended``,
@@ -122,4 +131,4 @@ class Audit:
             "gpu_uuid": session.gpu_uuid,
             "expires_at": rfc3339(session.expires_at),
         }
-        await self._event(session, event, {**base, **data})
+        await self._event(event, {**base, **data}, session_id=session.id, user_id=session.user_id)
