@@ -39,8 +39,8 @@ trap cleanup EXIT
 
 # The base's view of the world: what is installed, where packages come from, whose keys.
 cid=$(docker create "$base" true)
-docker cp -q "$cid:/etc/apt" "$work/etc-apt"
-docker cp -q "$cid:/var/lib/dpkg/status" "$work/status"
+docker cp "$cid:/etc/apt" "$work/etc-apt" >&2
+docker cp "$cid:/var/lib/dpkg/status" "$work/status" >&2
 docker rm "$cid" >/dev/null
 cid=""
 

@@ -282,7 +282,7 @@ class SshClient:
         """The ``ssh`` command line with the session's key, for ``rsync -e``."""
         return shlex.join(self._key_args(session))
 
-    def login(self, session: dict[str, Any], typed: str) -> str:
+    def terminal_login(self, session: dict[str, Any], typed: str) -> str:
         """Log in with a terminal and no command, as a person does, type ``typed``; return
         everything the terminal showed (login message included)."""
         args = [*self._key_args(session), "-tt", f"{session['ssh_user']}@127.0.0.1"]

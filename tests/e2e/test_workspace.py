@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 from typing import Any
 
 from tests.e2e.conftest import docker
@@ -112,55 +111,42 @@ def test_rsync_a_directory_in_and_out_through_the_session_port(gateway, ssh, tmp
     assert (back / "notes.txt").read_text() == "hello\n"
 
 
-def session_file(gateway: Any, session: dict[str, Any], expires_at: str) -> dict[str, Any]:
-    user = session["ssh_user"]
-    return {
-        "user": user,
-        "session_id": session["session_id"],
-        "ssh_host": "gpu01.lab",
-        "ssh_port": session["ssh_port"],
-        "created_at": session["created_at"],
-        "expires_at": expires_at,
-        "gpu": None,
-        "home": f"/home/{user}",
-        "workspace": str(gateway.workspaces / user),
-    }
-
-
-def deliver(tmp_path: Path, container: str, info: dict[str, Any]) -> None:
-    path = tmp_path / "session.json"
-    path.write_text(json.dumps(info))
-    path.chmod(0o644)
-    docker("cp", str(path), f"{container}:/etc/sandman/session.json")
-
-
 def utc_text(stamp: str) -> str:
     return datetime.fromisoformat(stamp).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def test_login_message_and_sandman_session_follow_the_session_file(gateway, ssh, tmp_path):
-    session = gateway.create(user_id="cy", ttl_minutes=30).body
-    deliver(
-        tmp_path, session["container_id"], session_file(gateway, session, session["expires_at"])
-    )
+def session_facts(ssh: Any, session: dict[str, Any]) -> dict[str, Any]:
+    printed = ssh.with_key(session, "sandman-session --json")
+    assert printed.returncode == 0, printed.stderr
+    return json.loads(printed.stdout)
 
-    shown = ssh.login(session, "exit\n")
+
+def test_login_message_and_sandman_session_follow_the_session(gateway, ssh):
+    session = gateway.create(user_id="cy", ttl_minutes=30).body
+    workspace = gateway.workspaces / "cy"
+
+    shown = ssh.terminal_login(session, "exit\n")
     assert "Sandman session of cy" in shown
     assert f"expires    {utc_text(session['expires_at'])}" in shown
+    assert re.search(r"time left  (29|30) min", shown), shown
     assert "none: this session has no GPU, so nvidia-smi is not available" in shown
-    assert "/home/cy is persistent" in shown
+    assert f"/home/cy is persistent (127.0.0.1:{workspace})" in shown
     assert "files outside /home/cy are lost when the session ends" in shown
     assert "Debian" not in shown  # the distribution's own message of the day is gone
     quiet = ssh.with_key(session, "true")
     assert (quiet.returncode, quiet.stdout) == (0, "")  # commands, scp and rsync see no banner
 
-    later = (datetime.fromisoformat(session["expires_at"]) + timedelta(hours=1)).isoformat()
-    deliver(tmp_path, session["container_id"], session_file(gateway, session, later))
-    printed = ssh.with_key(session, "sandman-session; sandman-session --json")
-    assert printed.returncode == 0, printed.stderr
-    text, _, raw = printed.stdout.partition("{")
-    assert f"expires    {utc_text(later)}" in text
-    assert re.search(r"time left  1 h (29|30) min", text), text
-    info = json.loads("{" + raw)
-    assert info["expires_at"] == later
-    assert 89 * 60 < info["seconds_left"] <= 90 * 60
+    facts = session_facts(ssh, session)
+    assert facts["session_id"] == session["session_id"]
+    assert (facts["user"], facts["home"], facts["gpu"]) == ("cy", "/home/cy", None)
+    assert facts["ssh_port"] == session["ssh_port"]
+
+    url = f"/sessions/{session['session_id']}"
+    patched = gateway.request("PATCH", url, {"extend_minutes": 60})
+    assert patched.status == 200, patched.body
+    later = patched.body["expires_at"]
+    assert session_facts(ssh, session)["expires_at"] == later  # the PATCH has answered: in place
+    printed = ssh.with_key(session, "sandman-session")
+    assert f"expires    {utc_text(later)}" in printed.stdout
+    assert re.search(r"time left  1 h (29|30) min", printed.stdout), printed.stdout
+    assert f"expires    {utc_text(later)}" in ssh.terminal_login(session, "exit\n")

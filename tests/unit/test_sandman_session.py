@@ -98,10 +98,10 @@ def test_describe_names_user_expiry_home_and_warning(local_zone):
     lines = script.describe(info(), NOW)
     assert lines[0] == "Sandman session of alice"
     text = "\n".join(lines)
-    assert "expires    2026-11-30 11:00:00 UTC (local time is UTC" in text
+    assert "expires    2026-11-30 11:00:00 UTC (also local time; set TZ" in text
     assert "time left  1 h 00 min" in text
     assert "GPU        none: this session has no GPU" in text
-    assert "/home/alice is persistent: kept as gpu01.lab:/srv/workspaces/alice" in text
+    assert "home       /home/alice is persistent (gpu01.lab:/srv/workspaces/alice)" in text
     assert "files outside /home/alice are lost when the session ends" in text
     assert "ssh -p 10001 alice@gpu01.lab" in text
 
