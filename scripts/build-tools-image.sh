@@ -64,8 +64,7 @@ cid=$(docker create --network none \
   -v "$cache/lists:/var/lib/apt/lists" \
   -v "$cache/archives:/var/cache/apt/archives" \
   -v "$image_dir:/mnt:ro" \
-  -e SANDMAN_OFFLINE=1 \
-  "$base" /mnt/install-packages.sh)
+  "$base" /mnt/install-packages.sh --offline)
 docker start -a "$cid" >&2
 docker commit --change 'CMD ["/bin/bash"]' --change "LABEL sandman.tools.base=$base" \
   "$cid" "$tag" >/dev/null

@@ -1,9 +1,9 @@
 #!/bin/bash
 # Install the packages named in packages.txt (beside this script) that are not
 # installed yet, and generate the en_US.UTF-8 locale. Run as root, in an image build
-# (apt-get over the network) or by scripts/build-tools-image.sh with
-# SANDMAN_OFFLINE=1, where /var/lib/apt/lists and /var/cache/apt/archives are
-# mounted from a host-side download and nothing is fetched.
+# (apt-get over the network) or, with --offline, by scripts/build-tools-image.sh,
+# which mounts /var/lib/apt/lists and /var/cache/apt/archives from a host-side
+# download so that nothing is fetched.
 set -euo pipefail
 
 list="$(dirname "$0")/packages.txt"
@@ -26,11 +26,12 @@ path-include=/usr/share/locale/locale.alias
 CFG
 if ((${#missing[@]})); then
   echo "install-packages: installing ${missing[*]}"
-  if [[ "${SANDMAN_OFFLINE:-0}" == 1 ]]; then
+  if [[ "${1:-}" == --offline ]]; then
     apt-get install -y -q --no-install-recommends --no-download "${missing[@]}"
   else
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt-get clean
     rm -rf /var/lib/apt/lists/*
   fi
   rm -f /var/cache/apt/*.bin
