@@ -54,7 +54,7 @@ apt_opts=(
   -o "APT::Install-Recommends=false"
   -q
 )
-mapfile -t wanted < <(sed 's/#.*//' "$image_dir/packages.txt" | tr -s ' \t' '\n\n' | grep -v '^$')
+mapfile -t wanted < <("$image_dir/install-packages.sh" --list)
 echo "downloading packages for $base into $cache" >&2
 apt-get "${apt_opts[@]}" update >&2
 apt-get "${apt_opts[@]}" install -y --download-only "${wanted[@]}" >&2

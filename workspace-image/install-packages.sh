@@ -3,11 +3,15 @@
 # installed yet, and generate the en_US.UTF-8 locale. Run as root, in an image build
 # (apt-get over the network) or, with --offline, by scripts/build-tools-image.sh,
 # which mounts /var/lib/apt/lists and /var/cache/apt/archives from a host-side
-# download so that nothing is fetched.
+# download so that nothing is fetched. --list only prints the package names.
 set -euo pipefail
 
 list="$(dirname "$0")/packages.txt"
 mapfile -t wanted < <(sed 's/#.*//' "$list" | tr -s ' \t' '\n\n' | grep -v '^$')
+if [[ "${1:-}" == --list ]]; then   # just the names, for the host-side download
+  printf '%s\n' "${wanted[@]}"
+  exit 0
+fi
 missing=()
 for pkg in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
