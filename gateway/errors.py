@@ -71,6 +71,13 @@ class SessionExists(GatewayError):
     status = 409
 
 
+class SessionDeleted(GatewayError):
+    """The session was ended (DELETE, sweep) while its create was still starting it."""
+
+    code = "session_deleted"
+    status = 409
+
+
 class GpuInstanceBusy(GatewayError):
     code = "gpu_instance_busy"
     status = 409

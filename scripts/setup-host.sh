@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the gateway's venv and the end-to-end tests use (python3-venv, ssh,
-# ssh-keygen, sshpass)
+# ssh-keygen, sshpass, socat)
 # on a Debian/Ubuntu machine, as root. Idempotent: installs only what is missing.
 # The Docker engine itself is scripts/setup-docker.sh.
 set -euo pipefail
@@ -8,6 +8,7 @@ set -euo pipefail
 pkgs=()
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || pkgs+=(openssh-client)
 command -v sshpass >/dev/null 2>&1 || pkgs+=(sshpass)
+command -v socat >/dev/null 2>&1 || pkgs+=(socat)  # e2e: a Docker socket that can go away
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3-venv)
 
 if [ ${#pkgs[@]} -eq 0 ]; then

@@ -9,7 +9,6 @@ that in reverse; sessions and containers stay.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -19,13 +18,13 @@ from aiohttp import web
 
 from gateway.api import keys, middleware
 from gateway.api.routes import routes
+from gateway.audit import Audit
 from gateway.config import Config
 from gateway.gpu import open_backend
 from gateway.gpu.allocator import GpuAllocator
 from gateway.gpu.base import GpuBackend
 from gateway.metrics import Metrics
 from gateway.models import utcnow
-from gateway.relay.audit import Audit
 from gateway.runtime.base import Runtime
 from gateway.sessions import Clock, SessionManager
 from gateway.ssh.identity import HostIdentity
@@ -157,11 +156,14 @@ def create_app(
                 except Exception:
                     log.exception("TTL sweep failed")
 
-        task = asyncio.create_task(sweep_forever(), name="ttl-sweeper")
+        tasks = [
+            asyncio.create_task(sweep_forever(), name="ttl-sweeper"),
+            asyncio.create_task(manager.watch_containers(), name="container-events"),
+        ]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     app.cleanup_ctx.extend([store_ctx, audit_ctx, runtime_ctx, gpu_ctx, sessions_ctx, sweeper_ctx])
     return app

@@ -10,11 +10,11 @@ from aiohttp import web
 from gateway.api.keys import CONFIG, GPUS, IDENTITY, METRICS, RUNTIME, SESSIONS, STORE
 from gateway.api.schemas import parse_audit_query, parse_create, parse_patch
 from gateway.api.views import created_view, session_view
+from gateway.audit import connection_data, event_data
 from gateway.errors import SessionNotFound
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import CONTENT_TYPE
 from gateway.models import Session
-from gateway.relay.audit import connection_data, event_data
 
 HEALTH_TIMEOUT = 3.0
 SERVICE = "gpu-ssh-gateway-orchestrator"

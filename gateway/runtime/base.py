@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -65,15 +65,24 @@ class Runtime(Protocol):
 
     async def start(self, container_id: str, network: str) -> ContainerInfo: ...
 
-    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None: ...
+    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
+        """The container with this id or name; None if there is none."""
+        ...
 
-    async def remove(self, container_id: str) -> None: ...
+    async def remove(self, container_id: str) -> None:
+        """Remove the container with this id or name (idempotent)."""
+        ...
 
     async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
         """Copy ``files`` into the container, created or running, replacing what is there."""
         ...
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]: ...
+
+    def container_exits(self, instance: str) -> AsyncIterator[str]:
+        """The session ids (label) of ``instance``'s containers as each dies or is removed,
+        until the engine's event stream ends."""
+        ...
 
     async def logs(self, container_id: str, tail: int = 20) -> str: ...
 

@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def prerequisites() -> None:
-    missing = [tool for tool in ("docker", "ssh", "sshpass") if shutil.which(tool) is None]
+    missing = [tool for tool in ("docker", "ssh", "sshpass", "socat") if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"e2e tests need {', '.join(missing)} (run: make setup)")
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
@@ -62,16 +62,6 @@ def port_refuses(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
-
-
-def port_bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -105,6 +95,7 @@ class Gateway:
     port_start: int
     port_end: int
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     api_port: int = field(default_factory=free_tcp_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -152,7 +143,7 @@ class Gateway:
             "DEBUG",
             *self.extra_args,
         ]
-        env = {**os.environ, "SANDMAN_API_TOKEN": TOKEN}
+        env = {**os.environ, "SANDMAN_API_TOKEN": TOKEN, **self.env}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_for(self._healthy, timeout=START_DEADLINE, what="the gateway to answer /healthz")

@@ -139,13 +139,21 @@ async def test_failed_start_rolls_everything_back(make_client, runtime, mode):
     assert resp.status == 201 and (await resp.json())["ssh_port"] == 15000
 
 
-async def test_docker_unreachable_is_503_and_nothing_kept(make_client, runtime):
+async def test_docker_unreachable_is_503_and_the_sweep_finishes_the_rollback(make_client, runtime):
+    from gateway.api import keys
+
     client = await make_client()
     runtime.reachable = False
     resp = await create(client)
     assert resp.status == 503 and (await resp.json())["code"] == "docker_unavailable"
+    # whether Docker made a container is unknown: the row stays "ending", holding its port
+    (left,) = await (await client.get("/sessions")).json()
+    assert left["state"] == "ending"
     runtime.reachable = True
+    assert await client.app[keys.SESSIONS].sweep() == 1
     assert await (await client.get("/sessions")).json() == []
+    events = (await (await client.get("/audit")).json())["events"]
+    assert events == []  # it never was a session: no end event
 
 
 async def test_sweep_ends_expired_sessions(make_client, runtime, clock):
@@ -202,6 +210,8 @@ async def test_delete_all(make_client, runtime):
         (b'{"user_id": "alice", "ttl_minutes": 121}', "invalid_ttl"),
         (b'{"user_id": "alice", "ttl_minutes": 1, "ttl_seconds": 5}', "invalid_ttl"),
         (b'{"user_id": "alice", "image": "evil:latest"}', "image_not_allowed"),
+        (b"[" * 60000, "invalid_request"),  # deeper than the JSON parser recurses
+        (b'{"user_id": "alice", "ttl_seconds": 99999999999999999999999}', "invalid_ttl"),
     ],
 )
 async def test_bad_requests_are_400_and_create_nothing(make_client, runtime, body, code):

@@ -1,0 +1,16 @@
+"""Loopback port checks shared by unit and end-to-end tests."""
+
+from __future__ import annotations
+
+import socket
+
+
+def port_bindable(port: int) -> bool:
+    """Nothing listens on ``127.0.0.1:port`` (TIME_WAIT leftovers do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
