@@ -33,6 +33,7 @@ from gateway.errors import (
     SessionNotFound,
 )
 from gateway.gpu.allocator import GpuAllocator
+from gateway.gpu.pin import verify_pin
 from gateway.metrics import Metrics
 from gateway.models import (
     CloseReason,
@@ -229,6 +230,7 @@ class SessionManager:
             raise ContainerStartFailed(
                 f"the session container has no address on network {self._config.docker_network}"
             )
+        await self._check_gpu_pin(spec, container_id)
         listener.set_upstream(info.ip, info.ssh_port)
         await self._wait_ready(listener, container_id)
         await self._store.mark_running(session.id, container_id, info.ip)
@@ -236,6 +238,16 @@ class SessionManager:
         return replace(
             session, state=SessionState.RUNNING, container_id=container_id, container_ip=info.ip
         )
+
+    async def _check_gpu_pin(self, spec: ContainerSpec, container_id: str) -> None:
+        """A container given a GPU by DeviceRequest must see exactly that GPU (NVIDIA
+        Container Toolkit settings can defeat the pin); a failure unwinds the create.
+
+        Raises:
+            ContainerStartFailed: it sees other devices, or the check cannot run.
+        """
+        if spec.device_request and spec.gpu_uuid:
+            await verify_pin(self._runtime, container_id, spec.gpu_uuid)
 
     def _container_spec(self, session: Session, creds: Credentials) -> ContainerSpec:
         user = session.user_id
