@@ -1,4 +1,4 @@
-"""What every GPU backend offers: inventory, MIG profiles, create and destroy.
+"""What every GPU backend offers: inventory, MIG profiles, create, destroy and reclaim.
 
 The dataclasses here are the only GPU types the rest of the gateway sees; NVML,
 the simulator and the GPU-less backend all return them.
