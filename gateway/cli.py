@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from gateway.config import config_from_args, parse
+from gateway.errors import GatewayError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,5 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from gateway.api import create_app
 
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+    except GatewayError as exc:  # start-up refused (GPU host misconfigured, no Docker, ...)
+        print(f"sandman: {exc.log_message}", file=sys.stderr)
+        return 1
     return 0

@@ -15,6 +15,7 @@ from gateway.core.validation import parse_duration
 
 DEFAULT_IMAGE = "gpu-workspace"
 DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
+ANY_PROFILE = "any"  # --default-mig-profile: no default, any free MIG instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class Config:
     docker_network: str = "worknet"
     network_egress: bool = True
     gpus: str = "auto"
-    default_mig_profile: str = "3g.20gb"
+    default_mig_profile: str | None = "3g.20gb"  # None: any free MIG instance
     mig_dynamic: bool = False
     ssh_password_auth: bool = True
     start_timeout: float = 60.0
@@ -185,7 +186,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--gpus", "GPU backend: auto, nvml, none or sim:<topology.json>", default=d.gpus)
     opt(
         "--default-mig-profile",
-        "MIG profile given when a request names none",
+        "MIG profile given when a request names none; checked against the host's MIG GPUs "
+        "at start; 'any' gives any free MIG instance",
         default=d.default_mig_profile,
     )
     flag("--mig-dynamic", "create MIG instances on demand and destroy them when the session ends")
@@ -283,7 +285,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         docker_network=args.docker_network,
         network_egress=not args.no_egress,
         gpus=args.gpus,
-        default_mig_profile=args.default_mig_profile,
+        default_mig_profile=None
+        if args.default_mig_profile == ANY_PROFILE
+        else args.default_mig_profile,
         mig_dynamic=args.mig_dynamic,
         ssh_password_auth=not args.no_ssh_password_auth,
         start_timeout=args.start_timeout,

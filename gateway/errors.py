@@ -83,6 +83,17 @@ class GpuInstanceBusy(GatewayError):
     status = 409
 
 
+class GpuInstanceInUse(GatewayError):
+    """NVML refused to destroy a MIG instance that another process on the host holds.
+
+    The session's container is already gone; its row stays so that the sweep retries
+    the release until the holder lets go.
+    """
+
+    code = "gpu_instance_in_use"
+    status = 409
+
+
 class BodyTooLarge(GatewayError):
     code = "body_too_large"
     status = 413

@@ -45,6 +45,7 @@ from gateway.errors import (
     SessionNotFound,
 )
 from gateway.gpu.allocator import Allocation, GpuAllocator
+from gateway.gpu.pin import verify_pin
 from gateway.metrics import Metrics
 from gateway.models import (
     CloseReason,
@@ -312,6 +313,9 @@ class SessionManager:
             raise ContainerStartFailed(
                 f"the session container has no address on network {self._config.docker_network}"
             )
+        if self._gpus.needs_device_request and session.gpu_uuid:
+            # toolkit settings can defeat the DeviceRequest: it must see exactly its GPU
+            await verify_pin(self._runtime, container_id, session.gpu_uuid)
         await self._wait_ready(session, container_id, (info.ip, info.ssh_port))
         assert live.listener is not None
         live.listener.set_upstream(info.ip, info.ssh_port)

@@ -20,6 +20,7 @@ from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
+    CommandResult,
     ContainerFile,
     ContainerInfo,
     ContainerSpec,
@@ -88,6 +89,10 @@ class FakeRuntime:
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     execs: list[tuple[str, list[str], str]] = field(default_factory=list)
+    runs: list[tuple[str, list[str], str]] = field(default_factory=list)
+    #: the devices ``nvidia-smi -L`` lists in any container; None: exactly the container's
+    #: own GPU, as a correctly configured NVIDIA Container Toolkit exposes it
+    visible_gpus: tuple[str, ...] | None = None
     networks: set[str] = field(default_factory=set)
     exits: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     gates: dict[str, Gate] = field(default_factory=dict)
@@ -219,3 +224,26 @@ class FakeRuntime:
         for container in self.containers.values():
             if container.server is not None:
                 container.server.close()
+
+    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+        """Only ``nvidia-smi -L`` exists in these containers."""
+        self._check()
+        self.runs.append((container_id, argv, user))
+        if argv != ["nvidia-smi", "-L"]:
+            return CommandResult(127, f"{argv[0]}: not found")
+        own = self.containers[container_id].spec.gpu_uuid
+        visible = self.visible_gpus if self.visible_gpus is not None else (own,) if own else ()
+        return nvidia_smi_list(visible)
+
+
+def nvidia_smi_list(uuids: tuple[str, ...]) -> CommandResult:
+    """What ``nvidia-smi -L`` prints for these GPU and MIG UUIDs (MIG devices under one GPU)."""
+    gpus = [u for u in uuids if not u.startswith("MIG-")]
+    migs = [u for u in uuids if u.startswith("MIG-")]
+    if migs and not gpus:
+        gpus = ["GPU-parent-of-the-mig-devices"]
+    lines = [f"GPU {i}: NVIDIA A100-SXM4-80GB (UUID: {uuid})" for i, uuid in enumerate(gpus)]
+    lines += [f"  MIG 1g.10gb     Device  {i}: (UUID: {uuid})" for i, uuid in enumerate(migs)]
+    if not lines:
+        return CommandResult(6, "No devices were found\n")
+    return CommandResult(0, "\n".join(lines) + "\n")

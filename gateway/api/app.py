@@ -2,8 +2,9 @@
 
 Start-up opens the database, resolves the API token and the SSH host CA, opens the audit
 trail and metrics, connects to Docker (creating the session network), opens the GPU
-backend, recovers sessions (before serving), and starts the TTL sweeper. Shutdown undoes
-that in reverse; sessions and containers stay.
+backend (refusing a default MIG profile this host lacks, reclaiming MIG instances it made
+that no session holds), recovers sessions (before serving), and starts the TTL sweeper.
+Shutdown undoes that in reverse; sessions and containers stay.
 """
 
 from __future__ import annotations
@@ -119,9 +120,12 @@ def create_app(
         else:
             backend = gpu_factory()
         try:
-            app[keys.GPUS] = GpuAllocator(
+            allocator = GpuAllocator(
                 backend, default_profile=config.default_mig_profile, dynamic=config.mig_dynamic
             )
+            await allocator.check_default_profile()
+            await allocator.reclaim(await app[keys.STORE].allocated_gpus())
+            app[keys.GPUS] = allocator
             yield
         finally:
             await backend.close()

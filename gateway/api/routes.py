@@ -24,10 +24,18 @@ routes = web.RouteTableDef()
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
+    """200 healthy; 200 degraded with ``unhealthy_gpus`` when NVML fails on some GPUs (the
+    others are served); 503 degraded when the database, Docker or NVML as a whole fails."""
     failing: dict[str, str] = {}
+    unhealthy: list[dict[str, object]] = []
+
+    async def gpus() -> None:
+        unhealthy.extend(await request.app[GPUS].unhealthy())
+
     for name, check in (
         ("database", request.app[STORE].ping),
         ("docker", request.app[RUNTIME].ping),
+        ("gpus", gpus),
     ):
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
@@ -37,6 +45,10 @@ async def healthz(request: web.Request) -> web.Response:
     if failing:
         return web.json_response(
             {"status": "degraded", "service": SERVICE, "failing": failing}, status=503
+        )
+    if unhealthy:
+        return web.json_response(
+            {"status": "degraded", "service": SERVICE, "unhealthy_gpus": unhealthy}
         )
     return web.json_response({"status": "healthy", "service": SERVICE})
 

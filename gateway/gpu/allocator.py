@@ -17,9 +17,10 @@ from gateway.core.gpu_select import (
     NoGpu,
     UseDevice,
     available_instances,
+    default_profile_problem,
     select_gpu,
 )
-from gateway.errors import NoGpuAvailable
+from gateway.errors import GpuError, NoGpuAvailable
 from gateway.gpu import create_on_first
 from gateway.gpu.base import GpuBackend
 from gateway.gpu.none import NoneBackend
@@ -38,7 +39,8 @@ class Allocation:
 
 
 class GpuAllocator:
-    def __init__(self, backend: GpuBackend, *, default_profile: str, dynamic: bool) -> None:
+    def __init__(self, backend: GpuBackend, *, default_profile: str | None, dynamic: bool) -> None:
+        """``default_profile`` None hands out any free MIG instance to requests naming none."""
         self.backend = backend
         self._default_profile = default_profile
         self._dynamic = dynamic
@@ -46,6 +48,31 @@ class GpuAllocator:
     @property
     def needs_device_request(self) -> bool:
         return self.backend.needs_device_request
+
+    async def check_default_profile(self) -> None:
+        """At start-up: refuse a default profile that no MIG GPU of this host offers.
+
+        Raises:
+            GpuError: it is not offered; the log message names the valid profiles.
+        """
+        problem = default_profile_problem(
+            self._default_profile, await self.backend.inventory(), await self.backend.profiles()
+        )
+        if problem is not None:
+            raise GpuError("the default MIG profile does not exist here", log_message=problem)
+
+    async def reclaim(self, held: set[str]) -> None:
+        """Destroy MIG instances this gateway created that no session holds (``held``:
+        every allocated UUID); failures are logged and retried at the next call."""
+        await self.backend.reclaim(held)
+
+    async def unhealthy(self) -> list[dict[str, Any]]:
+        """The GPUs NVML fails on, for ``/healthz``."""
+        return [
+            {"index": gpu.index, "uuid": gpu.uuid, "error": gpu.error}
+            for gpu in await self.backend.inventory()
+            if not gpu.healthy
+        ]
 
     async def allocate(self, request: CreateRequest, allocated: set[str]) -> Allocation:
         """Choose (and with ``--mig-dynamic`` create) the session's GPU.
@@ -69,6 +96,7 @@ class GpuAllocator:
             case UseDevice(uuid=uuid, profile=profile):
                 return Allocation(uuid=uuid, profile=profile)
             case CreateInstance(gpu_uuids=gpu_uuids, profile=profile, fallback=fallback):
+                await self.backend.reclaim(allocated)  # frees what a failed rollback left
                 try:
                     device = await create_on_first(self.backend, gpu_uuids, profile)
                 except NoGpuAvailable:
@@ -117,13 +145,17 @@ class GpuAllocator:
                 "mig_enabled": gpu.mig_enabled,
                 "mig_pending": gpu.mig_pending,
                 "allocated": gpu.uuid in allocated,
+                "healthy": gpu.healthy,
+                "error": gpu.error,
                 "mig_instances": [
                     {
                         "uuid": device.uuid,
                         "profile": device.profile,
                         "memory": device.memory_bytes,
+                        "memory_used": device.memory_used,
                         "gpu_instance_id": device.gi_id,
                         "compute_instance_id": device.ci_id,
+                        "split": device.split,
                         "allocated": device.uuid in allocated,
                     }
                     for device in gpu.mig_devices

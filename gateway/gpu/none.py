@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from gateway.errors import NoGpuAvailable
 from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
@@ -25,6 +27,9 @@ class NoneBackend:
 
     async def destroy_instance(self, mig_uuid: str) -> None:
         """Nothing exists here, so there is nothing to destroy."""
+
+    async def reclaim(self, held: Collection[str]) -> None:
+        """Nothing exists here, so there is nothing to reclaim."""
 
     async def close(self) -> None:
         return None

@@ -49,6 +49,14 @@ class ContainerInfo:
     ssh_port: int = 22  # where the container's sshd listens on ``ip``
 
 
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """How a command run in a container ended, and what it wrote (stdout and stderr)."""
+
+    exit_code: int
+    output: str
+
+
 class Runtime(Protocol):
     """Create, start, inspect and remove session containers.
 
@@ -88,6 +96,13 @@ class Runtime(Protocol):
 
     async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
         """Start ``argv`` in the container as ``user`` ("uid:gid"), without waiting."""
+        ...
+
+    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+        """Run ``argv`` in the container as ``user`` ("uid:gid") and wait for it to end.
+
+        The caller bounds the time (e.g. with ``asyncio.timeout``).
+        """
         ...
 
     async def close(self) -> None: ...

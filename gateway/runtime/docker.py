@@ -23,6 +23,7 @@ from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
+    CommandResult,
     ContainerFile,
     ContainerInfo,
     ContainerSpec,
@@ -222,3 +223,17 @@ class DockerRuntime:
             await execution.start(detach=True)
 
         await self._call(f"exec in container {container_id[:12]}", run)
+
+    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+        container = self._docker.containers.container(container_id)
+
+        async def go() -> CommandResult:
+            execution = await container.exec(argv, stdout=True, stderr=True, user=user)
+            chunks: list[bytes] = []
+            async with execution.start(detach=False) as stream:
+                while (message := await stream.read_out()) is not None:
+                    chunks.append(message.data)
+            exit_code = (await execution.inspect())["ExitCode"]
+            return CommandResult(exit_code, b"".join(chunks).decode(errors="replace"))
+
+        return await self._call(f"run {argv[0]} in container {container_id[:12]}", go)

@@ -46,10 +46,10 @@ def make_client(aiohttp_client, tmp_path, runtime, clock, monkeypatch):
         lambda path, uid: path.mkdir(parents=True, exist_ok=True),
     )
 
-    async def make(**overrides):
+    async def make(gpu_factory=NoneBackend, **overrides):
         config = unit_config(tmp_path, **overrides)
         app = create_app(
-            config, runtime_factory=lambda: runtime, gpu_factory=NoneBackend, clock=clock
+            config, runtime_factory=lambda: runtime, gpu_factory=gpu_factory, clock=clock
         )
         client = await aiohttp_client(app, headers={"Authorization": f"Bearer {TOKEN}"})
         return client
