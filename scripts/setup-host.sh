@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install what the gateway's venv and the end-to-end tests use (python3-venv, ssh,
-# ssh-keygen, sshpass)
-# on a Debian/Ubuntu machine, as root. Idempotent: installs only what is missing.
+# Install what the gateway's venv and the tests use (python3-venv, ssh, ssh-keygen, sshpass,
+# and Chromium for the admin page's browser test, driven by Playwright without a browser
+# download) on a Debian/Ubuntu machine, as root. Idempotent: installs only what is missing.
 # The Docker engine itself is scripts/setup-docker.sh.
 set -euo pipefail
 
@@ -9,6 +9,7 @@ pkgs=()
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || pkgs+=(openssh-client)
 command -v sshpass >/dev/null 2>&1 || pkgs+=(sshpass)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3-venv)
+command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
 
 if [ ${#pkgs[@]} -eq 0 ]; then
   echo "host tools already installed"
