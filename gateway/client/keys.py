@@ -4,6 +4,7 @@ known-hosts line, and the ``ssh`` command line or ``~/.ssh/config`` block that u
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,14 @@ def remember_known_hosts(env: Mapping[str, str], lines: str) -> Path:
 
 
 def ssh_host(session: Mapping[str, Any], url: str) -> str:
-    """The host users ssh to: the API's ``ssh_host``, else the host of the gateway URL."""
-    return session.get("ssh_host") or urlsplit(url).hostname or "localhost"
+    """The host users ssh to: the API's ``ssh_host``, else the one in its ``ssh_command``
+    (``ssh ... user@host``), else the host of the gateway URL."""
+    if session.get("ssh_host"):
+        return session["ssh_host"]
+    targets = [word for word in shlex.split(session.get("ssh_command") or "") if "@" in word]
+    if targets:
+        return targets[-1].rpartition("@")[2]
+    return urlsplit(url).hostname or "localhost"
 
 
 def _options(env: Mapping[str, str], session: Mapping[str, Any]) -> list[tuple[str, str]]:
