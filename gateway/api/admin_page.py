@@ -9,7 +9,7 @@ from aiohttp import web
 
 UI_DIR = Path(__file__).parents[1] / "ui"
 PREFIX = "/ui"
-ASSETS = frozenset({"app.js", "style.css"})
+ASSETS = frozenset({"app.js", "style.css", "favicon.svg"})
 HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "

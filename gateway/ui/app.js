@@ -31,7 +31,14 @@ function say(text) {
 }
 
 function localTime(value) {
-  return value ? new Date(value).toLocaleString() : "-";
+  if (!value) return "-";
+  const t = new Date(value);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${t.getFullYear()}-${pad(t.getMonth() + 1)}-${pad(t.getDate())} ${pad(t.getHours())}:${pad(t.getMinutes())}:${pad(t.getSeconds())}`;
+}
+
+function time(value) {
+  return el("td", { class: "time" }, localTime(value));
 }
 
 function span(seconds) {
@@ -198,8 +205,8 @@ async function refreshHistory() {
   $("connections-body").replaceChildren(
     ...data.connections.map((c) =>
       row(
-        localTime(c.started_at),
-        c.ended_at ? localTime(c.ended_at) : "live",
+        time(c.started_at),
+        c.ended_at ? time(c.ended_at) : "live",
         `${c.client_addr}:${c.client_port}`,
         el("code", {}, c.client_banner ?? "-"),
         el("code", {}, c.server_banner ?? "-"),
@@ -350,7 +357,7 @@ async function refreshAudit() {
   $("audit-body").replaceChildren(
     ...data.events.map((e) =>
       row(
-        localTime(e.at),
+        time(e.at),
         e.event,
         e.user_id ?? "-",
         e.session_id ? e.session_id.slice(0, 8) : "-",
