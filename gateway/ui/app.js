@@ -227,6 +227,9 @@ async function refreshProfiles() {
   const select = $("create-profile");
   const chosen = select.value;
   const names = [...new Set(profiles.profiles.map((p) => p.name))];
+  const shown = JSON.stringify([names, free, available.count]);
+  if (select.dataset.shown === shown) return; // an open list is left alone
+  select.dataset.shown = shown;
   select.replaceChildren(
     el("option", { value: "" }, `Default (${available.count} free slices)`),
     ...names.map((name) => el("option", { value: name }, `${name} (${free[name] || 0} free)`)),
@@ -259,6 +262,12 @@ function keyFile(created) {
   return `sandman-${created.ssh_user}-${created.ssh_port}.key`;
 }
 
+function showOptional(id, text) {
+  $(id).textContent = text || "";
+  $(id).parentElement.hidden = !text;
+  $(`${id}-label`).hidden = !text;
+}
+
 function showCreated(created) {
   pendingKey = created.ssh_private_key ? { text: created.ssh_private_key, name: keyFile(created) } : null;
   const target = `${created.ssh_user}@${created.ssh_host}`;
@@ -268,9 +277,8 @@ function showCreated(created) {
   $("created-title").textContent = `Session for ${created.ssh_user} is ready`;
   $("created-ssh").textContent = command;
   $("created-expires").textContent = localTime(created.expires_at);
-  $("created-password").textContent = created.ssh_password || "";
-  $("created-password").parentElement.hidden = !created.ssh_password;
-  $("created-password-label").hidden = !created.ssh_password;
+  showOptional("created-password", created.ssh_password);
+  showOptional("created-known", created.ssh_known_hosts);
   $("created-key").hidden = pendingKey === null;
   $("created-key").disabled = false;
   $("created-key").textContent = "Download private key";
@@ -295,7 +303,7 @@ function downloadKey() {
 function closeCreated() {
   pendingKey = null;
   $("created").hidden = true;
-  $("created-password").textContent = "";
+  showOptional("created-password", "");
   $("create-user").focus();
 }
 
