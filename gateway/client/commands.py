@@ -217,7 +217,7 @@ async def session_connections(api: Api, args: argparse.Namespace, io: Io) -> int
 async def session_ssh(api: Api, args: argparse.Namespace, io: Io) -> int:
     session = await api.find_session(args.session)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    argv = ssh_argv(io.env, session, api.url, command)
+    argv = ssh_argv(io.env, session, api.url, command, options=args.ssh_options)
     return await asyncio.to_thread(_run, argv, io.env)
 
 

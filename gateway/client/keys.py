@@ -80,11 +80,19 @@ def _options(env: Mapping[str, str], session: Mapping[str, Any]) -> list[tuple[s
 
 
 def ssh_argv(
-    env: Mapping[str, str], session: Mapping[str, Any], url: str, command: Sequence[str] = ()
+    env: Mapping[str, str],
+    session: Mapping[str, Any],
+    url: str,
+    command: Sequence[str] = (),
+    *,
+    options: Sequence[str] = (),
 ) -> list[str]:
-    """The ``ssh`` command line that logs in to ``session`` (and runs ``command``, if any)."""
+    """The ``ssh`` command line that logs in to ``session`` (and runs ``command``, if any);
+    ``options`` are further ``-o`` options, which take precedence (ssh keeps the first)."""
     user = session.get("user_id") or session["ssh_user"]
     argv = ["ssh", "-p", str(session["ssh_port"])]
+    for option in options:
+        argv += ["-o", option]
     for name, value in _options(env, session):
         argv += ["-o", f"{name}={value}"] if name != "IdentityFile" else ["-i", value]
     return [*argv, f"{user}@{ssh_host(session, url)}", *command]

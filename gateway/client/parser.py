@@ -88,6 +88,14 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     ssh = command(
         actions, "ssh", commands.session_ssh, "ssh into a session with its saved key", json=False
     )
+    ssh.add_argument(
+        "-o",
+        dest="ssh_options",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an ssh option, e.g. -o ForwardAgent=yes (repeatable; before ID|USER)",
+    )
     ssh.add_argument("session", metavar="ID|USER", help=ref)
     ssh.add_argument("command", nargs=argparse.REMAINDER, help="-- and a command to run")
 

@@ -170,11 +170,13 @@ async def test_session_commands(cli, tmp_path):
     (stub / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nexit 3\n')
     (stub / "ssh").chmod(0o755)
     env = {**cli.env, "PATH": f"{stub}:{cli.env['PATH']}"}
-    rc, _, _ = await cli("session", "ssh", "alice", "--", "uname", "-a", env=env)
+    rc, _, _ = await cli("session", "ssh", "-o", "A=b", "alice", "--", "uname", "-a", env=env)
     assert rc == 3  # ssh's own exit status
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv == ["-p", "15000", "-i", str(key), "-o", "IdentitiesOnly=yes", "alice@127.0.0.1",
-                    "uname", "-a"]  # fmt: skip
+    assert argv == ["-p", "15000", "-o", "A=b", "-i", str(key), "-o", "IdentitiesOnly=yes",
+                    "alice@127.0.0.1", "uname", "-a"]  # fmt: skip
+    rc, _, err = await cli("session", "ssh", "alice", env={**env, "PATH": str(tmp_path / "no")})
+    assert rc == 1 and "ssh is not installed" in err
 
     rc, out, _ = await cli("session", "delete", "alice")
     assert rc == 0 and out == f"session {alice['id']} deleted\n"
