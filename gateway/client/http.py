@@ -77,19 +77,25 @@ class Api:
         return await self.call("GET", "/sessions")
 
     async def find_session(self, ref: str) -> dict[str, Any]:
-        """The live session whose id is ``ref``, else the only one of user ``ref``.
+        """The live session named by ``ref`` (see :func:`pick_session`).
 
         Raises:
-            ApiError: none matches (``session_not_found``) or several do (``ambiguous``).
+            ApiError: none matches or several do, or the list could not be had.
         """
-        sessions = await self.sessions()
-        by_id = [s for s in sessions if s["id"] == ref]
-        matches = by_id or [s for s in sessions if s["user_id"] == ref]
-        if not matches:
-            raise ApiError(f"no live session with id or user {ref!r}", "session_not_found", 404)
-        if len(matches) > 1:
-            ids = ", ".join(s["id"] for s in matches)
-            raise ApiError(
-                f"user {ref!r} has several sessions ({ids}): name one by id", "ambiguous"
-            )
-        return matches[0]
+        return pick_session(await self.sessions(), ref)
+
+
+def pick_session(sessions: list[dict[str, Any]], ref: str) -> dict[str, Any]:
+    """The session whose id is ``ref``, else the only one of user ``ref``.
+
+    Raises:
+        ApiError: none matches (``session_not_found``) or several do (``ambiguous``).
+    """
+    by_id = [s for s in sessions if s["id"] == ref]
+    matches = by_id or [s for s in sessions if s["user_id"] == ref]
+    if not matches:
+        raise ApiError(f"no live session with id or user {ref!r}", "session_not_found", 404)
+    if len(matches) > 1:
+        ids = ", ".join(s["id"] for s in matches)
+        raise ApiError(f"user {ref!r} has several sessions ({ids}): name one by id", "ambiguous")
+    return matches[0]

@@ -123,6 +123,11 @@ async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_p
     await page.get_by_label("API token").press("Enter")
     await expect(page.locator("#app")).to_be_visible()
     console_errors.clear()  # the refused token's 401 was expected
+    unlabelled = await page.evaluate(
+        """[...document.querySelectorAll("input, select, textarea")]
+             .filter((e) => e.labels.length === 0).map((e) => e.id)"""
+    )
+    assert unlabelled == []
 
     # create through the form, with a profile chosen from what the GPUs offer
     await page.get_by_label("User").fill("alice")
