@@ -45,7 +45,8 @@ def _read_public_keys(files: list[Path]) -> list[str]:
     """Every key line of the given files (``#`` comments and blank lines skipped).
 
     Raises:
-        ApiError: a file cannot be read (code ``invalid_public_key``).
+        ApiError: a file cannot be read, or holds a private key, which is never sent
+            (code ``invalid_public_key``).
     """
     lines: list[str] = []
     for path in files:
@@ -53,6 +54,11 @@ def _read_public_keys(files: list[Path]) -> list[str]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ApiError(f"cannot read {path}: {exc}", "invalid_public_key") from None
+        if "PRIVATE KEY" in text:
+            raise ApiError(
+                f"{path} is a private key: give its .pub file (nothing was sent)",
+                "invalid_public_key",
+            )
         lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     return lines
 

@@ -5,6 +5,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -117,7 +118,8 @@ async def test_session_commands(cli, tmp_path):
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
     assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
-    assert f"ssh -p 15000 -i {key} -o IdentitiesOnly=yes alice@gpu01.test" in out
+    port = re.search(r"ssh -p (\d+) ", out).group(1)  # the lowest free port of the range
+    assert f"ssh -p {port} -i {key} -o IdentitiesOnly=yes alice@gpu01.test" in out
     assert "(shown this once)" in out and "expires:" in out and "(in 29m" in out
 
     bob = await cli.json("session", "create", "bob")
@@ -130,8 +132,8 @@ async def test_session_commands(cli, tmp_path):
         "ID", "USER", "PORT", "GPU/PROFILE", "STATE", "EXPIRES", "IN", "CONNECTIONS"
     ]  # fmt: skip
     assert [r.split()[1:5] for r in rows] == [
-        ["alice", "15000", "-", "running"],
-        ["bob", "15001", "-", "running"],
+        ["alice", port, "-", "running"],
+        ["bob", str(bob["ssh_port"]), "-", "running"],
     ]
     listed = await cli.json("session", "list")
     assert [s["user_id"] for s in listed] == ["alice", "bob"]
@@ -160,7 +162,7 @@ async def test_session_commands(cli, tmp_path):
     assert out.splitlines()[:4] == [
         "Host sandman-alice",
         "    HostName 127.0.0.1",
-        "    Port 15000",
+        f"    Port {port}",
         "    User alice",
     ]
     assert f"    IdentityFile {key}" in out
@@ -173,7 +175,7 @@ async def test_session_commands(cli, tmp_path):
     rc, _, _ = await cli("session", "ssh", "-o", "A=b", "alice", "--", "uname", "-a", env=env)
     assert rc == 3  # ssh's own exit status
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv == ["-p", "15000", "-o", "A=b", "-i", str(key), "-o", "IdentitiesOnly=yes",
+    assert argv == ["-p", port, "-o", "A=b", "-i", str(key), "-o", "IdentitiesOnly=yes",
                     "alice@127.0.0.1", "uname", "-a"]  # fmt: skip
     rc, _, err = await cli("session", "ssh", "alice", env={**env, "PATH": str(tmp_path / "no")})
     assert rc == 1 and "ssh is not installed" in err
@@ -211,6 +213,8 @@ async def test_create_with_public_key_saves_no_private_key(cli, tmp_path):
 
 
 async def test_errors_print_the_api_message_and_code(cli, tmp_path):
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...\n")
     for argv, code in [
         (["session", "create", "Root!"], "invalid_user_id"),
         (["session", "create", "root"], "invalid_user_id"),
@@ -218,6 +222,7 @@ async def test_errors_print_the_api_message_and_code(cli, tmp_path):
         (["session", "create", "erin", "--image", "evil/miner"], "image_not_allowed"),
         (["session", "create", "erin", "--public-key", str(tmp_path / "none")],
          "invalid_public_key"),
+        (["session", "create", "erin", "--public-key", str(private)], "invalid_public_key"),
         (["session", "show", "nobody"], "session_not_found"),
         (["session", "extend", "nobody", "5"], "session_not_found"),
         (["session", "delete", "nobody"], "session_not_found"),
