@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 .PHONY: run test setup host venv images unit e2e lint bench clean
 
 run: setup images
-	$(BIN)/sandman serve --state-dir $(STATE) --workspace-root $(STATE)/workspaces
+	$(BIN)/sandman serve --state-dir $(STATE) --workspace-root $(STATE)/workspaces \
+	    --ssh-host-alias 127.0.0.1 --ssh-host-alias localhost
 
 test: setup images lint
 	$(BIN)/pytest -ra $(PYTEST_ARGS) tests

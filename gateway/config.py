@@ -23,6 +23,7 @@ class Config:
     port: int = 8080
     ssh_bind: str = "0.0.0.0"
     public_host: str = field(default_factory=socket.gethostname)
+    ssh_host_aliases: tuple[str, ...] = ()
     state_dir: Path = Path("/var/lib/orchestrator")
     db: Path | None = None
     workspace_root: Path = Path("/srv/workspaces")
@@ -61,8 +62,23 @@ class Config:
         return self.audit_log if self.audit_log is not None else self.state_dir / "audit.log"
 
     @property
+    def ssh_hosts(self) -> tuple[str, ...]:
+        """Every name or address users may type for this host: the host certificate's
+        principals and the known_hosts line's patterns."""
+        return tuple(dict.fromkeys((self.public_host, *self.ssh_host_aliases)))
+
+    @property
     def token_path(self) -> Path:
         return self.api_token_file or self.state_dir / "api-token"
+
+
+def _valid_ssh_host(host: str) -> bool:
+    """A name or address that fits a known_hosts pattern and a certificate principal."""
+    return (
+        bool(host)
+        and len(host) <= 253
+        and all(c.isascii() and (c.isalnum() or c in ".-:_") for c in host)
+    )
 
 
 def _env_name(option: str) -> str:
@@ -124,6 +140,10 @@ def build_parser(
     opt("--port", "REST API port", default=d.port, type_=int)
     opt("--ssh-bind", "address the session SSH listeners bind", default=d.ssh_bind)
     opt("--public-host", "host name returned to users as ssh_host", default=d.public_host)
+    multi(
+        "--ssh-host-alias",
+        "another name or address users may type for this host (put in host certificates)",
+    )
     opt(
         "--state-dir",
         "folder for the database and the generated API token",
@@ -234,6 +254,10 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         raise ValueError("--default-ttl-minutes must be between 1 and --max-ttl-minutes")
     if args.reap_interval <= 0 or args.start_timeout <= 0:
         raise ValueError("--reap-interval and --start-timeout must be positive")
+    hosts = [args.public_host, *args.ssh_host_alias]
+    bad = [h for h in hosts if not _valid_ssh_host(h)]
+    if bad:
+        raise ValueError(f"not a host name or address: {', '.join(map(repr, bad))}")
     if args.max_connections_per_session < 1:
         raise ValueError("--max-connections-per-session must be at least 1")
     warnings = tuple(parse_duration(w) for w in args.expiry_warning) or DEFAULT_EXPIRY_WARNINGS
@@ -246,6 +270,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         port=args.port,
         ssh_bind=args.ssh_bind,
         public_host=args.public_host,
+        ssh_host_aliases=tuple(args.ssh_host_alias),
         state_dir=args.state_dir,
         db=args.db,
         workspace_root=args.workspace_root,

@@ -36,6 +36,11 @@ class InvalidTtl(GatewayError):
     status = 400
 
 
+class InvalidPublicKey(GatewayError):
+    code = "invalid_public_key"
+    status = 400
+
+
 class UnknownMigProfile(GatewayError):
     code = "unknown_mig_profile"
     status = 400

@@ -28,6 +28,15 @@ class SessionState(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class User:
+    """A user the gateway has seen: a stable uid, and the port last given (sticky)."""
+
+    user_id: str
+    uid: int
+    ssh_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Session:
     id: str
     user_id: str
@@ -44,6 +53,7 @@ class Session:
     gpu_uuid: str | None = None
     mig_profile: str | None = None
     gpu_created: bool = False  # a MIG instance this gateway created for the session
+    authorized_keys: tuple[str, ...] = ()  # public keys that may log in ("type base64")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +65,15 @@ class CreateRequest:
     image: str
     mig_profile: str | None = None
     mig_instance_uuid: str | None = None
+    public_keys: tuple[str, ...] = ()  # the caller's own keys; none: a key pair is generated
 
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """Per-session login secrets. Only the public parts ever reach the container or disk."""
 
-    private_key: str  # OpenSSH PEM, returned once
-    public_key: str  # authorized_keys line
+    private_key: str | None  # OpenSSH PEM, returned once; None when the caller brought keys
+    public_keys: tuple[str, ...]  # "type base64" lines for authorized_keys
     password: str  # returned once
     password_hash: str  # crypt(3) hash given to the container
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from gateway import credentials
+from gateway import session_files
 from gateway.config import Config
 from gateway.core import ttl
 from gateway.errors import (
@@ -41,19 +41,24 @@ from gateway.models import (
     Credentials,
     Session,
     SessionState,
+    User,
     rfc3339,
+    utcnow,
 )
 from gateway.relay import RelayLimits, SessionListener
 from gateway.relay.audit import Audit
-from gateway.relay.probe import read_banner
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
     LABEL_USER,
     SSHD_CAPABILITIES,
+    ContainerFile,
     ContainerSpec,
     Runtime,
 )
+from gateway.ssh.credentials import new_credentials
+from gateway.ssh.identity import HostIdentity
+from gateway.ssh.probe import Probe, probe_sshd
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -84,10 +89,12 @@ class SessionManager:
         gpus: GpuAllocator,
         audit: Audit,
         metrics: Metrics,
+        identity: HostIdentity,
         instance_id: str,
         clock: Clock,
     ) -> None:
         self._config = config
+        self._identity = identity
         self._store = store
         self._runtime = runtime
         self._gpus = gpus
@@ -139,9 +146,9 @@ class SessionManager:
                 timeout; container, port, GPU and row were released.
         """
         started = time.monotonic()
-        creds = await asyncio.to_thread(credentials.new_credentials, f"sandman:{request.user_id}")
+        creds = await asyncio.to_thread(new_credentials, request.public_keys)
         async with contextlib.AsyncExitStack() as undo:
-            session, listener = await self._reserve(request, undo)
+            session, listener = await self._reserve(request, creds.public_keys, undo)
             try:
                 async with asyncio.timeout(self._config.start_timeout):
                     session = await self._start_container(session, creds, listener, undo)
@@ -163,22 +170,25 @@ class SessionManager:
         return CreatedSession(session=session, credentials=creds)
 
     async def _reserve(
-        self, request: CreateRequest, undo: contextlib.AsyncExitStack
+        self,
+        request: CreateRequest,
+        authorized_keys: tuple[str, ...],
+        undo: contextlib.AsyncExitStack,
     ) -> tuple[Session, SessionListener]:
         """Reserve user uid, GPU, port and row atomically with respect to other creates."""
         session_id = str(uuid.uuid4())
         now = self._clock().replace(microsecond=0)  # so the shown expires_at is exact
         async with self._reserve_lock:
-            uid = await self._store.ensure_user(request.user_id, now)
+            user = await self._store.ensure_user(request.user_id, now)
             allocation = await self._gpus.allocate(request, await self._store.allocated_gpus())
             if allocation.created:
                 _push_undo(undo, "GPU release", lambda: self._gpus.release(allocation))
-            listener = await self._bind_free_port(session_id, request.user_id)
+            listener = await self._bind_free_port(session_id, user)
             _push_undo(undo, "listener close", listener.close)
             session = Session(
                 id=session_id,
                 user_id=request.user_id,
-                uid=uid,
+                uid=user.uid,
                 ssh_port=listener.port,
                 image=request.image,
                 workspace=str(self._config.workspace_root / request.user_id),
@@ -188,6 +198,7 @@ class SessionManager:
                 gpu_uuid=allocation.uuid,
                 mig_profile=allocation.profile,
                 gpu_created=allocation.created,
+                authorized_keys=authorized_keys,
             )
             await self._store.insert_session(session)
             _push_undo(undo, "row delete", lambda: self._store.delete_session(session_id))
@@ -198,10 +209,16 @@ class SessionManager:
             session_id, user_id, port, limits=self._limits, observer=self._audit, clock=self._clock
         )
 
-    async def _bind_free_port(self, session_id: str, user_id: str) -> SessionListener:
+    async def _bind_free_port(self, session_id: str, user: User) -> SessionListener:
+        """Bind the user's sticky port if it is free, else the lowest port no other user
+        calls theirs, else (the pool forces it) another user's."""
         held = await self._store.held_ports()
-        for port in self._config.ssh_ports.candidates(held):
-            listener = self._listener(session_id, user_id, port)
+        claimed = await self._store.claimed_ports(except_user=user.user_id)
+        candidates = self._config.ssh_ports.candidates(
+            held, preferred=user.ssh_port, claimed=claimed
+        )
+        for port in candidates:
+            listener = self._listener(session_id, user.user_id, port)
             try:
                 await listener.bind(self._config.ssh_bind)
             except OSError:
@@ -220,31 +237,46 @@ class SessionManager:
     ) -> Session:
         workspace = Path(session.workspace)
         await asyncio.to_thread(_prepare_workspace, workspace, session.uid)
-        spec = self._container_spec(session, creds)
+        spec = self._container_spec(session)
         container_id = await self._runtime.create(spec)
         _push_undo(undo, "container remove", lambda: self._runtime.remove(container_id))
         await self._store.set_container(session.id, container_id)
+        await self._runtime.put_files(container_id, self._container_files(session, creds))
         info = await self._runtime.start(container_id, self._config.docker_network)
         if info.ip is None:
             raise ContainerStartFailed(
                 f"the session container has no address on network {self._config.docker_network}"
             )
+        await self._wait_ready(session, container_id, (info.ip, info.ssh_port))
         listener.set_upstream(info.ip, info.ssh_port)
-        await self._wait_ready(listener, container_id)
         await self._store.mark_running(session.id, container_id, info.ip)
         self._listeners[session.id] = listener
         return replace(
             session, state=SessionState.RUNNING, container_id=container_id, container_ip=info.ip
         )
 
-    def _container_spec(self, session: Session, creds: Credentials) -> ContainerSpec:
+    def _container_files(self, session: Session, creds: Credentials) -> list[ContainerFile]:
+        """Host key and certificate, expiring authorized keys, password hash, session facts."""
+        issued = utcnow()  # clients check validity against their wall clocks, so use ours
+        keys = self._identity.certify(
+            session.user_id,
+            session.id,
+            valid_after=issued - session_files.CERT_BACKDATE,
+            valid_before=issued
+            + timedelta(minutes=self._config.max_ttl_minutes)
+            + session_files.CERT_MARGIN,
+        )
+        files = session_files.host_key_files(keys)
+        if self._config.ssh_password_auth:
+            files.append(session_files.password_file(creds.password_hash))
+        return files + session_files.expiring_files(session, self._config)
+
+    def _container_spec(self, session: Session) -> ContainerSpec:
         user = session.user_id
         env = {
             "SANDMAN_USER": user,
             "SANDMAN_UID": str(session.uid),
             "SANDMAN_GID": str(session.uid),
-            "SANDMAN_AUTHORIZED_KEY": creds.public_key,
-            "SANDMAN_PASSWORD_HASH": creds.password_hash,
             "SANDMAN_PASSWORD_AUTH": "yes" if self._config.ssh_password_auth else "no",
             **self._gpus.container_env(session.gpu_uuid),
         }
@@ -267,17 +299,29 @@ class SessionManager:
             cap_add=SSHD_CAPABILITIES,
         )
 
-    async def _wait_ready(self, listener: SessionListener, container_id: str) -> None:
-        """Return once an SSH banner is readable through the session port.
+    async def _wait_ready(
+        self, session: Session, container_id: str, address: tuple[str, int]
+    ) -> None:
+        """Return once the container's own sshd answers on ``address`` with this session's
+        certified host key (checked directly, not through the session port, so no user
+        connection is recorded).
 
         Raises:
-            ContainerStartFailed: the container exited before answering.
+            ContainerStartFailed: the container exited before answering, or another
+                SSH server answered at its address.
         """
-        host = _loopback_for(self._config.ssh_bind)
+        known_hosts = self._identity.session_known_hosts(session.id)
+        alias = self._identity.session_principal(session.id)
         while True:
-            banner = await read_banner(host, listener.port)
-            if banner is not None:
+            probe = await probe_sshd(*address, known_hosts=known_hosts, alias=alias)
+            if probe is Probe.READY:
                 return
+            if probe is Probe.WRONG_HOST:
+                raise ContainerStartFailed(
+                    "an SSH server without this session's host key answered at the "
+                    "container's address",
+                    log_message=f"container {container_id[:12]} at {address}: wrong host key",
+                )
             info = await self._runtime.inspect(container_id, self._config.docker_network)
             if info is None or not info.running:
                 tail = await self._runtime.logs(container_id)
@@ -311,8 +355,11 @@ class SessionManager:
         except ValueError as exc:
             raise InvalidTtl(str(exc)) from None
         expires = ttl.expires_at(session.created_at, total)
-        await self._store.update_ttl(session.id, total, expires)
         updated = replace(session, ttl_seconds=total, expires_at=expires)
+        if session.container_id:  # authorized keys expire with the session: move them first
+            files = session_files.expiring_files(updated, self._config)
+            await self._runtime.put_files(session.container_id, files)
+        await self._store.update_ttl(session.id, total, expires)
         timer = self._timers.pop(session.id, None)
         if timer is not None:
             timer.cancel()
@@ -507,11 +554,3 @@ def _prepare_workspace(path: Path, uid: int) -> None:
     if (stat.st_uid, stat.st_gid) != (uid, uid):
         os.chown(path, uid, uid)
     path.chmod(0o750)
-
-
-def _loopback_for(bind: str) -> str:
-    if bind in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if bind == "::":
-        return "::1"
-    return bind

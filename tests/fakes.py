@@ -1,18 +1,23 @@
 """Test doubles for what unit tests cannot have: Docker, GPUs and the wall clock.
 
-``FakeRuntime`` runs, per "container", a tiny TCP server on loopback that greets
-like sshd, so the real relay and readiness probe are exercised without Docker.
+``FakeRuntime`` runs, per "container", a real SSH server (asyncssh) on loopback that
+offers the host key and certificate the gateway copied into the container, so the real
+relay and readiness check are exercised without Docker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import asyncssh
+
 from gateway.errors import ContainerStartFailed, DockerUnavailable
-from gateway.runtime.base import LABEL_INSTANCE, ContainerInfo, ContainerSpec
+from gateway.runtime.base import LABEL_INSTANCE, ContainerFile, ContainerInfo, ContainerSpec
+from gateway.session_files import HOST_KEY
 
 
 class Clock:
@@ -35,11 +40,24 @@ class FakeContainer:
     running: bool = False
     server: asyncio.Server | None = None
     port: int = 0
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def host_key(self) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
+        key = asyncssh.import_private_key(self.files[HOST_KEY])
+        return key, asyncssh.import_certificate(self.files[HOST_KEY + "-cert.pub"])
+
+
+def _stranger_host_key() -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
+    """A host key certified by some other CA, for principals the gateway also asks for."""
+    ca, key = (asyncssh.generate_private_key("ssh-ed25519") for _ in range(2))
+    cert = ca.generate_host_certificate(key, "stranger", principals=["*"], valid_before=2**40)
+    return key, cert
 
 
 @dataclass
 class FakeRuntime:
-    """In-memory containers. ``mode``: "ok", "never_ready", "crash" or "fail_create"."""
+    """In-memory containers. ``mode``: "ok", "never_ready", "crash", "fail_create" or
+    "wrong_host_key" (an SSH server answers, but not with the session's host key)."""
 
     mode: str = "ok"
     reachable: bool = True
@@ -68,19 +86,15 @@ class FakeRuntime:
         self.containers[cid] = FakeContainer(spec=spec, id=cid)
         return cid
 
-    async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"SSH-2.0-FakeSSH\r\n")
-        await writer.drain()
-        while await reader.read(1024):
-            pass
-        writer.close()
-
     async def start(self, container_id: str, network: str) -> ContainerInfo:
         self._check()
         container = self.containers[container_id]
         container.running = self.mode != "crash"
-        if self.mode == "ok" and container.server is None:
-            container.server = await asyncio.start_server(self._greet, "127.0.0.1", 0)
+        if self.mode in ("ok", "wrong_host_key") and container.server is None:
+            host_key = container.host_key() if self.mode == "ok" else _stranger_host_key()
+            container.server = await asyncssh.create_server(
+                asyncssh.SSHServer, "127.0.0.1", 0, server_host_keys=[host_key]
+            )
             container.port = container.server.sockets[0].getsockname()[1]
         info = await self.inspect(container_id, network)
         assert info is not None
@@ -107,6 +121,10 @@ class FakeRuntime:
             self.removed.append(container_id)
             if container.server is not None:
                 container.server.close()
+
+    async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
+        self._check()
+        self.containers[container_id].files.update({f.path: f.content for f in files})
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
         infos = [await self.inspect(cid, network) for cid in list(self.containers)]

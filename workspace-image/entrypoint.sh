@@ -7,9 +7,14 @@
 #   SANDMAN_USER            Linux user name, ^[a-z_][a-z0-9_-]{0,31}$       (required)
 #   SANDMAN_UID             user id, 10000..2147483647                      (required)
 #   SANDMAN_GID             primary group id, 10000..2147483647             (required)
-#   SANDMAN_AUTHORIZED_KEY  one OpenSSH public key line                     (required)
-#   SANDMAN_PASSWORD_HASH   crypt(3) hash, e.g. bcrypt $2b$...; empty = no password
-#   SANDMAN_PASSWORD_AUTH   yes|no (default no); yes needs SANDMAN_PASSWORD_HASH
+#   SANDMAN_PASSWORD_AUTH   yes|no (default no); yes needs the password hash file
+# Files (copied in by the gateway before start; secrets root-only, never in the env):
+#   /etc/ssh/ssh_host_ed25519_key{,.pub,-cert.pub}  the user's host key and this
+#                           session's certificate from the gateway's host CA (required)
+#   /etc/ssh/authorized_keys/$SANDMAN_USER  keys that may log in, each with an
+#                           expiry-time= option (the session's end)          (required)
+#   /etc/sandman/password-hash  crypt(3) hash, e.g. bcrypt $2b$...; absent = no password
+#   /etc/sandman/session.json   facts about the session (user, expiry, GPU)
 # The home /home/$SANDMAN_USER is expected to be a bind mount already owned by
 # uid:gid; it is never chowned, and /etc/skel files are only added if absent.
 set -euo pipefail
@@ -20,9 +25,11 @@ log() { echo "sandman-entrypoint: $*" >&2; }
 user="${SANDMAN_USER:-}"
 uid="${SANDMAN_UID:-}"
 gid="${SANDMAN_GID:-}"
-key="${SANDMAN_AUTHORIZED_KEY:-}"
-hash="${SANDMAN_PASSWORD_HASH:-}"
 pwauth="${SANDMAN_PASSWORD_AUTH:-no}"
+host_key=/etc/ssh/ssh_host_ed25519_key
+hash_file=/etc/sandman/password-hash
+hash=""
+[[ -f "$hash_file" ]] && hash="$(<"$hash_file")"
 
 # --- validate ---------------------------------------------------------------
 [[ -n "$user" ]] || die "SANDMAN_USER is not set"
@@ -34,25 +41,23 @@ for v in uid gid; do
   [[ "$n" =~ ^[1-9][0-9]{0,9}$ ]] && (( n >= 10000 && n <= 2147483647 )) \
     || die "SANDMAN_${v^^} '$n' must be a number from 10000 to 2147483647"
 done
-[[ -n "$key" ]] || die "SANDMAN_AUTHORIZED_KEY is not set"
-[[ "$key" =~ ^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com)\ [A-Za-z0-9+/]+={0,3}(\ [[:print:]]*)?$ ]] \
-  || die "SANDMAN_AUTHORIZED_KEY is not a single OpenSSH public key line"
-ssh-keygen -l -f - <<<"$key" >/dev/null 2>&1 \
-  || die "SANDMAN_AUTHORIZED_KEY is not a valid public key"
+for f in "$host_key" "$host_key-cert.pub" "/etc/ssh/authorized_keys/$user"; do
+  [[ -s "$f" ]] || die "$f is missing (the gateway copies it in before start)"
+done
 if [[ -n "$hash" ]]; then
   [[ "$hash" =~ ^\$[a-z0-9]{1,3}\$[A-Za-z0-9./\$=,]+$ ]] \
-    || die "SANDMAN_PASSWORD_HASH is not a crypt(3) hash"
+    || die "$hash_file does not hold a crypt(3) hash"
   # Make sure this libcrypt knows the scheme (else every login would fail);
   # bcrypt is probed at cost 04, not the hash's own (~0.2 s at cost 12).
   probe="$hash"
   [[ "$hash" =~ ^\$2[abxy]\$[0-9]{2}\$ ]] && probe="${hash:0:4}04${hash:6}"
   if command -v perl >/dev/null; then
     H="$probe" perl -e 'my $c = crypt("probe", $ENV{H}); exit(defined $c && $c =~ /^\$/ ? 0 : 1)' \
-      || die "SANDMAN_PASSWORD_HASH is not a hash this image's libcrypt can check (unknown scheme or malformed)"
+      || die "$hash_file is not a hash this image's libcrypt can check (unknown scheme or malformed)"
   fi
 fi
 case "$pwauth" in
-  yes) [[ -n "$hash" ]] || die "SANDMAN_PASSWORD_AUTH=yes needs SANDMAN_PASSWORD_HASH" ;;
+  yes) [[ -n "$hash" ]] || die "SANDMAN_PASSWORD_AUTH=yes needs $hash_file" ;;
   no) ;;
   *) die "SANDMAN_PASSWORD_AUTH must be yes or no, not '$pwauth'" ;;
 esac
@@ -85,17 +90,8 @@ setpriv --reuid="$uid" --regid="$gid" --clear-groups -- \
   find /etc/skel -mindepth 1 -maxdepth 1 -exec cp -an -t "$home/" {} + \
   || log "warning: could not copy /etc/skel into $home (is it owned by $uid:$gid?)"
 
-# --- ssh: authorized key outside the workspace, host keys, config ------------
-install -d -m 0755 -o root -g root /etc/ssh/authorized_keys /run/sshd
-printf '%s\n' "$key" >"/etc/ssh/authorized_keys/$user.tmp"
-chmod 0644 "/etc/ssh/authorized_keys/$user.tmp"
-mv -f "/etc/ssh/authorized_keys/$user.tmp" "/etc/ssh/authorized_keys/$user"
-
-# Host keys, made per container (none are baked into the image). RSA is skipped:
-# generating it costs ~0.4 s of startup and every current client takes ed25519/ECDSA.
-for t in ed25519 ecdsa; do
-  [[ -s /etc/ssh/ssh_host_${t}_key ]] || ssh-keygen -q -t "$t" -N '' -f "/etc/ssh/ssh_host_${t}_key"
-done
+# --- ssh: keys are the gateway's files (outside the workspace); config -------
+install -d -m 0755 -o root -g root /run/sshd
 
 cat >/etc/ssh/sandman_runtime.conf <<EOF
 # Written by sandman-entrypoint at container start.
@@ -108,6 +104,5 @@ chmod 0644 /etc/ssh/sandman_runtime.conf
 [[ -e /run/utmp ]] || touch /run/utmp
 
 /usr/sbin/sshd -t || die "sshd configuration test failed"
-unset SANDMAN_PASSWORD_HASH SANDMAN_AUTHORIZED_KEY
 log "starting sshd for user $user (uid $uid, gid $gid, password auth $pwauth)"
 exec /usr/sbin/sshd -D -e

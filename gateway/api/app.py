@@ -1,9 +1,9 @@
 """The application factory: every resource is one cleanup-context entry, in dependency order.
 
-Start-up opens the database, resolves the API token, opens the audit trail and metrics,
-connects to Docker (creating the session network), opens the GPU backend, recovers
-sessions (before serving), and starts the TTL sweeper. Shutdown undoes that in
-reverse; sessions and containers stay.
+Start-up opens the database, resolves the API token and the SSH host CA, opens the audit
+trail and metrics, connects to Docker (creating the session network), opens the GPU
+backend, recovers sessions (before serving), and starts the TTL sweeper. Shutdown undoes
+that in reverse; sessions and containers stay.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from gateway.models import utcnow
 from gateway.relay.audit import Audit
 from gateway.runtime.base import Runtime
 from gateway.sessions import Clock, SessionManager
+from gateway.ssh.identity import HostIdentity
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ def create_app(
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(_state_dir, config.state_dir)
         app[keys.API_TOKEN] = await asyncio.to_thread(resolve_api_token, config)
+        app[keys.IDENTITY] = await asyncio.to_thread(
+            HostIdentity.load_or_create, config.state_dir, config.ssh_hosts
+        )
         async with await Store.open(config.db_path) as store:
             app[keys.STORE] = store
             yield
@@ -132,6 +136,7 @@ def create_app(
             gpus=app[keys.GPUS],
             audit=app[keys.AUDIT],
             metrics=app[keys.METRICS],
+            identity=app[keys.IDENTITY],
             instance_id=await app[keys.STORE].instance_id(),
             clock=clock,
         )

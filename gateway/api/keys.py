@@ -10,6 +10,7 @@ from gateway.metrics import Metrics
 from gateway.relay.audit import Audit
 from gateway.runtime.base import Runtime
 from gateway.sessions import SessionManager
+from gateway.ssh.identity import HostIdentity
 from gateway.store import Store
 
 CONFIG = web.AppKey("config", Config)
@@ -20,3 +21,4 @@ GPUS = web.AppKey("gpus", GpuAllocator)
 SESSIONS = web.AppKey("sessions", SessionManager)
 AUDIT = web.AppKey("audit", Audit)
 METRICS = web.AppKey("metrics", Metrics)
+IDENTITY = web.AppKey("identity", HostIdentity)

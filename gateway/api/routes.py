@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
-from gateway.api.keys import CONFIG, GPUS, METRICS, RUNTIME, SESSIONS, STORE
+from gateway.api.keys import CONFIG, GPUS, IDENTITY, METRICS, RUNTIME, SESSIONS, STORE
 from gateway.api.schemas import parse_audit_query, parse_create, parse_patch
 from gateway.api.views import created_view, session_view
 from gateway.errors import SessionNotFound
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import CONTENT_TYPE
+from gateway.models import Session
 from gateway.relay.audit import connection_data, event_data
 
 HEALTH_TIMEOUT = 3.0
@@ -39,39 +41,45 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "healthy", "service": SERVICE})
 
 
+@routes.get("/ssh/known_hosts")
+async def known_hosts(request: web.Request) -> web.Response:
+    """The host CA line for ``~/.ssh/known_hosts`` (public: it holds only a public key)."""
+    return web.Response(text=request.app[IDENTITY].known_hosts_line + "\n")
+
+
+def _view(request: web.Request, session: Session) -> dict[str, Any]:
+    active = request.app[SESSIONS].active_connections(session.id)
+    return session_view(session, active, request.app[CONFIG], request.app[IDENTITY])
+
+
 @routes.post("/sessions")
 async def create_session(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     create = parse_create(await request.read(), config)
     created = await request.app[SESSIONS].create(create)
-    return web.json_response(created_view(created, config), status=201)
+    return web.json_response(created_view(created, config, request.app[IDENTITY]), status=201)
 
 
 @routes.get("/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
-    manager = request.app[SESSIONS]
-    return web.json_response(
-        [session_view(s, manager.active_connections(s.id)) for s in await manager.list()]
-    )
+    return web.json_response([_view(request, s) for s in await request.app[SESSIONS].list()])
 
 
 @routes.get("/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
-    manager = request.app[SESSIONS]
-    session = await manager.get(request.match_info["session_id"])
-    return web.json_response(session_view(session, manager.active_connections(session.id)))
+    session = await request.app[SESSIONS].get(request.match_info["session_id"])
+    return web.json_response(_view(request, session))
 
 
 @routes.patch("/sessions/{session_id}")
 async def extend_session(request: web.Request) -> web.Response:
     change = parse_patch(await request.read())
-    manager = request.app[SESSIONS]
-    session = await manager.extend(
+    session = await request.app[SESSIONS].extend(
         request.match_info["session_id"],
         new_total_seconds=change.new_total_seconds,
         extend_seconds=change.extend_seconds,
     )
-    return web.json_response(session_view(session, manager.active_connections(session.id)))
+    return web.json_response(_view(request, session))
 
 
 @routes.get("/sessions/{session_id}/connections")

@@ -12,6 +12,7 @@ from gateway.config import Config
 from gateway.core.validation import ttl_seconds_from, validate_image, validate_user_id
 from gateway.errors import InvalidRequest
 from gateway.models import CreateRequest
+from gateway.ssh.credentials import parse_public_keys
 
 AUDIT_PAGE_DEFAULT = 100
 AUDIT_PAGE_MAX = 1000
@@ -23,7 +24,11 @@ _CREATE_FIELDS: dict[str, type] = {
     "mig_profile": str,
     "mig_instance_uuid": str,
     "image": str,
+    "ssh_public_keys": list,
 }
+
+
+_KIND_NAMES = {int: "an integer", str: "a string", list: "a list"}
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -53,9 +58,7 @@ def _typed(data: dict[str, Any], fields: dict[str, type]) -> dict[str, Any]:
             continue
         # bool is an int in Python, never in our API
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise InvalidRequest(
-                f"field {name!r} must be {'an integer' if kind is int else 'a string'}"
-            )
+            raise InvalidRequest(f"field {name!r} must be {_KIND_NAMES[kind]}")
         values[name] = value
     return values
 
@@ -64,13 +67,14 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
     """Parse and validate a POST /sessions body.
 
     Raises:
-        InvalidRequest, InvalidUserId, InvalidTtl, ImageNotAllowed.
+        InvalidRequest, InvalidUserId, InvalidTtl, ImageNotAllowed, InvalidPublicKey.
     """
     values = _typed(parse_json_object(body), _CREATE_FIELDS)
     if values["user_id"] is None:
         raise InvalidRequest("field 'user_id' is required")
     if values["mig_profile"] is not None and values["mig_instance_uuid"] is not None:
         raise InvalidRequest("give mig_profile or mig_instance_uuid, not both")
+    keys = values["ssh_public_keys"]
     return CreateRequest(
         user_id=validate_user_id(values["user_id"]),
         ttl_seconds=ttl_seconds_from(
@@ -82,6 +86,7 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
         image=validate_image(values["image"], default=config.image, allowed=config.allowed_images),
         mig_profile=values["mig_profile"],
         mig_instance_uuid=values["mig_instance_uuid"],
+        public_keys=() if keys is None else parse_public_keys(keys),
     )
 
 

@@ -5,11 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.config import Config
+from gateway.core.ssh import ssh_command
 from gateway.core.ttl import ttl_minutes_view
 from gateway.models import CreatedSession, Session, rfc3339
+from gateway.ssh.identity import HostIdentity
 
 
-def session_view(session: Session, active_connections: int) -> dict[str, Any]:
+def ssh_access(session: Session, config: Config, identity: HostIdentity) -> dict[str, Any]:
+    """How to reach the session and verify its host: the fingerprint of the user's (stable)
+    host key, the known_hosts line trusting every session, and the command to paste."""
+    return {
+        "ssh_host_key_fingerprint": identity.fingerprint(session.user_id),
+        "ssh_known_hosts": identity.known_hosts_line,
+        "ssh_command": ssh_command(session.user_id, config.public_host, session.ssh_port),
+    }
+
+
+def session_view(
+    session: Session, active_connections: int, config: Config, identity: HostIdentity
+) -> dict[str, Any]:
     return {
         "id": session.id,
         "user_id": session.user_id,
@@ -29,10 +43,11 @@ def session_view(session: Session, active_connections: int) -> dict[str, Any]:
             "workspace": session.workspace,
             "ssh_port": str(session.ssh_port),
         },
+        **ssh_access(session, config, identity),
     }
 
 
-def created_view(created: CreatedSession, config: Config) -> dict[str, Any]:
+def created_view(created: CreatedSession, config: Config, identity: HostIdentity) -> dict[str, Any]:
     session, creds = created.session, created.credentials
     return {
         "session_id": session.id,
@@ -40,10 +55,11 @@ def created_view(created: CreatedSession, config: Config) -> dict[str, Any]:
         "ssh_user": session.user_id,
         "ssh_host": config.public_host,
         "ssh_port": session.ssh_port,
-        "ssh_private_key": creds.private_key,
+        "ssh_private_key": creds.private_key,  # None when the caller brought keys
         "ssh_password": creds.password if config.ssh_password_auth else None,
         "gpu_uuid": session.gpu_uuid,
         "mig_profile": session.mig_profile,
         "created_at": rfc3339(session.created_at),
         "expires_at": rfc3339(session.expires_at),
+        **ssh_access(session, config, identity),
     }

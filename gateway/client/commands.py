@@ -147,6 +147,7 @@ def _show(api: Api, session: Mapping[str, Any], io: Io) -> None:
                 f"(in {fmt.expires_in(session['expires_at'], _now())})",
             ),
             ("connections", session["active_connections"]),
+            ("host key", session.get("ssh_host_key_fingerprint") or "-"),
         ],
     )
 

@@ -1,4 +1,4 @@
-"""The SSH port pool: which host ports a new session may try, lowest first."""
+"""The SSH port pool: which host ports a new session may try, in order of preference."""
 
 from __future__ import annotations
 
@@ -23,10 +23,24 @@ class PortRange:
     def __contains__(self, port: object) -> bool:
         return isinstance(port, int) and self.start <= port <= self.end
 
-    def candidates(self, held: Collection[int]) -> Iterator[int]:
-        """Ports no session holds, lowest first.
+    def candidates(
+        self,
+        held: Collection[int],
+        *,
+        preferred: int | None = None,
+        claimed: Collection[int] = (),
+    ) -> Iterator[int]:
+        """Ports no session holds: the user's own ``preferred`` (sticky) port first, then
+        ports no other user has claimed as theirs, lowest first, and only then ports other
+        users claimed, in the order of ``claimed`` (the caller puts the longest unused
+        first), so a user's port is given away only when the pool forces it.
 
         The caller still has to bind each: a port another process holds is skipped
         by trying the next candidate.
         """
-        return (port for port in range(self.start, self.end + 1) if port not in held)
+        if preferred is not None and preferred in self and preferred not in held:
+            yield preferred
+        skip = {*held, preferred}
+        unclaimed_skip = skip.union(claimed)
+        yield from (p for p in range(self.start, self.end + 1) if p not in unclaimed_skip)
+        yield from (p for p in claimed if p in self and p not in skip)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,15 @@ class ContainerSpec:
     gpu_uuid: str | None = None
     device_request: bool = False  # ask the nvidia runtime for exactly gpu_uuid
     cap_add: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerFile:
+    """A file copied into a container (owned by root; missing parent folders are made 0755)."""
+
+    path: str  # absolute path inside the container
+    content: bytes
+    mode: int = 0o644
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,10 @@ class Runtime(Protocol):
     async def inspect(self, container_id: str, network: str) -> ContainerInfo | None: ...
 
     async def remove(self, container_id: str) -> None: ...
+
+    async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
+        """Copy ``files`` into the container, created or running, replacing what is there."""
+        ...
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]: ...
 

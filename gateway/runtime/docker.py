@@ -6,16 +6,19 @@ Translates Docker API failures into gateway errors: an unreachable engine is
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import tarfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiodocker
 from aiodocker.exceptions import DockerError
 
 from gateway.errors import ContainerStartFailed, DockerUnavailable
-from gateway.runtime.base import LABEL_INSTANCE, ContainerInfo, ContainerSpec
+from gateway.runtime.base import LABEL_INSTANCE, ContainerFile, ContainerInfo, ContainerSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,18 @@ def container_config(spec: ContainerSpec) -> dict[str, Any]:
         "ExposedPorts": {"22/tcp": {}},
         "HostConfig": host_config,
     }
+
+
+def tar_archive(files: Sequence[ContainerFile]) -> bytes:
+    """An uncompressed tar of ``files`` (root-owned, paths relative to ``/``)."""
+    buffer = io.BytesIO()
+    now = time.time()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for file in files:
+            entry = tarfile.TarInfo(file.path.lstrip("/"))
+            entry.size, entry.mode, entry.mtime = len(file.content), file.mode, now
+            tar.addfile(entry, io.BytesIO(file.content))
+    return buffer.getvalue()
 
 
 def _info(data: dict[str, Any], network: str) -> ContainerInfo:
@@ -141,6 +156,14 @@ class DockerRuntime:
             if exc.status in (404, 409):  # gone, or removal already in progress
                 return
             raise _translate(exc, f"remove container {container_id[:12]}") from exc
+
+    async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
+        container = self._docker.containers.container(container_id)
+        archive = tar_archive(files)
+        await self._call(
+            f"copy files into container {container_id[:12]}",
+            lambda: container.put_archive("/", archive),
+        )
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
         filters = json.dumps({"label": [f"{LABEL_INSTANCE}={instance}"]})

@@ -20,7 +20,14 @@ from typing import Any, ParamSpec, Self, TypeVar
 import aiosqlite
 
 from gateway.errors import GpuInstanceBusy, NoPortAvailable, SessionExists
-from gateway.models import AuditEvent, CloseReason, ConnectionRecord, Session, SessionState
+from gateway.models import (
+    AuditEvent,
+    CloseReason,
+    ConnectionRecord,
+    Session,
+    SessionState,
+    User,
+)
 from gateway.store.migrations import migrate
 
 FIRST_UID = 10000
@@ -30,7 +37,7 @@ T = TypeVar("T")
 
 _SESSION_COLUMNS = (
     "id, user_id, ssh_port, image, workspace, ttl_seconds, created_at, expires_at, state, "
-    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created"
+    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys"
 )
 
 
@@ -59,6 +66,7 @@ def _session(row: aiosqlite.Row) -> Session:
         gpu_uuid=row["gpu_uuid"],
         mig_profile=row["mig_profile"],
         gpu_created=bool(row["gpu_created"]),
+        authorized_keys=tuple(json.loads(row["authorized_keys"])),
     )
 
 
@@ -176,13 +184,14 @@ class Store:
             return value
 
     @_atomic
-    async def ensure_user(self, user_id: str, now: datetime) -> int:
-        """The stable uid of ``user_id``, assigning the next free one on first sight."""
+    async def ensure_user(self, user_id: str, now: datetime) -> User:
+        """The user, with a stable uid assigned (the next free one) on first sight."""
         async with self._transaction() as conn:
-            async with conn.execute("SELECT uid FROM users WHERE user_id = ?", (user_id,)) as cur:
+            sql = "SELECT uid, ssh_port FROM users WHERE user_id = ?"
+            async with conn.execute(sql, (user_id,)) as cur:
                 row = await cur.fetchone()
             if row is not None:
-                return int(row["uid"])
+                return User(user_id, int(row["uid"]), row["ssh_port"])
             async with conn.execute("SELECT MAX(uid) AS top FROM users") as cur:
                 top = (await cur.fetchone())["top"]
             uid = FIRST_UID if top is None else int(top) + 1
@@ -190,7 +199,17 @@ class Store:
                 "INSERT INTO users (user_id, uid, created_at) VALUES (?, ?, ?)",
                 (user_id, uid, _ts(now)),
             )
-            return uid
+            return User(user_id, uid, None)
+
+    async def claimed_ports(self, *, except_user: str) -> dict[int, None]:
+        """The sticky ports of every user but ``except_user``, longest unused first (an
+        ordered set)."""
+        sql = (
+            "SELECT ssh_port FROM users WHERE ssh_port IS NOT NULL AND user_id != ? "
+            "ORDER BY ssh_port_used_at"
+        )
+        async with self._lock, self._conn.execute(sql, (except_user,)) as cur:
+            return {int(row["ssh_port"]): None for row in await cur.fetchall()}
 
     @_atomic
     async def insert_session(self, session: Session) -> None:
@@ -205,7 +224,7 @@ class Store:
             async with self._transaction() as conn:
                 await conn.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         session.id,
                         session.user_id,
@@ -221,7 +240,18 @@ class Store:
                         session.gpu_uuid,
                         session.mig_profile,
                         int(session.gpu_created),
+                        json.dumps(list(session.authorized_keys)),
                     ),
+                )
+                # the port becomes this user's sticky port (taken from whoever had it)
+                await conn.execute(
+                    "UPDATE users SET ssh_port = NULL, ssh_port_used_at = NULL "
+                    "WHERE ssh_port = ? AND user_id != ?",
+                    (session.ssh_port, session.user_id),
+                )
+                await conn.execute(
+                    "UPDATE users SET ssh_port = ?, ssh_port_used_at = ? WHERE user_id = ?",
+                    (session.ssh_port, _ts(session.created_at), session.user_id),
                 )
         except sqlite3.IntegrityError as exc:
             text = str(exc)

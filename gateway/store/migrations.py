@@ -76,6 +76,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_events_session ON audit_events(session_id, id);
     CREATE INDEX audit_events_at ON audit_events(at);
     """,
+    # 4: SSH identity. A user's sticky port (given again whenever it is free; when the pool
+    # forces it, the longest-unused one goes first), and the public keys a session accepts
+    # (rewritten into the container when its expiry moves).
+    """
+    ALTER TABLE users ADD COLUMN ssh_port INTEGER;
+    ALTER TABLE users ADD COLUMN ssh_port_used_at REAL;
+    ALTER TABLE sessions ADD COLUMN authorized_keys TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

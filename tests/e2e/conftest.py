@@ -271,12 +271,10 @@ class SshClient:
         ]
 
     def _key_args(self, session: dict[str, Any]) -> list[str]:
-        key = self.key_dir / f"{session['session_id']}.key"
-        key.write_text(session["ssh_private_key"])
-        key.chmod(0o600)
         return [
             *self._base(session["ssh_port"]),
-            *("-i", str(key), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"),
+            *("-i", str(self.save_key(session)), "-o", "BatchMode=yes"),
+            *("-o", "IdentitiesOnly=yes"),
         ]
 
     def with_key(self, session: dict[str, Any], command: str) -> subprocess.CompletedProcess[str]:
@@ -300,6 +298,38 @@ class SshClient:
             stderr=subprocess.STDOUT,
             text=True,
         )
+
+    def login(
+        self,
+        user: str,
+        port: int,
+        command: str,
+        *,
+        key_file: Path,
+        known_hosts: Path,
+        strict: str = "yes",
+        host: str = "127.0.0.1",
+    ) -> subprocess.CompletedProcess[str]:
+        """ssh as a user would, checking the host key against ``known_hosts`` (``strict`` is
+        StrictHostKeyChecking: yes, accept-new, ...)."""
+        args = [
+            "ssh",
+            *("-p", str(port), "-i", str(key_file)),
+            *("-o", f"StrictHostKeyChecking={strict}"),
+            *("-o", f"UserKnownHostsFile={known_hosts}"),
+            *("-o", "GlobalKnownHostsFile=/dev/null", "-o", "BatchMode=yes"),
+            *("-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=15"),
+            f"{user}@{host}",
+            command,
+        ]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+    def save_key(self, session: dict[str, Any]) -> Path:
+        """The session's generated private key, saved 0600 as a user would."""
+        key = self.key_dir / f"{session['session_id']}.key"
+        key.write_text(session["ssh_private_key"])
+        key.chmod(0o600)
+        return key
 
     def with_password(
         self, session: dict[str, Any], command: str

@@ -154,7 +154,9 @@ def test_metrics_match_the_audit_records(gateway, ssh):
         assert ssh.with_key(session, "head -c 100000 /dev/urandom >/dev/null").returncode == 0
     gateway.request("DELETE", f"/sessions/{session['session_id']}")
     records = ended_connections(gateway, session["session_id"])
-    assert len(records) >= 3  # the readiness probe and two logins
+    # exactly the two logins: the readiness check is not a user connection
+    assert len(records) == 2
+    assert all(r["client_banner"].startswith("SSH-2.0-OpenSSH") for r in records)
 
     text = gateway.request("GET", "/metrics").body
     families = {f.name: f for f in text_string_to_metric_families(text)}

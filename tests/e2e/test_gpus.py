@@ -72,7 +72,7 @@ def test_sessions_get_their_slice_and_it_comes_back(gateway_factory, topology):
     view = gateway.request("GET", f"/sessions/{first.body['session_id']}").body
     assert (view["gpu_uuid"], view["mig_profile"]) == (uuid, "3g.40gb")
 
-    short = gateway.create(user_id="ben", ttl_seconds=2).body
+    short = gateway.create(user_id="ben", ttl_seconds=5).body  # outlives the next checks
     assert short["gpu_uuid"] in before and short["gpu_uuid"] != uuid
     whole = gateway.create(user_id="cat").body
     assert whole["gpu_uuid"].startswith("GPU-")  # default profile exhausted: whole GPU

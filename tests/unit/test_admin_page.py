@@ -150,6 +150,8 @@ async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_p
         f"ssh -i sandman-alice-{port}.key -p {port} alice@gpu01.test"
     )
     await expect(page.locator("#created-password")).to_have_text(re.compile(r"\S{20,}"))
+    known = re.compile(r"^@cert-authority gpu01\.test,\[gpu01\.test\]:\* ssh-ed25519 ")
+    await expect(page.locator("#created-known")).to_have_text(known)
     async with page.expect_download() as download_info:
         await page.get_by_role("button", name="Download private key").click()
     download = await download_info.value
@@ -205,10 +207,6 @@ async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_p
     assert console_errors == [], console_errors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /sessions ssh_public_keys (CONTRACT Additions) is not on main yet",
-)
 async def test_create_with_a_public_key_offers_no_private_key(make_server, browser_page, tmp_path):
     server = await make_server()
     page = browser_page

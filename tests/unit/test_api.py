@@ -29,8 +29,11 @@ async def test_create_get_list_delete(make_client, runtime):
     (container,) = runtime.containers.values()
     env = container.spec.env
     assert env["SANDMAN_USER"] == "alice" and env["SANDMAN_UID"] == "10000"
-    assert body["ssh_password"] not in str(env) and env["SANDMAN_PASSWORD_HASH"].startswith("$2b$")
     assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    # secrets travel as root-only files, never in the environment
+    assert not any("KEY" in name or "HASH" in name for name in env)
+    assert container.files["/etc/sandman/password-hash"].startswith(b"$2b$")
+    assert body["ssh_password"].encode() not in b"".join(container.files.values())
 
     view = await (await client.get(f"/sessions/{body['session_id']}")).json()
     assert view["ttl_minutes"] == 30 and view["ssh_port"] == 15000
@@ -48,14 +51,35 @@ async def test_create_get_list_delete(make_client, runtime):
     assert resp.status == 404
 
 
-async def test_ports_are_lowest_free_and_reused(make_client):
+async def test_ports_are_sticky_per_user(make_client):
     client = await make_client()
     a = await (await create(client, user_id="a")).json()
     b = await (await create(client, user_id="b")).json()
     assert (a["ssh_port"], b["ssh_port"]) == (15000, 15001)
     await client.delete(f"/sessions/{a['session_id']}")
     c = await (await create(client, user_id="c")).json()
-    assert c["ssh_port"] == 15000
+    assert c["ssh_port"] == 15002  # a's port stays a's while others are free
+    again = await (await create(client, user_id="a")).json()
+    assert again["ssh_port"] == 15000
+
+
+async def test_a_users_port_goes_to_another_only_when_the_pool_forces_it(make_client, clock):
+    from gateway.core.ports import PortRange
+
+    client = await make_client(ssh_ports=PortRange(15000, 15001))
+    for user in ("a", "b"):
+        session = await (await create(client, user_id=user)).json()
+        await client.delete(f"/sessions/{session['session_id']}")
+        clock.advance(60)
+    clock.advance(60)
+    c = await (await create(client, user_id="c")).json()
+    assert c["ssh_port"] == 15000  # every port is someone's: the longest unused is taken
+    await client.delete(f"/sessions/{c['session_id']}")
+    clock.advance(60)
+    a = await (await create(client, user_id="a")).json()
+    assert a["ssh_port"] == 15001  # a lost 15000 to c; b's is now the longest unused
+    b = await (await create(client, user_id="b")).json()
+    assert b["ssh_port"] == 15000  # b lost 15001 to a; c's is the only one free
 
 
 async def test_port_held_by_another_process_is_skipped(make_client):

@@ -119,8 +119,13 @@ async def test_session_commands(cli, tmp_path):
     assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
     assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     port = re.search(r"ssh -p (\d+) ", out).group(1)  # the lowest free port of the range
-    assert f"ssh -p {port} -i {key} -o IdentitiesOnly=yes alice@gpu01.test" in out
+    known = key.parent / "known_hosts"  # the gateway's host CA, so ssh verifies the host
+    ssh = f"ssh -p {port} -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={known}"
+    assert f"{ssh} alice@gpu01.test" in out
     assert "(shown this once)" in out and "expires:" in out and "(in 29m" in out
+    assert re.search(r"host key:    SHA256:\S+\n", out)
+    ca_line = (await cli.json("session", "show", "alice"))["ssh_known_hosts"]
+    assert known.read_text() == ca_line + "\n"
 
     bob = await cli.json("session", "create", "bob")
     assert bob["ssh_private_key"] is None
@@ -141,8 +146,8 @@ async def test_session_commands(cli, tmp_path):
     alice = await cli.json("session", "show", "alice")
     assert alice == await cli.json("session", "show", alice["id"])
     rc, out, _ = await cli("session", "show", "alice")
-    # a session view names no host (until it has ssh_command): the gateway URL's is used
-    assert f"id:          {alice['id']}" in out and "alice@127.0.0.1" in out
+    assert f"id:          {alice['id']}" in out and f"{ssh} alice@gpu01.test" in out
+    assert f"host key:    {alice['ssh_host_key_fingerprint']}" in out
 
     extended = await cli.json("session", "extend", "alice", "15")
     moved = datetime.fromisoformat(extended["expires_at"]) - datetime.fromisoformat(
@@ -153,7 +158,7 @@ async def test_session_commands(cli, tmp_path):
     assert rc == 0 and "now expires at" in out
 
     await hello(alice["ssh_port"], HOSTILE_BANNER)
-    records = await ended_connections(cli, "alice", 2)
+    records = await ended_connections(cli, "alice", 1)
     assert HOSTILE_BANNER.decode() in [r["client_banner"] for r in records]
     rc, out, _ = await cli("session", "connections", "alice")
     assert "\x1b" not in out and "SSH-2.0-evil\\x1b[2J\\x1b]0;owned\\x07" in out
@@ -161,11 +166,15 @@ async def test_session_commands(cli, tmp_path):
     rc, out, _ = await cli("ssh-config", "alice")
     assert out.splitlines()[:4] == [
         "Host sandman-alice",
-        "    HostName 127.0.0.1",
+        "    HostName gpu01.test",
         f"    Port {port}",
         "    User alice",
     ]
-    assert f"    IdentityFile {key}" in out
+    assert out.splitlines()[4:] == [
+        f"    IdentityFile {key}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {known}",
+    ]
 
     stub = tmp_path / "bin"
     stub.mkdir()
@@ -175,8 +184,10 @@ async def test_session_commands(cli, tmp_path):
     rc, _, _ = await cli("session", "ssh", "-o", "A=b", "alice", "--", "uname", "-a", env=env)
     assert rc == 3  # ssh's own exit status
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv == ["-p", port, "-o", "A=b", "-i", str(key), "-o", "IdentitiesOnly=yes",
-                    "alice@127.0.0.1", "uname", "-a"]  # fmt: skip
+    assert argv == [
+        "-p", port, "-o", "A=b", "-i", str(key), "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known}", "alice@gpu01.test", "uname", "-a",
+    ]  # fmt: skip
     rc, _, err = await cli("session", "ssh", "alice", env={**env, "PATH": str(tmp_path / "no")})
     assert rc == 1 and "ssh is not installed" in err
 
@@ -192,23 +203,34 @@ async def test_session_commands(cli, tmp_path):
     assert out.splitlines() == [out.splitlines()[0]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="POST /sessions ssh_public_keys (CONTRACT Additions) is not on main yet: the "
-    "gateway answers 400 invalid_request 'unknown field(s): ssh_public_keys'",
-)
-async def test_create_with_public_key_saves_no_private_key(cli, tmp_path):
-    await asyncio.to_thread(
-        subprocess.run,
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f", tmp_path / "id"],
-        check=True,
-    )
-    pub = tmp_path / "id.pub"
-    created = await cli.json("session", "create", "carol", "--public-key", str(pub))
-    assert created["ssh_private_key_file"] is None
+async def test_create_with_public_keys_saves_no_private_key(cli, runtime, tmp_path):
+    for name in ("id_a", "id_b"):
+        await asyncio.to_thread(
+            subprocess.run,
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", tmp_path / name],
+            check=True,
+        )
+    a, b = tmp_path / "id_a.pub", tmp_path / "id_b.pub"
+    given = [a.read_text().split()[1], b.read_text().split()[1]]  # server keeps type and base64
+    b.write_text("# a comment line, skipped\n\n" + b.read_text())
+    created = await cli.json("session", "create", "carol", "--public-key", str(a))
+    assert created["ssh_private_key"] is None and created["ssh_private_key_file"] is None
     assert not (Path(cli.env["HOME"]) / ".ssh" / "sandman").exists()
-    pub.write_text("ssh-ed25519 not-a-key\n")
-    rc, _, err = await cli("session", "create", "dave", "--public-key", str(pub))
+
+    rc, out, err = await cli(
+        "session", "create", "dave", "--public-key", str(a), "--public-key", str(b)
+    )
+    assert rc == 0, err
+    assert "private key" not in out and " -i " not in out
+    assert re.search(r"ssh -p \d+ -o UserKnownHostsFile=\S+ dave@gpu01.test\n", out)
+    (container,) = [
+        c for c in runtime.containers.values() if c.spec.labels.get("sandman.user_id") == "dave"
+    ]
+    authorized = container.files["/etc/ssh/authorized_keys/dave"].decode()
+    assert [line.split()[-1] for line in authorized.splitlines()] == given
+
+    a.write_text("ssh-ed25519 not-a-key\n")
+    rc, _, err = await cli("session", "create", "erin", "--public-key", str(a))
     assert rc == 1 and "(invalid_public_key)" in err
 
 

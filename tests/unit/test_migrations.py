@@ -30,7 +30,7 @@ def test_version_one_database_keeps_rows_and_gains_gpu_columns(tmp_path):
     row = conn.execute("SELECT user_id, gpu_uuid, gpu_created FROM sessions").fetchone()
     assert row == ("alice", None, 0)
     conn.execute("UPDATE sessions SET gpu_uuid = 'MIG-1'")
-    conn.execute("INSERT INTO users VALUES ('bob', 10001, 0)")
+    conn.execute("INSERT INTO users (user_id, uid, created_at) VALUES ('bob', 10001, 0)")
     with pytest.raises(sqlite3.IntegrityError):  # the new unique index holds
         conn.execute(
             "INSERT INTO sessions (id, user_id, ssh_port, image, workspace, ttl_seconds,"
@@ -63,12 +63,12 @@ async def test_store_opens_in_wal_mode_with_stable_uids(tmp_path):
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     async with await Store.open(tmp_path / "s.db") as store:
-        assert await store.ensure_user("alice", now) == 10000
-        assert await store.ensure_user("bob", now) == 10001
-        assert await store.ensure_user("alice", now) == 10000
+        assert (await store.ensure_user("alice", now)).uid == 10000
+        assert (await store.ensure_user("bob", now)).uid == 10001
+        assert (await store.ensure_user("alice", now)).uid == 10000
         first = await store.instance_id()
     async with await Store.open(tmp_path / "s.db") as store:
         assert await store.instance_id() == first
-        assert await store.ensure_user("alice", now) == 10000
+        assert (await store.ensure_user("alice", now)).uid == 10000
     conn = sqlite3.connect(tmp_path / "s.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

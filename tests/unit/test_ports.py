@@ -26,3 +26,24 @@ def test_membership_and_size():
 def test_invalid_ranges(start, end):
     with pytest.raises(ValueError):
         PortRange(start, end)
+
+
+@pytest.mark.parametrize(
+    ("held", "preferred", "claimed", "expected"),
+    [
+        # the user's own port first, even when lower ports are free
+        (set(), 10003, {10003}, [10003, 10000, 10001, 10002, 10004]),
+        # other users' ports only when nothing unclaimed is left, in the order given
+        (set(), None, [10001, 10000], [10002, 10003, 10004, 10001, 10000]),
+        (set(), 10004, [10000, 10004], [10004, 10001, 10002, 10003, 10000]),
+        # a held sticky port is skipped like any other
+        ({10004}, 10004, {10004}, [10000, 10001, 10002, 10003]),
+        # a sticky port outside the range (the range changed) is ignored
+        (set(), 30000, set(), [10000, 10001, 10002, 10003, 10004]),
+        # the pool forces a claimed port when it is all that is left
+        ({10000, 10001, 10002, 10003}, None, {10004}, [10004]),
+    ],
+)
+def test_sticky_and_claimed_ports(held, preferred, claimed, expected):
+    ports = PortRange(10000, 10004)
+    assert list(ports.candidates(held, preferred=preferred, claimed=claimed)) == expected
