@@ -148,7 +148,9 @@ function renderSessions() {
   const shown = JSON.stringify(sessions);
   if (shown === sessionsShown) return;
   sessionsShown = shown;
-  $("sessions-body").replaceChildren(
+  const body = $("sessions-body");
+  const focused = body.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
+  body.replaceChildren(
     ...sessions.map((s) => {
       const tr = row(s.user_id, s.ssh_port, slice(s), s.state, countdown(s.expires_at), s.active_connections, actions(s));
       tr.dataset.user = s.user_id;
@@ -156,6 +158,9 @@ function renderSessions() {
     }),
   );
   $("sessions-empty").hidden = sessions.length > 0;
+  // a keyboard user keeps their place when a refresh redraws the rows
+  const again = [...body.querySelectorAll("button")].find((b) => b.getAttribute("aria-label") === focused);
+  if (again) again.focus();
 }
 
 async function refreshSessions() {

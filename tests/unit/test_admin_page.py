@@ -190,6 +190,8 @@ async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_p
     await page.get_by_role("button", name="Extend session of alice").click()
     await expect(page.locator("#status")).to_have_text(re.compile("now ends"))
     await expect(countdown).to_have_text(re.compile(r"^44m \d\ds$"))
+    # the rows were redrawn; the keyboard focus stayed on the button
+    await expect(page.get_by_role("button", name="Extend session of alice")).to_be_focused()
     await expect(page.locator("#audit-body tr").first).to_contain_text("session_extended")
     await page.get_by_role("button", name="Done").click()
     await page.get_by_role("button", name="Close").click()
