@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +90,12 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
-def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The ``sandman`` command line; each option defaults from ``SANDMAN_<NAME>``."""
+def build_parser(
+    env: Mapping[str, str],
+    add_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The ``sandman`` command line; each ``serve`` option defaults from ``SANDMAN_<NAME>``.
+    ``add_commands`` adds further subcommands (the API client's)."""
     parser = argparse.ArgumentParser(
         prog="sandman",
         description="Sandman GPU SSH gateway. Every option can also be set as the "
@@ -235,9 +239,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=d.max_connections_per_session,
         type_=int,
     )
-
-    gpus = sub.add_parser("gpus", help="show what the GPU backend sees")
-    gpus.add_argument("--probe", action="store_true", help="read-only NVML probe, printed as JSON")
+    if add_commands is not None:
+        add_commands(sub)
     return parser
 
 
@@ -304,6 +307,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
 
 
 def parse(
-    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    add_commands: Callable[[argparse._SubParsersAction], None] | None = None,
 ) -> argparse.Namespace:
-    return build_parser(os.environ if env is None else env).parse_args(argv)
+    return build_parser(os.environ if env is None else env, add_commands).parse_args(argv)

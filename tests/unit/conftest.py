@@ -40,12 +40,16 @@ def clock():
 
 
 @pytest.fixture
-def make_client(aiohttp_client, tmp_path, runtime, clock, monkeypatch):
+def plain_workspaces(monkeypatch):
+    """Workspaces are plain folders: unit tests don't chown to the user's uid."""
     monkeypatch.setattr(
         "gateway.sessions._prepare_workspace",
         lambda path, uid: path.mkdir(parents=True, exist_ok=True),
     )
 
+
+@pytest.fixture
+def make_client(aiohttp_client, tmp_path, runtime, clock, plain_workspaces):
     async def make(gpu_factory=NoneBackend, **overrides):
         config = unit_config(tmp_path, **overrides)
         app = create_app(
@@ -53,5 +57,18 @@ def make_client(aiohttp_client, tmp_path, runtime, clock, monkeypatch):
         )
         client = await aiohttp_client(app, headers={"Authorization": f"Bearer {TOKEN}"})
         return client
+
+    return make
+
+
+@pytest.fixture
+def make_server(aiohttp_server, tmp_path, runtime, plain_workspaces):
+    """A gateway on a real loopback port with the wall clock, for clients outside the test's
+    event loop (the CLI, a browser)."""
+
+    async def make(gpu_factory=NoneBackend, **overrides):
+        config = unit_config(tmp_path, **overrides)
+        app = create_app(config, runtime_factory=lambda: runtime, gpu_factory=gpu_factory)
+        return await aiohttp_server(app)
 
     return make
