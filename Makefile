@@ -31,7 +31,7 @@ $(BIN)/sandman: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-images:
+images: venv
 	bash scripts/build-images.sh
 
 unit: venv

@@ -214,6 +214,21 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type_=int,
     )
 
+    health = sub.add_parser(
+        "health", help="exit 0 if the gateway on this machine answers /healthz with 200"
+    )
+    health.add_argument(
+        "--host",
+        default=env.get("SANDMAN_HOST", d.host),
+        help=f"address its API binds (default: {d.host}, reached on loopback; env SANDMAN_HOST)",
+    )
+    health.add_argument(
+        "--port",
+        type=int,
+        default=int(env.get("SANDMAN_PORT", d.port)),
+        help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
+    )
+
     gpus = sub.add_parser("gpus", help="show what the GPU backend sees")
     gpus.add_argument("--probe", action="store_true", help="read-only NVML probe, printed as JSON")
     return parser

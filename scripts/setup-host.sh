@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the gateway's venv and the end-to-end tests use (python3-venv, ssh,
-# ssh-keygen, sshpass)
+# ssh-keygen, sshpass, docker-compose for the Compose deployment test)
 # on a Debian/Ubuntu machine, as root. Idempotent: installs only what is missing.
 # The Docker engine itself is scripts/setup-docker.sh.
 set -euo pipefail
@@ -9,6 +9,7 @@ pkgs=()
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || pkgs+=(openssh-client)
 command -v sshpass >/dev/null 2>&1 || pkgs+=(sshpass)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3-venv)
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || pkgs+=(docker-compose)
 
 if [ ${#pkgs[@]} -eq 0 ]; then
   echo "host tools already installed"
