@@ -12,6 +12,9 @@ PYTEST_ARGS ?=
 .PHONY: run test setup host venv images unit e2e lint bench clean
 
 run: setup images
+	@echo "Sandman: API on port 8080; its token is in $(STATE)/api-token (made on first start). Next, in another terminal:"
+	@echo "  curl -X POST localhost:8080/sessions -H \"Authorization: Bearer \$$(cat $(STATE)/api-token)\" -d '{\"user_id\": \"user123\"}'"
+	@echo "  then ssh in with the key and port it answers (README.md, Quick start). Ctrl-C stops the gateway; sessions stay."
 	$(BIN)/sandman serve --state-dir $(STATE) --workspace-root $(STATE)/workspaces
 
 test: setup images lint

@@ -100,6 +100,10 @@ class Stack:
         ).stdout
 
 
+def active(gateway: Gateway, path: str, token: str) -> int:
+    return gateway.request("GET", path, token=token).body["active_connections"]
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     for image in (GATEWAY_BASE_IMAGE, WORKSPACE_BASE_IMAGE):
@@ -185,12 +189,21 @@ def test_compose_stack_serves_sessions_across_a_restart_and_leaves_nothing(
     assert note.stat().st_uid == int(login.stdout)
 
     wait_for(lambda: stack.health() == "healthy", timeout=HEALTHY_DEADLINE, what="healthy")
-    stack.compose("restart", "gateway")
-    wait_for(stack.answers, timeout=60, what="the restarted gateway to answer /healthz")
     path = f"/sessions/{session['session_id']}"
-    assert gateway.request("GET", path, token=token).status == 200
-    again = ssh.with_key(session, "cat ~/note.txt")
-    assert (again.returncode, again.stdout) == (0, "from-compose\n"), again.stderr
+    # A restart (and an upgrade: a new container from the image) cuts live connections;
+    # the session, its container and its port stay, and the user logs in again.
+    for cycle in (
+        ("restart", "gateway"),
+        ("up", "-d", "--no-build", "--force-recreate", "gateway"),
+    ):
+        live = ssh.start_with_key(session, "sleep 600")
+        wait_for(lambda: active(gateway, path, token) == 1, timeout=30, what="a live connection")
+        stack.compose(*cycle)
+        assert live.wait(timeout=30) != 0
+        wait_for(stack.answers, timeout=60, what=f"the gateway to answer /healthz after {cycle}")
+        assert gateway.request("GET", path, token=token).status == 200
+        again = ssh.with_key(session, "cat ~/note.txt")
+        assert (again.returncode, again.stdout) == (0, "from-compose\n"), again.stderr
 
     assert gateway.request("DELETE", path, token=token).status == 200
     stack.compose("down", "-t", "30")
