@@ -53,10 +53,9 @@ class Stack:
     env: dict[str, str]
     gateway: Gateway
 
-    def compose(self, *args: str, timeout: float = 300) -> str:
-        command = [*compose_command(), "-p", self.project, "-f", str(REPO / "docker-compose.yml")]
-        done = subprocess.run(
-            [*command, *args],
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*compose_command(), "-p", self.project, "-f", str(REPO / "docker-compose.yml"), *args],
             cwd=REPO,
             env=self.env,
             capture_output=True,
@@ -64,6 +63,9 @@ class Stack:
             timeout=timeout,
             check=False,
         )
+
+    def compose(self, *args: str) -> str:
+        done = self.run(*args)
         if done.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
         return done.stdout.strip()
@@ -88,16 +90,6 @@ class Stack:
             *docker("network", "ls", "-q", "--filter", project).split(),
             *self.gateway.containers(),
         ]
-
-    def logs(self) -> str:
-        return subprocess.run(
-            [*compose_command(), "-p", self.project, "logs", "--no-color"],
-            cwd=REPO,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
 
 
 def active(gateway: Gateway, path: str, token: str) -> int:
@@ -152,14 +144,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     try:
         yield made
     finally:
-        print(made.logs())  # pytest shows it when the test failed
-        subprocess.run(
-            [*compose_command(), "-p", project, "down", "--remove-orphans", "-t", "10"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            check=False,
-        )
+        print(made.run("logs", "--no-color").stdout)  # pytest shows it when the test failed
+        made.run("down", "--remove-orphans", "-t", "10")
         gateway.cleanup()
         docker("rmi", env["SANDMAN_IMAGE"], check=False)
 
@@ -173,6 +159,7 @@ def test_compose_stack_serves_sessions_across_a_restart_and_leaves_nothing(
     stack.compose("--profile", "build", "build", "workspace-image")
     built = time.monotonic()
     stack.compose("up", "-d", "--no-build", "gateway")
+    assert stack.leftovers(), "the check for leftovers after down must see the stack while up"
     wait_for(stack.answers, timeout=60, what="the composed gateway to answer /healthz")
     assert docker("exec", stack.gateway_container(), "sandman", "health").startswith("200")
 
