@@ -103,6 +103,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             pytest.fail(f"the Compose test needs the base image {image} (run: make images)")
     if not (REPO / "build" / "wheels" / "STAMP").is_file():
         pytest.fail("the Compose test needs build/wheels (run: make images)")
+    if subprocess.run([*compose_command(), "version"], capture_output=True).returncode:
+        pytest.fail(f"the Compose test needs {' '.join(compose_command())} (run: make setup)")
 
     project = f"sandman-e2e-{secrets.token_hex(4)}"
     first, last = port_block()
