@@ -165,7 +165,9 @@ def test_compose_stack_serves_sessions_across_a_restart_and_leaves_nothing(
     wait_for(stack.answers, timeout=60, what="the composed gateway to answer /healthz")
     assert docker("exec", stack.gateway_container(), "sandman", "health").startswith("200")
 
-    token = (gateway.state_dir / "api-token").read_text().strip()
+    token_file = gateway.state_dir / "api-token"
+    assert f"(bearer token: {token_file})" in stack.compose("logs", "--no-color", "gateway")
+    token = token_file.read_text().strip()
     created = gateway.request("POST", "/sessions", {"user_id": "composer"}, token=token)
     assert created.status == 201, created.body
     session = created.body
