@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Put wheels of the gateway's dependencies (and of setuptools, to build the
-# gateway itself) into build/wheels, so that Dockerfile.gateway installs them with
+# Put wheels of the gateway's dependencies (and of its build-system requirements,
+# to build the gateway itself) into build/wheels, so that Dockerfile.gateway installs them with
 # `pip install --no-index`: the image build needs no network, only this step does
 # (PyPI, or the pip index the host is configured for).
 # Skipped when build/wheels was made from the same pyproject.toml by the same
@@ -24,9 +24,13 @@ fi
 
 rm -rf "$out"
 mkdir -p "$out"
-"$python" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-  > "$out/requirements.txt"
-"$python" -m pip wheel --quiet --wheel-dir "$out" -r "$out/requirements.txt" 'setuptools>=68' wheel
+"$python" - > "$out/requirements.txt" <<'PY'
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)
+print("\n".join(project["project"]["dependencies"] + project["build-system"]["requires"]))
+PY
+"$python" -m pip wheel --quiet --wheel-dir "$out" -r "$out/requirements.txt"
 echo "$version" > "$out/PYTHON_VERSION"
 echo "$stamp" > "$out/STAMP"
 echo "wheels for Python $version in $out"
