@@ -4,8 +4,8 @@ the gateway container, and ``down`` leaves no container, network or listener beh
 
 The stack gets its own project name, API port, session ports, Docker network and folders
 (under the test's tmp folder, mounted at the same path as the file says), so it never
-meets a production stack or another test. It uses the Compose found on the machine:
-``docker compose`` (v2) or Debian's ``docker-compose`` (v1), or ``SANDMAN_COMPOSE``.
+meets a production stack or another test. It uses ``SANDMAN_COMPOSE`` if set, else
+Debian's ``docker-compose`` (v1) where installed, else ``docker compose`` (v2).
 """
 
 from __future__ import annotations
@@ -179,7 +179,11 @@ def test_compose_stack_serves_sessions_across_a_restart_and_leaves_nothing(
     assert note.read_text() == "from-compose\n"
     assert note.stat().st_uid == int(login.stdout)
 
-    wait_for(lambda: stack.health() == "healthy", timeout=HEALTHY_DEADLINE, what="healthy")
+    wait_for(
+        lambda: stack.health() == "healthy",
+        timeout=HEALTHY_DEADLINE,
+        what="Docker to report the gateway healthy",
+    )
     path = f"/sessions/{session['session_id']}"
     # A restart (and an upgrade: a new container from the image) cuts live connections;
     # the session, its container and its port stay, and the user logs in again.
