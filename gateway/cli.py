@@ -1,5 +1,6 @@
 """The ``sandman`` command: ``serve`` runs the gateway, ``gpus --probe`` prints what NVML sees,
-and every other command is the API client (:mod:`gateway.client`)."""
+``health`` checks a running gateway, and every other command is the API client
+(:mod:`gateway.client`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from gateway.client.commands import Io, login
 from gateway.client.http import Api, ApiError
 from gateway.client.parser import COMMAND, add_client_commands
 from gateway.client.settings import Settings, SettingsError, resolve
-from gateway.config import config_from_args, parse
+from gateway.config import Config, config_from_args, parse
 from gateway.errors import GatewayError
 
 
@@ -36,6 +37,12 @@ def main(
     args = parse(argv, env, add_client_commands)
     if args.command == "serve":
         return _serve(args, env, io)
+    if args.command == "health":
+        from gateway.health import check
+
+        healthy, detail = check(args.host, args.port)
+        (io.out if healthy else io.err).write(detail + "\n")
+        return 0 if healthy else 1
     if args.command == "gpus" and args.probe:
         from gateway.gpu.nvml import probe
 
@@ -75,8 +82,27 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
     from gateway.api import create_app
 
     try:
-        web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=lambda _: _log_serving(config),
+        )
     except GatewayError as exc:  # start-up refused (GPU host misconfigured, no Docker, ...)
         print(f"sandman: {exc.log_message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _log_serving(config: Config) -> None:
+    """Tell the operator, once the API is up, where it is and where its token comes from."""
+    token = "SANDMAN_API_TOKEN" if config.api_token else str(config.token_path)
+    logging.getLogger(__name__).info(
+        "serving: API http://%s:%d (bearer token: %s), session SSH ports %d-%d on %s",
+        config.host,
+        config.port,
+        token,
+        config.ssh_ports.start,
+        config.ssh_ports.end,
+        config.ssh_bind,
+    )

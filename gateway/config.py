@@ -241,6 +241,21 @@ def build_parser(
     )
     if add_commands is not None:
         add_commands(sub)
+
+    health = sub.add_parser(
+        "health", help="exit 0 if the gateway on this machine answers /healthz with 200"
+    )
+    health.add_argument(
+        "--host",
+        default=env.get("SANDMAN_HOST", d.host),
+        help=f"address its API binds (default: {d.host}, reached on loopback; env SANDMAN_HOST)",
+    )
+    health.add_argument(
+        "--port",
+        type=int,
+        default=int(env.get("SANDMAN_PORT", d.port)),
+        help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
+    )
     return parser
 
 

@@ -50,6 +50,12 @@ def prerequisites() -> None:
         pytest.fail(f"e2e tests need the image {IMAGE} (run: make images)")
 
 
+def port_block() -> tuple[int, int]:
+    """A range of 20 session ports no other gateway of this test process uses."""
+    base = 21000 + (os.getpid() % 50) * 400 + next(_port_blocks) * 20
+    return base, base + 19
+
+
 def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -215,13 +221,12 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
     made: list[Gateway] = []
 
     def make(*extra_args: str, start: bool = True) -> Gateway:
-        block = next(_port_blocks)
-        base = 21000 + (os.getpid() % 50) * 400 + block * 20
+        first, last = port_block()
         gw = Gateway(
-            root=tmp_path / f"gw{block}",
+            root=tmp_path / f"gw{len(made)}",
             network=f"sandman-test-{secrets.token_hex(4)}",
-            port_start=base,
-            port_end=base + 19,
+            port_start=first,
+            port_end=last,
             extra_args=list(extra_args),
         )
         gw.root.mkdir()
