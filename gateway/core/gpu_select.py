@@ -32,6 +32,7 @@ import re
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.errors import (
     GpuError,
     GpuInstanceBusy,
@@ -40,7 +41,6 @@ from gateway.errors import (
     NoGpuAvailable,
     UnknownMigProfile,
 )
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 FULL_GPU = "full"
 

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from gateway.core.gpu_types import MigDevice
 from gateway.errors import NoGpuAvailable
-from gateway.gpu.base import GpuBackend, MigDevice
+from gateway.gpu.base import GpuBackend
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.core.gpu_select import (
+    AvailableInstance,
     CreateInstance,
     NoGpu,
     UseDevice,
@@ -20,6 +20,7 @@ from gateway.core.gpu_select import (
     default_profile_problem,
     select_gpu,
 )
+from gateway.core.gpu_types import GpuInfo, MigProfile
 from gateway.errors import GpuError, NoGpuAvailable
 from gateway.gpu import create_on_first
 from gateway.gpu.base import GpuBackend
@@ -27,8 +28,6 @@ from gateway.gpu.none import NoneBackend
 from gateway.models import CreateRequest, Session
 
 log = logging.getLogger(__name__)
-
-GIB = 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +64,6 @@ class GpuAllocator:
         """Destroy MIG instances this gateway created that no session holds (``held``:
         every allocated UUID); failures are logged and retried at the next call."""
         await self.backend.reclaim(held)
-
-    async def unhealthy(self) -> list[dict[str, Any]]:
-        """The GPUs NVML fails on, for ``/healthz``."""
-        return [
-            {"index": gpu.index, "uuid": gpu.uuid, "error": gpu.error}
-            for gpu in await self.backend.inventory()
-            if not gpu.healthy
-        ]
 
     async def allocate(self, request: CreateRequest, allocated: set[str]) -> Allocation:
         """Choose (and with ``--mig-dynamic`` create) the session's GPU.
@@ -128,70 +119,16 @@ class GpuAllocator:
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         }
 
-    async def gpus_view(self, allocated: set[str]) -> list[dict[str, Any]]:
-        """``GET /gpus``: every GPU, with its MIG instances and whether each is allocated."""
-        return [
-            {
-                "uuid": gpu.uuid,
-                "index": gpu.index,
-                "name": gpu.name,
-                "memory_total": gpu.memory_total,
-                "memory_free": gpu.memory_free,
-                "memory_used": gpu.memory_used,
-                "utilization": gpu.utilization,
-                "temperature": gpu.temperature,
-                "power_usage": gpu.power_usage,
-                "power_limit": gpu.power_limit,
-                "mig_enabled": gpu.mig_enabled,
-                "mig_pending": gpu.mig_pending,
-                "allocated": gpu.uuid in allocated,
-                "healthy": gpu.healthy,
-                "error": gpu.error,
-                "mig_instances": [
-                    {
-                        "uuid": device.uuid,
-                        "profile": device.profile,
-                        "memory": device.memory_bytes,
-                        "memory_used": device.memory_used,
-                        "gpu_instance_id": device.gi_id,
-                        "compute_instance_id": device.ci_id,
-                        "split": device.split,
-                        "allocated": device.uuid in allocated,
-                    }
-                    for device in gpu.mig_devices
-                ],
-            }
-            for gpu in await self.backend.inventory()
-        ]
+    async def inventory(self) -> list[GpuInfo]:
+        """Every GPU with its MIG devices, as the backend sees it now."""
+        return await self.backend.inventory()
 
-    async def profiles_view(self) -> list[dict[str, Any]]:
-        """``GET /gpus/profiles``: the MIG profiles of the GPU models present."""
-        return [
-            {
-                "name": p.name,
-                "compute_slices": p.compute_slices,
-                "memory_slices": p.memory_slices,
-                "memory_size": p.memory_bytes,
-                "max_instances": p.max_instances,
-                "gpu_name": p.gpu_name,
-                "description": f"{p.compute_slices}/7 GPU, {p.memory_bytes / GIB:.0f}GB Memory",
-            }
-            for p in await self.backend.profiles()
-        ]
+    async def profiles(self) -> list[MigProfile]:
+        """The MIG profiles of the GPU models present."""
+        return await self.backend.profiles()
 
-    async def available_view(self, allocated: set[str]) -> list[dict[str, Any]]:
-        """``GET /gpus/available``: free MIG instances, then free whole GPUs (``full``)."""
-        free = available_instances(
+    async def available(self, allocated: set[str]) -> list[AvailableInstance]:
+        """Free MIG instances, then free whole GPUs (``full``)."""
+        return available_instances(
             await self.backend.inventory(), await self.backend.profiles(), allocated
         )
-        return [
-            {
-                "uuid": item.uuid,
-                "parent_gpu": item.parent_gpu,
-                "profile": item.profile,
-                "memory": item.memory,
-                "compute_slices": item.compute_slices,
-                "memory_slices": item.memory_slices,
-            }
-            for item in free
-        ]

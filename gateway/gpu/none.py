@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.errors import NoGpuAvailable
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 
 class NoneBackend:

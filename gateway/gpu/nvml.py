@@ -56,6 +56,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from gateway.core.gpu_select import parse_mig_uuid
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.core.mig_placement import Placement, choose_placement, unoccupied
 from gateway.errors import (
     GatewayError,
@@ -64,7 +65,6 @@ from gateway.errors import (
     NoGpuAvailable,
     UnknownMigProfile,
 )
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 from gateway.gpu.ledger import Created, Ledger
 
 log = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.core.gpu_select import parse_mig_uuid
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.core.mig_placement import (
     MODELS,
     GpuModel,
@@ -49,7 +50,6 @@ from gateway.core.mig_placement import (
     pack,
 )
 from gateway.errors import GpuError, NoGpuAvailable, UnknownMigProfile
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 MIB = 1 << 20
 _NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://sandman.invalid/gpu-sim")

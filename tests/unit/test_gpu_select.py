@@ -11,6 +11,7 @@ from gateway.core.gpu_select import (
     parse_mig_uuid,
     select_gpu,
 )
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.errors import (
     GpuError,
     GpuInstanceBusy,
@@ -19,7 +20,6 @@ from gateway.errors import (
     NoGpuAvailable,
     UnknownMigProfile,
 )
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 A100 = "NVIDIA A100-SXM4-80GB"
 H100 = "NVIDIA H100 80GB HBM3"
