@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
+
+#: The first of the 20 session ports a unit test's gateway uses: one block per test process,
+#: so test runs side by side on one machine do not take each other's ports.
+UNIT_PORT_BASE = 15000 + (os.getpid() % 100) * 20
 
 
 def port_bindable(port: int) -> bool:

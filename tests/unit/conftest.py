@@ -7,6 +7,7 @@ from gateway.config import Config
 from gateway.core.ports import PortRange
 from gateway.gpu.none import NoneBackend
 from tests.fakes import Clock, FakeRuntime
+from tests.net import UNIT_PORT_BASE as FIRST_PORT
 
 TOKEN = "test-token"
 
@@ -18,7 +19,7 @@ def unit_config(tmp_path: Path, **overrides) -> Config:
         public_host="gpu01.test",
         state_dir=tmp_path / "state",
         workspace_root=tmp_path / "workspaces",
-        ssh_ports=PortRange(15000, 15019),
+        ssh_ports=PortRange(FIRST_PORT, FIRST_PORT + 19),
         api_token=TOKEN,
         gpus="none",
         start_timeout=5,

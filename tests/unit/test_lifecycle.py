@@ -9,10 +9,11 @@ import asyncio
 import pytest
 
 from gateway.api import keys
+from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.net import port_bindable
 from tests.unit.test_api import create
 
-PORTS = range(15000, 15020)
+PORTS = range(FIRST_PORT, FIRST_PORT + 20)
 
 
 async def assert_consistent(client, runtime) -> list:
