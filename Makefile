@@ -12,6 +12,10 @@ PYTEST_ARGS ?=
 .PHONY: run test setup host venv images unit e2e lint bench clean
 
 run: setup images
+	@echo "Sandman: API on port 8080; its token is in $(STATE)/api-token (made on first start). Next, in another terminal:"
+	@echo "  curl -s localhost:8080/ssh/known_hosts >> ~/.ssh/known_hosts"
+	@echo "  curl -X POST localhost:8080/sessions -H \"Authorization: Bearer \$$(cat $(STATE)/api-token)\" -d '{\"user_id\": \"user123\"}'"
+	@echo "  then ssh in with the key and port it answers (README.md, Quick start). Ctrl-C stops the gateway; sessions stay."
 	$(BIN)/sandman serve --state-dir $(STATE) --workspace-root $(STATE)/workspaces \
 	    --ssh-host-alias 127.0.0.1 --ssh-host-alias localhost
 
@@ -32,7 +36,7 @@ $(BIN)/sandman: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-images:
+images: venv
 	bash scripts/build-images.sh
 
 unit: venv

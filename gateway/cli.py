@@ -1,33 +1,79 @@
-"""The ``sandman`` command: ``serve`` runs the gateway; ``gpus --probe`` prints what NVML sees."""
+"""The ``sandman`` command: ``serve`` runs the gateway, ``gpus --probe`` prints what NVML sees,
+``health`` checks a running gateway, and every other command is the API client
+(:mod:`gateway.client`)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TextIO
 
 from aiohttp import web
 
-from gateway.config import config_from_args, parse
+from gateway.client.commands import Io, login
+from gateway.client.http import Api, ApiError
+from gateway.client.parser import COMMAND, add_client_commands
+from gateway.client.settings import Settings, SettingsError, resolve
+from gateway.config import Config, config_from_args, parse
+from gateway.errors import GatewayError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(argv)
-    if args.command == "gpus":
-        if not args.probe:
-            print("sandman gpus: give --probe (a read-only NVML probe)", file=sys.stderr)
-            return 2
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run one ``sandman`` command; the exit status is 0, 1 (the API or the system refused)
+    or 2 (bad usage or no settings)."""
+    env = os.environ if env is None else env
+    io = Io(out=out or sys.stdout, err=err or sys.stderr, env=env)
+    args = parse(argv, env, add_client_commands)
+    if args.command == "serve":
+        return _serve(args, env, io)
+    if args.command == "health":
+        from gateway.health import check
+
+        healthy, detail = check(args.host, args.port)
+        (io.out if healthy else io.err).write(detail + "\n")
+        return 0 if healthy else 1
+    if args.command == "gpus" and args.probe:
         from gateway.gpu.nvml import probe
 
-        print(json.dumps(asyncio.run(probe()), indent=2))
+        io.out.write(json.dumps(asyncio.run(probe()), indent=2) + "\n")
         return 0
     try:
-        config = config_from_args(args, os.environ)
+        if args.command == "login":
+            return asyncio.run(login(args, io))
+        settings = resolve(args.url, args.token, env)
+        return asyncio.run(_client(settings, args, io))
+    except SettingsError as exc:
+        io.err.write(f"sandman: {exc}\n")
+        return 2
+    except ApiError as exc:
+        code = f" ({exc.code})" if exc.code else ""
+        io.err.write(f"sandman: {exc.message}{code}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _client(settings: Settings, args: argparse.Namespace, io: Io) -> int:
+    async with Api(settings) as api:
+        return await getattr(args, COMMAND)(api, args, io)
+
+
+def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
+    try:
+        config = config_from_args(args, env)
     except ValueError as exc:
-        print(f"sandman: {exc}", file=sys.stderr)
+        io.err.write(f"sandman: {exc}\n")
         return 2
     logging.basicConfig(
         level=config.log_level,
@@ -35,5 +81,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from gateway.api import create_app
 
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            print=lambda _: _log_serving(config),
+        )
+    except GatewayError as exc:  # start-up refused (GPU host misconfigured, no Docker, ...)
+        print(f"sandman: {exc.log_message}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _log_serving(config: Config) -> None:
+    """Tell the operator, once the API is up, where it is and where its token comes from."""
+    token = "SANDMAN_API_TOKEN" if config.api_token else str(config.token_path)
+    logging.getLogger(__name__).info(
+        "serving: API http://%s:%d (bearer token: %s), session SSH ports %d-%d on %s",
+        config.host,
+        config.port,
+        token,
+        config.ssh_ports.start,
+        config.ssh_ports.end,
+        config.ssh_bind,
+    )

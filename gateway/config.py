@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from gateway.core.validation import parse_duration
 
 DEFAULT_IMAGE = "gpu-workspace"
 DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
+ANY_PROFILE = "any"  # --default-mig-profile: no default, any free MIG instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class Config:
     docker_network: str = "worknet"
     network_egress: bool = True
     gpus: str = "auto"
-    default_mig_profile: str = "3g.20gb"
+    default_mig_profile: str | None = "3g.20gb"  # None: any free MIG instance
     mig_dynamic: bool = False
     ssh_password_auth: bool = True
     start_timeout: float = 60.0
@@ -89,8 +90,12 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
-def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The ``sandman`` command line; each option defaults from ``SANDMAN_<NAME>``."""
+def build_parser(
+    env: Mapping[str, str],
+    add_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The ``sandman`` command line; each ``serve`` option defaults from ``SANDMAN_<NAME>``.
+    ``add_commands`` adds further subcommands (the API client's)."""
     parser = argparse.ArgumentParser(
         prog="sandman",
         description="Sandman GPU SSH gateway. Every option can also be set as the "
@@ -185,7 +190,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--gpus", "GPU backend: auto, nvml, none or sim:<topology.json>", default=d.gpus)
     opt(
         "--default-mig-profile",
-        "MIG profile given when a request names none",
+        "MIG profile given when a request names none; checked against the host's MIG GPUs "
+        "at start; 'any' gives any free MIG instance",
         default=d.default_mig_profile,
     )
     flag("--mig-dynamic", "create MIG instances on demand and destroy them when the session ends")
@@ -233,9 +239,23 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=d.max_connections_per_session,
         type_=int,
     )
+    if add_commands is not None:
+        add_commands(sub)
 
-    gpus = sub.add_parser("gpus", help="show what the GPU backend sees")
-    gpus.add_argument("--probe", action="store_true", help="read-only NVML probe, printed as JSON")
+    health = sub.add_parser(
+        "health", help="exit 0 if the gateway on this machine answers /healthz with 200"
+    )
+    health.add_argument(
+        "--host",
+        default=env.get("SANDMAN_HOST", d.host),
+        help=f"address its API binds (default: {d.host}, reached on loopback; env SANDMAN_HOST)",
+    )
+    health.add_argument(
+        "--port",
+        type=int,
+        default=int(env.get("SANDMAN_PORT", d.port)),
+        help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
+    )
     return parser
 
 
@@ -283,7 +303,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         docker_network=args.docker_network,
         network_egress=not args.no_egress,
         gpus=args.gpus,
-        default_mig_profile=args.default_mig_profile,
+        default_mig_profile=None
+        if args.default_mig_profile == ANY_PROFILE
+        else args.default_mig_profile,
         mig_dynamic=args.mig_dynamic,
         ssh_password_auth=not args.no_ssh_password_auth,
         start_timeout=args.start_timeout,
@@ -300,6 +322,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
 
 
 def parse(
-    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    add_commands: Callable[[argparse._SubParsersAction], None] | None = None,
 ) -> argparse.Namespace:
-    return build_parser(os.environ if env is None else env).parse_args(argv)
+    return build_parser(os.environ if env is None else env, add_commands).parse_args(argv)

@@ -71,8 +71,26 @@ class SessionExists(GatewayError):
     status = 409
 
 
+class SessionDeleted(GatewayError):
+    """The session was ended (DELETE, sweep) while its create was still starting it."""
+
+    code = "session_deleted"
+    status = 409
+
+
 class GpuInstanceBusy(GatewayError):
     code = "gpu_instance_busy"
+    status = 409
+
+
+class GpuInstanceInUse(GatewayError):
+    """NVML refused to destroy a MIG instance that another process on the host holds.
+
+    The session's container is already gone; its row stays so that the sweep retries
+    the release until the holder lets go.
+    """
+
+    code = "gpu_instance_in_use"
     status = 409
 
 

@@ -23,8 +23,12 @@ class CloseReason(StrEnum):
 
 
 class SessionState(StrEnum):
+    """A session's persisted lifecycle: starting -> running -> ending -> (row deleted).
+    Every transition is written before its side effects."""
+
     STARTING = "starting"  # row reserved, container not yet answering SSH
     RUNNING = "running"
+    ENDING = "ending"  # cleanup begun (``end_reason`` says why); finished by whoever resumes
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,7 @@ class Session:
     mig_profile: str | None = None
     gpu_created: bool = False  # a MIG instance this gateway created for the session
     authorized_keys: tuple[str, ...] = ()  # public keys that may log in ("type base64")
+    end_reason: str | None = None  # set with state ENDING
 
 
 @dataclass(frozen=True, slots=True)

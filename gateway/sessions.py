@@ -1,12 +1,21 @@
 """The session orchestrator: the only place that sequences store, runtime, GPU and relay.
 
-It owns time and rollback. ``create`` reserves a row, a port (by binding its listener)
-and a GPU under one lock, then starts the container under ``--start-timeout``; every
-step registers its undo, so any failure unwinds in reverse and re-raises a typed error.
-``end`` is the single cleanup path (DELETE, TTL timer or sweep, vanished container,
-restart recovery): connections and listener, container, GPU, row — in that order.
-Each live session has a timer task that warns the user's terminals before expiry and
-ends the session at ``expires_at``; the periodic sweep is the backstop.
+Each session this process knows is owned by one :class:`LiveSession`: its listener, the
+task starting it, its expiry timer and the task ending it. The database holds its state,
+``starting -> running -> ending(reason) -> (row deleted)``, and each transition is written
+before its side effects, so a crash or a failed step is always visible and resumable:
+
+- **create** checks the user has no session, then reserves GPU, port (by binding the
+  listener) and row under one lock; the start (container, files, sshd handshake) runs in
+  its own task under ``--start-timeout``. Any failure ends the session through the same
+  path as DELETE.
+- **end** (DELETE, TTL timer, sweep, vanished container, failed create, restart) cancels a
+  start in progress and waits for it, writes ``ending(reason)``, then cuts connections and
+  closes the listener, removes the container, releases the GPU and deletes the row. If a
+  step fails, the row stays ``ending`` and the sweep (or the next start) finishes it; the
+  end event is audited once, by whoever deletes the row.
+- **extend** (PATCH) moves the expiry under the session's lock; a starting session picks it
+  up when it starts, and the timer reads the current expiry each time it wakes.
 """
 
 from __future__ import annotations
@@ -18,11 +27,12 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from gateway import session_files
+from gateway.audit import Audit
 from gateway.config import Config
 from gateway.core import ttl
 from gateway.errors import (
@@ -30,9 +40,12 @@ from gateway.errors import (
     GatewayError,
     InvalidTtl,
     NoPortAvailable,
+    SessionDeleted,
+    SessionExists,
     SessionNotFound,
 )
-from gateway.gpu.allocator import GpuAllocator
+from gateway.gpu.allocator import Allocation, GpuAllocator
+from gateway.gpu.pin import verify_pin
 from gateway.metrics import Metrics
 from gateway.models import (
     CloseReason,
@@ -46,13 +59,13 @@ from gateway.models import (
     utcnow,
 )
 from gateway.relay import RelayLimits, SessionListener
-from gateway.relay.audit import Audit
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
     LABEL_USER,
     SSHD_CAPABILITIES,
     ContainerFile,
+    ContainerInfo,
     ContainerSpec,
     Runtime,
 )
@@ -65,7 +78,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 READY_POLL_SECONDS = 0.1
+WATCH_RETRY_SECONDS = 2.0
 TTY_GROUP = 5  # wall writes to ptys of mode 0620, group tty; root here lacks DAC_OVERRIDE
+CREATE_FAILED = "create_failed"  # an end reason that was never a created session
 
 #: How an ending session closes its live connections, by why it ends.
 _CONNECTION_REASON = {
@@ -75,6 +90,26 @@ _CONNECTION_REASON = {
 }
 #: The audit event of a session ending, by why it ends.
 _END_EVENT = {"ttl_expired": "session_expired", "session_deleted": "session_deleted"}
+
+
+def container_name(session: Session) -> str:
+    """The container's name, derived from the row, so a cleanup finds a container even
+    when the create that made it could not store its id."""
+    return f"sandman-{session.user_id}-{session.id[:8]}"
+
+
+@dataclass(eq=False)
+class LiveSession:
+    """The single owner, in this process, of one session's moving parts."""
+
+    session: Session  # the latest known row
+    listener: SessionListener | None = None
+    starting: asyncio.Task[Session] | None = None
+    timer: asyncio.Task[None] | None = None
+    ending: asyncio.Task[bool] | None = None
+    files_written: bool = False  # the container holds its files: a PATCH rewrites them
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # PATCH vs start vs sweep
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # the expiry moved
 
 
 class SessionManager:
@@ -107,9 +142,8 @@ class SessionManager:
             preauth_timeout=config.preauth_timeout,
             idle_timeout=config.idle_timeout,
         )
-        self._listeners: dict[str, SessionListener] = {}
-        self._timers: dict[str, asyncio.Task[None]] = {}
-        self._ending: dict[str, asyncio.Task[None]] = {}
+        self._live: dict[str, LiveSession] = {}
+        self._background: set[asyncio.Task[object]] = set()
         self._reserve_lock = asyncio.Lock()
 
     # -- queries ---------------------------------------------------------------------------
@@ -124,44 +158,54 @@ class SessionManager:
         return await self._store.list_sessions()
 
     def active_connections(self, session_id: str) -> int:
-        listener = self._listeners.get(session_id)
-        return listener.active if listener else 0
+        live = self._live.get(session_id)
+        return live.listener.active if live and live.listener else 0
+
+    def _listeners(self) -> list[SessionListener]:
+        return [live.listener for live in self._live.values() if live.listener is not None]
 
     @property
     def live_sessions(self) -> int:
-        return len(self._listeners)
+        return sum(live.session.state is SessionState.RUNNING for live in self._live.values())
 
     @property
     def live_connections(self) -> int:
-        return sum(listener.active for listener in self._listeners.values())
+        return sum(listener.active for listener in self._listeners())
 
     # -- create ----------------------------------------------------------------------------
 
     async def create(self, request: CreateRequest) -> CreatedSession:
-        """Start a session and return it once its sshd answers through the session port.
+        """Start a session and return it once its sshd answers with its host certificate.
 
         Raises:
-            SessionExists, NoPortAvailable, NoGpuAvailable, ...: nothing was created.
+            SessionExists, NoPortAvailable, NoGpuAvailable, ...: nothing was reserved.
             ContainerStartFailed: the container did not answer SSH within the start
-                timeout; container, port, GPU and row were released.
+                timeout; everything was released (or is left ``ending`` for the sweep).
+            SessionDeleted: a DELETE ended the session while it was starting.
         """
         started = time.monotonic()
         creds = await asyncio.to_thread(new_credentials, request.public_keys)
-        async with contextlib.AsyncExitStack() as undo:
-            session, listener = await self._reserve(request, creds.public_keys, undo)
-            try:
-                async with asyncio.timeout(self._config.start_timeout):
-                    session = await self._start_container(session, creds, listener, undo)
-            except TimeoutError:
-                raise ContainerStartFailed(
-                    f"the session container did not answer SSH within "
-                    f"{self._config.start_timeout:g} s"
-                ) from None
-            undo.pop_all()
+        live = await self._reserve(request, creds.public_keys)
+        task = asyncio.create_task(self._start(live, creds), name=f"start:{live.session.id}")
+        live.starting = task
+        try:
+            session = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():  # our caller went away: the start goes too
+                task.cancel()
+                await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+                raise
+            await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+            raise SessionDeleted("the session was ended while it was starting") from None
+        except BaseException:
+            await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+            raise
         self._metrics.create_seconds.observe(time.monotonic() - started)
-        self._start_timer(session)
-        await self._audit.session_event(
-            "session_created", session, image=session.image, ttl_seconds=session.ttl_seconds
+        await _quietly(
+            self._audit.session_event(
+                "session_created", session, image=session.image, ttl_seconds=session.ttl_seconds
+            ),
+            "audit of session_created",
         )
         log.info(
             "session %s created for %s on port %d (gpu %s)",
@@ -170,39 +214,52 @@ class SessionManager:
         return CreatedSession(session=session, credentials=creds)
 
     async def _reserve(
-        self,
-        request: CreateRequest,
-        authorized_keys: tuple[str, ...],
-        undo: contextlib.AsyncExitStack,
-    ) -> tuple[Session, SessionListener]:
-        """Reserve user uid, GPU, port and row atomically with respect to other creates."""
+        self, request: CreateRequest, authorized_keys: tuple[str, ...]
+    ) -> LiveSession:
+        """Reserve user uid, GPU, port and row atomically with respect to other creates.
+
+        Raises:
+            SessionExists: before anything is allocated.
+        """
         session_id = str(uuid.uuid4())
         now = self._clock().replace(microsecond=0)  # so the shown expires_at is exact
         async with self._reserve_lock:
+            if await self._store.session_of_user(request.user_id) is not None:
+                raise SessionExists(f"user {request.user_id!r} already has a live session")
             user = await self._store.ensure_user(request.user_id, now)
             allocation = await self._gpus.allocate(request, await self._store.allocated_gpus())
-            if allocation.created:
-                _push_undo(undo, "GPU release", lambda: self._gpus.release(allocation))
-            listener = await self._bind_free_port(session_id, user)
-            _push_undo(undo, "listener close", listener.close)
-            session = Session(
-                id=session_id,
-                user_id=request.user_id,
-                uid=user.uid,
-                ssh_port=listener.port,
-                image=request.image,
-                workspace=str(self._config.workspace_root / request.user_id),
-                ttl_seconds=request.ttl_seconds,
-                created_at=now,
-                expires_at=ttl.expires_at(now, request.ttl_seconds),
-                gpu_uuid=allocation.uuid,
-                mig_profile=allocation.profile,
-                gpu_created=allocation.created,
-                authorized_keys=authorized_keys,
-            )
-            await self._store.insert_session(session)
-            _push_undo(undo, "row delete", lambda: self._store.delete_session(session_id))
-        return session, listener
+            listener: SessionListener | None = None
+            try:
+                listener = await self._bind_free_port(session_id, user)
+                session = Session(
+                    id=session_id,
+                    user_id=request.user_id,
+                    uid=user.uid,
+                    ssh_port=listener.port,
+                    image=request.image,
+                    workspace=str(self._config.workspace_root / request.user_id),
+                    ttl_seconds=request.ttl_seconds,
+                    created_at=now,
+                    expires_at=ttl.expires_at(now, request.ttl_seconds),
+                    gpu_uuid=allocation.uuid,
+                    mig_profile=allocation.profile,
+                    gpu_created=allocation.created,
+                    authorized_keys=authorized_keys,
+                )
+                await self._store.insert_session(session)
+            except BaseException:
+                await self._unreserve(allocation, listener)
+                raise
+            live = LiveSession(session, listener=listener)
+            self._live[session_id] = live
+        return live
+
+    async def _unreserve(self, allocation: Allocation, listener: SessionListener | None) -> None:
+        """Undo a reservation that never got its row (so the end path cannot see it)."""
+        if listener is not None:
+            await listener.close()
+        if allocation.created:
+            await _quietly(self._gpus.release(allocation), "GPU release")
 
     def _listener(self, session_id: str, user_id: str, port: int) -> SessionListener:
         return SessionListener(
@@ -228,32 +285,63 @@ class SessionManager:
             f"no free SSH port in {self._config.ssh_ports.start}-{self._config.ssh_ports.end}"
         )
 
-    async def _start_container(
-        self,
-        session: Session,
-        creds: Credentials,
-        listener: SessionListener,
-        undo: contextlib.AsyncExitStack,
-    ) -> Session:
-        workspace = Path(session.workspace)
-        await asyncio.to_thread(_prepare_workspace, workspace, session.uid)
-        spec = self._container_spec(session)
-        container_id = await self._runtime.create(spec)
-        _push_undo(undo, "container remove", lambda: self._runtime.remove(container_id))
-        await self._store.set_container(session.id, container_id)
-        await self._runtime.put_files(container_id, self._container_files(session, creds))
+    async def _start(self, live: LiveSession, creds: Credentials) -> Session:
+        """Container, files, start, handshake; then ``running`` and the timer.
+
+        Raises:
+            ContainerStartFailed: not up within ``--start-timeout``, or it failed.
+            SessionDeleted: the session started ending meanwhile.
+        """
+        try:
+            async with asyncio.timeout(self._config.start_timeout):
+                return await self._start_steps(live, creds)
+        except TimeoutError:
+            raise ContainerStartFailed(
+                f"the session container did not answer SSH within {self._config.start_timeout:g} s"
+            ) from None
+
+    async def _start_steps(self, live: LiveSession, creds: Credentials) -> Session:
+        session = live.session
+        await asyncio.to_thread(_prepare_workspace, Path(session.workspace), session.uid)
+        container_id = await self._create_container(session)
+        async with live.lock:  # a PATCH meanwhile is in the row: read it with the files
+            session = live.session = await self.get(session.id)
+            await self._runtime.put_files(container_id, self._container_files(session, creds))
+            live.files_written = True
         info = await self._runtime.start(container_id, self._config.docker_network)
         if info.ip is None:
             raise ContainerStartFailed(
                 f"the session container has no address on network {self._config.docker_network}"
             )
+        if self._gpus.needs_device_request and session.gpu_uuid:
+            # toolkit settings can defeat the DeviceRequest: it must see exactly its GPU
+            await verify_pin(self._runtime, container_id, session.gpu_uuid)
         await self._wait_ready(session, container_id, (info.ip, info.ssh_port))
-        listener.set_upstream(info.ip, info.ssh_port)
-        await self._store.mark_running(session.id, container_id, info.ip)
-        self._listeners[session.id] = listener
-        return replace(
-            session, state=SessionState.RUNNING, container_id=container_id, container_ip=info.ip
-        )
+        assert live.listener is not None
+        live.listener.set_upstream(info.ip, info.ssh_port)
+        async with live.lock:
+            if not await self._store.mark_running(session.id, container_id, info.ip):
+                raise SessionDeleted("the session was ended while it was starting")
+            live.session = replace(
+                live.session,
+                state=SessionState.RUNNING,
+                container_id=container_id,
+                container_ip=info.ip,
+            )
+        self._start_timer(live)
+        return live.session
+
+    async def _create_container(self, session: Session) -> str:
+        """The session's container: found by its name and session label if a previous try
+        made it, else created; its id is stored on the row at once."""
+        spec = self._container_spec(session)
+        found = await self._runtime.inspect(spec.name, self._config.docker_network)
+        if found is not None and found.labels.get(LABEL_SESSION) == session.id:
+            container_id = found.id
+        else:
+            container_id = await self._runtime.create(spec)
+        await self._store.set_container(session.id, container_id)
+        return container_id
 
     def _container_files(self, session: Session, creds: Credentials) -> list[ContainerFile]:
         """Host key and certificate, expiring authorized keys, password hash, session facts."""
@@ -281,7 +369,7 @@ class SessionManager:
             **self._gpus.container_env(session.gpu_uuid),
         }
         return ContainerSpec(
-            name=f"sandman-{user}-{session.id[:8]}",
+            name=container_name(session),
             image=session.image,
             hostname=f"{user}-{session.id[:8]}",
             env=env,
@@ -336,59 +424,71 @@ class SessionManager:
     async def extend(
         self, session_id: str, *, new_total_seconds: int | None, extend_seconds: int | None
     ) -> Session:
-        """Change the session's TTL (counted from creation); its timer and warnings move.
+        """Change the session's TTL (counted from creation). The container's authorized
+        keys and session facts are rewritten first; a starting session gets them when it
+        starts; the timer and its warnings follow.
 
         Raises:
-            SessionNotFound: no such session.
+            SessionNotFound: no such session, or it is ending.
             InvalidTtl: beyond ``--max-ttl-minutes``, or ending in the past.
         """
-        session = await self.get(session_id)
-        try:
-            total = ttl.extended_ttl(
-                created_at=session.created_at,
-                current_ttl_seconds=session.ttl_seconds,
-                now=self._clock(),
-                new_total_seconds=new_total_seconds,
-                extend_seconds=extend_seconds,
-                max_seconds=self._config.max_ttl_minutes * 60,
-            )
-        except ValueError as exc:
-            raise InvalidTtl(str(exc)) from None
-        expires = ttl.expires_at(session.created_at, total)
-        updated = replace(session, ttl_seconds=total, expires_at=expires)
-        if session.container_id:  # authorized keys expire with the session: move them first
-            files = session_files.expiring_files(updated, self._config)
-            await self._runtime.put_files(session.container_id, files)
-        await self._store.update_ttl(session.id, total, expires)
-        timer = self._timers.pop(session.id, None)
-        if timer is not None:
-            timer.cancel()
-            self._start_timer(updated)
-        await self._audit.session_event(
-            "session_extended", updated, previous_expires_at=rfc3339(session.expires_at)
+        live = self._live.get(session_id)
+        if live is None or live.ending is not None:
+            await self.get(session_id)  # 404 when unknown
+            raise SessionNotFound(f"session {session_id!r} is ending")
+        async with live.lock:
+            session = await self.get(session_id)
+            try:
+                total = ttl.extended_ttl(
+                    created_at=session.created_at,
+                    current_ttl_seconds=session.ttl_seconds,
+                    now=self._clock(),
+                    new_total_seconds=new_total_seconds,
+                    extend_seconds=extend_seconds,
+                    max_seconds=self._config.max_ttl_minutes * 60,
+                )
+            except ValueError as exc:
+                raise InvalidTtl(str(exc)) from None
+            expires = ttl.expires_at(session.created_at, total)
+            updated = replace(session, ttl_seconds=total, expires_at=expires)
+            if live.files_written and session.container_id:
+                files = session_files.expiring_files(updated, self._config)
+                await self._runtime.put_files(session.container_id, files)
+            await self._store.update_ttl(session.id, total, expires)
+            live.session = replace(live.session, ttl_seconds=total, expires_at=expires)
+            live.changed.set()
+        await _quietly(
+            self._audit.session_event(
+                "session_extended", updated, previous_expires_at=rfc3339(session.expires_at)
+            ),
+            "audit of session_extended",
         )
         return updated
 
-    def _start_timer(self, session: Session) -> None:
-        self._timers[session.id] = asyncio.create_task(
-            self._expire_on_time(session), name=f"ttl:{session.id}"
-        )
+    def _start_timer(self, live: LiveSession) -> None:
+        live.timer = self._spawn(self._expire_on_time(live), f"ttl:{live.session.id}")
 
-    async def _sleep_until(self, moment: datetime) -> None:
-        await asyncio.sleep(max(0.0, (moment - self._clock()).total_seconds()))
-
-    async def _expire_on_time(self, session: Session) -> None:
-        """Warn the user's terminals at the configured offsets, then end the session at
-        ``expires_at`` (within the event loop's timer precision)."""
-        now = self._clock()
-        for moment in ttl.warning_schedule(session.expires_at, self._config.expiry_warnings, now):
-            await self._sleep_until(moment)
-            await self._warn(session)
-        await self._sleep_until(session.expires_at)
-        try:
-            await self.end(session, "ttl_expired")
-        except GatewayError as exc:
-            log.warning("session %s: expiry failed, the sweep retries: %s", session.id, exc)
+    async def _expire_on_time(self, live: LiveSession) -> None:
+        """Warn the user's terminals at the configured offsets, then end the session at its
+        expiry. Wakes early when a PATCH moves the expiry, and always acts on the current
+        one."""
+        warned: set[datetime] = set()
+        while True:
+            live.changed.clear()
+            now = self._clock()
+            expires = live.session.expires_at
+            if now >= expires:
+                break
+            schedule = ttl.warning_schedule(expires, self._config.expiry_warnings, now)
+            moment = next((m for m in schedule if m not in warned), expires)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout((moment - now).total_seconds()):
+                    await live.changed.wait()
+                continue  # the expiry moved: plan again
+            if moment < expires:
+                warned.add(moment)
+                await self._warn(live.session)
+        await _quietly(self.end(live.session, "ttl_expired"), "expiry (the sweep retries)")
 
     async def _warn(self, session: Session) -> None:
         if not session.container_id:
@@ -402,7 +502,7 @@ class SessionManager:
     # -- end -------------------------------------------------------------------------------
 
     async def delete(self, session_id: str) -> None:
-        """End the session now.
+        """End the session now (a starting one is cancelled, and its rollback awaited).
 
         Raises:
             SessionNotFound: no such session.
@@ -410,6 +510,7 @@ class SessionManager:
         await self.end(await self.get(session_id), "session_deleted")
 
     async def delete_all(self) -> int:
+        """End every session; the number this call ended."""
         sessions = await self.list()
         results = await asyncio.gather(
             *(self.end(s, "session_deleted") for s in sessions), return_exceptions=True
@@ -417,134 +518,219 @@ class SessionManager:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return len(sessions)
+        return sum(result is True for result in results)
 
-    async def end(self, session: Session, reason: str) -> None:
-        """Clean one session up: connections and listener, container, GPU, row.
+    async def end(self, session: Session, reason: str) -> bool:
+        """End one session; idempotent. Concurrent calls share one cleanup, and the first
+        reason wins. True if this cleanup deleted the row (it audits the end, once).
 
-        Concurrent calls for one session share a single cleanup. If a step fails
-        (e.g. Docker unreachable) the row stays, so the next sweep retries.
+        Raises:
+            GatewayError: a step failed; the row stays ``ending`` for the sweep.
         """
-        task = self._ending.get(session.id)
-        if task is None:
-            task = asyncio.create_task(self._end(session, reason), name=f"end:{session.id}")
-            self._ending[session.id] = task
-            task.add_done_callback(lambda _: self._ending.pop(session.id, None))
-        await asyncio.shield(task)
+        return await asyncio.shield(self._begin_end(session, reason))
 
-    async def _end(self, session: Session, reason: str) -> None:
-        timer = self._timers.pop(session.id, None)
-        if timer is not None:
-            timer.cancel()
-        listener = self._listeners.pop(session.id, None)
-        if listener is not None:
-            await listener.close(_CONNECTION_REASON.get(reason, CloseReason.SESSION_DELETED))
-        if session.container_id:
-            await self._runtime.remove(session.container_id)
-        if session.gpu_uuid:
-            await self._gpus.release_session(session)
-        await self._store.delete_session(session.id)
-        await self._audit.session_event(
-            _END_EVENT.get(reason, "session_ended"), session, reason=reason
-        )
-        log.info("session %s of %s ended: %s", session.id, session.user_id, reason)
+    def _begin_end(self, session: Session, reason: str) -> asyncio.Task[bool]:
+        live = self._live.get(session.id)
+        if live is None:
+            live = self._live[session.id] = LiveSession(session)
+        if live.ending is None:
+            live.ending = self._spawn(self._end(live, reason), f"end:{session.id}")
+        return live.ending
+
+    async def _end(self, live: LiveSession, reason: str) -> bool:
+        session_id = live.session.id
+        try:
+            await _cancel_and_wait(live.starting)
+            row = await self._store.begin_ending(session_id, reason)
+            if row is None:
+                return False  # ended already
+            await _cancel_and_wait(live.timer)
+            if live.listener is not None:
+                cut = _CONNECTION_REASON.get(row.end_reason or reason, CloseReason.SESSION_DELETED)
+                await live.listener.close(cut)
+                live.listener = None
+            await self._runtime.remove(row.container_id or container_name(row))
+            if row.gpu_uuid:
+                await self._gpus.release_session(row)
+            if not await self._store.delete_session(session_id):
+                return False
+        finally:
+            if self._live.get(session_id) is live:
+                del self._live[session_id]
+        why = row.end_reason or reason
+        log.info("session %s of %s ended: %s", session_id, row.user_id, why)
+        if row.container_ip is not None:  # it ran; one that never did ends with its POST
+            await _quietly(
+                self._audit.session_event(_END_EVENT.get(why, "session_ended"), row, reason=why),
+                "audit of the session's end",
+            )
+        return True
 
     async def sweep(self) -> int:
-        """End every expired session and every session whose container is gone; prune
-        audit records past their retention."""
+        """End every expired session, every session whose container is gone and every one
+        left ``ending``; remove labelled containers that have no session; prune audit
+        records past their retention. The number of sessions ended."""
+        owned = await self._runtime.list_owned(self._instance_id, self._config.docker_network)
         ended = 0
         for session in await self._store.list_sessions():
-            reason = await self._due_reason(session)
-            if reason is None:
-                continue
             try:
-                await self.end(session, reason)
-                ended += 1
+                ended += await self._sweep_one(session)
             except GatewayError as exc:
                 log.warning("session %s: cleanup failed, will retry: %s", session.id, exc)
+        await self._remove_orphans(owned)
         retention = timedelta(days=self._config.audit_retention_days)
         await self._store.prune_audit(self._clock() - retention)
         return ended
 
+    async def _sweep_one(self, session: Session) -> bool:
+        live = self._live.get(session.id)
+        if session.state is SessionState.ENDING:
+            return await self.end(session, session.end_reason or "session_deleted")
+        if session.state is SessionState.STARTING:
+            if live is None:  # no create of this process owns it: a crash left it
+                return await self.end(session, CREATE_FAILED)
+            return False
+        if live is not None:  # decide on the current row, not the list's
+            async with live.lock:
+                current = await self._store.get_session(session.id)
+                if current is None or live.ending is not None:
+                    return False
+                reason = await self._due_reason(current)
+                if reason is None:
+                    return False
+                task = self._begin_end(current, reason)
+            return await asyncio.shield(task)
+        reason = await self._due_reason(session)
+        return reason is not None and await self.end(session, reason)
+
     async def _due_reason(self, session: Session) -> str | None:
         if ttl.is_expired(session, self._clock()):
             return "ttl_expired"
-        if session.state is SessionState.RUNNING and session.container_id:
+        if session.container_id:
             info = await self._runtime.inspect(session.container_id, self._config.docker_network)
             if info is None or not info.running:
                 return "container_gone"
         return None
 
+    async def _remove_orphans(self, owned: list[ContainerInfo]) -> None:
+        """Remove containers labelled by this gateway whose session has no row. ``owned``
+        must be listed before the rows are read: a create inserts its row first."""
+        rows = {s.id for s in await self._store.list_sessions()}
+        for container in owned:
+            if container.labels.get(LABEL_SESSION) not in rows:
+                log.info("removing orphan container %s (%s)", container.name, container.id[:12])
+                await _quietly(self._runtime.remove(container.id), "orphan removal")
+
+    async def watch_containers(self) -> None:
+        """Forever: end a running session as soon as Docker reports its container died or
+        was removed (the sweep is the backstop while the event stream is down)."""
+        while True:
+            try:
+                async for session_id in self._runtime.container_exits(self._instance_id):
+                    live = self._live.get(session_id)
+                    running = live is not None and live.session.state is SessionState.RUNNING
+                    if running and live.ending is None:
+                        log.info("session %s: its container is gone", session_id)
+                        self._begin_end(live.session, "container_gone")
+            except GatewayError as exc:
+                log.warning("container events unavailable: %s", exc.log_message)
+            await asyncio.sleep(WATCH_RETRY_SECONDS)
+
     # -- restart ---------------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Adopt what the database says is live; clean what is not; remove orphans.
-
-        Runs once at start, before the API serves. Connection records a crash left
+        """Adopt what the database says is live; finish or clean what is not; remove
+        orphans. Each session is handled on its own: one that fails is logged and left
+        ``ending`` for the sweep, and the gateway serves. Connection records a crash left
         open are closed with reason ``error``.
         """
         await self._store.end_open_connections(self._clock())
-        sessions = await self._store.list_sessions()
-        owned = {
-            c.id: c
-            for c in await self._runtime.list_owned(self._instance_id, self._config.docker_network)
-        }
-        for session in sessions:
-            info = owned.get(session.container_id or "")
-            if session.state is not SessionState.RUNNING or info is None:
-                await self.end(session, "recovered_gone")
-                continue
-            if ttl.is_expired(session, self._clock()):
-                await self.end(session, "ttl_expired")
-                continue
-            if not info.running:
-                info = await self._runtime.start(info.id, self._config.docker_network)
-            listener = self._listener(session.id, session.user_id, session.ssh_port)
+        owned = await self._runtime.list_owned(self._instance_id, self._config.docker_network)
+        by_id = {c.id: c for c in owned}
+        for session in await self._store.list_sessions():
             try:
-                await listener.bind(self._config.ssh_bind)
-            except OSError as exc:
-                log.error(
-                    "session %s: cannot re-open port %d: %s", session.id, session.ssh_port, exc
+                await self._recover_one(session, by_id)
+            except Exception:
+                log.exception("session %s: recovery failed; left for the sweep", session.id)
+                await _quietly(
+                    self._store.begin_ending(session.id, "recovery_failed"), "marking ending"
                 )
-                await self.end(session, "recovered_port_busy")
-                continue
-            listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port)
-            self._listeners[session.id] = listener
-            if info.ip and info.ip != session.container_ip:
-                await self._store.mark_running(session.id, info.id, info.ip)
-            self._start_timer(session)
-            await self._audit.session_event("session_recovered", session)
-            log.info("session %s of %s recovered on port %d", session.id, session.user_id,
-                     session.ssh_port)  # fmt: skip
-        known = {s.container_id for s in sessions}
-        for container in owned.values():
-            if container.id not in known:
-                log.info("removing orphan container %s (%s)", container.name, container.id[:12])
-                await self._runtime.remove(container.id)
+        await self._remove_orphans(owned)
+
+    async def _recover_one(self, session: Session, owned: dict[str, ContainerInfo]) -> None:
+        info = owned.get(session.container_id or "")
+        if session.state is SessionState.ENDING:
+            await self.end(session, session.end_reason or "session_deleted")
+            return
+        if session.state is SessionState.STARTING:
+            await self.end(session, CREATE_FAILED)
+            return
+        if info is None:
+            await self.end(session, "recovered_gone")
+            return
+        if ttl.is_expired(session, self._clock()):
+            await self.end(session, "ttl_expired")
+            return
+        if not info.running:
+            info = await self._runtime.start(info.id, self._config.docker_network)
+        listener = self._listener(session.id, session.user_id, session.ssh_port)
+        try:
+            await listener.bind(self._config.ssh_bind)
+        except OSError as exc:
+            log.error("session %s: cannot re-open port %d: %s", session.id, session.ssh_port, exc)
+            await self.end(session, "recovered_port_busy")
+            return
+        listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port)
+        if info.ip and info.ip != session.container_ip:
+            await self._store.mark_running(session.id, info.id, info.ip)
+        live = LiveSession(session, listener=listener, files_written=True)
+        self._live[session.id] = live
+        self._start_timer(live)
+        await _quietly(self._audit.session_event("session_recovered", session), "audit")
+        log.info("session %s of %s recovered on port %d", session.id, session.user_id,
+                 session.ssh_port)  # fmt: skip
 
     async def close(self) -> None:
-        """Gateway shutdown: stop the timers, cut connections (``gateway_shutdown``) and
-        close every listener. Sessions and containers stay for the next start."""
-        timers, self._timers = list(self._timers.values()), {}
-        for timer in timers:
-            timer.cancel()
-        await asyncio.gather(*timers, return_exceptions=True)
-        listeners, self._listeners = list(self._listeners.values()), {}
+        """Gateway shutdown: stop timers and background work, cut connections
+        (``gateway_shutdown``) and close every listener. Sessions and containers stay for
+        the next start."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        lives, self._live = list(self._live.values()), {}
         await asyncio.gather(
-            *(listener.close(CloseReason.GATEWAY_SHUTDOWN) for listener in listeners)
+            *(
+                live.listener.close(CloseReason.GATEWAY_SHUTDOWN)
+                for live in lives
+                if live.listener is not None
+            )
         )
 
+    def _spawn(self, work: Awaitable[object], name: str) -> asyncio.Task:
+        """A named background task, referenced until it ends."""
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
-def _push_undo(
-    stack: contextlib.AsyncExitStack, what: str, undo: Callable[[], Awaitable[object]]
-) -> None:
-    async def run() -> None:
-        try:
-            await undo()
-        except Exception:
-            log.exception("rollback step failed: %s", what)
 
-    stack.push_async_callback(run)
+async def _cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel ``task`` (unless it is the caller) and wait until it has finished."""
+    if task is None or task is asyncio.current_task():
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _quietly(work: Awaitable[object], what: str) -> None:
+    """Await best-effort work after the fact (audit, rollback): a failure is logged, never
+    turned into the caller's error."""
+    try:
+        await work
+    except Exception:
+        log.exception("%s failed", what)
 
 
 def _prepare_workspace(path: Path, uid: int) -> None:

@@ -5,12 +5,17 @@
 # into a folder from Debian's package mirror, and `docker import` turns that
 # folder into an image. The workspace image then builds FROM it with no network.
 #
-# Usage: scripts/build-base-image.sh [TAG]   (default sandman-base:bookworm)
+# Usage: scripts/build-base-image.sh [TAG [PACKAGES]]
+#   TAG       default sandman-base:bookworm
+#   PACKAGES  comma-separated, default: what the workspace image needs (OpenSSH
+#             and a few tools). The gateway image's base is made the same way
+#             with python3,python3-venv (see build-images.sh).
 # Env:   SANDMAN_DEBIAN_MIRROR (default: the host's apt mirror, else deb.debian.org)
 #        SANDMAN_DEBIAN_SUITE  (default bookworm)
 set -euo pipefail
 
 tag="${1:-sandman-base:bookworm}"
+packages="${2:-openssh-server,procps,iproute2,ca-certificates,less,bash-completion}"
 suite="${SANDMAN_DEBIAN_SUITE:-bookworm}"
 
 if docker image inspect "$tag" >/dev/null 2>&1; then
@@ -33,9 +38,7 @@ rootfs=$(mktemp -d /tmp/sandman-rootfs.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT
 
 echo "debootstrap $suite from $mirror into $rootfs"
-debootstrap --variant=minbase \
-  --include=openssh-server,procps,iproute2,ca-certificates,less,bash-completion \
-  "$suite" "$rootfs" "$mirror"
+debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror"
 
 # Keep the image small and free of host-specific or secret state.
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+import socket
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncssh
 
 from gateway.errors import ContainerStartFailed, DockerUnavailable
-from gateway.runtime.base import LABEL_INSTANCE, ContainerFile, ContainerInfo, ContainerSpec
+from gateway.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_SESSION,
+    CommandResult,
+    ContainerFile,
+    ContainerInfo,
+    ContainerSpec,
+)
 from gateway.session_files import HOST_KEY
 
 
@@ -55,6 +63,23 @@ def _stranger_host_key() -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
 
 
 @dataclass
+class Gate:
+    """A point where the fake runtime stops until the test opens it."""
+
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
 class FakeRuntime:
     """In-memory containers. ``mode``: "ok", "never_ready", "crash", "fail_create" or
     "wrong_host_key" (an SSH server answers, but not with the session's host key)."""
@@ -64,12 +89,34 @@ class FakeRuntime:
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     execs: list[tuple[str, list[str], str]] = field(default_factory=list)
+    runs: list[tuple[str, list[str], str]] = field(default_factory=list)
+    #: the devices ``nvidia-smi -L`` lists in any container; None: exactly the container's
+    #: own GPU, as a correctly configured NVIDIA Container Toolkit exposes it
+    visible_gpus: tuple[str, ...] | None = None
     networks: set[str] = field(default_factory=set)
+    exits: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    gates: dict[str, Gate] = field(default_factory=dict)
+    failing: set[str] = field(default_factory=set)  # steps that raise DockerUnavailable
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=itertools.count)
 
-    def _check(self) -> None:
-        if not self.reachable:
+    def _check(self, step: str = "") -> None:
+        if not self.reachable or step in self.failing:
             raise DockerUnavailable("the Docker engine is unreachable")
+
+    def pause(self, step: str) -> Gate:
+        """Stop at ``step`` ("create", "created", "put_files", "start", "inspect", "remove",
+        or "sshd": started, but its SSH server not yet listening) until the returned gate is
+        opened."""
+        gate = self.gates[step] = Gate()
+        return gate
+
+    async def _step(self, step: str) -> None:
+        gate = self.gates.get(step)
+        if gate is not None:
+            gate.reached.set()
+            await gate.opened.wait()
+        self._check(step)
 
     async def ping(self) -> None:
         self._check()
@@ -79,32 +126,45 @@ class FakeRuntime:
         self.networks.add(name)
 
     async def create(self, spec: ContainerSpec) -> str:
-        self._check()
+        await self._step("create")
         if self.mode == "fail_create":
             raise ContainerStartFailed("Docker refused to create the container")
         cid = f"fake{next(self._ids):012d}"
         self.containers[cid] = FakeContainer(spec=spec, id=cid)
+        await self._step("created")  # made, but its id not yet back with the caller
         return cid
 
     async def start(self, container_id: str, network: str) -> ContainerInfo:
-        self._check()
+        await self._step("start")
         container = self.containers[container_id]
         container.running = self.mode != "crash"
         if self.mode in ("ok", "wrong_host_key") and container.server is None:
             host_key = container.host_key() if self.mode == "ok" else _stranger_host_key()
-            container.server = await asyncssh.create_server(
-                asyncssh.SSHServer, "127.0.0.1", 0, server_host_keys=[host_key]
-            )
-            container.port = container.server.sockets[0].getsockname()[1]
+            container.port = _free_port()
+            serve = self._serve(container, host_key)
+            if "sshd" in self.gates:
+                self.tasks.append(asyncio.create_task(serve))
+            else:
+                await serve
         info = await self.inspect(container_id, network)
         assert info is not None
         return info
 
+    async def _serve(
+        self, container: FakeContainer, host_key: tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]
+    ) -> None:
+        await self._step("sshd")
+        container.server = await asyncssh.create_server(
+            asyncssh.SSHServer, "127.0.0.1", container.port, server_host_keys=[host_key]
+        )
+
     async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
-        self._check()
-        c = self.containers.get(container_id)
-        if c is None:
-            return None
+        await self._step("inspect")
+        c = self.find(container_id)
+        return None if c is None else self._info(c)
+
+    @staticmethod
+    def _info(c: FakeContainer) -> ContainerInfo:
         return ContainerInfo(
             id=c.id,
             name=c.spec.name,
@@ -115,20 +175,41 @@ class FakeRuntime:
         )
 
     async def remove(self, container_id: str) -> None:
-        self._check()
-        container = self.containers.pop(container_id, None)
+        await self._step("remove")
+        container = self.find(container_id)
         if container is not None:
-            self.removed.append(container_id)
+            del self.containers[container.id]
+            self.removed.append(container.id)
             if container.server is not None:
                 container.server.close()
 
-    async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
+    def find(self, id_or_name: str) -> FakeContainer | None:
+        """Docker takes an id or a name wherever it takes a container."""
+        found = self.containers.get(id_or_name)
+        if found is None:
+            found = next((c for c in self.containers.values() if c.spec.name == id_or_name), None)
+        return found
+
+    async def container_exits(self, instance: str) -> AsyncIterator[str]:
         self._check()
+        while (session_id := await self.exits.get()) is not None:
+            yield session_id
+
+    def kill(self, container_id: str) -> None:
+        """What ``docker rm -f`` does behind the gateway's back: gone, with an event."""
+        container = self.containers.pop(container_id)
+        if container.server is not None:
+            container.server.close()
+        self.exits.put_nowait(container.spec.labels[LABEL_SESSION])
+
+    async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
+        await self._step("put_files")
         self.containers[container_id].files.update({f.path: f.content for f in files})
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
-        infos = [await self.inspect(cid, network) for cid in list(self.containers)]
-        return [i for i in infos if i is not None and i.labels.get(LABEL_INSTANCE) == instance]
+        self._check()
+        infos = [self._info(c) for c in self.containers.values()]
+        return [i for i in infos if i.labels.get(LABEL_INSTANCE) == instance]
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         return "fake log"
@@ -138,6 +219,31 @@ class FakeRuntime:
         self.execs.append((container_id, argv, user))
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
         for container in self.containers.values():
             if container.server is not None:
                 container.server.close()
+
+    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+        """Only ``nvidia-smi -L`` exists in these containers."""
+        self._check()
+        self.runs.append((container_id, argv, user))
+        if argv != ["nvidia-smi", "-L"]:
+            return CommandResult(127, f"{argv[0]}: not found")
+        own = self.containers[container_id].spec.gpu_uuid
+        visible = self.visible_gpus if self.visible_gpus is not None else (own,) if own else ()
+        return nvidia_smi_list(visible)
+
+
+def nvidia_smi_list(uuids: tuple[str, ...]) -> CommandResult:
+    """What ``nvidia-smi -L`` prints for these GPU and MIG UUIDs (MIG devices under one GPU)."""
+    gpus = [u for u in uuids if not u.startswith("MIG-")]
+    migs = [u for u in uuids if u.startswith("MIG-")]
+    if migs and not gpus:
+        gpus = ["GPU-parent-of-the-mig-devices"]
+    lines = [f"GPU {i}: NVIDIA A100-SXM4-80GB (UUID: {uuid})" for i, uuid in enumerate(gpus)]
+    lines += [f"  MIG 1g.10gb     Device  {i}: (UUID: {uuid})" for i, uuid in enumerate(migs)]
+    if not lines:
+        return CommandResult(6, "No devices were found\n")
+    return CommandResult(0, "\n".join(lines) + "\n")

@@ -2,14 +2,14 @@
 
 Start-up opens the database, resolves the API token and the SSH host CA, opens the audit
 trail and metrics, connects to Docker (creating the session network), opens the GPU
-backend, recovers sessions (before serving), and starts the TTL sweeper. Shutdown undoes
-that in reverse; sessions and containers stay.
+backend (refusing a default MIG profile this host lacks, reclaiming MIG instances it made
+that no session holds), recovers sessions (before serving), and starts the TTL sweeper.
+Shutdown undoes that in reverse; sessions and containers stay.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -17,15 +17,15 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.api import keys, middleware
+from gateway.api import admin_page, keys, middleware
 from gateway.api.routes import routes
+from gateway.audit import Audit
 from gateway.config import Config
 from gateway.gpu import open_backend
 from gateway.gpu.allocator import GpuAllocator
 from gateway.gpu.base import GpuBackend
 from gateway.metrics import Metrics
 from gateway.models import utcnow
-from gateway.relay.audit import Audit
 from gateway.runtime.base import Runtime
 from gateway.sessions import Clock, SessionManager
 from gateway.ssh.identity import HostIdentity
@@ -77,6 +77,7 @@ def create_app(
     )
     app[keys.CONFIG] = config
     app.router.add_routes(routes)
+    app.router.add_routes(admin_page.routes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(_state_dir, config.state_dir)
@@ -120,9 +121,12 @@ def create_app(
         else:
             backend = gpu_factory()
         try:
-            app[keys.GPUS] = GpuAllocator(
+            allocator = GpuAllocator(
                 backend, default_profile=config.default_mig_profile, dynamic=config.mig_dynamic
             )
+            await allocator.check_default_profile()
+            await allocator.reclaim(await app[keys.STORE].allocated_gpus())
+            app[keys.GPUS] = allocator
             yield
         finally:
             await backend.close()
@@ -157,11 +161,14 @@ def create_app(
                 except Exception:
                     log.exception("TTL sweep failed")
 
-        task = asyncio.create_task(sweep_forever(), name="ttl-sweeper")
+        tasks = [
+            asyncio.create_task(sweep_forever(), name="ttl-sweeper"),
+            asyncio.create_task(manager.watch_containers(), name="container-events"),
+        ]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     app.cleanup_ctx.extend([store_ctx, audit_ctx, runtime_ctx, gpu_ctx, sessions_ctx, sweeper_ctx])
     return app

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.audit import Audit
 from gateway.config import Config
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import Metrics
-from gateway.relay.audit import Audit
 from gateway.runtime.base import Runtime
 from gateway.sessions import SessionManager
 from gateway.ssh.identity import HostIdentity

@@ -13,7 +13,8 @@ from gateway.errors import BodyTooLarge, GatewayError, Unauthorized
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/ssh/known_hosts"})
+PUBLIC_PATHS = frozenset({"/healthz", "/ssh/known_hosts", "/ui"})
+PUBLIC_PREFIX = "/ui/"  # the admin page's static files; its API calls carry the token
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_MAX_AGE = str(24 * 3600)
 
@@ -85,8 +86,9 @@ async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Require ``Authorization: Bearer <token>`` on every path but /healthz."""
-    if request.path not in PUBLIC_PATHS:
+    """Require ``Authorization: Bearer <token>`` on every path but the public ones and the
+    admin page's files."""
+    if request.path not in PUBLIC_PATHS and not request.path.startswith(PUBLIC_PREFIX):
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         expected = request.app[API_TOKEN]
         if scheme.lower() != "bearer" or not hmac.compare_digest(

@@ -9,12 +9,19 @@ from aiohttp import web
 
 from gateway.api.keys import CONFIG, GPUS, IDENTITY, METRICS, RUNTIME, SESSIONS, STORE
 from gateway.api.schemas import parse_audit_query, parse_create, parse_patch
-from gateway.api.views import created_view, session_view
+from gateway.api.views import (
+    available_view,
+    created_view,
+    gpu_view,
+    profile_view,
+    session_view,
+    unhealthy_gpu_view,
+)
+from gateway.audit import connection_data, event_data
 from gateway.errors import SessionNotFound
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import CONTENT_TYPE
 from gateway.models import Session
-from gateway.relay.audit import connection_data, event_data
 
 HEALTH_TIMEOUT = 3.0
 SERVICE = "gpu-ssh-gateway-orchestrator"
@@ -24,10 +31,19 @@ routes = web.RouteTableDef()
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
+    """200 healthy; 200 degraded with ``unhealthy_gpus`` when NVML fails on some GPUs (the
+    others are served); 503 degraded when the database, Docker or NVML as a whole fails."""
     failing: dict[str, str] = {}
+    unhealthy: list[dict[str, object]] = []
+
+    async def gpus() -> None:
+        inventory = await request.app[GPUS].inventory()
+        unhealthy.extend(unhealthy_gpu_view(gpu) for gpu in inventory if not gpu.healthy)
+
     for name, check in (
         ("database", request.app[STORE].ping),
         ("docker", request.app[RUNTIME].ping),
+        ("gpus", gpus),
     ):
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
@@ -37,6 +53,10 @@ async def healthz(request: web.Request) -> web.Response:
     if failing:
         return web.json_response(
             {"status": "degraded", "service": SERVICE, "failing": failing}, status=503
+        )
+    if unhealthy:
+        return web.json_response(
+            {"status": "degraded", "service": SERVICE, "unhealthy_gpus": unhealthy}
         )
     return web.json_response({"status": "healthy", "service": SERVICE})
 
@@ -130,7 +150,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _gpu_slices(gpus: GpuAllocator, allocated: set[str]) -> tuple[int, int]:
-    free = len(await gpus.available_view(allocated))
+    free = len(await gpus.available(allocated))
     return free, len(allocated)
 
 
@@ -149,16 +169,19 @@ async def delete_all_sessions(request: web.Request) -> web.Response:
 
 @routes.get("/gpus")
 async def list_gpus(request: web.Request) -> web.Response:
-    gpus = await request.app[GPUS].gpus_view(await request.app[STORE].allocated_gpus())
+    allocated = await request.app[STORE].allocated_gpus()
+    gpus = [gpu_view(gpu, allocated) for gpu in await request.app[GPUS].inventory()]
     return web.json_response({"gpus": gpus, "count": len(gpus)})
 
 
 @routes.get("/gpus/profiles")
 async def list_profiles(request: web.Request) -> web.Response:
-    return web.json_response({"profiles": await request.app[GPUS].profiles_view()})
+    profiles = [profile_view(p) for p in await request.app[GPUS].profiles()]
+    return web.json_response({"profiles": profiles})
 
 
 @routes.get("/gpus/available")
 async def list_available(request: web.Request) -> web.Response:
-    available = await request.app[GPUS].available_view(await request.app[STORE].allocated_gpus())
+    free = await request.app[GPUS].available(await request.app[STORE].allocated_gpus())
+    available = [available_view(item) for item in free]
     return web.json_response({"available_instances": available, "count": len(available)})

@@ -16,6 +16,7 @@ from gateway.ssh.credentials import parse_public_keys
 
 AUDIT_PAGE_DEFAULT = 100
 AUDIT_PAGE_MAX = 1000
+CURSOR_MAX = 2**63 - 1  # an SQLite integer
 
 _CREATE_FIELDS: dict[str, type] = {
     "user_id": str,
@@ -41,6 +42,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     return data
@@ -163,6 +166,8 @@ def parse_audit_query(query: Mapping[str, str]) -> AuditQuery:
         raise InvalidRequest("limit and cursor must be integers") from None
     if not 1 <= limit <= AUDIT_PAGE_MAX:
         raise InvalidRequest(f"limit must be between 1 and {AUDIT_PAGE_MAX}")
+    if cursor is not None and not 1 <= cursor <= CURSOR_MAX:
+        raise InvalidRequest("cursor must be a next_cursor this API returned")
     return AuditQuery(
         user_id=query.get("user_id"),
         session_id=query.get("session_id"),

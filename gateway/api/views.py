@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.config import Config
+from gateway.core.gpu_select import AvailableInstance
+from gateway.core.gpu_types import GpuInfo, MigProfile
 from gateway.core.ssh import ssh_command
 from gateway.core.ttl import ttl_minutes_view
 from gateway.models import CreatedSession, Session, rfc3339
@@ -62,4 +64,73 @@ def created_view(created: CreatedSession, config: Config, identity: HostIdentity
         "created_at": rfc3339(session.created_at),
         "expires_at": rfc3339(session.expires_at),
         **ssh_access(session, config, identity),
+    }
+
+
+GIB = 1024**3
+
+
+def gpu_view(gpu: GpuInfo, allocated: set[str]) -> dict[str, Any]:
+    """One entry of ``GET /gpus``: a GPU, its MIG instances and what is allocated."""
+    return {
+        "uuid": gpu.uuid,
+        "index": gpu.index,
+        "name": gpu.name,
+        "memory_total": gpu.memory_total,
+        "memory_free": gpu.memory_free,
+        "memory_used": gpu.memory_used,
+        "utilization": gpu.utilization,
+        "temperature": gpu.temperature,
+        "power_usage": gpu.power_usage,
+        "power_limit": gpu.power_limit,
+        "mig_enabled": gpu.mig_enabled,
+        "mig_pending": gpu.mig_pending,
+        "allocated": gpu.uuid in allocated,
+        "healthy": gpu.healthy,
+        "error": gpu.error,
+        "mig_instances": [
+            {
+                "uuid": device.uuid,
+                "profile": device.profile,
+                "memory": device.memory_bytes,
+                "memory_used": device.memory_used,
+                "gpu_instance_id": device.gi_id,
+                "compute_instance_id": device.ci_id,
+                "split": device.split,
+                "allocated": device.uuid in allocated,
+            }
+            for device in gpu.mig_devices
+        ],
+    }
+
+
+def unhealthy_gpu_view(gpu: GpuInfo) -> dict[str, Any]:
+    """A GPU NVML fails on, as ``/healthz`` lists it."""
+    return {"index": gpu.index, "uuid": gpu.uuid, "error": gpu.error}
+
+
+def profile_view(profile: MigProfile) -> dict[str, Any]:
+    """One entry of ``GET /gpus/profiles``."""
+    return {
+        "name": profile.name,
+        "compute_slices": profile.compute_slices,
+        "memory_slices": profile.memory_slices,
+        "memory_size": profile.memory_bytes,
+        "max_instances": profile.max_instances,
+        "gpu_name": profile.gpu_name,
+        "description": (
+            f"{profile.compute_slices}/7 GPU, {profile.memory_bytes / GIB:.0f}GB Memory"
+        ),
+    }
+
+
+def available_view(item: AvailableInstance) -> dict[str, Any]:
+    """One entry of ``GET /gpus/available``: a free MIG instance or whole GPU."""
+    return {
+        "uuid": item.uuid,
+        "parent_gpu": item.parent_gpu,
+        "profile": item.profile,
+        "memory": item.memory,
+        "compute_slices": item.compute_slices,
+        "memory_slices": item.memory_slices,
     }

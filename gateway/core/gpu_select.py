@@ -18,6 +18,10 @@ The rules, in order (``allocated`` is every GPU/MIG UUID the database holds):
 4. No GPUs: :class:`NoGpu` on a GPU-less backend (``--gpus none``), otherwise
    :class:`NoGpuAvailable`.
 
+Unhealthy GPUs (NVML failed on them) and split MIG devices (a compute instance with only
+part of its GPU instance, sharing that instance's memory with its siblings) are never
+handed out, nor listed as available; naming a split device is an :class:`InvalidRequest`.
+
 The caller must hold one lock from reading the inventory until the chosen UUID is
 stored, so two requests never pick the same device.
 """
@@ -28,6 +32,7 @@ import re
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.errors import (
     GpuError,
     GpuInstanceBusy,
@@ -36,7 +41,6 @@ from gateway.errors import (
     NoGpuAvailable,
     UnknownMigProfile,
 )
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 FULL_GPU = "full"
 
@@ -123,7 +127,7 @@ def select_gpu(
     """
     if mig_profile is not None and mig_instance_uuid is not None:
         raise InvalidRequest("give mig_profile or mig_instance_uuid, not both")
-    gpus = sorted(inventory, key=lambda g: g.index)
+    gpus = _healthy(inventory)
     if mig_instance_uuid is not None:
         return _named_device(mig_instance_uuid, gpus, allocated)
     if mig_profile is not None:
@@ -133,7 +137,7 @@ def select_gpu(
     if not gpus:
         if gpu_less:
             return NoGpu()
-        raise NoGpuAvailable("this host reports no GPUs")
+        raise NoGpuAvailable("this host reports no healthy GPU")
     whole = _free_whole_gpu(gpus, allocated)
     if not any(g.mig_enabled for g in gpus):
         if whole is None:
@@ -143,12 +147,11 @@ def select_gpu(
         device = next(_free_devices(gpus, allocated), None)
         chosen = _use(device) if device is not None else whole
     else:
-        if default_profile not in _known_profiles(gpus, profiles):
+        problem = default_profile_problem(default_profile, gpus, profiles)
+        if problem is not None:
             raise GpuError(
                 "the gateway's default MIG profile is not offered by this host",
-                log_message=f"--default-mig-profile {default_profile!r} matches no MIG "
-                f"profile of this host's GPUs; set it to one of "
-                f"{sorted(_known_profiles(gpus, profiles))}",
+                log_message=problem,
             )
         try:
             chosen = _by_profile(default_profile, gpus, profiles, allocated, dynamic)
@@ -162,16 +165,37 @@ def select_gpu(
     return chosen
 
 
+def default_profile_problem(
+    default_profile: str | None, inventory: Sequence[GpuInfo], profiles: Sequence[MigProfile]
+) -> str | None:
+    """Why ``--default-mig-profile`` can't work on this host, or None if it can.
+
+    It can when it is None (any free instance), when no healthy GPU has MIG enabled (it
+    never applies), or when some GPU here offers it.
+    """
+    gpus = _healthy(inventory)
+    if default_profile is None or not any(g.mig_enabled for g in gpus):
+        return None
+    offered = _known_profiles(gpus, profiles)
+    if default_profile in offered:
+        return None
+    return (
+        f"--default-mig-profile {default_profile} is not offered by this host's MIG GPUs "
+        f"({', '.join(sorted({g.name or '?' for g in gpus if g.mig_enabled}))}); set it to "
+        f"one of {', '.join(sorted(offered))}, or to 'any' to hand out any free MIG instance"
+    )
+
+
 def available_instances(
     inventory: Sequence[GpuInfo], profiles: Sequence[MigProfile], allocated: Collection[str]
 ) -> list[AvailableInstance]:
     """What ``/gpus/available`` lists: free MIG devices, then free whole MIG-disabled GPUs."""
     specs = {(p.gpu_name, p.name): p for p in profiles}
-    gpus = sorted(inventory, key=lambda g: g.index)
+    gpus = _healthy(inventory)
     out: list[AvailableInstance] = []
     for gpu in gpus:
         for device in _sorted_devices(gpu):
-            if device.uuid in allocated:
+            if device.uuid in allocated or device.split:
                 continue
             spec = specs.get((gpu.name, device.profile))
             out.append(
@@ -202,6 +226,12 @@ def _named_device(uuid: str, gpus: Sequence[GpuInfo], allocated: Collection[str]
                 == (legacy.gpu_uuid, legacy.gi_id, legacy.ci_id)
             )
             if same:
+                if device.split:
+                    raise InvalidRequest(
+                        f"MIG instance {uuid} is one of several compute instances sharing "
+                        f"a GPU instance's memory ({device.profile}); only whole GPU "
+                        "instances are handed out"
+                    )
                 if device.uuid in allocated:
                     raise GpuInstanceBusy(f"MIG instance {uuid} is in use by another session")
                 return _use(device)
@@ -225,12 +255,24 @@ def _by_profile(
     raise NoGpuAvailable(f"no free MIG instance of profile {profile}")
 
 
+def _healthy(inventory: Sequence[GpuInfo]) -> list[GpuInfo]:
+    """The GPUs NVML answers for, by index."""
+    return sorted((g for g in inventory if g.healthy), key=lambda g: g.index)
+
+
 def _known_profiles(gpus: Sequence[GpuInfo], profiles: Sequence[MigProfile]) -> set[str]:
-    return {p.name for p in profiles} | {d.profile for g in gpus for d in g.mig_devices}
+    existing = {d.profile for g in gpus for d in g.mig_devices if not d.split}
+    return {p.name for p in profiles} | existing
 
 
 def _free_devices(gpus: Sequence[GpuInfo], allocated: Collection[str]) -> Iterator[MigDevice]:
-    return (d for g in gpus if g.mig_enabled for d in _sorted_devices(g) if d.uuid not in allocated)
+    return (
+        d
+        for g in gpus
+        if g.mig_enabled
+        for d in _sorted_devices(g)
+        if d.uuid not in allocated and not d.split
+    )
 
 
 def _sorted_devices(gpu: GpuInfo) -> list[MigDevice]:

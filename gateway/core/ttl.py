@@ -40,7 +40,10 @@ def warning_message(expires: datetime, now: datetime) -> str:
     """The text put on the user's terminals before the session ends."""
     left = max(0, round((expires - now).total_seconds()))
     minutes, seconds = divmod(left, 60)
-    when = f"{minutes} minute{'s' * (minutes != 1)}" if minutes else f"{seconds} seconds"
+    if minutes:
+        when = f"{minutes} minute{'s' * (minutes != 1)}"
+    else:
+        when = f"{seconds} second{'s' * (seconds != 1)}"
     at = expires.strftime("%H:%M:%S UTC")
     return (
         f"Sandman: this session ends in {when} (at {at}). "

@@ -1,8 +1,10 @@
 """GPU backends behind one interface (:class:`~gateway.gpu.base.GpuBackend`).
 
 ``--gpus`` picks one: ``nvml`` (real GPUs), ``none`` (no GPUs), ``sim:<topology.json>``
-(a simulated host, :mod:`gateway.gpu.sim`), or ``auto``: NVML when ``libnvidia-ml.so.1``
-loads and initialises, otherwise ``none`` with a log line saying so.
+(a simulated host, :mod:`gateway.gpu.sim`), or ``auto``: NVML, or ``none`` with a log line
+saying so when ``libnvidia-ml.so.1`` does not load. Any other NVML start-up failure (a
+driver/library version mismatch after an upgrade, say) refuses to start, naming the error,
+rather than silently serving GPU-less sessions on a GPU host.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from gateway.errors import GpuError, NoGpuAvailable
-from gateway.gpu.base import GpuBackend, MigDevice
+from gateway.core.gpu_types import MigDevice
+from gateway.errors import NoGpuAvailable
+from gateway.gpu.base import GpuBackend
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +26,17 @@ __all__ = ["create_on_first", "open_backend"]
 async def open_backend(spec: str, *, state_dir: Path, nv: ModuleType | None = None) -> GpuBackend:
     """Open the backend ``spec`` names; ``nv`` replaces ``pynvml`` (tests).
 
-    A simulator keeps its instances in ``state_dir/gpu-sim-<topology stem>.json``.
+    A simulator keeps its instances in ``state_dir/gpu-sim-<topology stem>.json``; NVML
+    keeps the ids of the MIG instances it creates in ``state_dir/nvml-instances.json``.
 
     Raises:
         ValueError: ``spec`` is not ``auto``, ``nvml``, ``none`` or ``sim:<path>``, or
             the topology is invalid.
-        GpuError: ``nvml`` was asked for and NVML does not start.
+        GpuError: NVML does not start (with ``auto``: for any reason but a missing library).
     """
     # Imported here: the backends import gateway.core, which imports this package's base.
     from gateway.gpu.none import NoneBackend
-    from gateway.gpu.nvml import NvmlBackend
+    from gateway.gpu.nvml import NvmlBackend, NvmlLibraryMissing
     from gateway.gpu.sim import SimBackend
 
     if spec == "none":
@@ -40,13 +44,14 @@ async def open_backend(spec: str, *, state_dir: Path, nv: ModuleType | None = No
     if spec.startswith("sim:"):
         topology = Path(spec.removeprefix("sim:"))
         return SimBackend(topology, state_dir / f"gpu-sim-{topology.stem}.json")
+    ledger = state_dir / "nvml-instances.json"
     if spec == "nvml":
-        return await NvmlBackend.open(nv)
+        return await NvmlBackend.open(nv, ledger_path=ledger)
     if spec == "auto":
         try:
-            return await NvmlBackend.open(nv)
-        except GpuError as exc:
-            log.warning("no usable NVML (%s): running without GPUs (--gpus none)", exc.log_message)
+            return await NvmlBackend.open(nv, ledger_path=ledger)
+        except NvmlLibraryMissing as exc:
+            log.warning("no NVML (%s): running without GPUs (--gpus none)", exc.log_message)
             return NoneBackend()
     raise ValueError(f"--gpus {spec!r}: expected auto, nvml, none or sim:<topology.json>")
 

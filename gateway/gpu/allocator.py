@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.core.gpu_select import (
+    AvailableInstance,
     CreateInstance,
     NoGpu,
     UseDevice,
     available_instances,
+    default_profile_problem,
     select_gpu,
 )
-from gateway.errors import NoGpuAvailable
+from gateway.core.gpu_types import GpuInfo, MigProfile
+from gateway.errors import GpuError, NoGpuAvailable
 from gateway.gpu import create_on_first
 from gateway.gpu.base import GpuBackend
 from gateway.gpu.none import NoneBackend
 from gateway.models import CreateRequest, Session
 
 log = logging.getLogger(__name__)
-
-GIB = 1024**3
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,8 @@ class Allocation:
 
 
 class GpuAllocator:
-    def __init__(self, backend: GpuBackend, *, default_profile: str, dynamic: bool) -> None:
+    def __init__(self, backend: GpuBackend, *, default_profile: str | None, dynamic: bool) -> None:
+        """``default_profile`` None hands out any free MIG instance to requests naming none."""
         self.backend = backend
         self._default_profile = default_profile
         self._dynamic = dynamic
@@ -46,6 +47,23 @@ class GpuAllocator:
     @property
     def needs_device_request(self) -> bool:
         return self.backend.needs_device_request
+
+    async def check_default_profile(self) -> None:
+        """At start-up: refuse a default profile that no MIG GPU of this host offers.
+
+        Raises:
+            GpuError: it is not offered; the log message names the valid profiles.
+        """
+        problem = default_profile_problem(
+            self._default_profile, await self.backend.inventory(), await self.backend.profiles()
+        )
+        if problem is not None:
+            raise GpuError("the default MIG profile does not exist here", log_message=problem)
+
+    async def reclaim(self, held: set[str]) -> None:
+        """Destroy MIG instances this gateway created that no session holds (``held``:
+        every allocated UUID); failures are logged and retried at the next call."""
+        await self.backend.reclaim(held)
 
     async def allocate(self, request: CreateRequest, allocated: set[str]) -> Allocation:
         """Choose (and with ``--mig-dynamic`` create) the session's GPU.
@@ -69,6 +87,7 @@ class GpuAllocator:
             case UseDevice(uuid=uuid, profile=profile):
                 return Allocation(uuid=uuid, profile=profile)
             case CreateInstance(gpu_uuids=gpu_uuids, profile=profile, fallback=fallback):
+                await self.backend.reclaim(allocated)  # frees what a failed rollback left
                 try:
                     device = await create_on_first(self.backend, gpu_uuids, profile)
                 except NoGpuAvailable:
@@ -100,66 +119,16 @@ class GpuAllocator:
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         }
 
-    async def gpus_view(self, allocated: set[str]) -> list[dict[str, Any]]:
-        """``GET /gpus``: every GPU, with its MIG instances and whether each is allocated."""
-        return [
-            {
-                "uuid": gpu.uuid,
-                "index": gpu.index,
-                "name": gpu.name,
-                "memory_total": gpu.memory_total,
-                "memory_free": gpu.memory_free,
-                "memory_used": gpu.memory_used,
-                "utilization": gpu.utilization,
-                "temperature": gpu.temperature,
-                "power_usage": gpu.power_usage,
-                "power_limit": gpu.power_limit,
-                "mig_enabled": gpu.mig_enabled,
-                "mig_pending": gpu.mig_pending,
-                "allocated": gpu.uuid in allocated,
-                "mig_instances": [
-                    {
-                        "uuid": device.uuid,
-                        "profile": device.profile,
-                        "memory": device.memory_bytes,
-                        "gpu_instance_id": device.gi_id,
-                        "compute_instance_id": device.ci_id,
-                        "allocated": device.uuid in allocated,
-                    }
-                    for device in gpu.mig_devices
-                ],
-            }
-            for gpu in await self.backend.inventory()
-        ]
+    async def inventory(self) -> list[GpuInfo]:
+        """Every GPU with its MIG devices, as the backend sees it now."""
+        return await self.backend.inventory()
 
-    async def profiles_view(self) -> list[dict[str, Any]]:
-        """``GET /gpus/profiles``: the MIG profiles of the GPU models present."""
-        return [
-            {
-                "name": p.name,
-                "compute_slices": p.compute_slices,
-                "memory_slices": p.memory_slices,
-                "memory_size": p.memory_bytes,
-                "max_instances": p.max_instances,
-                "gpu_name": p.gpu_name,
-                "description": f"{p.compute_slices}/7 GPU, {p.memory_bytes / GIB:.0f}GB Memory",
-            }
-            for p in await self.backend.profiles()
-        ]
+    async def profiles(self) -> list[MigProfile]:
+        """The MIG profiles of the GPU models present."""
+        return await self.backend.profiles()
 
-    async def available_view(self, allocated: set[str]) -> list[dict[str, Any]]:
-        """``GET /gpus/available``: free MIG instances, then free whole GPUs (``full``)."""
-        free = available_instances(
+    async def available(self, allocated: set[str]) -> list[AvailableInstance]:
+        """Free MIG instances, then free whole GPUs (``full``)."""
+        return available_instances(
             await self.backend.inventory(), await self.backend.profiles(), allocated
         )
-        return [
-            {
-                "uuid": item.uuid,
-                "parent_gpu": item.parent_gpu,
-                "profile": item.profile,
-                "memory": item.memory,
-                "compute_slices": item.compute_slices,
-                "memory_slices": item.memory_slices,
-            }
-            for item in free
-        ]

@@ -1,59 +1,15 @@
-"""What every GPU backend offers: inventory, MIG profiles, create and destroy.
+"""What every GPU backend offers: inventory, MIG profiles, create, destroy and reclaim.
 
-The dataclasses here are the only GPU types the rest of the gateway sees; NVML,
-the simulator and the GPU-less backend all return them.
+The value types in :mod:`gateway.core.gpu_types` are the only GPU types the rest of the
+gateway sees; NVML, the simulator and the GPU-less backend all return them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Protocol
 
-
-@dataclass(frozen=True, slots=True)
-class MigProfile:
-    """A GPU instance profile as NVML reports it for one GPU model.
-
-    ``profile_id`` is NVML's ``info.id`` (what create/placement calls take), not the
-    ``NVML_GPU_INSTANCE_PROFILE_*`` enum index used to look the profile up.
-    """
-
-    name: str  # e.g. "3g.40gb" (NVML's "MIG 3g.40gb" without the prefix)
-    profile_id: int
-    compute_slices: int
-    memory_slices: int
-    memory_bytes: int
-    max_instances: int
-    gpu_name: str  # the model it belongs to, e.g. "NVIDIA A100-SXM4-80GB"
-
-
-@dataclass(frozen=True, slots=True)
-class MigDevice:
-    """One existing MIG device (a GPU instance plus one compute instance)."""
-
-    uuid: str  # as NVML returns it: "MIG-<uuid>" or "MIG-GPU-<uuid>/<gi>/<ci>"
-    gpu_uuid: str
-    profile: str  # profile name, e.g. "1g.10gb"
-    gi_id: int
-    ci_id: int
-    memory_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class GpuInfo:
-    uuid: str
-    index: int
-    name: str
-    memory_total: int  # bytes
-    memory_free: int
-    memory_used: int
-    utilization: int  # percent
-    temperature: int  # degrees C
-    power_usage: float  # watts
-    power_limit: float  # watts
-    mig_enabled: bool
-    mig_pending: bool
-    mig_devices: tuple[MigDevice, ...] = ()
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 
 
 class GpuBackend(Protocol):
@@ -81,7 +37,20 @@ class GpuBackend(Protocol):
         ...
 
     async def destroy_instance(self, mig_uuid: str) -> None:
-        """Destroy a MIG device this gateway created; already gone is success."""
+        """Destroy a MIG device this gateway created; already gone is success.
+
+        Raises:
+            GpuInstanceInUse: another process holds it; calling again later retries.
+            GpuError: NVML refused otherwise.
+        """
+        ...
+
+    async def reclaim(self, held: Collection[str]) -> None:
+        """At start-up: destroy what this gateway created that no session holds.
+
+        ``held`` is every GPU/MIG UUID the database allocates to a session. What cannot
+        be destroyed now is logged and tried again later, never raised.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.errors import NoGpuAvailable
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 
 class NoneBackend:
@@ -25,6 +27,9 @@ class NoneBackend:
 
     async def destroy_instance(self, mig_uuid: str) -> None:
         """Nothing exists here, so there is nothing to destroy."""
+
+    async def reclaim(self, held: Collection[str]) -> None:
+        """Nothing exists here, so there is nothing to reclaim."""
 
     async def close(self) -> None:
         return None

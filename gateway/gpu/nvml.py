@@ -6,22 +6,36 @@ tests pass a fake that behaves as NVML documents.
 
 What this relies on from NVML:
 
+- ``nvmlInit`` failing with LibraryNotFound means no NVIDIA driver library here; any
+  other failure (a driver/library version mismatch after an upgrade, say) is a broken
+  GPU host, never a GPU-less one.
 - MIG mode is ``nvmlDeviceGetMigMode`` → ``[current, pending]``; NotSupported means a
   GPU without MIG.
 - MIG devices sit in slots ``0 .. nvmlDeviceGetMaxMigDeviceCount-1``; an empty slot
   raises NotFound. A device's GPU-instance id names its GPU instance, whose
-  ``nvmlGpuInstanceGetInfo().profileId`` names its profile.
+  ``nvmlGpuInstanceGetInfo().profileId`` names its profile. ``nvmlDeviceGetAttributes``
+  (MIG handles only) gives its GPU- and compute-instance slice counts: a compute instance
+  smaller than its GPU instance is reported as ``<c>c.<profile>`` (as ``nvidia-smi``
+  names it), marked ``split`` and never handed out, since it shares the GPU instance's
+  memory with its siblings.
 - Profiles come from ``nvmlDeviceGetGpuInstanceProfileInfo(handle, NVML_GPU_INSTANCE_
   PROFILE_*)`` (NotSupported/InvalidArgument: the GPU lacks it). Capacity, placement and
   create calls take ``info.id`` (19 for ``1g.10gb`` on an A100-80GB), never the enum index.
   A profile's memory slices are the size of its possible placements.
-- Walking GPU instances, placements and create/destroy need privileges (root, or read
-  access to ``/proc/driver/nvidia/capabilities/mig/config``). Without them, MIG devices
-  are named from their device name (``... MIG 1g.10gb``) and NoPermission on a change
-  becomes a :class:`GpuError` saying so.
-
-A MIG device is reported under its GPU instance's profile; a GPU instance split into
-several compute instances yields several devices with that same profile name.
+- Two rights, as the MIG capabilities split them: *monitor* (walking GPU instances,
+  placements, and a MIG-mode GPU's own memory info) and *config* (create/destroy). Root on
+  the host has both; in a container the NVIDIA Container Toolkit grants them with
+  ``NVIDIA_MIG_MONITOR_DEVICES=all`` and ``NVIDIA_MIG_CONFIG_DEVICES=all``, and only to a
+  container with ``CAP_SYS_ADMIN`` (its hook refuses to start the container otherwise).
+  Without monitor rights MIG devices are named from their device name (``... MIG 1g.10gb``)
+  and the GPU's memory is unknown (None); NoPermission becomes a :class:`GpuError` naming
+  what to grant.
+- Utilization is NotSupported in MIG mode: reported as None, and each MIG device's used
+  memory is reported instead.
+- One GPU failing (GPU is lost, Unknown) makes that GPU unhealthy, not the inventory.
+- Destroying a GPU instance a process holds is InUse: :class:`GpuInstanceInUse`. Created
+  instances are destroyed by their ids from the :mod:`~gateway.gpu.ledger`, so a retry
+  finds a GPU instance whose compute instance is already gone.
 """
 
 from __future__ import annotations
@@ -31,28 +45,49 @@ import contextlib
 import ctypes
 import logging
 import math
+import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
 import pynvml
 
 from gateway.core.gpu_select import parse_mig_uuid
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.core.mig_placement import Placement, choose_placement, unoccupied
-from gateway.errors import GatewayError, GpuError, NoGpuAvailable, UnknownMigProfile
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
+from gateway.errors import (
+    GatewayError,
+    GpuError,
+    GpuInstanceInUse,
+    NoGpuAvailable,
+    UnknownMigProfile,
+)
+from gateway.gpu.ledger import Created, Ledger
 
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 T = TypeVar("T")
 
-_PERMISSION_HINT = (
-    "the gateway lacks the rights to manage MIG instances: run it as root, or give it "
-    "read access to /proc/driver/nvidia/capabilities/mig/config"
+# The NVIDIA Container Toolkit refuses either variable in a container without CAP_SYS_ADMIN.
+_MONITOR_HINT = (
+    "the gateway may not read this host's MIG instances: run it as root, or in a container "
+    "set NVIDIA_MIG_MONITOR_DEVICES=all and add the capability SYS_ADMIN (NVIDIA Container "
+    "Toolkit)"
 )
+_CONFIG_HINT = (
+    "the gateway may not create or destroy MIG instances: run it as root with CAP_SYS_ADMIN, "
+    "or in a container set NVIDIA_MIG_CONFIG_DEVICES=all and NVIDIA_MIG_MONITOR_DEVICES=all "
+    "and add the capability SYS_ADMIN (NVIDIA Container Toolkit)"
+)
+_SPLIT_NAME = re.compile(r"^(\d+)c\.")
+
+
+class NvmlLibraryMissing(GpuError):
+    """``libnvidia-ml.so.1`` does not load: a host without the NVIDIA driver."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,30 +105,48 @@ class NvmlBackend:
 
     needs_device_request = True
 
-    def __init__(self, nv: ModuleType) -> None:
+    def __init__(self, nv: ModuleType, ledger: Ledger | None = None) -> None:
         """Wrap an initialised ``pynvml``; use :meth:`open` to initialise it."""
         self._nv = nv
+        self._ledger = ledger or Ledger()
         self._lock = threading.Lock()
         self._closed = False
+        self._faults: dict[int, str] = {}  # GPU index → its last NVML error, to log changes
 
     @classmethod
-    async def open(cls, nv: ModuleType | None = None) -> NvmlBackend:
+    async def open(
+        cls, nv: ModuleType | None = None, *, ledger_path: Path | None = None
+    ) -> NvmlBackend:
         """Initialise NVML (``nvmlInit``) and return the backend.
 
+        ``ledger_path`` keeps the ids of the MIG instances it creates (memory only if None).
+
         Raises:
-            GpuError: NVML cannot start (no ``libnvidia-ml.so.1``, no driver, ...).
+            NvmlLibraryMissing: no ``libnvidia-ml.so.1`` (a host without the driver).
+            GpuError: NVML is there but does not start (no driver loaded, driver and
+                library versions differ, ...), or the ledger is unreadable.
         """
         nv = nv or pynvml
+        ledger = await asyncio.to_thread(Ledger, ledger_path)
         try:
             await asyncio.to_thread(nv.nvmlInit)
+        except nv.NVMLError_LibraryNotFound as exc:
+            raise NvmlLibraryMissing(
+                "NVML is not available on this host",
+                log_message=f"nvmlInit: libnvidia-ml.so.1 not found ({exc})",
+            ) from exc
         except nv.NVMLError as exc:
             raise GpuError(
-                "NVML is not available on this host", log_message=f"nvmlInit failed: {exc}"
+                "NVML failed to start on this host",
+                log_message=f"nvmlInit failed: {exc} (NVML error {exc.value}); the NVIDIA "
+                "driver is installed but not usable: check `nvidia-smi` on the host",
             ) from exc
-        return cls(nv)
+        return cls(nv, ledger)
 
     async def inventory(self) -> list[GpuInfo]:
-        return await self._call("reading the GPU inventory", _inventory, self._nv)
+        gpus = await self._call("reading the GPU inventory", _inventory, self._nv)
+        self._log_fault_changes(gpus)
+        return gpus
 
     async def profiles(self) -> list[MigProfile]:
         return await self._call("reading MIG profiles", _all_profiles, self._nv)
@@ -101,9 +154,10 @@ class NvmlBackend:
     async def create_instance(self, gpu_uuid: str, profile: str) -> MigDevice:
         """Create a GPU instance of ``profile`` at a free placement, and one compute instance.
 
-        If the compute instance (or finding its MIG device) fails, the GPU instance is
-        destroyed again. If the caller is cancelled meanwhile, the call still finishes
-        and what it created is destroyed before the cancellation propagates.
+        If the compute instance (or finding its MIG device, or recording it in the
+        ledger) fails, the GPU instance is destroyed again. If the caller is cancelled
+        meanwhile, the call still finishes and what it created is destroyed before the
+        cancellation propagates.
 
         Raises:
             NoGpuAvailable: no capacity or free placement left on that GPU.
@@ -111,7 +165,15 @@ class NvmlBackend:
             GpuError: MIG disabled, missing rights (NoPermission), or another NVML error.
         """
         work = asyncio.create_task(
-            self._call(f"creating a {profile} instance", _create, self._nv, gpu_uuid, profile),
+            self._call(
+                f"creating a {profile} instance",
+                _create,
+                self._nv,
+                self._ledger,
+                gpu_uuid,
+                profile,
+                changes=True,
+            ),
             name=f"nvml-create-{profile}",
         )
         try:
@@ -124,12 +186,41 @@ class NvmlBackend:
     async def destroy_instance(self, mig_uuid: str) -> None:
         """Destroy the compute instance, then its GPU instance; already gone is success.
 
-        Accepts ``MIG-<uuid>`` and ``MIG-GPU-<uuid>/<gi>/<ci>``.
+        An instance this gateway created is found by the ids it was created with, so a
+        retry after the GPU instance was in use finds it although its MIG UUID is gone.
+        Others are looked up by UUID (``MIG-<uuid>`` or ``MIG-GPU-<uuid>/<gi>/<ci>``).
 
         Raises:
-            GpuError: NVML refused (e.g. NoPermission, or the GPU instance is in use).
+            GpuInstanceInUse: a process on the host holds it (the next call retries).
+            GpuError: NVML refused (e.g. NoPermission).
         """
-        await self._call(f"destroying MIG instance {mig_uuid}", _destroy, self._nv, mig_uuid)
+        await self._call(
+            f"destroying MIG instance {mig_uuid}",
+            _destroy,
+            self._nv,
+            self._ledger,
+            mig_uuid,
+            changes=True,
+        )
+
+    async def reclaim(self, held: Collection[str]) -> None:
+        """Destroy the instances this gateway created that no session holds.
+
+        Those are left by a crash between creating an instance and storing its session,
+        or by a rollback whose destroy failed. What fails now is logged and kept in the
+        ledger for the next attempt.
+        """
+        try:
+            await self._call(
+                "reclaiming MIG instances",
+                _reclaim,
+                self._nv,
+                self._ledger,
+                frozenset(held),
+                changes=True,
+            )
+        except GatewayError as exc:
+            log.warning("reclaiming MIG instances failed: %s", exc.log_message)
 
     async def close(self) -> None:
         """Shut NVML down (``nvmlShutdown``); idempotent."""
@@ -141,25 +232,42 @@ class NvmlBackend:
         except self._nv.NVMLError as exc:
             log.warning("nvmlShutdown failed: %s", exc)
 
-    async def _call(self, action: str, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(
+        self, action: str, fn: Callable[..., T], *args: Any, changes: bool = False
+    ) -> T:
         try:
             return await asyncio.to_thread(self._locked, fn, *args)
         except self._nv.NVMLError as exc:
-            raise _translate(self._nv, exc, action) from exc
+            raise _translate(self._nv, exc, action, changes=changes) from exc
 
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
         with self._lock:
             return fn(*args)
 
+    def _log_fault_changes(self, gpus: list[GpuInfo]) -> None:
+        for gpu in gpus:
+            before = self._faults.get(gpu.index)
+            if gpu.error is not None and gpu.error != before:
+                log.error("GPU %d (%s) is unhealthy: %s", gpu.index, gpu.uuid, gpu.error)
+                self._faults[gpu.index] = gpu.error
+            elif gpu.error is None and before is not None:
+                log.warning("GPU %d (%s) answers again", gpu.index, gpu.uuid)
+                del self._faults[gpu.index]
 
-def _translate(nv: ModuleType, exc: Exception, action: str) -> GatewayError:
+
+def _translate(nv: ModuleType, exc: Exception, action: str, *, changes: bool) -> GatewayError:
     """The API error for an NVML error raised while doing ``action``."""
+    detail = f"{action}: NVML: {exc}"
     if isinstance(exc, nv.NVMLError_InsufficientResources):
-        return NoGpuAvailable(
-            "no room left for a new MIG instance", log_message=f"{action}: NVML: {exc}"
-        )
+        return NoGpuAvailable("no room left for a new MIG instance", log_message=detail)
     if isinstance(exc, nv.NVMLError_NoPermission):
-        return GpuError(_PERMISSION_HINT, log_message=f"{action}: NVML: {exc}")
+        return GpuError(_CONFIG_HINT if changes else _MONITOR_HINT, log_message=detail)
+    if isinstance(exc, nv.NVMLError_InUse):
+        return GpuInstanceInUse(
+            "the session's MIG instance is still held by another process on the host "
+            "(a monitoring daemon, say); the gateway retries releasing it at every sweep",
+            log_message=detail,
+        )
     return GpuError(f"NVML failed while {action}: {exc}")
 
 
@@ -167,42 +275,68 @@ def _translate(nv: ModuleType, exc: Exception, action: str) -> GatewayError:
 
 
 def _inventory(nv: ModuleType) -> list[GpuInfo]:
-    return [
-        _gpu_info(nv, i, nv.nvmlDeviceGetHandleByIndex(i)) for i in range(nv.nvmlDeviceGetCount())
-    ]
+    return [_gpu_entry(nv, index) for index in range(nv.nvmlDeviceGetCount())]
+
+
+def _gpu_entry(nv: ModuleType, index: int) -> GpuInfo:
+    """The GPU at ``index``, or an unhealthy entry saying what NVML answered instead."""
+    handle = None
+    try:
+        handle = nv.nvmlDeviceGetHandleByIndex(index)
+        return _gpu_info(nv, index, handle)
+    except nv.NVMLError as exc:
+        return GpuInfo(
+            uuid=_quietly(nv, nv.nvmlDeviceGetUUID, handle),
+            index=index,
+            name=_quietly(nv, nv.nvmlDeviceGetName, handle),
+            error=f"{exc} (NVML error {exc.value})",
+        )
+
+
+def _quietly(nv: ModuleType, read: Callable[[Any], str], handle: Any) -> str | None:
+    """``read(handle)``, or None if there is no handle or NVML fails."""
+    if handle is None:
+        return None
+    try:
+        return read(handle)
+    except nv.NVMLError:
+        return None
 
 
 def _gpu_info(nv: ModuleType, index: int, handle: Any) -> GpuInfo:
     uuid = nv.nvmlDeviceGetUUID(handle)
-    memory = nv.nvmlDeviceGetMemoryInfo(handle)
     current, pending = _mig_mode(nv, handle)
+    memory = _optional(nv, lambda: nv.nvmlDeviceGetMemoryInfo(handle))
     utilization = _optional(nv, lambda: nv.nvmlDeviceGetUtilizationRates(handle).gpu)
     temperature = _optional(
         nv, lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
     )
+    power = _optional(nv, lambda: nv.nvmlDeviceGetPowerUsage(handle))
+    limit = _optional(nv, lambda: nv.nvmlDeviceGetEnforcedPowerLimit(handle))
     return GpuInfo(
         uuid=uuid,
         index=index,
         name=nv.nvmlDeviceGetName(handle),
-        memory_total=memory.total,
-        memory_free=memory.free,
-        memory_used=memory.used,
-        utilization=int(utilization),
-        temperature=int(temperature),
-        power_usage=_optional(nv, lambda: nv.nvmlDeviceGetPowerUsage(handle)) / 1000,
-        power_limit=_optional(nv, lambda: nv.nvmlDeviceGetEnforcedPowerLimit(handle)) / 1000,
+        memory_total=memory.total if memory is not None else None,
+        memory_free=memory.free if memory is not None else None,
+        memory_used=memory.used if memory is not None else None,
+        utilization=utilization,
+        temperature=temperature,
+        power_usage=power / 1000 if power is not None else None,
+        power_limit=limit / 1000 if limit is not None else None,
         mig_enabled=current,
         mig_pending=pending,
         mig_devices=tuple(_mig_devices(nv, handle, uuid)) if current else (),
     )
 
 
-def _optional(nv: ModuleType, read: Callable[[], float]) -> float:
-    """A telemetry value, or 0 where the GPU doesn't report it (e.g. utilization under MIG)."""
+def _optional(nv: ModuleType, read: Callable[[], T]) -> T | None:
+    """A value, or None where the GPU doesn't report it (utilization under MIG) or NVML
+    withholds it (a MIG-mode GPU's memory without monitor rights)."""
     try:
         return read()
     except (nv.NVMLError_NotSupported, nv.NVMLError_NoPermission):
-        return 0
+        return None
 
 
 def _mig_mode(nv: ModuleType, handle: Any) -> tuple[bool, bool]:
@@ -229,25 +363,44 @@ def _mig_devices(nv: ModuleType, handle: Any, gpu_uuid: str) -> list[MigDevice]:
             for gi_id, spot in _gpu_instances(nv, handle, _profiles(nv, handle)).items()
         }
     except nv.NVMLError_NoPermission:
-        gi_profiles = {}  # unprivileged: name each device from its device name instead
+        gi_profiles = {}  # no monitor rights: name each device from its device name instead
     devices = []
     for mig in _mig_handles(nv, handle):
         gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
+        name = _profile_from_name(nv.nvmlDeviceGetName(mig))
+        profile = gi_profiles.get(gi_id) or _SPLIT_NAME.sub("", name)
+        slices = _split_slices(nv, mig, name)
+        memory = nv.nvmlDeviceGetMemoryInfo(mig)
         devices.append(
             MigDevice(
                 uuid=nv.nvmlDeviceGetUUID(mig),
                 gpu_uuid=gpu_uuid,
-                profile=gi_profiles.get(gi_id) or _profile_from_name(nv.nvmlDeviceGetName(mig)),
+                profile=profile if slices is None else f"{slices}c.{profile}",
                 gi_id=gi_id,
                 ci_id=nv.nvmlDeviceGetComputeInstanceId(mig),
-                memory_bytes=nv.nvmlDeviceGetMemoryInfo(mig).total,
+                memory_bytes=memory.total,
+                memory_used=memory.used,
+                split=slices is not None,
             )
         )
     return devices
 
 
+def _split_slices(nv: ModuleType, mig: Any, name: str) -> int | None:
+    """The compute slices of a MIG device whose compute instance is smaller than its GPU
+    instance; None when it spans the GPU instance. ``name`` is its profile part of the
+    device name, the fallback where NVML lacks ``nvmlDeviceGetAttributes``."""
+    try:
+        attributes = nv.nvmlDeviceGetAttributes(mig)
+    except (nv.NVMLError_NotSupported, nv.NVMLError_FunctionNotFound):
+        match = _SPLIT_NAME.match(name)
+        return int(match[1]) if match else None
+    ci, gi = attributes.computeInstanceSliceCount, attributes.gpuInstanceSliceCount
+    return ci if ci < gi else None
+
+
 def _profile_from_name(name: str) -> str:
-    """``NVIDIA A100-SXM4-40GB MIG 1g.5gb`` → ``1g.5gb``."""
+    """``NVIDIA A100-SXM4-40GB MIG 1g.5gb`` → ``1g.5gb`` (split: ``... MIG 1c.3g.20gb``)."""
     return name.rpartition("MIG ")[2] if "MIG " in name else "unknown"
 
 
@@ -293,28 +446,35 @@ def _profile_name(info: Any) -> str:
 
 
 def _all_profiles(nv: ModuleType) -> list[MigProfile]:
-    """Profiles of each MIG-enabled GPU model present, once per model."""
+    """Profiles of each MIG-enabled GPU model present, once per model; a GPU NVML fails
+    on is skipped (the inventory reports it unhealthy)."""
     out: list[MigProfile] = []
     models: set[str] = set()
     for index in range(nv.nvmlDeviceGetCount()):
-        handle = nv.nvmlDeviceGetHandleByIndex(index)
-        model = nv.nvmlDeviceGetName(handle)
-        if model in models or not _mig_mode(nv, handle)[0]:
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            model = nv.nvmlDeviceGetName(handle)
+            if model in models or not _mig_mode(nv, handle)[0]:
+                continue
+            found = [_mig_profile(nv, handle, p, model) for p in _profiles(nv, handle)]
+        except nv.NVMLError as exc:
+            log.debug("MIG profiles of GPU %d unreadable: %s", index, exc)
             continue
         models.add(model)
-        for p in _profiles(nv, handle):
-            out.append(
-                MigProfile(
-                    name=p.name,
-                    profile_id=p.profile_id,
-                    compute_slices=p.compute_slices,
-                    memory_slices=_memory_slices(nv, handle, p),
-                    memory_bytes=p.memory_mb * MIB,
-                    max_instances=p.instance_count,
-                    gpu_name=model,
-                )
-            )
+        out.extend(found)
     return out
+
+
+def _mig_profile(nv: ModuleType, handle: Any, profile: _Profile, model: str) -> MigProfile:
+    return MigProfile(
+        name=profile.name,
+        profile_id=profile.profile_id,
+        compute_slices=profile.compute_slices,
+        memory_slices=_memory_slices(nv, handle, profile),
+        memory_bytes=profile.memory_mb * MIB,
+        max_instances=profile.instance_count,
+        gpu_name=model,
+    )
 
 
 def _memory_slices(nv: ModuleType, handle: Any, profile: _Profile) -> int:
@@ -358,7 +518,7 @@ def _gpu_handle(nv: ModuleType, gpu_uuid: str) -> Any:
         raise GpuError(f"no GPU {gpu_uuid} on this host") from exc
 
 
-def _create(nv: ModuleType, gpu_uuid: str, profile_name: str) -> MigDevice:
+def _create(nv: ModuleType, ledger: Ledger, gpu_uuid: str, profile_name: str) -> MigDevice:
     handle = _gpu_handle(nv, gpu_uuid)
     if not _mig_mode(nv, handle)[0]:
         raise GpuError(f"MIG is not enabled on GPU {gpu_uuid}")
@@ -395,6 +555,7 @@ def _create(nv: ModuleType, gpu_uuid: str, profile_name: str) -> MigDevice:
                 "the new MIG instance did not appear",
                 log_message=f"no MIG device for GI {ids[0]} CI {ids[1]} on {gpu_uuid}",
             )
+        ledger.add(Created(device.uuid, gpu_uuid, device.gi_id, device.ci_id))
     except Exception:
         _rollback(nv, gi, ci)
         raise
@@ -419,12 +580,31 @@ def _rollback(nv: ModuleType, gi: Any, ci: Any) -> None:
             log.error("rollback: %s failed (%s); a MIG instance may be left", destroy.__name__, exc)
 
 
-def _destroy(nv: ModuleType, mig_uuid: str) -> None:
+def _destroy(nv: ModuleType, ledger: Ledger, mig_uuid: str) -> None:
+    created = ledger.get(mig_uuid)
+    if created is not None:
+        _destroy_created(nv, ledger, created)
+        return
     located = _locate(nv, mig_uuid)
     if located is None:
         log.info("MIG instance %s is already gone", mig_uuid)
         return
-    handle, gi_id, ci_id = located
+    _destroy_ids(nv, *located)
+
+
+def _destroy_created(nv: ModuleType, ledger: Ledger, created: Created) -> None:
+    """Destroy an instance from the ledger by its ids, then forget it."""
+    try:
+        handle = nv.nvmlDeviceGetHandleByUUID(created.gpu_uuid)
+    except nv.NVMLError_NotFound:
+        log.warning("GPU %s of MIG instance %s is gone", created.gpu_uuid, created.mig_uuid)
+    else:
+        _destroy_ids(nv, handle, created.gi_id, created.ci_id)
+    ledger.remove(created.mig_uuid)
+
+
+def _destroy_ids(nv: ModuleType, handle: Any, gi_id: int, ci_id: int) -> None:
+    """Destroy compute instance ``ci_id`` (if still there), then GPU instance ``gi_id``."""
     gone = (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument)
     try:
         gi = nv.nvmlDeviceGetGpuInstanceById(handle, gi_id)
@@ -436,8 +616,26 @@ def _destroy(nv: ModuleType, mig_uuid: str) -> None:
         nv.nvmlGpuInstanceDestroy(gi)
 
 
+def _reclaim(nv: ModuleType, ledger: Ledger, held: frozenset[str]) -> None:
+    for created in ledger:
+        if created.mig_uuid in held:
+            continue
+        try:
+            _destroy_created(nv, ledger, created)
+        except nv.NVMLError as exc:
+            log.warning(
+                "MIG instance %s (GPU %s, GPU instance %d) that no session holds is left "
+                "for now: %s",
+                created.mig_uuid, created.gpu_uuid, created.gi_id, exc,
+            )  # fmt: skip
+            continue
+        log.info("reclaimed MIG instance %s that no session holds", created.mig_uuid)
+
+
 def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
-    """The parent GPU handle, GI id and CI id of a MIG device, or None if it doesn't exist."""
+    """The parent GPU handle, GI id and CI id of a MIG device, or None if it doesn't exist.
+
+    GPUs NVML fails on are skipped."""
     legacy = parse_mig_uuid(mig_uuid)
     if legacy is not None:
         try:
@@ -446,16 +644,23 @@ def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
             return None
         return handle, legacy.gi_id, legacy.ci_id
     for index in range(nv.nvmlDeviceGetCount()):
-        handle = nv.nvmlDeviceGetHandleByIndex(index)
-        if not _mig_mode(nv, handle)[0]:
+        try:
+            found = _locate_on(nv, nv.nvmlDeviceGetHandleByIndex(index), mig_uuid)
+        except nv.NVMLError as exc:
+            log.debug("looking for %s: GPU %d skipped: %s", mig_uuid, index, exc)
             continue
-        for mig in _mig_handles(nv, handle):
-            if nv.nvmlDeviceGetUUID(mig) == mig_uuid:
-                return (
-                    handle,
-                    nv.nvmlDeviceGetGpuInstanceId(mig),
-                    nv.nvmlDeviceGetComputeInstanceId(mig),
-                )
+        if found is not None:
+            return found
+    return None
+
+
+def _locate_on(nv: ModuleType, handle: Any, mig_uuid: str) -> tuple[Any, int, int] | None:
+    if not _mig_mode(nv, handle)[0]:
+        return None
+    for mig in _mig_handles(nv, handle):
+        if nv.nvmlDeviceGetUUID(mig) == mig_uuid:
+            gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
+            return handle, gi_id, nv.nvmlDeviceGetComputeInstanceId(mig)
     return None
 
 
@@ -552,6 +757,7 @@ def _probe_mig_devices(nv: ModuleType, ask: Callable[..., Any], handle: Any, at:
             devices.append({"slot": slot, "error": str(exc)})
             continue
         where = f"({at[1:-1]}, slot {slot})"
+        attributes = ask("nvmlDeviceGetAttributes" + where, nv.nvmlDeviceGetAttributes, mig)
         devices.append(
             {
                 "slot": slot,
@@ -566,6 +772,12 @@ def _probe_mig_devices(nv: ModuleType, ask: Callable[..., Any], handle: Any, at:
                 "memory": _memory_dict(
                     ask("nvmlDeviceGetMemoryInfo" + where, nv.nvmlDeviceGetMemoryInfo, mig)
                 ),
+                "slices": {
+                    "gpu_instance": attributes.gpuInstanceSliceCount,
+                    "compute_instance": attributes.computeInstanceSliceCount,
+                }
+                if attributes is not None
+                else None,
             }
         )
     return devices

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import json
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.core.gpu_select import parse_mig_uuid
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.core.mig_placement import (
     MODELS,
     GpuModel,
@@ -49,7 +50,6 @@ from gateway.core.mig_placement import (
     pack,
 )
 from gateway.errors import GpuError, NoGpuAvailable, UnknownMigProfile
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 MIB = 1 << 20
 _NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://sandman.invalid/gpu-sim")
@@ -102,6 +102,7 @@ class _Gpu:
             gi_id=instance.gi_id,
             ci_id=instance.ci_id,
             memory_bytes=spec.memory_mb * MIB,
+            memory_used=0,
         )
 
     def _placement(self, instance: _Instance) -> Placement:
@@ -136,7 +137,7 @@ class SimBackend:
                 memory_total=gpu.model.memory_mb * MIB,
                 memory_free=gpu.model.memory_mb * MIB,
                 memory_used=0,
-                utilization=0,
+                utilization=None if gpu.mig else 0,  # as NVML: not supported under MIG
                 temperature=33,
                 power_usage=61.5,
                 power_limit=gpu.model.power_limit_w,
@@ -200,6 +201,9 @@ class SimBackend:
                     del gpu.instances[position]
                     self._save(undo=lambda g=gpu, p=position, i=instance: g.instances.insert(p, i))
                     return
+
+    async def reclaim(self, held: Collection[str]) -> None:
+        """Nothing to do: a simulated destroy never stops half way."""
 
     async def close(self) -> None:
         return None

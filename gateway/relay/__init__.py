@@ -1,5 +1,5 @@
-"""SSH relay: one TCP listener per session, each connection piped into the container's sshd,
-with the audit trail of every connection."""
+"""SSH relay: one TCP listener per session, each connection piped into the container's sshd;
+an observer (the audit trail, :mod:`gateway.audit`) is told of every connection."""
 
 from gateway.relay.connection import ConnectionObserver, RelayLimits
 from gateway.relay.listener import SessionListener

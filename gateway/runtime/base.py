@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -49,6 +49,14 @@ class ContainerInfo:
     ssh_port: int = 22  # where the container's sshd listens on ``ip``
 
 
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """How a command run in a container ended, and what it wrote (stdout and stderr)."""
+
+    exit_code: int
+    output: str
+
+
 class Runtime(Protocol):
     """Create, start, inspect and remove session containers.
 
@@ -65,9 +73,13 @@ class Runtime(Protocol):
 
     async def start(self, container_id: str, network: str) -> ContainerInfo: ...
 
-    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None: ...
+    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
+        """The container with this id or name; None if there is none."""
+        ...
 
-    async def remove(self, container_id: str) -> None: ...
+    async def remove(self, container_id: str) -> None:
+        """Remove the container with this id or name (idempotent)."""
+        ...
 
     async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
         """Copy ``files`` into the container, created or running, replacing what is there."""
@@ -75,10 +87,22 @@ class Runtime(Protocol):
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]: ...
 
+    def container_exits(self, instance: str) -> AsyncIterator[str]:
+        """The session ids (label) of ``instance``'s containers as each dies or is removed,
+        until the engine's event stream ends."""
+        ...
+
     async def logs(self, container_id: str, tail: int = 20) -> str: ...
 
     async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
         """Start ``argv`` in the container as ``user`` ("uid:gid"), without waiting."""
+        ...
+
+    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+        """Run ``argv`` in the container as ``user`` ("uid:gid") and wait for it to end.
+
+        The caller bounds the time (e.g. with ``asyncio.timeout``).
+        """
         ...
 
     async def close(self) -> None: ...

@@ -6,19 +6,28 @@ Translates Docker API failures into gateway errors: an unreachable engine is
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import tarfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiodocker
+from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
 from gateway.errors import ContainerStartFailed, DockerUnavailable
-from gateway.runtime.base import LABEL_INSTANCE, ContainerFile, ContainerInfo, ContainerSpec
+from gateway.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_SESSION,
+    CommandResult,
+    ContainerFile,
+    ContainerInfo,
+    ContainerSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +186,27 @@ class DockerRuntime:
                 infos.append(info)
         return infos
 
+    async def container_exits(self, instance: str) -> AsyncIterator[str]:
+        filters = json.dumps(
+            {
+                "type": ["container"],
+                "event": ["die", "destroy"],
+                "label": [f"{LABEL_INSTANCE}={instance}"],
+            }
+        )
+        events = DockerEvents(self._docker)
+        subscriber = events.subscribe(filters=filters)
+        try:
+            while (event := await subscriber.get()) is not None:
+                labels = event.get("Actor", {}).get("Attributes", {})
+                if session_id := labels.get(LABEL_SESSION):
+                    yield session_id
+            (ended,) = await asyncio.gather(events.task, return_exceptions=True)
+            if isinstance(ended, DockerError):
+                raise _translate(ended, "follow container events") from ended
+        finally:
+            await events.stop()
+
     async def logs(self, container_id: str, tail: int = 20) -> str:
         container = self._docker.containers.container(container_id)
         try:
@@ -193,3 +223,17 @@ class DockerRuntime:
             await execution.start(detach=True)
 
         await self._call(f"exec in container {container_id[:12]}", run)
+
+    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+        container = self._docker.containers.container(container_id)
+
+        async def go() -> CommandResult:
+            execution = await container.exec(argv, stdout=True, stderr=True, user=user)
+            chunks: list[bytes] = []
+            async with execution.start(detach=False) as stream:
+                while (message := await stream.read_out()) is not None:
+                    chunks.append(message.data)
+            exit_code = (await execution.inspect())["ExitCode"]
+            return CommandResult(exit_code, b"".join(chunks).decode(errors="replace"))
+
+        return await self._call(f"run {argv[0]} in container {container_id[:12]}", go)

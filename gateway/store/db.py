@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 _SESSION_COLUMNS = (
     "id, user_id, ssh_port, image, workspace, ttl_seconds, created_at, expires_at, state, "
-    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys"
+    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys, end_reason"
 )
 
 
@@ -67,6 +67,7 @@ def _session(row: aiosqlite.Row) -> Session:
         mig_profile=row["mig_profile"],
         gpu_created=bool(row["gpu_created"]),
         authorized_keys=tuple(json.loads(row["authorized_keys"])),
+        end_reason=row["end_reason"],
     )
 
 
@@ -224,7 +225,7 @@ class Store:
             async with self._transaction() as conn:
                 await conn.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         session.id,
                         session.user_id,
@@ -241,6 +242,7 @@ class Store:
                         session.mig_profile,
                         int(session.gpu_created),
                         json.dumps(list(session.authorized_keys)),
+                        session.end_reason,
                     ),
                 )
                 # the port becomes this user's sticky port (taken from whoever had it)
@@ -264,12 +266,34 @@ class Store:
             raise
 
     @_atomic
-    async def mark_running(self, session_id: str, container_id: str, container_ip: str) -> None:
+    async def mark_running(self, session_id: str, container_id: str, container_ip: str) -> bool:
+        """starting -> running (or a recovered session's new address). False when the
+        session is ending or gone: it must not be started."""
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE sessions SET state = ?, container_id = ?, container_ip = ? "
+                "WHERE id = ? AND state != ?",
+                (
+                    SessionState.RUNNING.value,
+                    container_id,
+                    container_ip,
+                    session_id,
+                    SessionState.ENDING.value,
+                ),
+            )
+            return cur.rowcount > 0
+
+    @_atomic
+    async def begin_ending(self, session_id: str, reason: str) -> Session | None:
+        """Mark the session ``ending`` (the first reason given is kept) and return it as it
+        now is; None if it is gone."""
         async with self._transaction() as conn:
             await conn.execute(
-                "UPDATE sessions SET state = ?, container_id = ?, container_ip = ? WHERE id = ?",
-                (SessionState.RUNNING.value, container_id, container_ip, session_id),
+                "UPDATE sessions SET state = ?, end_reason = COALESCE(end_reason, ?) WHERE id = ?",
+                (SessionState.ENDING.value, reason, session_id),
             )
+            found = await self._select_in(conn, "WHERE s.id = ?", (session_id,))
+        return found[0] if found else None
 
     @_atomic
     async def set_container(self, session_id: str, container_id: str) -> None:
@@ -284,14 +308,25 @@ class Store:
             cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             return cur.rowcount > 0
 
-    async def _select(self, where: str = "", params: tuple[object, ...] = ()) -> list[Session]:
+    @staticmethod
+    async def _select_in(
+        conn: aiosqlite.Connection, where: str, params: tuple[object, ...]
+    ) -> list[Session]:
         cols = ", ".join(f"s.{c.strip()}" for c in _SESSION_COLUMNS.split(","))
         sql = f"SELECT {cols}, u.uid FROM sessions s JOIN users u USING (user_id) {where}"
-        async with self._lock, self._conn.execute(sql + " ORDER BY s.created_at", params) as cur:
+        async with conn.execute(sql + " ORDER BY s.created_at", params) as cur:
             return [_session(row) for row in await cur.fetchall()]
+
+    async def _select(self, where: str = "", params: tuple[object, ...] = ()) -> list[Session]:
+        async with self._lock:
+            return await self._select_in(self._conn, where, params)
 
     async def get_session(self, session_id: str) -> Session | None:
         found = await self._select("WHERE s.id = ?", (session_id,))
+        return found[0] if found else None
+
+    async def session_of_user(self, user_id: str) -> Session | None:
+        found = await self._select("WHERE s.user_id = ?", (user_id,))
         return found[0] if found else None
 
     async def list_sessions(self) -> list[Session]:

@@ -84,6 +84,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE users ADD COLUMN ssh_port_used_at REAL;
     ALTER TABLE sessions ADD COLUMN authorized_keys TEXT NOT NULL DEFAULT '[]';
     """,
+    # 5: the lifecycle's third state, ending(reason): written before cleanup starts, so a
+    # cleanup that fails half way is finished by the sweep or the next start.
+    """
+    ALTER TABLE sessions ADD COLUMN end_reason TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -42,13 +42,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def prerequisites() -> None:
-    missing = [tool for tool in ("docker", "ssh", "sshpass", "rsync") if shutil.which(tool) is None]
+    tools = ("docker", "ssh", "sshpass", "socat", "rsync")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"e2e tests need {', '.join(missing)} (run: make setup)")
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         pytest.fail("e2e tests need a running Docker engine (run: make setup)")
     if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
         pytest.fail(f"e2e tests need the image {IMAGE} (run: make images)")
+
+
+def port_block() -> tuple[int, int]:
+    """A range of 20 session ports no other gateway of this test process uses."""
+    base = 21000 + (os.getpid() % 50) * 400 + next(_port_blocks) * 20
+    return base, base + 19
 
 
 def free_tcp_port() -> int:
@@ -63,16 +70,6 @@ def port_refuses(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
-
-
-def port_bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -106,6 +103,7 @@ class Gateway:
     port_start: int
     port_end: int
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     api_port: int = field(default_factory=free_tcp_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -153,7 +151,7 @@ class Gateway:
             "DEBUG",
             *self.extra_args,
         ]
-        env = {**os.environ, "SANDMAN_API_TOKEN": TOKEN}
+        env = {**os.environ, "SANDMAN_API_TOKEN": TOKEN, **self.env}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_for(self._healthy, timeout=START_DEADLINE, what="the gateway to answer /healthz")
@@ -225,13 +223,12 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
     made: list[Gateway] = []
 
     def make(*extra_args: str, start: bool = True) -> Gateway:
-        block = next(_port_blocks)
-        base = 21000 + (os.getpid() % 50) * 400 + block * 20
+        first, last = port_block()
         gw = Gateway(
-            root=tmp_path / f"gw{block}",
+            root=tmp_path / f"gw{len(made)}",
             network=f"sandman-test-{secrets.token_hex(4)}",
-            port_start=base,
-            port_end=base + 19,
+            port_start=first,
+            port_end=last,
             extra_args=list(extra_args),
         )
         gw.root.mkdir()

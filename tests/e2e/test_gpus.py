@@ -60,6 +60,8 @@ def test_sessions_get_their_slice_and_it_comes_back(gateway_factory, topology):
         (False, 0),
     ]
     assert all(g["memory_total"] > 80 * 10**9 and g["power_limit"] < 1000 for g in listed["gpus"])
+    assert all(g["healthy"] for g in listed["gpus"])
+    assert [g["utilization"] for g in listed["gpus"]] == [None, 0]  # as NVML: none under MIG
 
     first = gateway.create(user_id="ann", ttl_minutes=5)
     assert first.status == 201, first.body
@@ -87,7 +89,9 @@ def test_sessions_get_their_slice_and_it_comes_back(gateway_factory, topology):
 
 
 def test_ten_concurrent_dynamic_creates_fill_one_a100(gateway_factory, topology):
-    gateway = gateway_factory("--gpus", topology(ONE_A100), "--mig-dynamic")
+    gateway = gateway_factory(
+        "--gpus", topology(ONE_A100), "--mig-dynamic", "--default-mig-profile", "3g.40gb"
+    )
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         results = list(
             pool.map(lambda i: gateway.create(user_id=f"u{i}", mig_profile="1g.10gb"), range(10))
@@ -123,6 +127,8 @@ def test_explicit_instance_and_errors(gateway_factory, topology):
         topology(
             {"host": "e2e", "gpus": [{"model": "A100-80GB", "mig": True, "instances": ["1g.10gb"]}]}
         ),
+        "--default-mig-profile",
+        "any",
     )
     (free,) = gateway.request("GET", "/gpus/available").body["available_instances"]
     got = gateway.create(user_id="eve", mig_instance_uuid=free["uuid"])
@@ -151,8 +157,9 @@ def test_image_saying_all_gpus_still_gets_only_its_uuid(gateway_factory, topolog
     )
     try:
         gateway = gateway_factory(
-            "--gpus", topology(ONE_A100), "--mig-dynamic", "--allowed-image", tag
-        )
+            "--gpus", topology(ONE_A100), "--mig-dynamic", "--allowed-image", tag,
+            "--default-mig-profile", "any",
+        )  # fmt: skip
         created = gateway.create(user_id="gus", mig_profile="1g.10gb", image=tag)
         assert created.status == 201, created.body
         env = container_env(created.body["container_id"])
@@ -162,3 +169,12 @@ def test_image_saying_all_gpus_still_gets_only_its_uuid(gateway_factory, topolog
     finally:
         gateway.cleanup()
         docker("rmi", "-f", tag, check=False)
+
+
+def test_a_default_profile_the_host_lacks_refuses_to_start(gateway_factory, topology):
+    h100 = {"host": "e2e", "gpus": [{"model": "H100-80GB", "mig": True}]}
+    gateway = gateway_factory("--gpus", topology(h100), start=False)  # default 3g.20gb
+    with pytest.raises(AssertionError, match="exited early") as caught:
+        gateway.start()
+    assert "sandman: --default-mig-profile 3g.20gb is not offered" in str(caught.value)
+    assert "3g.40gb" in str(caught.value) and "Traceback" not in str(caught.value)

@@ -6,7 +6,8 @@ import concurrent.futures
 import signal
 
 from gateway.runtime.base import SSHD_CAPABILITIES
-from tests.e2e.conftest import docker, port_bindable, port_refuses, wait_for
+from tests.e2e.conftest import docker, port_refuses, wait_for
+from tests.net import port_bindable
 from tests.routes import PROTECTED_ROUTES
 
 CAP_BITS = {

@@ -7,6 +7,7 @@ from gateway.config import Config
 from gateway.core.ports import PortRange
 from gateway.gpu.none import NoneBackend
 from tests.fakes import Clock, FakeRuntime
+from tests.net import UNIT_PORT_BASE as FIRST_PORT
 
 TOKEN = "test-token"
 
@@ -18,7 +19,7 @@ def unit_config(tmp_path: Path, **overrides) -> Config:
         public_host="gpu01.test",
         state_dir=tmp_path / "state",
         workspace_root=tmp_path / "workspaces",
-        ssh_ports=PortRange(15000, 15019),
+        ssh_ports=PortRange(FIRST_PORT, FIRST_PORT + 19),
         api_token=TOKEN,
         gpus="none",
         start_timeout=5,
@@ -40,18 +41,35 @@ def clock():
 
 
 @pytest.fixture
-def make_client(aiohttp_client, tmp_path, runtime, clock, monkeypatch):
+def plain_workspaces(monkeypatch):
+    """Workspaces are plain folders: unit tests don't chown to the user's uid."""
     monkeypatch.setattr(
         "gateway.sessions._prepare_workspace",
         lambda path, uid: path.mkdir(parents=True, exist_ok=True),
     )
 
-    async def make(**overrides):
+
+@pytest.fixture
+def make_client(aiohttp_client, tmp_path, runtime, clock, plain_workspaces):
+    async def make(gpu_factory=NoneBackend, **overrides):
         config = unit_config(tmp_path, **overrides)
         app = create_app(
-            config, runtime_factory=lambda: runtime, gpu_factory=NoneBackend, clock=clock
+            config, runtime_factory=lambda: runtime, gpu_factory=gpu_factory, clock=clock
         )
         client = await aiohttp_client(app, headers={"Authorization": f"Bearer {TOKEN}"})
         return client
+
+    return make
+
+
+@pytest.fixture
+def make_server(aiohttp_server, tmp_path, runtime, plain_workspaces):
+    """A gateway on a real loopback port with the wall clock, for clients outside the test's
+    event loop (the CLI, a browser)."""
+
+    async def make(gpu_factory=NoneBackend, **overrides):
+        config = unit_config(tmp_path, **overrides)
+        app = create_app(config, runtime_factory=lambda: runtime, gpu_factory=gpu_factory)
+        return await aiohttp_server(app)
 
     return make

@@ -8,11 +8,18 @@ Behaviour copied from NVML: calls before ``nvmlInit`` raise Uninitialized; an em
 MIG slot raises NotFound; a profile the GPU lacks raises NotSupported; profile
 ``info.id`` values are the real ones (19 for 1g.10gb on an A100-80GB, found at enum
 index 0), not the enum index; power is in milliwatts; utilization is NotSupported in
-MIG mode; GPU-instance walks, placements, capacity and create/destroy need privileges
-(NoPermission otherwise); a GPU instance is refused with InsufficientResources when no
-placement is free; destroying a GPU instance that still has compute instances is InUse;
-``nvmlDeviceGetGpuInstances`` refuses a NULL buffer. GI ids follow the placement (not
-creation order) and MIG slots are reused lowest-first, so slot order differs from GI order.
+MIG mode. Rights come in two kinds, as the MIG capabilities do: ``monitor`` (reading GPU
+instances, placements, capacity, and a MIG-mode GPU's own memory: ``nvmlDeviceGetMemoryInfo``
+on the parent) and ``privileged`` (creating and destroying); without them NVML answers
+NoPermission. A GPU instance is refused with InsufficientResources when no placement is
+free; destroying a GPU instance that still has compute instances, or that a process holds
+(``held``, e.g. a monitoring daemon), is InUse, as is destroying a compute instance a
+process runs on. ``nvmlDeviceGetGpuInstances`` refuses a NULL buffer. GI ids follow the
+placement (not creation order) and MIG slots are reused lowest-first, so slot order differs
+from GI order. A GPU instance may be split into several compute instances; their MIG
+devices are named ``<slices>c.<profile>`` and ``nvmlDeviceGetAttributes`` (MIG handles
+only) reports both slice counts. A GPU with ``fault`` set answers every call on its handle
+with that error (GPU is lost: already when its handle is looked up).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import types
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import wraps
+from functools import partial, wraps
 from typing import Any
 
 import pynvml
@@ -70,6 +77,14 @@ A100_40GB = _seven_slice(
     [("1g.5gb", 4864), ("1g.5gb+me", 4864), ("1g.10gb", 9856), ("2g.10gb", 9856),
      ("3g.20gb", 19968), ("4g.20gb", 19968), ("7g.40gb", 40192)]
 )  # fmt: skip
+H100_80GB = _seven_slice(
+    [("1g.10gb", 9984), ("1g.10gb+me", 9984), ("1g.20gb", 20096), ("2g.20gb", 20096),
+     ("3g.40gb", 40448), ("4g.40gb", 40448), ("7g.80gb", 81152)]
+)  # fmt: skip
+H200_141GB = _seven_slice(
+    [("1g.18gb", 16384), ("1g.18gb+me", 16384), ("1g.35gb", 33280), ("2g.35gb", 33280),
+     ("3g.71gb", 71424), ("4g.71gb", 71424), ("7g.141gb", 143360)]
+)  # fmt: skip
 
 
 @dataclass
@@ -77,6 +92,8 @@ class FakeCi:
     id: int
     slot: int
     uuid: str
+    slices: int
+    held: bool = False  # a process runs on it: destroying it is InUse
 
 
 @dataclass
@@ -85,6 +102,8 @@ class FakeGi:
     profile: FakeProfile
     start: int
     cis: dict[int, FakeCi] = field(default_factory=dict)
+    held: bool = False  # a process (e.g. a monitoring daemon) holds it: destroying it is InUse
+    memory_used: int = 0
 
 
 @dataclass
@@ -103,6 +122,18 @@ class FakeGpu:
     legacy_uuids: bool = False  # MIG UUIDs as MIG-GPU-<uuid>/<gi>/<ci> (pre-R470 drivers)
     max_mig_devices: int = 7
     gis: dict[int, FakeGi] = field(default_factory=dict)
+    fault: int | None = None  # NVML error code every call on this GPU raises
+
+
+#: an H100 SXM 80GB and an H200 SXM 141GB, as NVML names them
+h100 = partial(
+    FakeGpu, name="NVIDIA H100 80GB HBM3", memory_total=81559 * MIB, power_limit_mw=700_000,
+    profiles=H100_80GB,
+)  # fmt: skip
+h200 = partial(
+    FakeGpu, name="NVIDIA H200", memory_total=143771 * MIB, power_limit_mw=700_000,
+    profiles=H200_141GB,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -116,8 +147,11 @@ def _err(code: int) -> pynvml.NVMLError:
     return pynvml.NVMLError(code)
 
 
-def _nvml(privileged: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Record the call; refuse it before nvmlInit, without rights, or when told to fail."""
+def _nvml(
+    privileged: bool = False, monitor: bool = False
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Record the call; refuse it before nvmlInit, without rights, on a faulty GPU, or
+    when told to fail."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @wraps(fn)
@@ -127,7 +161,11 @@ def _nvml(privileged: bool = False) -> Callable[[Callable[..., Any]], Callable[.
                 raise _err(self.failures[fn.__name__])
             if not self.initialised and fn.__name__ != "nvmlInit":
                 raise _err(pynvml.NVML_ERROR_UNINITIALIZED)
-            if privileged and not self.privileged:
+            gpu = args[0] if args else None
+            gpu = gpu.gpu if isinstance(gpu, MigHandle) else gpu
+            if isinstance(gpu, FakeGpu) and gpu.fault is not None:
+                raise _err(gpu.fault)
+            if (privileged and not self.privileged) or (monitor and not self.monitor):
                 raise _err(pynvml.NVML_ERROR_NO_PERMISSION)
             return fn(self, *args)
 
@@ -144,12 +182,16 @@ class FakeNvml(types.ModuleType):
         gpus: list[FakeGpu],
         *,
         privileged: bool = True,
+        monitor: bool | None = None,
         old_driver: bool = False,
         library: bool = True,
+        init_error: int | None = None,
     ) -> None:
         super().__init__("pynvml")
         self.gpus = gpus
-        self.privileged = privileged
+        self.privileged = privileged  # may create and destroy (mig/config, CAP_SYS_ADMIN)
+        self.monitor = privileged if monitor is None else monitor  # may read (mig/monitor)
+        self.init_error = init_error  # what nvmlInit raises (e.g. driver/library mismatch)
         self.old_driver = old_driver  # no versioned (named) profile-info call
         self.library = library  # False: libnvidia-ml.so.1 does not load
         self.initialised = 0
@@ -167,11 +209,16 @@ class FakeNvml(types.ModuleType):
 
     # --- test helpers (not NVML) ---------------------------------------------------------
 
-    def precreate(self, gpu: FakeGpu, profile: str, start: int) -> FakeCi:
-        """An instance that existed before the test (made by an admin with nvidia-smi)."""
+    def precreate(
+        self, gpu: FakeGpu, profile: str, start: int, split: tuple[int, ...] = ()
+    ) -> FakeCi:
+        """An instance that existed before the test (made by an admin with nvidia-smi);
+        ``split``: the slice counts of several compute instances instead of one whole one.
+        Returns the first compute instance."""
         spec = next(p for p in gpu.profiles if p.name == profile)
         gi = self._add_gi(gpu, spec, start)
-        return self._add_ci(gpu, gi)
+        cis = [self._add_ci(gpu, gi, slices) for slices in split or (spec.slices,)]
+        return cis[0]
 
     def mig_uuids(self, gpu: FakeGpu) -> list[str]:
         return [ci.uuid for gi in gpu.gis.values() for ci in gi.cis.values()]
@@ -182,6 +229,8 @@ class FakeNvml(types.ModuleType):
     def nvmlInit(self) -> None:
         if not self.library:
             raise _err(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        if self.init_error is not None:
+            raise _err(self.init_error)
         self.initialised += 1
 
     @_nvml()
@@ -210,6 +259,8 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
         if not 0 <= index < len(self.gpus):
             raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if self.gpus[index].fault == pynvml.NVML_ERROR_GPU_IS_LOST:
+            raise _err(pynvml.NVML_ERROR_GPU_IS_LOST)
         return self.gpus[index]
 
     @_nvml()
@@ -229,14 +280,19 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetName(self, handle: FakeGpu | MigHandle) -> str:
         if isinstance(handle, MigHandle):
             gi = self._gi(handle.gpu, handle.gi_id)
-            return f"{handle.gpu.name} MIG {gi.profile.name}"
+            ci = self._ci(handle)
+            split = f"{ci.slices}c." if ci.slices < gi.profile.slices else ""
+            return f"{handle.gpu.name} MIG {split}{gi.profile.name}"
         return handle.name
 
     @_nvml()
     def nvmlDeviceGetMemoryInfo(self, handle: FakeGpu | MigHandle) -> Any:
         if isinstance(handle, MigHandle):
-            total = self._gi(handle.gpu, handle.gi_id).profile.memory_mb * MIB
-            return pynvml.c_nvmlMemory_t(total, total, 0)
+            gi = self._gi(handle.gpu, handle.gi_id)
+            total = gi.profile.memory_mb * MIB
+            return pynvml.c_nvmlMemory_t(total, total - gi.memory_used, gi.memory_used)
+        if handle.mig and not self.monitor:  # nvml.h: aggregate info needs privileges
+            raise _err(pynvml.NVML_ERROR_NO_PERMISSION)
         free = handle.memory_total - handle.memory_used
         return pynvml.c_nvmlMemory_t(handle.memory_total, free, handle.memory_used)
 
@@ -297,6 +353,17 @@ class FakeNvml(types.ModuleType):
             raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return handle.ci_id
 
+    @_nvml()
+    def nvmlDeviceGetAttributes(self, handle: Any) -> Any:
+        if not isinstance(handle, MigHandle):  # nvml.h: MIG device handles only
+            raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        gi = self._gi(handle.gpu, handle.gi_id)
+        attributes = pynvml.c_nvmlDeviceAttributes()
+        attributes.gpuInstanceSliceCount = gi.profile.slices
+        attributes.computeInstanceSliceCount = self._ci(handle).slices
+        attributes.memorySizeMB = gi.profile.memory_mb
+        return attributes
+
     # --- GPU instance profiles, placements, capacity --------------------------------------
 
     @_nvml()
@@ -323,7 +390,7 @@ class FakeNvml(types.ModuleType):
             info.name = f"MIG {spec.name}".encode()
         return info
 
-    @_nvml(privileged=True)
+    @_nvml(monitor=True)
     def nvmlDeviceGetGpuInstanceRemainingCapacity(self, gpu: FakeGpu, profile_id: int) -> int:
         spec = self._profile(gpu, profile_id)
         taken = self._occupied(gpu)
@@ -335,7 +402,7 @@ class FakeNvml(types.ModuleType):
                 count += 1
         return count
 
-    @_nvml(privileged=True)
+    @_nvml(monitor=True)
     def nvmlDeviceGetGpuInstancePossiblePlacements(
         self, gpu: FakeGpu, profile_id: int, placements: Any, count: Any
     ) -> int:
@@ -349,7 +416,7 @@ class FakeNvml(types.ModuleType):
         count.contents.value = len(spec.starts)
         return pynvml.NVML_SUCCESS
 
-    @_nvml(privileged=True)
+    @_nvml(monitor=True)
     def nvmlDeviceGetGpuInstances(
         self, gpu: FakeGpu, profile_id: int, instances: Any, count: Any
     ) -> int:
@@ -386,7 +453,7 @@ class FakeNvml(types.ModuleType):
             raise _err(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES)
         return self._gi_ptr(gpu, self._add_gi(gpu, spec, wanted.start).id)
 
-    @_nvml(privileged=True)
+    @_nvml(monitor=True)
     def nvmlDeviceGetGpuInstanceById(self, gpu: FakeGpu, gi_id: int) -> Any:
         if not gpu.mig:
             raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
@@ -407,7 +474,7 @@ class FakeNvml(types.ModuleType):
     @_nvml(privileged=True)
     def nvmlGpuInstanceDestroy(self, gi_handle: Any) -> int:
         gpu, gi = self._resolve_gi(gi_handle)
-        if gi.cis:
+        if gi.cis or gi.held:
             raise _err(pynvml.NVML_ERROR_IN_USE)
         del gpu.gis[gi.id]
         return pynvml.NVML_SUCCESS
@@ -419,13 +486,7 @@ class FakeNvml(types.ModuleType):
         self, gi_handle: Any, profile: int, eng_profile: int, version: int = 2
     ) -> Any:
         _, gi = self._resolve_gi(gi_handle)
-        slices = {
-            pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1,
-            pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
-            pynvml.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE: 3,
-            pynvml.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
-            pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7,
-        }.get(profile)
+        slices = _CI_SLICES.get(profile)
         if slices is None or slices > gi.profile.slices:
             raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
         if eng_profile != pynvml.NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED:
@@ -439,12 +500,15 @@ class FakeNvml(types.ModuleType):
     @_nvml(privileged=True)
     def nvmlGpuInstanceCreateComputeInstance(self, gi_handle: Any, profile_id: int) -> Any:
         gpu, gi = self._resolve_gi(gi_handle)
-        if gi.cis:  # this fake only makes compute instances spanning the whole GI
+        slices = _CI_SLICES.get(profile_id)
+        if slices is None or slices > gi.profile.slices:
+            raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if sum(ci.slices for ci in gi.cis.values()) + slices > gi.profile.slices:
             raise _err(pynvml.NVML_ERROR_INSUFFICIENT_RESOURCES)
-        ci = self._add_ci(gpu, gi)
+        ci = self._add_ci(gpu, gi, slices)
         return self._ci_ptr(gpu, gi.id, ci.id)
 
-    @_nvml(privileged=True)
+    @_nvml(monitor=True)
     def nvmlGpuInstanceGetComputeInstanceById(self, gi_handle: Any, ci_id: int) -> Any:
         gpu, gi = self._resolve_gi(gi_handle)
         if ci_id not in gi.cis:
@@ -461,6 +525,8 @@ class FakeNvml(types.ModuleType):
     @_nvml(privileged=True)
     def nvmlComputeInstanceDestroy(self, ci_handle: Any) -> int:
         _, gi, ci = self._resolve_ci(ci_handle)
+        if ci.held:
+            raise _err(pynvml.NVML_ERROR_IN_USE)
         del gi.cis[ci.id]
         return pynvml.NVML_SUCCESS
 
@@ -487,15 +553,15 @@ class FakeNvml(types.ModuleType):
         gpu.gis[gi.id] = gi
         return gi
 
-    def _add_ci(self, gpu: FakeGpu, gi: FakeGi) -> FakeCi:
+    def _add_ci(self, gpu: FakeGpu, gi: FakeGi, slices: int) -> FakeCi:
         used = {ci.slot for g in gpu.gis.values() for ci in g.cis.values()}
         slot = next(s for s in range(gpu.max_mig_devices) if s not in used)
-        ci_id = 0
+        ci_id = next(n for n in itertools.count() if n not in gi.cis)
         if gpu.legacy_uuids:
             uuid = f"MIG-{gpu.uuid}/{gi.id}/{ci_id}"
         else:
             uuid = f"MIG-{uuidlib.uuid5(_NS, f'{gpu.uuid}/{next(self._serial)}')}"
-        gi.cis[ci_id] = FakeCi(ci_id, slot, uuid)
+        gi.cis[ci_id] = FakeCi(ci_id, slot, uuid, slices)
         return gi.cis[ci_id]
 
     def _gi(self, gpu: FakeGpu, gi_id: int) -> FakeGi:
@@ -532,6 +598,16 @@ class FakeNvml(types.ModuleType):
             raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         gpu, gi_id, ci_id = self._ci_handles[key]
         return gpu, self._gi(gpu, gi_id), self._ci(MigHandle(gpu, gi_id, ci_id))
+
+
+#: compute instance profile (its enum value, which is also its id on real GPUs) → slices
+_CI_SLICES = {
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE: 1,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE: 2,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE: 3,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
+    pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7,
+}
 
 
 def _overlap(a_start: int, a_size: int, b_start: int, b_size: int) -> bool:

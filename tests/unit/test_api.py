@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.routes import PROTECTED_ROUTES
 
 NO_AUTH = {"Authorization": ""}
@@ -21,7 +22,7 @@ async def test_create_get_list_delete(make_client, runtime):
     body = await resp.json()
     assert body["ssh_user"] == "alice"
     assert body["ssh_host"] == "gpu01.test"
-    assert body["ssh_port"] == 15000
+    assert body["ssh_port"] == FIRST_PORT
     assert body["ssh_private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert len(body["ssh_password"]) >= 20
     assert body["gpu_uuid"] is None
@@ -36,8 +37,11 @@ async def test_create_get_list_delete(make_client, runtime):
     assert body["ssh_password"].encode() not in b"".join(container.files.values())
 
     view = await (await client.get(f"/sessions/{body['session_id']}")).json()
-    assert view["ttl_minutes"] == 30 and view["ssh_port"] == 15000
-    assert view["metadata"]["ssh_port"] == "15000" and view["metadata"]["image"] == "gpu-workspace"
+    assert view["ttl_minutes"] == 30 and view["ssh_port"] == FIRST_PORT
+    assert (
+        view["metadata"]["ssh_port"] == str(FIRST_PORT)
+        and view["metadata"]["image"] == "gpu-workspace"
+    )
     assert "ssh_password" not in str(view)
     listed = await (await client.get("/sessions")).json()
     assert [s["id"] for s in listed] == [body["session_id"]]
@@ -55,39 +59,39 @@ async def test_ports_are_sticky_per_user(make_client):
     client = await make_client()
     a = await (await create(client, user_id="a")).json()
     b = await (await create(client, user_id="b")).json()
-    assert (a["ssh_port"], b["ssh_port"]) == (15000, 15001)
+    assert (a["ssh_port"], b["ssh_port"]) == (FIRST_PORT, FIRST_PORT + 1)
     await client.delete(f"/sessions/{a['session_id']}")
     c = await (await create(client, user_id="c")).json()
-    assert c["ssh_port"] == 15002  # a's port stays a's while others are free
+    assert c["ssh_port"] == FIRST_PORT + 2  # a's port stays a's while others are free
     again = await (await create(client, user_id="a")).json()
-    assert again["ssh_port"] == 15000
+    assert again["ssh_port"] == FIRST_PORT
 
 
 async def test_a_users_port_goes_to_another_only_when_the_pool_forces_it(make_client, clock):
     from gateway.core.ports import PortRange
 
-    client = await make_client(ssh_ports=PortRange(15000, 15001))
+    client = await make_client(ssh_ports=PortRange(FIRST_PORT, FIRST_PORT + 1))
     for user in ("a", "b"):
         session = await (await create(client, user_id=user)).json()
         await client.delete(f"/sessions/{session['session_id']}")
         clock.advance(60)
     clock.advance(60)
     c = await (await create(client, user_id="c")).json()
-    assert c["ssh_port"] == 15000  # every port is someone's: the longest unused is taken
+    assert c["ssh_port"] == FIRST_PORT  # every port is someone's: the longest unused is taken
     await client.delete(f"/sessions/{c['session_id']}")
     clock.advance(60)
     a = await (await create(client, user_id="a")).json()
-    assert a["ssh_port"] == 15001  # a lost 15000 to c; b's is now the longest unused
+    assert a["ssh_port"] == FIRST_PORT + 1  # a lost FIRST_PORT to c; b's is now the longest unused
     b = await (await create(client, user_id="b")).json()
-    assert b["ssh_port"] == 15000  # b lost 15001 to a; c's is the only one free
+    assert b["ssh_port"] == FIRST_PORT  # b lost FIRST_PORT + 1 to a; c's is the only one free
 
 
 async def test_port_held_by_another_process_is_skipped(make_client):
-    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 15000)
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", FIRST_PORT)
     try:
         client = await make_client()
         body = await (await create(client)).json()
-        assert body["ssh_port"] == 15001
+        assert body["ssh_port"] == FIRST_PORT + 1
     finally:
         blocker.close()
 
@@ -95,7 +99,7 @@ async def test_port_held_by_another_process_is_skipped(make_client):
 async def test_no_port_left_is_503(make_client):
     from gateway.core.ports import PortRange
 
-    client = await make_client(ssh_ports=PortRange(15000, 15000))
+    client = await make_client(ssh_ports=PortRange(FIRST_PORT, FIRST_PORT))
     assert (await create(client, user_id="a")).status == 201
     resp = await create(client, user_id="b")
     assert resp.status == 503 and (await resp.json())["code"] == "no_port_available"
@@ -136,16 +140,24 @@ async def test_failed_start_rolls_everything_back(make_client, runtime, mode):
     assert await (await client.get("/sessions")).json() == []
     runtime.mode = "ok"
     resp = await create(client)  # port and user are free again
-    assert resp.status == 201 and (await resp.json())["ssh_port"] == 15000
+    assert resp.status == 201 and (await resp.json())["ssh_port"] == FIRST_PORT
 
 
-async def test_docker_unreachable_is_503_and_nothing_kept(make_client, runtime):
+async def test_docker_unreachable_is_503_and_the_sweep_finishes_the_rollback(make_client, runtime):
+    from gateway.api import keys
+
     client = await make_client()
     runtime.reachable = False
     resp = await create(client)
     assert resp.status == 503 and (await resp.json())["code"] == "docker_unavailable"
+    # whether Docker made a container is unknown: the row stays "ending", holding its port
+    (left,) = await (await client.get("/sessions")).json()
+    assert left["state"] == "ending"
     runtime.reachable = True
+    assert await client.app[keys.SESSIONS].sweep() == 1
     assert await (await client.get("/sessions")).json() == []
+    events = (await (await client.get("/audit")).json())["events"]
+    assert events == []  # it never was a session: no end event
 
 
 async def test_sweep_ends_expired_sessions(make_client, runtime, clock):
@@ -202,6 +214,8 @@ async def test_delete_all(make_client, runtime):
         (b'{"user_id": "alice", "ttl_minutes": 121}', "invalid_ttl"),
         (b'{"user_id": "alice", "ttl_minutes": 1, "ttl_seconds": 5}', "invalid_ttl"),
         (b'{"user_id": "alice", "image": "evil:latest"}', "image_not_allowed"),
+        (b"[" * 60000, "invalid_request"),  # deeper than the JSON parser recurses
+        (b'{"user_id": "alice", "ttl_seconds": 99999999999999999999999}', "invalid_ttl"),
     ],
 )
 async def test_bad_requests_are_400_and_create_nothing(make_client, runtime, body, code):

@@ -120,7 +120,15 @@ async def test_audit_pagination_and_filters(make_client):
 
 
 @pytest.mark.parametrize(
-    "params", [{"limit": "0"}, {"limit": "x"}, {"since": "yesterday"}, {"colour": "red"}]
+    "params",
+    [
+        {"limit": "0"},
+        {"limit": "x"},
+        {"since": "yesterday"},
+        {"colour": "red"},
+        {"cursor": "9" * 40},  # beyond an SQLite integer
+        {"cursor": "-1"},
+    ],
 )
 async def test_audit_bad_query(make_client, params):
     client = await make_client()

@@ -7,11 +7,13 @@ import time
 import pynvml
 import pytest
 
-from gateway.errors import GpuError, NoGpuAvailable, UnknownMigProfile
+from gateway.errors import GpuError, GpuInstanceInUse, NoGpuAvailable, UnknownMigProfile
 from gateway.gpu import create_on_first, open_backend
 from gateway.gpu.none import NoneBackend
 from gateway.gpu.nvml import NvmlBackend, probe
-from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml
+from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml, h100, h200
+
+GIB = 1 << 30
 
 A80 = "GPU-a80-0000"
 A40 = "GPU-a40-0001"
@@ -82,6 +84,21 @@ async def test_auto_uses_nvml_when_it_starts(tmp_path, nv):
     await backend.close()
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH,  # driver upgraded, not yet reloaded
+        pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+        pynvml.NVML_ERROR_NO_PERMISSION,
+    ],
+)
+async def test_auto_refuses_to_start_when_nvml_is_there_but_broken(tmp_path, code):
+    with pytest.raises(GpuError) as caught:
+        await open_backend("auto", state_dir=tmp_path, nv=host(init_error=code))
+    assert str(pynvml.NVMLError(code)) in caught.value.log_message
+    assert "nvidia-smi" in caught.value.log_message
+
+
 async def test_explicit_nvml_does_not_fall_back(tmp_path):
     with pytest.raises(GpuError):
         await open_backend("nvml", state_dir=tmp_path, nv=host(library=False))
@@ -100,7 +117,8 @@ async def test_inventory_values_and_watts(backend):
     a80, a40, l4 = await backend.inventory()
     assert (a80.uuid, a80.index, a80.name) == (A80, 0, "NVIDIA A100-SXM4-80GB")
     assert (a80.mig_enabled, a80.mig_pending) == (True, True)
-    assert a80.utilization == 0  # NVML: NotSupported in MIG mode
+    assert a80.utilization is None  # NVML: NotSupported in MIG mode, so unknown, not 0
+    assert a80.healthy and a80.memory_total == 81920 * MIB
     assert (a80.power_usage, a80.power_limit) == (61.5, 400.0)
     assert (a40.memory_total, a40.memory_used) == (40960 * MIB, 1024 * MIB)
     assert a40.memory_free == 39936 * MIB
@@ -130,10 +148,62 @@ async def test_unprivileged_inventory_names_devices_from_their_name():
     nv = host(privileged=False)
     nv.precreate(nv.gpus[0], "2g.20gb", 4)
     backend = await NvmlBackend.open(nv)
-    (device,) = (await backend.inventory())[0].mig_devices
+    a80, a40, _ = await backend.inventory()
+    (device,) = a80.mig_devices
     assert (device.profile, device.gi_id) == ("2g.20gb", 5)
     assert "nvmlDeviceGetGpuInstances" in nv.calls  # tried, refused, fell back
+    # nvml.h: a MIG-mode GPU's own memory info needs privileges; unknown, not a failure
+    assert a80.healthy and (a80.memory_total, a80.memory_used) == (None, None)
+    assert a40.memory_total == 40960 * MIB  # MIG off: readable by anyone
     await backend.close()
+
+
+async def test_monitor_rights_read_everything_but_change_nothing():
+    nv = host(privileged=False, monitor=True)
+    nv.precreate(nv.gpus[0], "2g.20gb", 4)
+    backend = await NvmlBackend.open(nv)
+    a80 = (await backend.inventory())[0]
+    assert a80.memory_total == 81920 * MIB
+    assert [p.memory_slices for p in await backend.profiles()][:2] == [1, 1]
+    with pytest.raises(GpuError, match="NVIDIA_MIG_CONFIG_DEVICES"):
+        await backend.create_instance(A80, "1g.10gb")
+    await backend.close()
+
+
+async def test_mig_devices_report_their_used_memory(nv, backend):
+    nv.precreate(nv.gpus[0], "3g.40gb", 4)
+    nv.gpus[0].gis[5].memory_used = 5 * GIB
+    (device,) = (await backend.inventory())[0].mig_devices
+    assert (device.memory_bytes, device.memory_used) == (40192 * MIB, 5 * GIB)
+
+
+@pytest.mark.parametrize("privileged", [True, False])
+async def test_a_split_gpu_instance_is_reported_by_compute_instance(privileged):
+    nv = host(privileged=privileged)
+    nv.precreate(nv.gpus[0], "3g.40gb", 0, split=(1, 2))
+    nv.precreate(nv.gpus[0], "3g.40gb", 4)
+    backend = await NvmlBackend.open(nv)
+    devices = (await backend.inventory())[0].mig_devices
+    assert [(d.profile, d.gi_id, d.ci_id, d.split) for d in devices] == [
+        ("1c.3g.40gb", 1, 0, True),
+        ("2c.3g.40gb", 1, 1, True),
+        ("3g.40gb", 5, 0, False),
+    ]
+    assert devices[0].memory_bytes == devices[1].memory_bytes == 40192 * MIB  # shared
+    await backend.close()
+
+
+async def test_a_lone_small_compute_instance_counts_as_split(nv, backend):
+    nv.precreate(nv.gpus[0], "4g.40gb", 0, split=(2,))
+    (device,) = (await backend.inventory())[0].mig_devices
+    assert (device.profile, device.split) == ("2c.4g.40gb", True)
+
+
+async def test_split_is_read_from_the_name_where_attributes_are_missing(nv, backend):
+    nv.failures["nvmlDeviceGetAttributes"] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+    nv.precreate(nv.gpus[0], "3g.40gb", 0, split=(1, 1, 1))
+    devices = (await backend.inventory())[0].mig_devices
+    assert {(d.profile, d.split) for d in devices} == {("1c.3g.40gb", True)}
 
 
 async def test_old_style_mig_uuids_are_reported_as_nvml_gives_them():
@@ -152,6 +222,30 @@ async def test_nvml_failure_becomes_gpu_error(nv, backend):
     nv.failures["nvmlDeviceGetCount"] = pynvml.NVML_ERROR_GPU_IS_LOST
     with pytest.raises(GpuError, match="GPU is lost"):
         await backend.inventory()
+
+
+@pytest.mark.parametrize("code", [pynvml.NVML_ERROR_GPU_IS_LOST, pynvml.NVML_ERROR_UNKNOWN])
+async def test_one_failing_gpu_is_unhealthy_and_the_others_are_served(nv, backend, code, caplog):
+    nv.gpus[1].fault = code
+    with caplog.at_level(logging.ERROR):
+        a80, a40, l4 = await backend.inventory()
+        await backend.inventory()
+    assert a80.healthy and l4.healthy and l4.uuid == L4
+    assert (a40.index, a40.uuid, a40.name, a40.healthy) == (1, None, None, False)
+    assert str(pynvml.NVMLError(code)) in a40.error
+    assert caplog.text.count("GPU 1 (None) is unhealthy") == 1  # logged once, not per call
+    assert {p.gpu_name for p in await backend.profiles()} == {"NVIDIA A100-SXM4-80GB"}
+    nv.gpus[0].fault = code  # the MIG GPU too: its profiles are skipped, not an error
+    assert await backend.profiles() == []
+    nv.gpus[0].fault = nv.gpus[1].fault = None
+    assert all(g.healthy for g in await backend.inventory())
+
+
+async def test_destroy_skips_a_failing_gpu_when_looking_up_by_uuid(nv, backend):
+    mig = nv.precreate(nv.gpus[0], "1g.10gb", 6)  # not the gateway's: found by UUID
+    nv.gpus.insert(0, FakeGpu("GPU-lost", fault=pynvml.NVML_ERROR_GPU_IS_LOST))
+    await backend.destroy_instance(mig.uuid)
+    assert nv.gpus[1].gis == {}
 
 
 # --- profiles --------------------------------------------------------------------------
@@ -173,6 +267,23 @@ async def test_profiles_use_info_id_not_enum_index(backend):
         ("7g.80gb", 0, 7, 8, 1),
     ]
     assert profiles[0].memory_bytes == 9856 * MIB
+
+
+async def test_h100_and_h200_profiles_as_nvml_names_them():
+    nv = FakeNvml([h100("GPU-h100"), h200("GPU-h200")])
+    backend = await NvmlBackend.open(nv)
+    table = {
+        (p.gpu_name, p.name): (p.profile_id, p.memory_bytes // MIB)
+        for p in await backend.profiles()
+    }
+    assert table[("NVIDIA H100 80GB HBM3", "3g.40gb")] == (9, 40448)
+    assert table[("NVIDIA H100 80GB HBM3", "7g.80gb")] == (0, 81152)
+    assert table[("NVIDIA H200", "1g.18gb")] == (19, 16384)
+    assert table[("NVIDIA H200", "3g.71gb")] == (9, 71424)
+    assert not any(name == "3g.20gb" for _, name in table)  # the seed default is A100-40GB's
+    device = await backend.create_instance("GPU-h200", "2g.35gb")
+    assert (device.profile, device.memory_bytes) == ("2g.35gb", 33280 * MIB)
+    await backend.close()
 
 
 async def test_profiles_once_per_model():
@@ -252,7 +363,10 @@ async def test_no_permission_says_what_rights_are_missing():
     backend = await NvmlBackend.open(host(privileged=False))
     with pytest.raises(GpuError) as caught:
         await backend.create_instance(A80, "1g.10gb")
-    assert "root" in caught.value.message and "mig/config" in caught.value.message
+    hint = caught.value.message
+    assert "CAP_SYS_ADMIN" in hint and "SYS_ADMIN" in hint
+    assert "NVIDIA_MIG_CONFIG_DEVICES=all" in hint and "NVIDIA_MIG_MONITOR_DEVICES=all" in hint
+    assert "capabilities" not in hint  # the deprecated /proc capabilities path
     await backend.close()
 
 
@@ -327,8 +441,34 @@ async def test_destroy_by_old_form_of_a_modern_device(nv, backend):
 async def test_destroy_without_rights(nv, backend):
     device = await backend.create_instance(A80, "1g.10gb")
     nv.privileged = False
-    with pytest.raises(GpuError, match="root"):
+    with pytest.raises(GpuError, match="CAP_SYS_ADMIN"):
         await backend.destroy_instance(device.uuid)
+
+
+async def test_a_held_gpu_instance_is_destroyed_by_id_on_retry(nv, backend):
+    device = await backend.create_instance(A80, "3g.40gb")
+    gi = nv.gpus[0].gis[device.gi_id]
+    gi.held = True  # e.g. a monitoring daemon has it open
+    with pytest.raises(GpuInstanceInUse) as caught:
+        await backend.destroy_instance(device.uuid)
+    assert caught.value.code == "gpu_instance_in_use" and caught.value.status == 409
+    assert gi.cis == {} and device.gi_id in nv.gpus[0].gis  # half done: the MIG UUID is gone
+    assert (await backend.inventory())[0].mig_devices == ()
+    with pytest.raises(GpuInstanceInUse):
+        await backend.destroy_instance(device.uuid)  # still held: still not "already gone"
+    gi.held = False
+    await backend.destroy_instance(device.uuid)
+    assert nv.gpus[0].gis == {}
+    await backend.create_instance(A80, "3g.40gb")
+    await backend.create_instance(A80, "3g.40gb")  # both 3g slots are free again
+
+
+async def test_a_compute_instance_in_use_is_left_whole(nv, backend):
+    device = await backend.create_instance(A80, "1g.10gb")
+    nv.gpus[0].gis[device.gi_id].cis[device.ci_id].held = True
+    with pytest.raises(GpuInstanceInUse):
+        await backend.destroy_instance(device.uuid)
+    assert [d.uuid for d in (await backend.inventory())[0].mig_devices] == [device.uuid]
 
 
 # --- serialisation and the probe -------------------------------------------------------
@@ -364,6 +504,7 @@ async def test_probe_reports_everything_and_changes_nothing(nv):
     a80, a40, l4 = report["gpus"]
     assert a80["power_usage_mw"] == 61_500
     assert [d["gi_id"] for d in a80["mig_devices"]] == [5]
+    assert a80["mig_devices"][0]["slices"] == {"gpu_instance": 3, "compute_instance": 3}
     three = next(p for p in a80["profiles"] if p.get("name") == "3g.40gb")
     assert (three["enum_index"], three["id"], three["remaining_capacity"]) == (2, 9, 1)
     assert three["placements"] == [{"start": 0, "size": 4}, {"start": 4, "size": 4}]

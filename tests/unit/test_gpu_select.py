@@ -7,9 +7,11 @@ from gateway.core.gpu_select import (
     NoGpu,
     UseDevice,
     available_instances,
+    default_profile_problem,
     parse_mig_uuid,
     select_gpu,
 )
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.errors import (
     GpuError,
     GpuInstanceBusy,
@@ -18,7 +20,6 @@ from gateway.errors import (
     NoGpuAvailable,
     UnknownMigProfile,
 )
-from gateway.gpu.base import GpuInfo, MigDevice, MigProfile
 
 A100 = "NVIDIA A100-SXM4-80GB"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -43,15 +44,20 @@ def gpu(index, *, mig=True, devices=(), name=A100):
     )
 
 
-def dev(gpu_index, gi, profile, *, uuid=None):
+def dev(gpu_index, gi, profile, *, uuid=None, ci=0, split=False):
     return MigDevice(
-        uuid=uuid or f"MIG-{gpu_index}-{gi}",
+        uuid=uuid or f"MIG-{gpu_index}-{gi}" + (f"-{ci}" if ci else ""),
         gpu_uuid=f"GPU-{gpu_index}",
         profile=profile,
         gi_id=gi,
-        ci_id=0,
+        ci_id=ci,
         memory_bytes=10 * GIB,
+        split=split,
     )
+
+
+def lost(index):
+    return GpuInfo(uuid=None, index=index, name=None, error="GPU is lost")
 
 
 def profiles_of(model, *names):
@@ -286,3 +292,46 @@ def test_available_slices_unknown_for_profiles_of_other_models():
 )
 def test_parse_mig_uuid(uuid, parsed):
     assert parse_mig_uuid(uuid) == parsed
+
+
+# --- unhealthy GPUs and split GPU instances ---------------------------------------------
+
+
+def test_an_unhealthy_gpu_is_never_given_nor_listed():
+    broken = GpuInfo(uuid="GPU-0", index=0, name=A100, error="Unknown Error")
+    inventory = [lost(1), broken, gpu(2, mig=False)]
+    assert select(inventory, default=None) == UseDevice("GPU-2", "GPU-2", "full")
+    assert [a.uuid for a in available_instances(inventory, PROFILES, set())] == ["GPU-2"]
+    with pytest.raises(NoGpuAvailable, match="no healthy GPU"):
+        select([lost(0)])
+
+
+SPLIT = [
+    dev(0, 1, "1c.3g.40gb", split=True),
+    dev(0, 1, "2c.3g.40gb", ci=1, split=True),
+    dev(0, 5, "3g.40gb"),
+]
+
+
+def test_split_gpu_instances_are_never_handed_out():
+    inventory = [gpu(0, devices=SPLIT)]
+    assert select(inventory).uuid == "MIG-0-5"
+    assert select(inventory, default=None).uuid == "MIG-0-5"
+    with pytest.raises(NoGpuAvailable):
+        select(inventory, allocated={"MIG-0-5"}, default=None)
+    with pytest.raises(UnknownMigProfile):
+        select(inventory, profile="1c.3g.40gb")
+    with pytest.raises(InvalidRequest, match="sharing"):
+        select(inventory, uuid="MIG-0-1")
+    assert [a.uuid for a in available_instances(inventory, PROFILES, set())] == ["MIG-0-5"]
+
+
+def test_default_profile_problem_names_the_valid_profiles():
+    h100 = [gpu(0, name=H100), gpu(1, mig=False)]
+    problem = default_profile_problem("3g.20gb", h100, profiles_of(H100, "1g.10gb", "3g.40gb"))
+    assert "3g.20gb" in problem and H100 in problem
+    assert "1g.10gb, 3g.40gb" in problem and "'any'" in problem
+    assert default_profile_problem("3g.40gb", h100, profiles_of(H100, "3g.40gb")) is None
+    assert default_profile_problem(None, h100, []) is None  # any free instance
+    assert default_profile_problem("3g.20gb", [gpu(0, mig=False)], []) is None  # never applies
+    assert default_profile_problem("3g.20gb", [], []) is None

@@ -14,6 +14,7 @@ from gateway.core.ssh import authorized_keys, expiry_option, known_hosts_line, s
 from gateway.errors import InvalidPublicKey
 from gateway.ssh.credentials import new_credentials, parse_public_key, parse_public_keys
 from gateway.ssh.identity import HostIdentity
+from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.unit.test_api import create
 
 SK_KEY = (
@@ -172,7 +173,7 @@ async def test_views_tell_how_to_verify_and_connect(make_client, runtime):
     known = (await (await client.get("/ssh/known_hosts")).text()).strip()
     for shown in (body, view):
         assert shown["ssh_known_hosts"] == known
-        assert shown["ssh_command"] == "ssh -p 15000 alice@gpu01.test"
+        assert shown["ssh_command"] == f"ssh -p {FIRST_PORT} alice@gpu01.test"
     assert body["ssh_host_key_fingerprint"] == view["ssh_host_key_fingerprint"]
     (container,) = runtime.containers.values()
     key, _ = container.host_key()

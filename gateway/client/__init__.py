@@ -1,0 +1,1 @@
+"""The ``sandman`` API client: settings, HTTP calls, output formatting and the commands."""

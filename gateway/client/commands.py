@@ -1,0 +1,353 @@
+"""The client commands: each calls the API, prints for people (or ``--json``), returns an exit
+status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from gateway.client import format as fmt
+from gateway.client.http import Api, ApiError
+from gateway.client.keys import key_path, save_private_key, ssh_argv, ssh_config
+from gateway.client.settings import Settings, config_path, save
+
+AUDIT_FOLLOW_PAGE = 1000
+_AUDIT_DETAIL_KEYS = ("client_addr", "client_port", "reason", "expires_at", "gpu_uuid")
+
+
+@dataclass(frozen=True, slots=True)
+class Io:
+    out: TextIO
+    err: TextIO
+    env: Mapping[str, str]
+
+
+Command = Callable[[Api, argparse.Namespace, Io], Awaitable[int]]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _slice(session: Mapping[str, Any]) -> str:
+    return session.get("mig_profile") or session.get("gpu_uuid") or "-"
+
+
+def _read_public_keys(files: list[Path]) -> list[str]:
+    """Every key line of the given files (``#`` comments and blank lines skipped).
+
+    Raises:
+        ApiError: a file cannot be read, or holds a private key, which is never sent
+            (code ``invalid_public_key``).
+    """
+    lines: list[str] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ApiError(f"cannot read {path}: {exc}", "invalid_public_key") from None
+        if "PRIVATE KEY" in text:
+            raise ApiError(
+                f"{path} is a private key: give its .pub file (nothing was sent)",
+                "invalid_public_key",
+            )
+        lines += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return lines
+
+
+async def session_create(api: Api, args: argparse.Namespace, io: Io) -> int:
+    body: dict[str, Any] = {"user_id": args.user}
+    for name, value in (
+        ("ttl_minutes", args.ttl),
+        ("mig_profile", args.profile),
+        ("mig_instance_uuid", args.mig_uuid),
+        ("image", args.image),
+    ):
+        if value is not None:
+            body[name] = value
+    if args.public_key:
+        body["ssh_public_keys"] = _read_public_keys(args.public_key)
+    created = await api.call("POST", "/sessions", json=body)
+    key_file = None
+    if created.get("ssh_private_key"):
+        key_file = key_path(io.env, created["ssh_user"], created["session_id"])
+        save_private_key(key_file, created["ssh_private_key"])
+    if args.json:
+        shown = {**created, "ssh_private_key": None}
+        fmt.dump(io.out, {**shown, "ssh_private_key_file": key_file and str(key_file)})
+        return 0
+    io.out.write(f"Session {created['session_id']} for {created['ssh_user']} is ready.\n")
+    pairs: list[tuple[str, object]] = [
+        ("ssh", shlex.join(ssh_argv(io.env, created, api.url))),
+        (
+            "expires",
+            f"{fmt.local_time(created['expires_at'])} "
+            f"(in {fmt.expires_in(created['expires_at'], _now())})",
+        ),
+        ("gpu", _slice(created)),
+    ]
+    if key_file is not None:
+        pairs.append(("private key", f"{key_file} (0600)"))
+    if created.get("ssh_host_key_fingerprint"):
+        pairs.append(("host key", created["ssh_host_key_fingerprint"]))
+    if created.get("ssh_password"):
+        pairs.append(("password", f"{created['ssh_password']} (shown this once)"))
+    fmt.fields(io.out, pairs)
+    return 0
+
+
+async def session_list(api: Api, args: argparse.Namespace, io: Io) -> int:
+    sessions = await api.sessions()
+    if args.json:
+        fmt.dump(io.out, sessions)
+        return 0
+    now = _now()
+    fmt.table(
+        io.out,
+        ["ID", "USER", "PORT", "GPU/PROFILE", "STATE", "EXPIRES IN", "CONNECTIONS"],
+        [
+            [
+                s["id"],
+                s["user_id"],
+                s["ssh_port"],
+                _slice(s),
+                s.get("state", "-"),
+                fmt.expires_in(s["expires_at"], now),
+                s["active_connections"],
+            ]
+            for s in sessions
+        ],
+    )
+    return 0
+
+
+def _show(api: Api, session: Mapping[str, Any], io: Io) -> None:
+    fmt.fields(
+        io.out,
+        [
+            ("id", session["id"]),
+            ("user", session["user_id"]),
+            ("state", session.get("state", "-")),
+            ("ssh", shlex.join(ssh_argv(io.env, session, api.url))),
+            ("gpu", session.get("gpu_uuid") or "-"),
+            ("profile", session.get("mig_profile") or "-"),
+            ("image", session.get("metadata", {}).get("image", "-")),
+            ("created", fmt.local_time(session["created_at"])),
+            (
+                "expires",
+                f"{fmt.local_time(session['expires_at'])} "
+                f"(in {fmt.expires_in(session['expires_at'], _now())})",
+            ),
+            ("connections", session["active_connections"]),
+            ("host key", session.get("ssh_host_key_fingerprint") or "-"),
+        ],
+    )
+
+
+async def session_show(api: Api, args: argparse.Namespace, io: Io) -> int:
+    session = await api.find_session(args.session)
+    if args.json:
+        fmt.dump(io.out, session)
+    else:
+        _show(api, session, io)
+    return 0
+
+
+async def session_extend(api: Api, args: argparse.Namespace, io: Io) -> int:
+    session = await api.find_session(args.session)
+    updated = await api.call(
+        "PATCH", f"/sessions/{session['id']}", json={"extend_minutes": args.minutes}
+    )
+    if args.json:
+        fmt.dump(io.out, updated)
+    else:
+        io.out.write(
+            f"Session {updated['id']} of {updated['user_id']} now expires at "
+            f"{fmt.local_time(updated['expires_at'])} "
+            f"(in {fmt.expires_in(updated['expires_at'], _now())}).\n"
+        )
+    return 0
+
+
+async def session_delete(api: Api, args: argparse.Namespace, io: Io) -> int:
+    if args.all:
+        answer = await api.call("DELETE", "/sessions")
+    else:
+        session = await api.find_session(args.session)
+        answer = await api.call("DELETE", f"/sessions/{session['id']}")
+    if args.json:
+        fmt.dump(io.out, answer)
+    else:
+        io.out.write(answer["message"] + "\n")
+    return 0
+
+
+async def session_connections(api: Api, args: argparse.Namespace, io: Io) -> int:
+    try:
+        session_id = (await api.find_session(args.session))["id"]
+    except ApiError as exc:
+        if exc.code != "session_not_found":
+            raise
+        session_id = args.session  # an ended session's records are kept, under its id
+    answer = await api.call("GET", f"/sessions/{session_id}/connections")
+    if args.json:
+        fmt.dump(io.out, answer)
+        return 0
+    fmt.table(
+        io.out,
+        ["STARTED", "DURATION", "CLIENT", "CLIENT BANNER", "UP", "DOWN", "CLOSED BY", "REASON"],
+        [
+            [
+                fmt.local_time(c["started_at"]),
+                "live" if c["ended_at"] is None else fmt.span(c["duration_seconds"] or 0),
+                f"{c['client_addr']}:{c['client_port']}",
+                c["client_banner"],
+                fmt.size(c["bytes_client_to_container"]),
+                fmt.size(c["bytes_container_to_client"]),
+                c["closed_by"],
+                c["reason"],
+            ]
+            for c in answer["connections"]
+        ],
+    )
+    return 0
+
+
+async def session_ssh(api: Api, args: argparse.Namespace, io: Io) -> int:
+    session = await api.find_session(args.session)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = ssh_argv(io.env, session, api.url, command, options=args.ssh_options)
+    return await asyncio.to_thread(_run, argv, io.env)
+
+
+def _run(argv: list[str], env: Mapping[str, str]) -> int:
+    try:
+        return subprocess.run(argv, env=dict(env), check=False).returncode
+    except FileNotFoundError:
+        raise ApiError("ssh is not installed (Debian: apt-get install openssh-client)") from None
+
+
+async def ssh_config_block(api: Api, args: argparse.Namespace, io: Io) -> int:
+    io.out.write(ssh_config(io.env, await api.find_session(args.session), api.url))
+    return 0
+
+
+def _audit_rows(events: list[dict[str, Any]]) -> list[list[object]]:
+    return [
+        [
+            fmt.local_time(e["at"]),
+            e["event"],
+            e.get("user_id"),
+            e.get("session_id"),
+            " ".join(f"{k}={e[k]}" for k in _AUDIT_DETAIL_KEYS if e.get(k) is not None),
+        ]
+        for e in events
+    ]
+
+
+async def audit(api: Api, args: argparse.Namespace, io: Io) -> int:
+    params = {"limit": str(args.limit)}
+    if args.user:
+        params["user_id"] = args.user
+    events = (await api.call("GET", "/audit", params=params))["events"]
+    headers = ["TIME", "EVENT", "USER", "SESSION", "DETAIL"]
+    if args.json and not args.follow:
+        fmt.dump(io.out, events)
+        return 0
+    _audit_print(io, headers, list(reversed(events)), json_lines=args.json)
+    last = events[0] if events else None
+    while args.follow:
+        await asyncio.sleep(args.interval)
+        if last is not None:
+            params = {**params, "since": last["at"], "limit": str(AUDIT_FOLLOW_PAGE)}
+        page = (await api.call("GET", "/audit", params=params))["events"]
+        new = [e for e in reversed(page) if last is None or e["id"] > last["id"]]
+        if new:
+            _audit_print(io, headers, new, json_lines=args.json, header=False)
+            last = new[-1]
+    return 0
+
+
+def _audit_print(
+    io: Io,
+    headers: list[str],
+    events: list[dict[str, Any]],
+    *,
+    json_lines: bool,
+    header: bool = True,
+) -> None:
+    """Events oldest first, as a log reads: a table, or one JSON object per line."""
+    if json_lines:
+        for event in events:
+            io.out.write(json.dumps(event) + "\n")
+    elif header:
+        fmt.table(io.out, headers, _audit_rows(events))
+    else:
+        for row in _audit_rows(events):
+            io.out.write("  ".join(fmt.safe(c) for c in row) + "\n")
+    io.out.flush()
+
+
+async def gpus(api: Api, args: argparse.Namespace, io: Io) -> int:
+    inventory = await api.call("GET", "/gpus")
+    available = await api.call("GET", "/gpus/available")
+    holders = {s["gpu_uuid"]: s["user_id"] for s in await api.sessions() if s.get("gpu_uuid")}
+    if args.json:
+        fmt.dump(io.out, {**inventory, "available_instances": available["available_instances"]})
+        return 0
+    rows: list[list[object]] = []
+    for gpu in inventory["gpus"]:
+        if not gpu["mig_enabled"]:
+            rows.append(
+                [
+                    gpu["index"],
+                    gpu["name"],
+                    "whole GPU",
+                    gpu["uuid"],
+                    holders.get(gpu["uuid"], "free"),
+                ]
+            )
+        for mig in gpu["mig_instances"]:
+            rows.append(
+                [
+                    gpu["index"],
+                    gpu["name"],
+                    mig["profile"],
+                    mig["uuid"],
+                    holders.get(mig["uuid"], "free"),
+                ]
+            )
+        if gpu["mig_enabled"] and not gpu["mig_instances"]:
+            rows.append([gpu["index"], gpu["name"], "MIG, no instances", gpu["uuid"], "-"])
+    fmt.table(io.out, ["GPU", "NAME", "SLICE", "UUID", "HELD BY"], rows)
+    counts: dict[str, int] = {}
+    for item in available["available_instances"]:
+        counts[item["profile"]] = counts.get(item["profile"], 0) + 1
+    free = ", ".join(f"{n} x {p}" for p, n in sorted(counts.items())) or "none"
+    io.out.write(f"\nfree: {free}\n")
+    return 0
+
+
+async def login(args: argparse.Namespace, io: Io) -> int:
+    """Check the URL and token against the gateway, then save them to the config file."""
+    try:
+        token = args.token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ApiError(f"cannot read the token file: {exc}") from None
+    if not token:
+        raise ApiError(f"the token file {args.token_file} is empty")
+    settings = Settings(url=args.url.rstrip("/"), token=token)
+    async with Api(settings) as api:
+        await api.sessions()
+    path = config_path(io.env)
+    save(path, settings)
+    io.out.write(f"Logged in to {settings.url}; saved to {path}\n")
+    return 0

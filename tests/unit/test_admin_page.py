@@ -1,0 +1,229 @@
+"""The admin page: served public under a strict CSP, then driven in a real headless Chromium
+(Debian's, by Playwright) against a live gateway: sign in, create, watch, extend, delete, and a
+hostile SSH banner shown as inert text."""
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+
+from gateway.api.admin_page import UI_DIR
+from gateway.gpu.sim import SimBackend
+from tests.unit.conftest import TOKEN
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+EXAMPLES = Path(__file__).parents[2] / "examples"
+XSS_BANNER = "SSH-2.0-<script>alert(1)</script>"
+
+
+async def test_page_is_public_and_locked_down(make_client):
+    client = await make_client()
+    for path, kind in [
+        ("/ui", "text/html"),
+        ("/ui/app.js", "javascript"),
+        ("/ui/style.css", "css"),
+    ]:
+        resp = await client.get(path, headers={"Authorization": ""})
+        assert resp.status == 200, path
+        assert kind in resp.headers["Content-Type"]
+        csp = resp.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/ui/index.html", "/ui/../sessions", "/ui/%2e%2e/sessions", "/ui/x/../../gpus"):
+        resp = await client.get(path, headers={"Authorization": ""})
+        assert resp.status in (401, 404), path
+    resp = await client.get("/sessions", headers={"Authorization": ""})
+    assert resp.status == 401
+
+
+def test_script_never_parses_data_as_html():
+    script = (UI_DIR / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script
+    assert "<script>" not in (UI_DIR / "index.html").read_text()  # all script is app.js
+
+
+class Shots:
+    """Screenshots go under the test's tmp folder, and to $SANDMAN_UI_SCREENSHOTS if set."""
+
+    def __init__(self, page: Page, folder: Path) -> None:
+        self.page = page
+        self.folder = folder
+        self.keep = os.environ.get("SANDMAN_UI_SCREENSHOTS")
+
+    async def __call__(self, name: str) -> None:
+        path = self.folder / f"{name}.png"
+        await self.page.screenshot(path=path, full_page=True)
+        if self.keep:
+            await asyncio.to_thread(shutil.copy, path, Path(self.keep) / path.name)
+
+
+async def say_hello(port: int, banner: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(banner.encode() + b"\r\n")
+    await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def sign_in(page: Page) -> None:
+    await page.get_by_label("API token").fill(TOKEN)
+    await page.get_by_label("API token").press("Enter")  # the keyboard is enough
+    await expect(page.locator("#app")).to_be_visible()
+
+
+@pytest.fixture
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/setup-host.sh (Debian's chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser_page(chromium):
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(viewport={"width": 1366, "height": 768})
+            yield await context.new_page()
+        finally:
+            await browser.close()
+
+
+async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_path):
+    server = await make_server(
+        gpu_factory=lambda: SimBackend(EXAMPLES / "topology-mixed.json"),
+        default_mig_profile="1g.10gb",
+    )
+    page = browser_page
+    shots = Shots(page, tmp_path)
+    dialogs: list[str] = []
+
+    async def on_dialog(dialog) -> None:
+        dialogs.append(f"{dialog.type}: {dialog.message}")
+        await dialog.accept()
+
+    page.on("dialog", on_dialog)
+    console_errors: list[str] = []
+    page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
+
+    await page.goto(str(server.make_url("/ui")))
+    await page.get_by_label("API token").fill("wrong")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#login-error")).to_have_text(re.compile("refused"))
+    await shots("login")
+    await sign_in(page)
+    console_errors.clear()  # the refused token's 401 was expected
+    unlabelled = await page.evaluate(
+        """[...document.querySelectorAll("input, select, textarea")]
+             .filter((e) => e.labels.length === 0).map((e) => e.id)"""
+    )
+    assert unlabelled == []
+
+    # create through the form, with a profile chosen from what the GPUs offer
+    await page.get_by_label("User").fill("alice")
+    await page.get_by_label("Time to live (minutes)").fill("30")
+    profile = page.get_by_label("GPU slice")
+    await expect(profile.locator("option", has_text="2g.20gb (1 free)")).to_have_count(1)
+    await profile.select_option("2g.20gb")
+    await page.get_by_role("button", name="Create session").click()
+    created = page.locator("#created")
+    await expect(created).to_be_visible()
+    command = page.locator("#created-ssh")
+    await expect(command).to_have_text(re.compile(r"^ssh -i sandman-alice-\d+\.key -p \d+ "))
+    port = int(re.search(r"-p (\d+)", await command.text_content()).group(1))
+    await expect(command).to_have_text(
+        f"ssh -i sandman-alice-{port}.key -p {port} alice@gpu01.test"
+    )
+    await expect(page.locator("#created-password")).to_have_text(re.compile(r"\S{20,}"))
+    known = re.compile(r"^@cert-authority gpu01\.test,\[gpu01\.test\]:\* ssh-ed25519 ")
+    await expect(page.locator("#created-known")).to_have_text(known)
+    async with page.expect_download() as download_info:
+        await page.get_by_role("button", name="Download private key").click()
+    download = await download_info.value
+    assert download.suggested_filename == f"sandman-alice-{port}.key"
+    key = tmp_path / download.suggested_filename
+    await download.save_as(key)
+    assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    await expect(page.locator("#created-key")).to_be_disabled()  # offered once
+    await shots("created")
+
+    # the list: slice, state, a countdown that runs, the GPU picture with its holder
+    row = page.locator("#sessions-body tr[data-user=alice]")
+    await expect(row).to_contain_text("2g.20gb")
+    await expect(row).to_contain_text("running")
+    countdown = row.locator(".countdown")
+    await expect(countdown).to_have_text(re.compile(r"^29m \d\ds$"))
+    before = await countdown.text_content()
+    await expect(countdown).not_to_have_text(before)
+    held = page.locator("#gpus-list .slice.held")
+    await expect(held).to_have_count(1)
+    await expect(held).to_contain_text("2g.20gb")
+    await expect(held).to_contain_text("alice")
+
+    # a stranger's banner is shown as text, never run or parsed
+    await say_hello(port, XSS_BANNER)
+    await page.get_by_role("button", name="Connection history of session of alice").click()
+    banner = page.locator("#connections-body code", has_text=XSS_BANNER)
+    await expect(banner).to_have_count(1)
+    assert await banner.text_content() == XSS_BANNER
+    assert await page.locator("#connections-body script").count() == 0
+    await expect(row).to_contain_text("running")
+    await shots("connections")
+
+    # extend by the chosen minutes
+    await page.get_by_label("Extend by (minutes)").fill("15")
+    await page.get_by_role("button", name="Extend session of alice").click()
+    await expect(page.locator("#status")).to_have_text(re.compile("now ends"))
+    await expect(countdown).to_have_text(re.compile(r"^44m \d\ds$"))
+    # the rows were redrawn; the keyboard focus stayed on the button
+    await expect(page.get_by_role("button", name="Extend session of alice")).to_be_focused()
+    await expect(page.locator("#audit-body tr").first).to_contain_text("session_extended")
+    await page.get_by_role("button", name="Done").click()
+    await page.get_by_role("button", name="Close").click()
+    await shots("admin")
+
+    await page.get_by_role("button", name="Delete session of alice").click()
+    await expect(row).to_have_count(0)
+    await expect(page.locator("#sessions-empty")).to_be_visible()
+    await expect(page.locator("#gpus-list .slice.held")).to_have_count(0)
+    assert runtime.containers == {}
+    await expect(page.locator("#audit-body tr").first).to_contain_text("session_deleted")
+    await shots("deleted")
+
+    assert [d.split(":")[0] for d in dialogs] == ["confirm"]  # the delete, and no alert(1)
+    assert console_errors == [], console_errors
+
+
+async def test_create_with_a_public_key_offers_no_private_key(make_server, browser_page, tmp_path):
+    server = await make_server()
+    page = browser_page
+    await asyncio.to_thread(
+        subprocess.run,
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bob@laptop", "-f", tmp_path / "id"],
+        check=True,
+    )
+    await page.goto(str(server.make_url("/ui")))
+    await sign_in(page)
+    await page.get_by_label("User").fill("bob")
+    await page.get_by_label("Public key (optional)").fill((tmp_path / "id.pub").read_text())
+    await page.get_by_role("button", name="Create session").click()
+    await expect(page.locator("#created:visible, #create-error:not(:empty)")).to_have_count(1)
+    await expect(page.locator("#create-error")).to_have_text("")
+    await expect(page.locator("#created-key")).to_be_hidden()
+    await expect(page.locator("#created-ssh")).to_have_text(re.compile(r"-p \d+ bob@gpu01.test$"))
+    await expect(page.locator("#created-known")).to_have_text(re.compile("^@cert-authority "))

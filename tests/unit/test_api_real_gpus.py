@@ -1,0 +1,163 @@
+"""The REST API over NVML (a fake pynvml) as a real MIG host behaves: start-up checks, GPU
+health, the in-container pin check, and a MIG instance another process holds."""
+
+import pynvml
+import pytest
+from aiohttp import web
+
+from gateway.api import create_app, keys
+from gateway.config import config_from_args, parse
+from gateway.errors import GpuError
+from gateway.gpu.nvml import NvmlBackend
+from tests.unit.conftest import unit_config
+from tests.unit.fake_pynvml import FakeGpu, FakeNvml, h100
+
+H100 = "GPU-h100-0000"
+WHOLE = "GPU-whole-0001"
+
+
+def nvml(*gpus: FakeGpu) -> FakeNvml:
+    nv = FakeNvml(list(gpus))
+    nv.nvmlInit()
+    return nv
+
+
+async def create(client, **body):
+    body.setdefault("user_id", "alice")
+    return await client.post("/sessions", json=body)
+
+
+# --- the default profile is checked at start-up ------------------------------------------
+
+
+async def test_a_default_profile_this_host_lacks_refuses_to_start(tmp_path, runtime):
+    nv = nvml(h100(H100))
+    config = unit_config(tmp_path, default_mig_profile="3g.20gb")
+    app = create_app(config, runtime_factory=lambda: runtime, gpu_factory=lambda: NvmlBackend(nv))
+    runner = web.AppRunner(app)
+    with pytest.raises(GpuError) as caught:
+        await runner.setup()
+    await runner.cleanup()
+    message = caught.value.log_message
+    assert "3g.20gb" in message and "NVIDIA H100 80GB HBM3" in message
+    assert "1g.10gb" in message and "7g.80gb" in message and "'any'" in message
+    assert nv.initialised == 0  # the backend was closed again
+
+
+async def test_default_any_hands_out_any_free_instance(make_client):
+    nv = nvml(h100(H100))
+    mig = nv.precreate(nv.gpus[0], "1g.20gb", 2)
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv), default_mig_profile=None)
+    body = await (await create(client)).json()
+    assert body["gpu_uuid"] == mig.uuid
+
+
+def test_any_on_the_command_line_means_no_default_profile():
+    args = parse(["serve", "--default-mig-profile", "any"], env={})
+    assert config_from_args(args, {}).default_mig_profile is None
+    args = parse(["serve"], env={"SANDMAN_DEFAULT_MIG_PROFILE": "3g.40gb"})
+    assert config_from_args(args, {}).default_mig_profile == "3g.40gb"
+
+
+# --- one failing GPU ------------------------------------------------------------------
+
+
+async def test_a_lost_gpu_is_reported_and_the_others_served(make_client):
+    nv = nvml(FakeGpu("GPU-lost", mig=False), FakeGpu(WHOLE, mig=False))
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv))
+    nv.gpus[0].fault = pynvml.NVML_ERROR_GPU_IS_LOST
+    health = await client.get("/healthz", headers={"Authorization": ""})
+    assert health.status == 200
+    body = await health.json()
+    assert body["status"] == "degraded"
+    assert body["unhealthy_gpus"] == [
+        {"index": 0, "uuid": None, "error": "GPU is lost (NVML error 15)"}
+    ]
+    listed = (await (await client.get("/gpus")).json())["gpus"]
+    assert [(g["index"], g["healthy"]) for g in listed] == [(0, False), (1, True)]
+    created = await create(client)
+    assert created.status == 201 and (await created.json())["gpu_uuid"] == WHOLE
+    nv.failures["nvmlDeviceGetCount"] = pynvml.NVML_ERROR_UNKNOWN  # NVML as a whole fails
+    health = await client.get("/healthz", headers={"Authorization": ""})
+    assert health.status == 503 and "gpus" in (await health.json())["failing"]
+
+
+# --- the container must see exactly its GPU -------------------------------------------
+
+
+async def test_a_container_seeing_exactly_its_gpu_is_accepted(make_client, runtime):
+    nv = nvml(FakeGpu(WHOLE, mig=False))
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv))
+    resp = await create(client)
+    assert resp.status == 201
+    (container,) = runtime.containers.values()
+    assert container.spec.device_request and container.spec.gpu_uuid == WHOLE
+    assert [(argv, user) for _, argv, user in runtime.runs] == [(["nvidia-smi", "-L"], "0:0")]
+
+
+@pytest.mark.parametrize(
+    ("visible", "error"),
+    [
+        (("GPU-whole-0001", "GPU-other-0002"), "GPU isolation failed"),  # the toolkit exposed all
+        ((), "could not check which GPU"),  # or none: nvidia-smi fails
+    ],
+)
+async def test_a_container_seeing_other_gpus_is_rolled_back(make_client, runtime, visible, error):
+    nv = nvml(FakeGpu(WHOLE, mig=False))
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv))
+    runtime.visible_gpus = visible
+    resp = await create(client)
+    body = await resp.json()
+    assert (resp.status, body["code"]) == (502, "container_start_failed")
+    assert error in body["error"]
+    assert runtime.containers == {} and runtime.removed
+    assert await (await client.get("/sessions")).json() == []
+    runtime.visible_gpus = None
+    assert (await create(client)).status == 201  # the GPU was released
+
+
+async def test_a_mig_container_seeing_every_slice_is_rolled_back_and_the_slice_destroyed(
+    make_client, runtime
+):
+    nv = nvml(h100(H100))
+    other = nv.precreate(nv.gpus[0], "1g.10gb", 6)
+    client = await make_client(
+        gpu_factory=lambda: NvmlBackend(nv), default_mig_profile="3g.40gb", mig_dynamic=True
+    )
+    runtime.visible_gpus = (H100, other.uuid, "MIG-made-for-this-session")
+    resp = await create(client)
+    assert resp.status == 502
+    assert "instead of only MIG-" in (await resp.json())["error"]
+    assert nv.mig_uuids(nv.gpus[0]) == [other.uuid]
+
+
+async def test_gpu_less_sessions_run_no_check(make_client, runtime):
+    client = await make_client()
+    assert (await create(client)).status == 201
+    assert runtime.runs == []
+
+
+# --- a MIG instance another process holds --------------------------------------------
+
+
+async def test_delete_of_a_held_instance_has_its_own_code_and_the_sweep_finishes_it(
+    make_client, runtime
+):
+    nv = nvml(h100(H100))
+    client = await make_client(
+        gpu_factory=lambda: NvmlBackend(nv), default_mig_profile="3g.40gb", mig_dynamic=True
+    )
+    created = await (await create(client)).json()
+    (gi,) = nv.gpus[0].gis.values()
+    gi.held = True  # a monitoring daemon on the host
+    resp = await client.delete(f"/sessions/{created['session_id']}")
+    body = await resp.json()
+    assert (resp.status, body["code"]) == (409, "gpu_instance_in_use")
+    assert "retries" in body["error"]
+    assert runtime.containers == {}  # the container is gone; the row waits for the GPU
+    manager = client.app[keys.SESSIONS]
+    assert await manager.sweep() == 0  # still held: retried, logged, kept
+    assert [s.id for s in await manager.list()] == [created["session_id"]]
+    gi.held = False
+    assert await manager.sweep() == 1
+    assert nv.gpus[0].gis == {} and await manager.list() == []

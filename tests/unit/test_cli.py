@@ -1,0 +1,335 @@
+"""The ``sandman`` client against a live gateway (fake Docker, real loopback sockets): every
+command, its ``--json`` form, and its error exits."""
+
+import asyncio
+import io
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import tomllib
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.gpu.sim import SimBackend
+from tests.unit.conftest import TOKEN
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+HOSTILE_BANNER = b"SSH-2.0-evil\x1b[2J\x1b]0;owned\x07"
+
+
+class Cli:
+    """Runs ``sandman`` in a thread (its own event loop) against the test's gateway."""
+
+    def __init__(self, url: str, home: Path) -> None:
+        self.url = url
+        self.env = {
+            "HOME": str(home),
+            "PATH": os.environ["PATH"],
+            "SANDMAN_URL": url,
+            "SANDMAN_TOKEN": TOKEN,
+        }
+
+    async def __call__(self, *argv: str, env: dict | None = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+
+        def run() -> int:
+            try:
+                return main(list(argv), env=self.env if env is None else env, out=out, err=err)
+            except SystemExit as exc:  # argparse's usage errors
+                return int(exc.code)
+
+        rc = await asyncio.to_thread(run)
+        return rc, out.getvalue(), err.getvalue()
+
+    async def json(self, *argv: str):
+        rc, out, err = await self(*argv, "--json")
+        assert rc == 0, err
+        return json.loads(out)
+
+
+@pytest.fixture
+async def cli(make_server, tmp_path):
+    server = await make_server()
+    return Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
+
+
+async def hello(port: int, banner: bytes) -> None:
+    """One client connection through the session port that says ``banner`` and leaves."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(banner + b"\r\n")
+    await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+
+
+async def ended_connections(cli: Cli, ref: str, count: int) -> list[dict]:
+    async with asyncio.timeout(5):
+        while True:
+            records = (await cli.json("session", "connections", ref))["connections"]
+            if sum(r["ended_at"] is not None for r in records) >= count:
+                return records
+            await asyncio.sleep(0.05)  # the relay writes the record as the connection ends
+
+
+async def test_login_saves_a_private_config_that_later_commands_use(cli, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {"HOME": cli.env["HOME"], "PATH": cli.env["PATH"]}
+    rc, _, err = await cli("session", "list", env=env)
+    assert rc == 2 and "sandman login" in err
+
+    rc, out, err = await cli("login", "--url", cli.url, "--token-file", str(token_file), env=env)
+    assert rc == 0, err
+    config = Path(cli.env["HOME"]) / ".config" / "sandman" / "config.toml"
+    assert str(config) in out
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert tomllib.loads(config.read_text()) == {"url": cli.url, "token": TOKEN}
+    rc, out, _ = await cli("session", "list", env=env)
+    assert rc == 0 and out.startswith("ID")
+
+    # the environment and then the options override the file
+    rc, _, err = await cli("session", "list", env={**env, "SANDMAN_TOKEN": "wrong"})
+    assert rc == 1 and "(unauthorized)" in err
+    rc, _, _ = await cli("session", "list", "--token", TOKEN, env={**env, "SANDMAN_TOKEN": "x"})
+    assert rc == 0
+
+    xdg = {**env, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    token_file.write_text("wrong\n")
+    rc, _, err = await cli("login", "--url", cli.url, "--token-file", str(token_file), env=xdg)
+    assert rc == 1 and "(unauthorized)" in err
+    assert not (tmp_path / "xdg").exists()  # a refused login saves nothing
+    token_file.write_text(TOKEN)
+    rc, _, _ = await cli("login", "--url", cli.url, "--token-file", str(token_file), env=xdg)
+    assert rc == 0 and (tmp_path / "xdg" / "sandman" / "config.toml").is_file()
+    rc, _, err = await cli("login", "--url", cli.url, "--token-file", str(tmp_path / "no"))
+    assert rc == 1 and "cannot read the token file" in err
+
+
+async def test_session_commands(cli, tmp_path):
+    rc, out, err = await cli("session", "create", "alice", "--ttl", "30")
+    assert rc == 0, err
+    (key,) = (Path(cli.env["HOME"]) / ".ssh" / "sandman").glob("alice-*")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+    assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    port = re.search(r"ssh -p (\d+) ", out).group(1)  # the lowest free port of the range
+    known = key.parent / "known_hosts"  # the gateway's host CA, so ssh verifies the host
+    ssh = f"ssh -p {port} -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={known}"
+    assert f"{ssh} alice@gpu01.test" in out
+    assert "(shown this once)" in out and "expires:" in out and "(in 29m" in out
+    assert re.search(r"host key:    SHA256:\S+\n", out)
+    ca_line = (await cli.json("session", "show", "alice"))["ssh_known_hosts"]
+    assert known.read_text() == ca_line + "\n"
+
+    bob = await cli.json("session", "create", "bob")
+    assert bob["ssh_private_key"] is None
+    assert await asyncio.to_thread(Path(bob["ssh_private_key_file"]).is_file)
+
+    rc, out, _ = await cli("session", "list")
+    header, *rows = out.splitlines()
+    assert header.split() == [
+        "ID", "USER", "PORT", "GPU/PROFILE", "STATE", "EXPIRES", "IN", "CONNECTIONS"
+    ]  # fmt: skip
+    assert [r.split()[1:5] for r in rows] == [
+        ["alice", port, "-", "running"],
+        ["bob", str(bob["ssh_port"]), "-", "running"],
+    ]
+    listed = await cli.json("session", "list")
+    assert [s["user_id"] for s in listed] == ["alice", "bob"]
+
+    alice = await cli.json("session", "show", "alice")
+    assert alice == await cli.json("session", "show", alice["id"])
+    rc, out, _ = await cli("session", "show", "alice")
+    assert f"id:          {alice['id']}" in out and f"{ssh} alice@gpu01.test" in out
+    assert f"host key:    {alice['ssh_host_key_fingerprint']}" in out
+
+    extended = await cli.json("session", "extend", "alice", "15")
+    moved = datetime.fromisoformat(extended["expires_at"]) - datetime.fromisoformat(
+        alice["expires_at"]
+    )
+    assert moved == timedelta(minutes=15)
+    rc, out, _ = await cli("session", "extend", alice["id"], "1")
+    assert rc == 0 and "now expires at" in out
+
+    await hello(alice["ssh_port"], HOSTILE_BANNER)
+    records = await ended_connections(cli, "alice", 1)
+    assert HOSTILE_BANNER.decode() in [r["client_banner"] for r in records]
+    rc, out, _ = await cli("session", "connections", "alice")
+    assert "\x1b" not in out and "SSH-2.0-evil\\x1b[2J\\x1b]0;owned\\x07" in out
+
+    rc, out, _ = await cli("ssh-config", "alice")
+    assert out.splitlines()[:4] == [
+        "Host sandman-alice",
+        "    HostName gpu01.test",
+        f"    Port {port}",
+        "    User alice",
+    ]
+    assert out.splitlines()[4:] == [
+        f"    IdentityFile {key}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {known}",
+    ]
+
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nexit 3\n')
+    (stub / "ssh").chmod(0o755)
+    env = {**cli.env, "PATH": f"{stub}:{cli.env['PATH']}"}
+    rc, _, _ = await cli("session", "ssh", "-o", "A=b", "alice", "--", "uname", "-a", env=env)
+    assert rc == 3  # ssh's own exit status
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == [
+        "-p", port, "-o", "A=b", "-i", str(key), "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known}", "alice@gpu01.test", "uname", "-a",
+    ]  # fmt: skip
+    rc, _, err = await cli("session", "ssh", "alice", env={**env, "PATH": str(tmp_path / "no")})
+    assert rc == 1 and "ssh is not installed" in err
+
+    rc, out, _ = await cli("session", "delete", "alice")
+    assert rc == 0 and out == f"session {alice['id']} deleted\n"
+    rc, _, err = await cli("session", "show", "alice")
+    assert rc == 1 and "(session_not_found)" in err
+    kept = await cli.json("session", "connections", alice["id"])  # records outlive the session
+    assert kept["count"] == len(records)
+
+    assert (await cli.json("session", "delete", "--all"))["deleted"] == 1
+    rc, out, _ = await cli("session", "list")
+    assert out.splitlines() == [out.splitlines()[0]]
+
+
+async def test_create_with_public_keys_saves_no_private_key(cli, runtime, tmp_path):
+    for name in ("id_a", "id_b"):
+        await asyncio.to_thread(
+            subprocess.run,
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", tmp_path / name],
+            check=True,
+        )
+    a, b = tmp_path / "id_a.pub", tmp_path / "id_b.pub"
+    given = [a.read_text().split()[1], b.read_text().split()[1]]  # server keeps type and base64
+    b.write_text("# a comment line, skipped\n\n" + b.read_text())
+    created = await cli.json("session", "create", "carol", "--public-key", str(a))
+    assert created["ssh_private_key"] is None and created["ssh_private_key_file"] is None
+    assert not (Path(cli.env["HOME"]) / ".ssh" / "sandman").exists()
+
+    rc, out, err = await cli(
+        "session", "create", "dave", "--public-key", str(a), "--public-key", str(b)
+    )
+    assert rc == 0, err
+    assert "private key" not in out and " -i " not in out
+    assert re.search(r"ssh -p \d+ -o UserKnownHostsFile=\S+ dave@gpu01.test\n", out)
+    (container,) = [
+        c for c in runtime.containers.values() if c.spec.labels.get("sandman.user_id") == "dave"
+    ]
+    authorized = container.files["/etc/ssh/authorized_keys/dave"].decode()
+    assert [line.split()[-1] for line in authorized.splitlines()] == given
+
+    a.write_text("ssh-ed25519 not-a-key\n")
+    rc, _, err = await cli("session", "create", "erin", "--public-key", str(a))
+    assert rc == 1 and "(invalid_public_key)" in err
+
+
+async def test_errors_print_the_api_message_and_code(cli, tmp_path):
+    private = tmp_path / "id_ed25519"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...\n")
+    for argv, code in [
+        (["session", "create", "Root!"], "invalid_user_id"),
+        (["session", "create", "root"], "invalid_user_id"),
+        (["session", "create", "erin", "--ttl", "121"], "invalid_ttl"),
+        (["session", "create", "erin", "--image", "evil/miner"], "image_not_allowed"),
+        (["session", "create", "erin", "--public-key", str(tmp_path / "none")],
+         "invalid_public_key"),
+        (["session", "create", "erin", "--public-key", str(private)], "invalid_public_key"),
+        (["session", "show", "nobody"], "session_not_found"),
+        (["session", "extend", "nobody", "5"], "session_not_found"),
+        (["session", "delete", "nobody"], "session_not_found"),
+        (["session", "connections", "nobody"], "session_not_found"),
+        (["ssh-config", "nobody"], "session_not_found"),
+    ]:  # fmt: skip
+        rc, out, err = await cli(*argv)
+        assert (rc, out) == (1, ""), argv
+        assert err.startswith("sandman: ") and err.endswith(f"({code})\n"), (argv, err)
+
+    assert (await cli("session", "create", "erin"))[0] == 0
+    rc, _, err = await cli("session", "create", "erin")
+    assert rc == 1 and "(session_exists)" in err
+    rc, _, err = await cli("session", "extend", "erin", "500")
+    assert rc == 1 and "(invalid_ttl)" in err
+
+    rc, _, err = await cli("session", "list", "--url", "http://127.0.0.1:9")
+    assert rc == 1 and "cannot reach http://127.0.0.1:9" in err
+    for usage in (
+        ["session", "extend", "erin", "0"],
+        ["session", "create", "erin", "--profile", "1g.10gb", "--mig-uuid", "MIG-x"],
+        ["session", "delete"],
+        ["audit", "--limit", "-1"],
+    ):
+        assert (await cli(*usage))[0] == 2, usage
+
+
+async def test_audit_lists_and_follows(cli):
+    await cli("session", "create", "alice")
+    await cli("session", "create", "bob")
+    await cli("session", "delete", "bob")
+    events = await cli.json("audit", "--user", "bob")  # newest first, as the API gives them
+    sessions = [e["event"] for e in events if e["event"].startswith("session_")]
+    assert sessions == ["session_deleted", "session_created"]
+    assert {e["user_id"] for e in events} == {"bob"}
+    rc, out, _ = await cli("audit", "--limit", "2")  # a table reads oldest first, like a log
+    lines = out.splitlines()
+    assert rc == 0
+    assert lines[0].split() == ["TIME", "EVENT", "USER", "SESSION", "DETAIL"]
+    assert len(lines) == 3 and lines[2].split()[3:5] == ["session_deleted", "bob"]
+
+    follow = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "audit", "--follow", "--json", "--interval", "0.1",
+        "--user", "carol", env=cli.env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    seen: list[dict] = []
+
+    async def until(kind: str) -> None:
+        async with asyncio.timeout(20):
+            while not seen or seen[-1]["event"] != kind:
+                seen.append(json.loads(await follow.stdout.readline()))
+
+    try:
+        assert (await cli("session", "create", "carol"))[0] == 0
+        await until("session_created")
+        await cli("session", "delete", "carol")
+        await until("session_deleted")
+        ids = [e["id"] for e in seen]
+        assert ids == sorted(set(ids))  # each event once, oldest first
+        assert {e["user_id"] for e in seen} == {"carol"}
+    finally:
+        follow.kill()
+        await follow.wait()
+
+
+async def test_gpus_shows_slices_holders_and_free(make_server, tmp_path):
+    server = await make_server(
+        gpu_factory=lambda: SimBackend(EXAMPLES / "topology-mixed.json"),
+        default_mig_profile="1g.10gb",
+    )
+    cli = Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
+    created = await cli.json("session", "create", "alice", "--profile", "2g.20gb")
+    rc, out, _ = await cli("gpus")
+    assert rc == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["GPU", "NAME", "SLICE", "UUID", "HELD", "BY"]
+    held = [r for r in rows if r and r[-1] == "alice"]
+    assert len(held) == 1 and created["gpu_uuid"] in held[0]
+    assert "whole GPU" in out
+    assert out.splitlines()[-1].startswith("free: ")
+    data = await cli.json("gpus")
+    assert data["count"] == 3 and {"gpus", "available_instances"} <= set(data)
+
+
+async def test_gpus_probe_needs_no_gateway(tmp_path):
+    out, err = io.StringIO(), io.StringIO()
+    rc = await asyncio.to_thread(main, ["gpus", "--probe"], env={}, out=out, err=err)
+    assert rc == 0 and isinstance(json.loads(out.getvalue()), dict)

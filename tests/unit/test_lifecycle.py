@@ -1,0 +1,198 @@
+"""The session lifecycle under races and failures, driven deterministically: the fake runtime
+stops at a named step until the test opens it, and DELETE, PATCH and the sweep run into
+each gap. After each: rows = containers = listeners, and nothing ends twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.api import keys
+from tests.net import UNIT_PORT_BASE as FIRST_PORT
+from tests.net import port_bindable
+from tests.unit.test_api import create
+
+PORTS = range(FIRST_PORT, FIRST_PORT + 20)
+
+
+async def assert_consistent(client, runtime) -> list:
+    """Every row is running, with its container and its listener, and nothing else is."""
+    rows = await client.app[keys.STORE].list_sessions()
+    assert {r.state.value for r in rows} <= {"running"}
+    assert sorted(r.container_id for r in rows) == sorted(runtime.containers)
+    assert {p for p in PORTS if not port_bindable(p)} == {r.ssh_port for r in rows}
+    return rows
+
+
+async def end_events(client) -> list[tuple[str, str]]:
+    events = (await (await client.get("/audit", params={"limit": "1000"})).json())["events"]
+    return [
+        (e["session_id"], e["event"])
+        for e in events
+        if e["event"] in ("session_deleted", "session_expired", "session_ended")
+    ]
+
+
+@pytest.mark.parametrize("step", ["create", "created", "put_files", "start", "sshd"])
+async def test_delete_during_each_create_step_cancels_and_rolls_back(make_client, runtime, step):
+    client = await make_client()
+    gate = runtime.pause(step)
+    post = asyncio.create_task(create(client))
+    await gate.reached.wait()
+    (starting,) = await (await client.get("/sessions")).json()
+    assert starting["state"] == "starting"
+
+    deleted = await client.delete(f"/sessions/{starting['id']}")
+    assert deleted.status == 200
+    resp = await post
+    assert (resp.status, (await resp.json())["code"]) == (409, "session_deleted")
+    assert await assert_consistent(client, runtime) == []
+    assert await end_events(client) == []  # it never ran, so it never ends in the trail
+    runtime.gates.clear()
+    again = await create(client)  # the user, port and name are free again
+    assert again.status == 201
+
+
+async def test_the_sweep_leaves_a_starting_session_alone(make_client, runtime):
+    client = await make_client()
+    gate = runtime.pause("sshd")
+    post = asyncio.create_task(create(client))
+    await gate.reached.wait()
+    assert await client.app[keys.SESSIONS].sweep() == 0
+    gate.open()
+    assert (await post).status == 201
+    assert len(await assert_consistent(client, runtime)) == 1
+
+
+@pytest.mark.parametrize("step", ["create", "start"])  # before and after the files are copied
+async def test_patch_while_starting_applies_when_it_starts(make_client, runtime, step):
+    client = await make_client()
+    gate = runtime.pause(step)
+    post = asyncio.create_task(create(client, ttl_seconds=2))
+    await gate.reached.wait()
+    (starting,) = await (await client.get("/sessions")).json()
+    patched = await client.patch(f"/sessions/{starting['id']}", json={"ttl_minutes": 60})
+    assert patched.status == 200
+    gate.open()
+    body = await (await post).json()
+    assert body["expires_at"] == "2026-01-01T01:00:00Z"
+    (container,) = runtime.containers.values()
+    assert b'expiry-time="20260101010000Z"' in container.files["/etc/ssh/authorized_keys/alice"]
+    view = await (await client.get(f"/sessions/{body['session_id']}")).json()
+    assert (view["state"], view["expires_at"]) == ("running", "2026-01-01T01:00:00Z")
+
+
+async def test_a_failed_removal_during_rollback_is_finished_by_the_sweep(make_client, runtime):
+    client = await make_client()
+    runtime.mode = "crash"
+    runtime.failing.add("remove")
+    resp = await create(client)
+    assert (resp.status, (await resp.json())["code"]) == (502, "container_start_failed")
+    (left,) = await (await client.get("/sessions")).json()
+    assert left["state"] == "ending" and len(runtime.containers) == 1
+    assert port_bindable(left["ssh_port"])  # connections are cut at once ...
+    other = await (await create(client, user_id="bob")).json()  # ... the port stays held
+    assert other.get("ssh_port") != left["ssh_port"]
+
+    runtime.failing.clear()
+    assert await client.app[keys.SESSIONS].sweep() == 2  # the leftover and bob's crash
+    assert runtime.containers == {}
+    assert await assert_consistent(client, runtime) == []
+
+
+async def test_a_failed_end_stays_ending_until_the_sweep_finishes_it(make_client, runtime):
+    client = await make_client()
+    sid = (await (await create(client)).json())["session_id"]
+    runtime.failing.add("remove")
+    resp = await client.delete(f"/sessions/{sid}")
+    assert (resp.status, (await resp.json())["code"]) == (503, "docker_unavailable")
+    view = await (await client.get(f"/sessions/{sid}")).json()
+    assert view["state"] == "ending" and view["active_connections"] == 0
+    patch = await client.patch(f"/sessions/{sid}", json={"extend_minutes": 5})
+    assert patch.status == 404  # no more time for a session that is ending
+
+    runtime.failing.clear()
+    assert await client.app[keys.SESSIONS].sweep() == 1
+    assert await assert_consistent(client, runtime) == []
+    assert await end_events(client) == [(sid, "session_deleted")]  # once, with DELETE's reason
+
+
+async def test_a_sweep_from_a_stale_list_does_not_end_sessions_twice(make_client, runtime):
+    client = await make_client()
+    for i in range(20):
+        assert (await create(client, user_id=f"u{i}")).status == 201
+    gate = runtime.pause("inspect")
+    sweep = asyncio.create_task(client.app[keys.SESSIONS].sweep())
+    await gate.reached.wait()  # the sweep has read every row and stopped at the first
+    resp = await client.delete("/sessions")
+    assert (await resp.json())["deleted"] == 20
+    gate.open()
+    assert await sweep == 0
+    ends = await end_events(client)
+    assert len(ends) == 20 and {event for _, event in ends} == {"session_deleted"}
+    assert await assert_consistent(client, runtime) == []
+
+
+async def test_recovery_isolates_a_broken_session(make_client, runtime):
+    client = await make_client()
+    broken = (await (await create(client, user_id="a")).json())["session_id"]
+    fine = (await (await create(client, user_id="b")).json())["session_id"]
+    await client.close()  # the gateway stops; containers and rows stay
+    row = next(c for c in runtime.containers.values() if c.spec.labels["sandman.user_id"] == "a")
+    row.running = False  # ... and a's container stopped meanwhile, and will not start again
+    runtime.failing.add("start")
+
+    client = await make_client()  # starts and serves despite a's failure
+    views = {v["id"]: v["state"] for v in await (await client.get("/sessions")).json()}
+    assert views == {broken: "ending", fine: "running"}
+    runtime.failing.clear()
+    assert await client.app[keys.SESSIONS].sweep() == 1
+    (left,) = await assert_consistent(client, runtime)
+    assert left.id == fine
+
+
+async def test_a_container_removed_behind_our_back_ends_its_session(make_client, runtime):
+    client = await make_client()
+    sid = (await (await create(client)).json())["session_id"]
+    (cid,) = runtime.containers
+    runtime.kill(cid)  # docker rm -f: the event arrives, no sweep runs
+    async with asyncio.timeout(5):
+        while True:
+            if await end_events(client) == [(sid, "session_ended")]:
+                break
+            await asyncio.sleep(0.02)  # the watcher ends it in a task of its own
+    assert await assert_consistent(client, runtime) == []
+
+
+async def test_a_second_create_for_a_user_allocates_nothing(make_client, runtime):
+    client = await make_client()
+    assert (await create(client)).status == 201
+    gpus = client.app[keys.GPUS]
+    calls = []
+    original = gpus.allocate
+
+    async def counting(*args, **kwargs):
+        calls.append(args)
+        return await original(*args, **kwargs)
+
+    gpus.allocate = counting
+    resp = await create(client)
+    assert (resp.status, (await resp.json())["code"]) == (409, "session_exists")
+    assert calls == []
+
+
+async def test_an_audit_failure_after_create_keeps_the_session_and_its_key(
+    make_client, runtime, monkeypatch
+):
+    client = await make_client()
+    audit = client.app[keys.AUDIT]
+
+    async def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(audit, "session_event", broken)
+    resp = await create(client)
+    assert resp.status == 201
+    assert (await resp.json())["ssh_private_key"].startswith("-----BEGIN OPENSSH")
+    assert len(await assert_consistent(client, runtime)) == 1
