@@ -5,9 +5,10 @@
 # The host's apt downloads the packages the base lacks, resolving against the base's
 # own dpkg status, sources and keys, into a cache; a container of the base then
 # installs them from that cache (`--network none`) and is committed. The result is
-# tagged sandman-tools:<hash of base image id, package list, install script>, so an
-# unchanged list is never rebuilt and a changed one reuses the base image as it is.
-# Prints that tag on stdout (progress goes to stderr).
+# tagged sandman-tools:<the base's tag> (sandman-tools:bookworm for sandman-base:bookworm)
+# and labelled with a hash of the base image id, the package list and the install
+# script: an unchanged list is never rebuilt, and a changed one reuses the base image
+# as it is. Prints that tag on stdout (progress goes to stderr).
 #
 # Usage: scripts/build-tools-image.sh BASE_TAG
 # Env:   SANDMAN_APT_CACHE  download cache (default .cache/apt in the repository)
@@ -18,8 +19,8 @@ base="$1"
 image_dir="$PWD/workspace-image"
 key=$({ docker image inspect -f '{{.Id}}' "$base"; cat "$image_dir/packages.txt" "$image_dir/install-packages.sh"; } \
   | sha256sum | cut -c1-12)
-tag="sandman-tools:$key"
-if docker image inspect "$tag" >/dev/null 2>&1; then
+tag="sandman-tools:${base##*:}"
+if [[ "$(docker image inspect -f '{{index .Config.Labels "sandman.tools.key"}}' "$tag" 2>/dev/null)" == "$key" ]]; then
   echo "tools image $tag already present" >&2
   echo "$tag"
   exit 0
@@ -66,7 +67,7 @@ cid=$(docker create --network none \
   -v "$image_dir:/mnt:ro" \
   "$base" /mnt/install-packages.sh --offline)
 docker start -a "$cid" >&2
-docker commit --change 'CMD ["/bin/bash"]' --change "LABEL sandman.tools.base=$base" \
-  "$cid" "$tag" >/dev/null
+docker commit --change 'CMD ["/bin/bash"]' \
+  --change "LABEL sandman.tools.base=$base sandman.tools.key=$key" "$cid" "$tag" >/dev/null
 echo "built tools image $tag" >&2
 echo "$tag"
