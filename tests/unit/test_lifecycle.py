@@ -5,10 +5,12 @@ each gap. After each: rows = containers = listeners, and nothing ends twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from gateway.api import keys
+from gateway.gpu.sim import SimBackend
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.net import port_bindable
 from tests.unit.test_api import create
@@ -196,3 +198,34 @@ async def test_an_audit_failure_after_create_keeps_the_session_and_its_key(
     assert resp.status == 201
     assert (await resp.json())["ssh_private_key"].startswith("-----BEGIN OPENSSH")
     assert len(await assert_consistent(client, runtime)) == 1
+
+
+@pytest.mark.parametrize("step", ["created", "sshd"])
+async def test_a_slice_made_for_a_cancelled_start_goes_back_and_is_never_shared(
+    make_client, runtime, tmp_path, step
+):
+    """On a simulated A100-80GB with --mig-dynamic (two 3g.40gb fit), a DELETE during the
+    start destroys the instance made for it; the next two creates get the two slices."""
+    topology = tmp_path / "a100.json"
+    topology.write_text(json.dumps({"host": "t", "gpus": [{"model": "A100-80GB", "mig": True}]}))
+    client = await make_client(
+        gpu_factory=lambda: SimBackend(topology, tmp_path / "sim-state.json"),
+        mig_dynamic=True,
+        default_mig_profile="3g.40gb",
+    )
+    gate = runtime.pause(step)
+    post = asyncio.create_task(create(client, user_id="a"))
+    await gate.reached.wait()
+    (starting,) = await (await client.get("/sessions")).json()
+    assert starting["gpu_uuid"].startswith("MIG-")
+    assert (await client.delete(f"/sessions/{starting['id']}")).status == 200
+    assert (await post).status == 409
+    runtime.gates.clear()
+    assert (await (await client.get("/gpus")).json())["gpus"][0]["mig_instances"] == []
+
+    made = [await (await create(client, user_id=u)).json() for u in ("b", "c")]
+    assert len({m["gpu_uuid"] for m in made}) == 2
+    full = await create(client, user_id="d")
+    assert (full.status, (await full.json())["code"]) == (503, "no_gpu_available")
+    rows = await assert_consistent(client, runtime)
+    assert sorted(r.gpu_uuid for r in rows) == sorted(m["gpu_uuid"] for m in made)
