@@ -48,6 +48,8 @@ e2e: setup images
 lint: venv
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check --target-version py310 workspace-image/session/sandman-session
+	$(BIN)/ruff format --check workspace-image/session/sandman-session
 
 bench: venv
 	$(BIN)/python bench/relay.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the gateway's venv and the tests use (python3-venv, ssh, ssh-keygen, sshpass,
-# socat, docker-compose for the Compose deployment test, and Chromium for the admin page's
+# socat, rsync, docker-compose for the Compose deployment test, and Chromium for the admin page's
 # browser test, driven by Playwright without a browser download) on a Debian/Ubuntu machine,
 # as root. Idempotent: installs only what is missing.
 # The Docker engine itself is scripts/setup-docker.sh.
@@ -10,6 +10,7 @@ pkgs=()
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || pkgs+=(openssh-client)
 command -v sshpass >/dev/null 2>&1 || pkgs+=(sshpass)
 command -v socat >/dev/null 2>&1 || pkgs+=(socat)  # e2e: a Docker socket that can go away
+command -v rsync >/dev/null 2>&1 || pkgs+=(rsync)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3-venv)
 command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || pkgs+=(docker-compose)

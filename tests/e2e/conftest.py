@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -41,7 +42,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def prerequisites() -> None:
-    missing = [tool for tool in ("docker", "ssh", "sshpass", "socat") if shutil.which(tool) is None]
+    tools = ("docker", "ssh", "sshpass", "socat", "rsync")
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"e2e tests need {', '.join(missing)} (run: make setup)")
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
@@ -272,6 +274,17 @@ class SshClient:
             *("-i", str(self.save_key(session)), "-o", "BatchMode=yes"),
             *("-o", "IdentitiesOnly=yes"),
         ]
+
+    def key_command(self, session: dict[str, Any]) -> str:
+        """The ``ssh`` command line with the session's key, for ``rsync -e``."""
+        return shlex.join(self._key_args(session))
+
+    def terminal_login(self, session: dict[str, Any], typed: str) -> str:
+        """Log in with a terminal and no command, as a person does, type ``typed``; return
+        everything the terminal showed (login message included)."""
+        args = [*self._key_args(session), "-tt", f"{session['ssh_user']}@127.0.0.1"]
+        done = subprocess.run(args, input=typed, capture_output=True, text=True, timeout=60)
+        return done.stdout
 
     def with_key(self, session: dict[str, Any], command: str) -> subprocess.CompletedProcess[str]:
         args = [*self._key_args(session), f"{session['ssh_user']}@127.0.0.1", command]

@@ -33,7 +33,7 @@ from tests.e2e.conftest import (
 REPO = Path(__file__).resolve().parents[2]
 GATEWAY_IMAGE = os.environ.get("SANDMAN_GATEWAY_IMAGE", "sandman-gateway:latest")
 GATEWAY_BASE_IMAGE = os.environ.get("SANDMAN_GATEWAY_BASE_IMAGE", "sandman-python:bookworm")
-WORKSPACE_BASE_IMAGE = os.environ.get("SANDMAN_BASE_IMAGE", "sandman-base:bookworm")
+WORKSPACE_BASE_IMAGE = os.environ.get("SANDMAN_BASE_IMAGE", "sandman-tools:bookworm")
 HEALTHY_DEADLINE = 90.0  # the image's healthcheck runs every 15 s
 
 
