@@ -8,6 +8,7 @@ a failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -400,13 +401,21 @@ def docker_proxy(tmp_path: Path) -> Iterator[SocketProxy]:
     proxy.stop()
 
 
-def listening_ports(first: int, last: int) -> set[int]:
-    """The TCP ports in ``first..last`` that something on this host listens on (IPv4)."""
+def listening_ports(pid: int | None, first: int, last: int) -> set[int]:
+    """The TCP ports in ``first..last`` that process ``pid`` listens on (IPv4)."""
+    if pid is None:
+        return set()
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
     ports = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, _remote, state = line.split()[1:4]
-        port = int(local.split(":")[1], 16)
-        if state == "0A" and first <= port <= last:  # 0A: LISTEN
+        fields = line.split()
+        port = int(fields[1].split(":")[1], 16)
+        if fields[3] == "0A" and fields[9] in sockets and first <= port <= last:  # 0A: LISTEN
             ports.add(port)
     return ports
 
@@ -417,7 +426,7 @@ class Holdings:
 
     rows: dict[str, tuple[int, str | None]]  # session id -> (port, GPU uuid), from the database
     containers: set[str]  # session ids of its labelled containers, any state, from Docker
-    listeners: set[int]  # ports of its range that are listening, from the kernel
+    listeners: set[int]  # ports of its range its process listens on, from the kernel
 
     @property
     def consistent(self) -> bool:
@@ -444,7 +453,9 @@ def holdings(gateway: Gateway) -> Holdings:
     return Holdings(
         rows=rows,
         containers=set(labels.split()),
-        listeners=listening_ports(gateway.port_start, gateway.port_end),
+        listeners=listening_ports(
+            gateway.proc.pid if gateway.proc else None, gateway.port_start, gateway.port_end
+        ),
     )
 
 

@@ -68,8 +68,8 @@ def test_soak_of_create_ssh_delete_cycles(gateway_factory, topology, ssh):
     gateway = gateway_factory("--gpus", topology(SLICED), "--default-mig-profile", "1g.10gb")
     assert gateway.proc is not None
     users = [f"soak{i}" for i in range(IN_FLIGHT)]
-    rounds = SOAK_CYCLES // IN_FLIGHT
-    assert rounds >= 2
+    rounds = max(2, -(-SOAK_CYCLES // IN_FLIGHT))  # cycles per user, the first a warm-up
+    fresh = usage(gateway.proc.pid)
     began = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(IN_FLIGHT) as pool:
         held = list(pool.map(lambda u: _cycle(gateway, ssh, u), users))  # warm-up round
@@ -79,16 +79,17 @@ def test_soak_of_create_ssh_delete_cycles(gateway_factory, topology, ssh):
             done = [_cycle(gateway, ssh, user) for _ in range(rounds - 2)]
             return [*done, _cycle(gateway, ssh, user, keep=True)]  # the last one stays
 
-        for result in pool.map(worker, users):
-            held.extend(result)
+        results = list(pool.map(worker, users))
+    kept = {result[-1].gpu for result in results}
+    held += [h for result in results for h in result]
     took = time.monotonic() - began
-    assert len(held) == rounds * IN_FLIGHT >= SOAK_CYCLES - IN_FLIGHT + 1
+    assert len(held) == rounds * IN_FLIGHT >= SOAK_CYCLES
     assert len({h.session_id for h in held}) == len(held)
     assert _given_twice(held, "port") == [] and _given_twice(held, "gpu") == []
 
     live = holdings(gateway)
     assert live.consistent and len(live.rows) == IN_FLIGHT, live  # rows = containers = ports
-    assert live.slices == {h.gpu for h in held[-IN_FLIGHT:]}
+    assert live.slices == kept
     assert gateway.request("DELETE", "/sessions").body["deleted"] == IN_FLIGHT
     assert holdings(gateway) == Holdings(rows={}, containers=set(), listeners=set())
     # pooled keep-alive connections to Docker close on their own within seconds
@@ -96,7 +97,7 @@ def test_soak_of_create_ssh_delete_cycles(gateway_factory, topology, ssh):
     after = usage(gateway.proc.pid)
     print(
         f"\nsoak: {len(held)} cycles, {IN_FLIGHT} in flight, {took:.1f} s;"
-        f" gateway before: {baseline}; after: {after}"
+        f" gateway at start: {fresh}; after one cycle each: {baseline}; at the end: {after}"
     )
     assert after.rss_kib <= baseline.rss_kib + RSS_SLACK_KIB
 
