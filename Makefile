@@ -1,15 +1,16 @@
 # Sandman: the two commands a fresh Debian/Ubuntu machine (as root) needs.
 #   make run    set everything up, then run the gateway with state under ./state
 #   make test   set everything up, then run every test (unit, lint, end-to-end)
-# The other targets are the steps they are made of.
+# The other targets are the steps they are made of; make soak is the long soak alone.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STATE  ?= $(CURDIR)/state
 PYTEST_ARGS ?=
+SOAK_CYCLES ?= 1000
 
-.PHONY: run test setup host venv images unit e2e lint bench clean
+.PHONY: run test setup host venv images unit e2e soak lint bench clean
 
 run: setup images
 	@echo "Sandman: API on port 8080; its token is in $(STATE)/api-token (made on first start). Next, in another terminal:"
@@ -44,6 +45,9 @@ unit: venv
 
 e2e: setup images
 	$(BIN)/pytest -ra $(PYTEST_ARGS) tests/e2e
+
+soak: setup images
+	SANDMAN_SOAK_CYCLES=$(SOAK_CYCLES) $(BIN)/pytest -ra -s $(PYTEST_ARGS) tests/e2e/test_load.py -k soak
 
 lint: venv
 	$(BIN)/ruff check gateway tests bench

@@ -123,6 +123,10 @@ class Audit:
             del data[key]
         await self._connection_event("disconnect", record, data)
 
+    def connection_refused(self, session_id: str) -> None:
+        """Only counted: a flood of refused connections must not turn into writes."""
+        self._metrics.connections_refused.inc()
+
     async def session_event(self, event: str, session: Session, **data: Any) -> None:
         """``session_created``, ``session_deleted``, ``session_expired``, ``session_extended``,
         ``session_recovered``, ... with the session's port, GPU and expiry."""

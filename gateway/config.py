@@ -53,6 +53,9 @@ class Config:
     idle_timeout: float | None = None
     preauth_timeout: float = 10.0
     max_connections_per_session: int = 8
+    # Tests only, from SANDMAN_TEST_STOP_AT (no flag): a create that reaches this step (see
+    # sessions.CREATE_STEPS) stops the process (SIGSTOP), so a test can SIGKILL it right there.
+    test_stop_at: str | None = None
 
     @property
     def db_path(self) -> Path:
@@ -318,6 +321,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         idle_timeout=idle or None,
         preauth_timeout=preauth,
         max_connections_per_session=args.max_connections_per_session,
+        test_stop_at=env.get("SANDMAN_TEST_STOP_AT") or None,
     )
 
 

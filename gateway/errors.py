@@ -126,3 +126,9 @@ class ContainerStartFailed(GatewayError):
 
     code = "container_start_failed"
     status = 502
+
+
+class DatabaseTooNew(GatewayError):
+    """At start-up: the database was written by a newer gateway (its schema is unknown)."""
+
+    code = "database_too_new"

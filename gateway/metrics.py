@@ -25,6 +25,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "sandman_connections_refused",
+            "Connections turned away by --max-connections-per-session (never recorded)",
+            registry=r,
+        )
         self.bytes_relayed = Counter(
             "sandman_relayed_bytes",
             "Bytes relayed by ended connections; up is client to container",

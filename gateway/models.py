@@ -17,7 +17,7 @@ class CloseReason(StrEnum):
     GATEWAY_SHUTDOWN = "gateway_shutdown"
     IDLE_TIMEOUT = "idle_timeout"
     PREAUTH_TIMEOUT = "preauth_timeout"
-    CONNECTION_LIMIT = "connection_limit"
+    CONNECTION_LIMIT = "connection_limit"  # only in records older than the refusal counter
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     ERROR = "error"
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -81,6 +82,16 @@ READY_POLL_SECONDS = 0.1
 WATCH_RETRY_SECONDS = 2.0
 TTY_GROUP = 5  # wall writes to ptys of mode 0620, group tty; root here lacks DAC_OVERRIDE
 CREATE_FAILED = "create_failed"  # an end reason that was never a created session
+#: A create's steps, in order; each is logged at DEBUG when done (the kill test stops there).
+CREATE_STEPS = (
+    "port_bound",  # GPU, port and row reserved, listener bound
+    "container_created",
+    "files_written",
+    "container_started",
+    "sshd_ready",
+    "marked_running",
+    "created",  # audited; the 201 is next
+)
 
 #: How an ending session closes its live connections, by why it ends.
 _CONNECTION_REASON = {
@@ -186,6 +197,7 @@ class SessionManager:
         started = time.monotonic()
         creds = await asyncio.to_thread(new_credentials, request.public_keys)
         live = await self._reserve(request, creds.public_keys)
+        self._step_done(live.session, "port_bound")
         task = asyncio.create_task(self._start(live, creds), name=f"start:{live.session.id}")
         live.starting = task
         try:
@@ -207,6 +219,7 @@ class SessionManager:
             ),
             "audit of session_created",
         )
+        self._step_done(session, "created")
         log.info(
             "session %s created for %s on port %d (gpu %s)",
             session.id, session.user_id, session.ssh_port, session.gpu_uuid,
@@ -304,11 +317,14 @@ class SessionManager:
         session = live.session
         await asyncio.to_thread(_prepare_workspace, Path(session.workspace), session.uid)
         container_id = await self._create_container(session)
+        self._step_done(session, "container_created")
         async with live.lock:  # a PATCH meanwhile is in the row: read it with the files
             session = live.session = await self.get(session.id)
             await self._runtime.put_files(container_id, self._container_files(session, creds))
             live.files_written = True
+        self._step_done(session, "files_written")
         info = await self._runtime.start(container_id, self._config.docker_network)
+        self._step_done(session, "container_started")
         if info.ip is None:
             raise ContainerStartFailed(
                 f"the session container has no address on network {self._config.docker_network}"
@@ -317,6 +333,7 @@ class SessionManager:
             # toolkit settings can defeat the DeviceRequest: it must see exactly its GPU
             await verify_pin(self._runtime, container_id, session.gpu_uuid)
         await self._wait_ready(session, container_id, (info.ip, info.ssh_port))
+        self._step_done(session, "sshd_ready")
         assert live.listener is not None
         live.listener.set_upstream(info.ip, info.ssh_port)
         async with live.lock:
@@ -328,8 +345,16 @@ class SessionManager:
                 container_id=container_id,
                 container_ip=info.ip,
             )
+        self._step_done(session, "marked_running")
         self._start_timer(live)
         return live.session
+
+    def _step_done(self, session: Session, step: str) -> None:
+        """Log a create's progress. Under the tests' ``SANDMAN_TEST_STOP_AT`` the process
+        stops itself at that step, so a kill test hits it exactly (never set in service)."""
+        log.debug("session %s: create step %s done", session.id, step)
+        if step == self._config.test_stop_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     async def _create_container(self, session: Session) -> str:
         """The session's container: found by its name and session label if a previous try

@@ -34,11 +34,14 @@ class RelayLimits:
 
 
 class ConnectionObserver(Protocol):
-    """Told when a connection opens and when it ends (the audit trail)."""
+    """Told when a connection opens and when it ends (the audit trail), and counts refusals."""
 
     async def connection_opened(self, record: ConnectionRecord) -> None: ...
 
     async def connection_closed(self, record: ConnectionRecord) -> None: ...
+
+    def connection_refused(self, session_id: str) -> None:
+        """A connection over the limit was turned away: a counter, no record."""
 
 
 class _Deadline(Exception):
@@ -87,12 +90,6 @@ class RelayedConnection:
         self._cut_reason = reason
         if self._task is not None:
             self._task.cancel()
-
-    async def refuse(self, reason: CloseReason, message: str) -> None:
-        """Record and close a connection that is not relayed at all."""
-        await self._observer.connection_opened(self.record)
-        self._writer.write(message.encode() + b"\r\n")
-        await self._finish(reason, "gateway")
 
     async def run(self, upstream: tuple[str, int] | None) -> None:
         self._task = asyncio.current_task()

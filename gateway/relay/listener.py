@@ -3,8 +3,9 @@
 The listener is bound when the session's port is reserved (binding proves the port
 is free) and learns its upstream once the container has an address. It keeps the
 live connections in a registry (:attr:`SessionListener.active` is its size), refuses
-connections beyond the limit, and on :meth:`SessionListener.close` cuts every one
-with the given reason and waits until each is recorded.
+connections beyond the limit (counted, never recorded: a flood must not become database
+writes), and on :meth:`SessionListener.close` cuts every one with the given reason and
+waits until each is recorded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Self
 
 from gateway.models import CloseReason
 from gateway.relay.connection import ConnectionObserver, RelayedConnection, RelayLimits
+from gateway.relay.pump import close_writer
 
 
 class SessionListener:
@@ -56,6 +58,12 @@ class SessionListener:
         )
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self._limits.max_connections:
+            self._observer.connection_refused(self.session_id)
+            message = f"sandman: this session already has {self.active} connections (the limit)"
+            writer.write(message.encode() + b"\r\n")
+            await close_writer(writer)
+            return
         connection = RelayedConnection(
             session_id=self.session_id,
             user_id=self.user_id,
@@ -65,12 +73,6 @@ class SessionListener:
             observer=self._observer,
             clock=self._clock,
         )
-        if self.active >= self._limits.max_connections:
-            await connection.refuse(
-                CloseReason.CONNECTION_LIMIT,
-                f"sandman: this session already has {self.active} connections (the limit)",
-            )
-            return
         task = asyncio.current_task()
         assert task is not None
         self._live[connection] = task

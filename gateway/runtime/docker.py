@@ -7,6 +7,7 @@ Translates Docker API failures into gateway errors: an unreachable engine is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiodocker
+import aiohttp
 from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
@@ -204,8 +206,13 @@ class DockerRuntime:
             (ended,) = await asyncio.gather(events.task, return_exceptions=True)
             if isinstance(ended, DockerError):
                 raise _translate(ended, "follow container events") from ended
+            if isinstance(ended, aiohttp.ClientError):  # the engine went away mid-stream
+                raise DockerUnavailable(
+                    "the Docker engine is unreachable", log_message=f"container events: {ended}"
+                ) from ended
         finally:
-            await events.stop()
+            with contextlib.suppress(DockerError, aiohttp.ClientError):  # reported above
+                await events.stop()
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         container = self._docker.containers.container(container_id)

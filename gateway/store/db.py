@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, Self, TypeVar
 
 import aiosqlite
 
-from gateway.errors import GpuInstanceBusy, NoPortAvailable, SessionExists
+from gateway.errors import DatabaseTooNew, GpuInstanceBusy, NoPortAvailable, SessionExists
 from gateway.models import (
     AuditEvent,
     CloseReason,
@@ -112,6 +112,8 @@ def _migrate_file(path: Path) -> None:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         migrate(conn)
+    except DatabaseTooNew as exc:
+        raise DatabaseTooNew(f"{path}: {exc.message}") from None
     finally:
         conn.close()
 

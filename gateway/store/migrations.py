@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from gateway.errors import DatabaseTooNew
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: users with stable uids, sessions, and the gateway's own facts (instance id).
     """
@@ -98,12 +100,13 @@ def migrate(conn: sqlite3.Connection) -> int:
     """Bring ``conn`` to :data:`SCHEMA_VERSION`; return the version it started at.
 
     Raises:
-        RuntimeError: the database is newer than this gateway knows.
+        DatabaseTooNew: the database is newer than this gateway knows (nothing is changed).
     """
     (start,) = conn.execute("PRAGMA user_version").fetchone()
     if start > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"database schema version {start} is newer than this gateway's {SCHEMA_VERSION}"
+        raise DatabaseTooNew(
+            f"database schema version {start} is newer than this gateway's {SCHEMA_VERSION}:"
+            " run the newer gateway, or restore a backup made for this one"
         )
     for version in range(start, SCHEMA_VERSION):
         statements = [s for s in MIGRATIONS[version].split(";") if s.strip()]

@@ -8,6 +8,7 @@ a failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -29,6 +30,7 @@ from typing import Any
 import pytest
 
 IMAGE = os.environ.get("SANDMAN_TEST_IMAGE", "gpu-workspace")
+DOCKER_SOCKET = "/var/run/docker.sock"
 TOKEN = "e2e-" + secrets.token_hex(8)
 START_DEADLINE = 60.0
 _port_blocks = itertools.count()
@@ -363,3 +365,124 @@ def ssh(tmp_path: Path) -> SshClient:
     key_dir = tmp_path / "keys"
     key_dir.mkdir()
     return SshClient(key_dir)
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Any:
+    """Write a simulated GPU host; returns the ``--gpus`` value naming it."""
+
+    def write(data: dict[str, Any]) -> str:
+        path = tmp_path / f"topology-{secrets.token_hex(3)}.json"
+        path.write_text(json.dumps(data))
+        return f"sim:{path}"
+
+    return write
+
+
+class SocketProxy:
+    """A Docker socket that can be taken away: socat relaying to the real one. Stopping it
+    kills its whole process group, so connections already open die too."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "socat",
+                f"UNIX-LISTEN:{self.path},fork,unlink-early",
+                f"UNIX-CONNECT:{DOCKER_SOCKET}",
+            ],
+            start_new_session=True,
+        )
+        wait_for(self.path.exists, timeout=10, what="the socket proxy")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+        self.path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def docker_proxy(tmp_path: Path) -> Iterator[SocketProxy]:
+    proxy = SocketProxy(tmp_path / "docker.sock")
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def listening_ports(pid: int | None, first: int, last: int) -> set[int]:
+    """The TCP ports in ``first..last`` that process ``pid`` listens on (IPv4)."""
+    if pid is None:
+        return set()
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                sockets.add(target[len("socket:[") : -1])
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        port = int(fields[1].split(":")[1], 16)
+        if fields[3] == "0A" and fields[9] in sockets and first <= port <= last:  # 0A: LISTEN
+            ports.add(port)
+    return ports
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What a gateway holds, each seen from its own source of truth."""
+
+    rows: dict[str, tuple[int, str | None]]  # session id -> (port, GPU uuid), from the database
+    containers: set[str]  # session ids of its labelled containers, any state, from Docker
+    listeners: set[int]  # ports of its range its process listens on, from the kernel
+
+    @property
+    def consistent(self) -> bool:
+        """Every row has its container and listener, and nothing else exists."""
+        ports = {port for port, _gpu in self.rows.values()}
+        return set(self.rows) == self.containers and ports == self.listeners
+
+    @property
+    def slices(self) -> set[str]:
+        return {gpu for _port, gpu in self.rows.values() if gpu}
+
+
+def holdings(gateway: Gateway) -> Holdings:
+    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
+    try:
+        found = conn.execute("SELECT id, ssh_port, gpu_uuid FROM sessions").fetchall()
+        rows = {session_id: (port, gpu) for session_id, port, gpu in found}
+    finally:
+        conn.close()
+    labels = docker(
+        "ps", "-a", "--filter", f"label=sandman.instance={gateway.instance_id()}",
+        "--format", '{{.Label "sandman.session_id"}}',
+    )  # fmt: skip
+    return Holdings(
+        rows=rows,
+        containers=set(labels.split()),
+        listeners=listening_ports(
+            gateway.proc.pid if gateway.proc else None, gateway.port_start, gateway.port_end
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Usage:
+    rss_kib: int
+    fds: int
+
+    def __str__(self) -> str:
+        return f"RSS {self.rss_kib / 1024:.1f} MiB, {self.fds} open fds"
+
+
+def usage(pid: int) -> Usage:
+    """A process's resident memory and open file descriptors, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (rss,) = [line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")]
+    return Usage(int(rss), sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir()))

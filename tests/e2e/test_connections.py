@@ -145,7 +145,7 @@ def test_silent_socket_and_connection_limit(gateway_factory):
     reasons = [c["reason"] for c in ended_connections(gateway, session["session_id"])]
     for sock in (silent, talking, extra):
         sock.close()
-    assert "connection_limit" in reasons and "preauth_timeout" in reasons
+    assert reasons == ["preauth_timeout"]  # the refused one is only counted, never recorded
 
 
 def test_metrics_match_the_audit_records(gateway, ssh):

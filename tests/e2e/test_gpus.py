@@ -7,23 +7,12 @@ import json
 import secrets
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import IMAGE, docker, wait_for
 
 ONE_A100 = {"host": "e2e", "gpus": [{"model": "A100-80GB", "mig": True}]}
-
-
-@pytest.fixture
-def topology(tmp_path: Path):
-    def write(data: dict) -> str:
-        path = tmp_path / f"topology-{secrets.token_hex(3)}.json"
-        path.write_text(json.dumps(data))
-        return f"sim:{path}"
-
-    return write
 
 
 def container_env(container_id: str) -> dict[str, str]:

@@ -3,52 +3,7 @@ and an engine that goes away during a DELETE and comes back (issue 9)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from tests.e2e.conftest import docker, port_refuses, wait_for
-
-DOCKER_SOCKET = "/var/run/docker.sock"
-
-
-class SocketProxy:
-    """A Docker socket that can be taken away: socat relaying to the real one. Stopping it
-    kills its whole process group, so connections already open die too."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "socat",
-                f"UNIX-LISTEN:{self.path},fork,unlink-early",
-                f"UNIX-CONNECT:{DOCKER_SOCKET}",
-            ],
-            start_new_session=True,
-        )
-        wait_for(self.path.exists, timeout=10, what="the socket proxy")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-        self.path.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def docker_proxy(tmp_path: Path) -> Iterator[SocketProxy]:
-    proxy = SocketProxy(tmp_path / "docker.sock")
-    proxy.start()
-    yield proxy
-    proxy.stop()
 
 
 def audit_events(gateway, session_id: str) -> list[dict]:

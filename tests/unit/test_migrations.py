@@ -2,6 +2,7 @@ import sqlite3
 
 import pytest
 
+from gateway.errors import DatabaseTooNew
 from gateway.store import Store
 from gateway.store.migrations import MIGRATIONS, SCHEMA_VERSION, migrate
 
@@ -42,7 +43,7 @@ def test_version_one_database_keeps_rows_and_gains_gpu_columns(tmp_path):
 def test_newer_database_is_refused(tmp_path):
     conn = sqlite3.connect(tmp_path / "db", isolation_level=None)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(DatabaseTooNew, match="newer"):
         migrate(conn)
 
 

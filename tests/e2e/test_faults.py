@@ -1,0 +1,270 @@
+"""Faults with real processes and real Docker (issue 10): SIGKILL at every create step,
+SIGTERM, a Docker engine that goes away and comes back, a crash during a write burst, and
+databases from another schema version."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from gateway.sessions import CREATE_STEPS
+from gateway.store.migrations import MIGRATIONS, SCHEMA_VERSION
+from tests.e2e.conftest import Gateway, docker, holdings, port_refuses, wait_for
+from tests.e2e.test_connections import epoch, logged_in
+
+ONE_A100 = {"host": "e2e", "gpus": [{"model": "A100-80GB", "mig": True}]}
+KILLS_PER_STEP = 3  # 7 steps: 21 kills
+RECOVERED_STEPS = {"marked_running", "created"}  # the row says running: the restart adopts it
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process stopped itself (state T), as SANDMAN_TEST_STOP_AT makes it."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(") ", 1)[1].startswith("T")
+
+
+def _answered_or_stopped(answer: concurrent.futures.Future, pid: int) -> bool:
+    return answer.done() or stopped(pid)
+
+
+def last_step_logged(gateway: Gateway) -> str:
+    marks = [line for line in gateway.log_path.read_text().splitlines() if "create step" in line]
+    return marks[-1].split("create step ")[1].split()[0]
+
+
+def mig_instances(gateway: Gateway) -> set[str]:
+    gpus = gateway.request("GET", "/gpus").body["gpus"]
+    return {i["uuid"] for gpu in gpus for i in gpu["mig_instances"]}
+
+
+def assert_nothing_leaked(gateway: Gateway, *, sessions: int) -> None:
+    """Rows, labelled containers, listeners and MIG instances agree, with ``sessions`` each."""
+    held = holdings(gateway)
+    assert held.consistent and len(held.rows) == sessions, held
+    assert mig_instances(gateway) == held.slices, held  # dynamic MIG: one instance per row
+
+
+def test_sigkill_at_every_create_step_leaks_nothing(gateway_factory, topology, ssh):
+    gateway = gateway_factory(
+        "--gpus", topology(ONE_A100), "--mig-dynamic", "--default-mig-profile", "1g.10gb",
+        start=False,
+    )  # fmt: skip
+    started = time.monotonic()
+    kills = 0
+    for step in CREATE_STEPS * KILLS_PER_STEP:
+        gateway.env["SANDMAN_TEST_STOP_AT"] = step
+        gateway.start()  # recovers what the previous kill left
+        previous = gateway.request("GET", "/sessions").body
+        assert_nothing_leaked(gateway, sessions=len(previous))
+        if previous:  # killed once its row said running: adopted, and ends cleanly
+            assert [s["state"] for s in previous] == ["running"]
+            gateway.request("DELETE", f"/sessions/{previous[0]['id']}")
+            assert_nothing_leaked(gateway, sessions=0)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(gateway.create, user_id="kim", ttl_minutes=5)
+            assert gateway.proc is not None
+            pid = gateway.proc.pid
+            wait_for(partial(_answered_or_stopped, answer, pid), timeout=60, what=step)
+            assert not answer.done(), answer.result()  # the same user got this far again
+            assert last_step_logged(gateway) == step
+            gateway.stop(signal.SIGKILL)
+            kills += 1
+            with pytest.raises(OSError):  # no answer: the process died before the 201
+                answer.result()
+        left = set(_row_states(gateway).values())  # the row was written at the first step
+        assert left == {"running" if step in RECOVERED_STEPS else "starting"}, (step, left)
+    del gateway.env["SANDMAN_TEST_STOP_AT"]
+    gateway.start()
+    left = gateway.request("GET", "/sessions").body
+    for session in left:
+        gateway.request("DELETE", f"/sessions/{session['id']}")
+    assert_nothing_leaked(gateway, sessions=0)
+    created = gateway.create(user_id="kim", ttl_minutes=5)
+    assert created.status == 201, created.body
+    assert ssh.with_key(created.body, "true").returncode == 0
+    assert_nothing_leaked(gateway, sessions=1)
+    print(f"\n{kills} kills over {len(CREATE_STEPS)} steps in {time.monotonic() - started:.1f} s")
+    assert kills >= 20
+
+
+def _row_states(gateway: Gateway) -> dict[str, str]:
+    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
+    try:
+        return dict(conn.execute("SELECT id, state FROM sessions").fetchall())
+    finally:
+        conn.close()
+
+
+def test_sigterm_cuts_connections_keeps_sessions_and_the_next_start_resumes(gateway, ssh):
+    short = gateway.create(user_id="amy", ttl_seconds=15).body  # expires after the restart
+    long = gateway.create(user_id="bob", ttl_minutes=10).body
+    logins = [logged_in(ssh, s) for s in (short, long)]
+    before = holdings(gateway)
+    assert before.consistent and len(before.rows) == 2
+
+    assert gateway.proc is not None
+    began = time.monotonic()
+    gateway.proc.send_signal(signal.SIGTERM)
+    code = gateway.proc.wait(timeout=10)
+    took = time.monotonic() - began
+    print(f"\nSIGTERM to exit: {took:.2f} s")
+    assert took < 5 and code == 0
+    gateway.proc = None
+    for login in logins:
+        login.wait(timeout=5)  # cut by the gateway
+    assert port_refuses(gateway.api_port)
+    assert all(port_refuses(s["ssh_port"]) for s in (short, long))
+    kept = holdings(gateway)
+    assert kept.rows == before.rows and kept.containers == before.containers
+    assert _row_states(gateway) == dict.fromkeys(before.rows, "running")
+    for s in (short, long):
+        assert docker("inspect", "-f", "{{.State.Running}}", s["container_id"]) == "true"
+
+    gateway.start()
+    assert holdings(gateway) == before
+    listed = {s["id"]: s for s in gateway.request("GET", "/sessions").body}
+    assert ssh.with_key(long, "true").returncode == 0
+    for s in (short, long):
+        assert listed[s["session_id"]]["expires_at"] == s["expires_at"]
+        events = gateway.request("GET", f"/audit?session_id={s['session_id']}").body["events"]
+        cut = [e["reason"] for e in events if e["event"] == "disconnect"]
+        assert "gateway_shutdown" in cut
+        assert "session_recovered" in {e["event"] for e in events}
+    url = f"/sessions/{short['session_id']}"
+    wait_for(lambda: gateway.request("GET", url).status == 404, timeout=20, what="the TTL")
+    assert time.time() >= epoch(short["expires_at"])  # its own expiry, kept across the restart
+    assert gateway.request("GET", f"/sessions/{long['session_id']}").status == 200
+
+
+def test_docker_engine_away_and_back(gateway_factory, ssh, docker_proxy):
+    gateway = gateway_factory("--reap-interval", "2", start=False)
+    gateway.env["DOCKER_HOST"] = f"unix://{docker_proxy.path}"
+    gateway.start()
+    session = gateway.create(user_id="una", ttl_minutes=10).body
+    ticker = ssh.start_with_key(session, "while sleep 0.2; do echo tick; done")
+    assert ticker.stdout is not None and ticker.stdout.readline() == "tick\n"
+    url = f"/sessions/{session['session_id']}"
+
+    docker_proxy.stop()
+    health = gateway.request("GET", "/healthz")
+    assert health.status == 503 and "docker" in health.body["failing"], health.body
+    refused = gateway.request("POST", "/sessions", {"user_id": "vic"})
+    assert (refused.status, refused.body["code"]) == (503, "docker_unavailable")
+    assert gateway.request("GET", url).body["state"] == "running"  # from the database
+    assert gateway.request("GET", "/sessions").status == 200
+    assert gateway.request("GET", f"{url}/connections").status == 200
+    for _ in range(10):  # the live connection keeps flowing, new logins work
+        assert ticker.stdout.readline() == "tick\n"
+    assert ssh.with_key(session, "echo fine").stdout == "fine\n"
+    time.sleep(3)  # the sweep and the event watcher both fail meanwhile, and must survive it
+
+    docker_proxy.start()
+    wait_for(lambda: gateway.request("GET", "/healthz").status == 200, timeout=10, what="health")
+    again = gateway.create(user_id="wes", ttl_minutes=10)
+    assert again.status == 201, again.body
+
+    def vic_creates() -> bool:  # its failed create's row was left ending, for the sweep
+        return gateway.create(user_id="vic", ttl_minutes=10).status == 201
+
+    wait_for(vic_creates, timeout=10, what="the failed create's cleanup")
+    assert ticker.stdout.readline() == "tick\n" and ticker.poll() is None
+    docker("rm", "-f", session["container_id"])  # the event watcher followed the engine back
+    wait_for(lambda: gateway.request("GET", url).status == 404, timeout=10, what="the end")
+    assert f"session {session['session_id']}: its container is gone" in (
+        gateway.log_path.read_text()
+    )
+    ticker.wait(timeout=10)
+    held = holdings(gateway)
+    assert held.consistent and len(held.rows) == 2
+
+
+def test_database_survives_sigkill_during_a_write_burst(gateway_factory):
+    gateway = gateway_factory("--max-connections-per-session", "64")  # relay, don't refuse
+    session = gateway.create(user_id="zoe", ttl_minutes=10).body
+    port = session["ssh_port"]
+    done = threading.Event()
+
+    def connect_and_leave() -> int:
+        made = 0
+        while not done.is_set():  # each connection writes a record and two audit events
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"SSH-2.0-burst\r\n")
+                    sock.recv(64)
+            except OSError:  # the gateway is gone
+                break
+            made += 1
+        return made
+
+    db = gateway.state_dir / "sessions.db"
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        workers = [pool.submit(connect_and_leave) for _ in range(6)]
+        wait_for(lambda: _events(db) > 300, timeout=60, what="a burst of writes")
+        gateway.stop(signal.SIGKILL)
+        done.set()
+        made = sum(w.result() for w in workers)
+    print(f"\nkilled after {made} connections, {_events(db)} events on disk")
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+    gateway.start()
+    records = gateway.request("GET", f"/sessions/{session['session_id']}/connections").body
+    assert records["count"] > 0
+    assert all(c["ended_at"] is not None for c in records["connections"])  # crash: "error"
+    assert gateway.request("GET", f"/sessions/{session['session_id']}").body["state"] == "running"
+
+
+def _events(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_database_from_a_newer_gateway_is_refused_in_one_line(gateway_factory):
+    gateway = gateway_factory(start=False)
+    gateway.state_dir.mkdir(mode=0o700)
+    db = gateway.state_dir / "sessions.db"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(AssertionError, match="exited early"):
+        gateway.start()
+    assert gateway.proc is not None and gateway.proc.wait() != 0
+    output = gateway.log_path.read_text()
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if line.startswith("sandman:")]
+    assert line == (
+        f"sandman: {db}: database schema version {SCHEMA_VERSION + 1} is newer than this"
+        f" gateway's {SCHEMA_VERSION}: run the newer gateway, or restore a backup made for this one"
+    )
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)  # untouched
+    conn.close()
+
+
+def test_a_database_from_the_first_release_is_migrated(gateway_factory, ssh):
+    gateway = gateway_factory(start=False)
+    gateway.state_dir.mkdir(mode=0o700)
+    conn = sqlite3.connect(gateway.state_dir / "sessions.db", isolation_level=None)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO users (user_id, uid, created_at) VALUES ('old', 23456, 0)")
+    conn.close()
+    gateway.start()
+    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
+    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    conn.close()
+    session = gateway.create(user_id="old").body
+    assert ssh.with_key(session, "id -u").stdout == "23456\n"  # the user kept their uid
