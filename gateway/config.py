@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.core.ports import PortRange
-from gateway.core.validation import parse_duration
+from gateway.core.validation import LimitPolicy, parse_duration, parse_size
 
 DEFAULT_IMAGE = "gpu-workspace"
 DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
@@ -53,6 +53,7 @@ class Config:
     idle_timeout: float | None = None
     preauth_timeout: float = 10.0
     max_connections_per_session: int = 8
+    limits: LimitPolicy = field(default_factory=LimitPolicy)
 
     @property
     def db_path(self) -> Path:
@@ -239,6 +240,18 @@ def build_parser(
         default=d.max_connections_per_session,
         type_=int,
     )
+    for kind, example in (("cpu", "CPUs, e.g. 2 or 0.5"), ("memory", "e.g. 8g or 512m")):
+        opt(
+            f"--{kind}-limit",
+            f"{kind} limit of a session that asks for none ({example}); none: unlimited, "
+            "or the maximum where one is set",
+            default="none",
+        )
+        opt(
+            f"--max-{kind}-limit",
+            f"largest {kind} limit a session may ask for ({example}); none: no maximum",
+            default="none",
+        )
     if add_commands is not None:
         add_commands(sub)
 
@@ -257,6 +270,25 @@ def build_parser(
         help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
     )
     return parser
+
+
+def _optional(text: str, parse: Callable[[str], float]) -> float | None:
+    return None if text.strip().lower() in {"", "none"} else parse(text)
+
+
+def _limit_policy(args: argparse.Namespace) -> LimitPolicy:
+    """The operator's CPU and memory limits.
+
+    Raises:
+        ValueError: malformed, below the minimum, or a default above its maximum.
+    """
+    memory = [_optional(t, parse_size) for t in (args.memory_limit, args.max_memory_limit)]
+    return LimitPolicy(
+        default_cpus=_optional(args.cpu_limit, float),
+        max_cpus=_optional(args.max_cpu_limit, float),
+        default_memory=None if memory[0] is None else int(memory[0]),
+        max_memory=None if memory[1] is None else int(memory[1]),
+    )
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
@@ -318,6 +350,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         idle_timeout=idle or None,
         preauth_timeout=preauth,
         max_connections_per_session=args.max_connections_per_session,
+        limits=_limit_policy(args),
     )
 
 

@@ -41,6 +41,11 @@ class InvalidPublicKey(GatewayError):
     status = 400
 
 
+class InvalidLimit(GatewayError):
+    code = "invalid_limit"
+    status = 400
+
+
 class UnknownMigProfile(GatewayError):
     code = "unknown_mig_profile"
     status = 400

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.api import admin_page, keys, middleware
+from gateway.api import admin_page, keys, middleware, openapi
 from gateway.api.routes import routes
 from gateway.audit import Audit
 from gateway.config import Config
@@ -78,6 +78,7 @@ def create_app(
     app[keys.CONFIG] = config
     app.router.add_routes(routes)
     app.router.add_routes(admin_page.routes)
+    app.router.add_routes(openapi.routes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(_state_dir, config.state_dir)

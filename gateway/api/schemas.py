@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import Config
-from gateway.core.validation import ttl_seconds_from, validate_image, validate_user_id
+from gateway.core.validation import (
+    session_limits,
+    ttl_seconds_from,
+    validate_image,
+    validate_user_id,
+)
 from gateway.errors import InvalidRequest
 from gateway.models import CreateRequest
 from gateway.ssh.credentials import parse_public_keys
@@ -18,7 +24,9 @@ AUDIT_PAGE_DEFAULT = 100
 AUDIT_PAGE_MAX = 1000
 CURSOR_MAX = 2**63 - 1  # an SQLite integer
 
-_CREATE_FIELDS: dict[str, type] = {
+_Kind = type | tuple[type, ...]
+
+_CREATE_FIELDS: dict[str, _Kind] = {
     "user_id": str,
     "ttl_minutes": int,
     "ttl_seconds": int,
@@ -26,10 +34,18 @@ _CREATE_FIELDS: dict[str, type] = {
     "mig_instance_uuid": str,
     "image": str,
     "ssh_public_keys": list,
+    "cpu_limit": (int, float),
+    "memory_limit": (int, str),
 }
 
 
-_KIND_NAMES = {int: "an integer", str: "a string", list: "a list"}
+_KIND_NAMES: dict[_Kind, str] = {
+    int: "an integer",
+    str: "a string",
+    list: "a list",
+    (int, float): "a number",
+    (int, str): "an integer or a string",
+}
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -49,7 +65,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _typed(data: dict[str, Any], fields: dict[str, type]) -> dict[str, Any]:
+def _typed(data: dict[str, Any], fields: dict[str, _Kind]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
@@ -60,7 +76,7 @@ def _typed(data: dict[str, Any], fields: dict[str, type]) -> dict[str, Any]:
             values[name] = None
             continue
         # bool is an int in Python, never in our API
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidRequest(f"field {name!r} must be {_KIND_NAMES[kind]}")
         values[name] = value
     return values
@@ -70,7 +86,7 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
     """Parse and validate a POST /sessions body.
 
     Raises:
-        InvalidRequest, InvalidUserId, InvalidTtl, ImageNotAllowed, InvalidPublicKey.
+        InvalidRequest, InvalidUserId, InvalidTtl, ImageNotAllowed, InvalidPublicKey, InvalidLimit.
     """
     values = _typed(parse_json_object(body), _CREATE_FIELDS)
     if values["user_id"] is None:
@@ -78,6 +94,12 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
     if values["mig_profile"] is not None and values["mig_instance_uuid"] is not None:
         raise InvalidRequest("give mig_profile or mig_instance_uuid, not both")
     keys = values["ssh_public_keys"]
+    cpu_limit, memory_limit = session_limits(
+        values["cpu_limit"],
+        values["memory_limit"],
+        policy=config.limits,
+        host_cpus=os.cpu_count() or 1,
+    )
     return CreateRequest(
         user_id=validate_user_id(values["user_id"]),
         ttl_seconds=ttl_seconds_from(
@@ -90,10 +112,12 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
         mig_profile=values["mig_profile"],
         mig_instance_uuid=values["mig_instance_uuid"],
         public_keys=() if keys is None else parse_public_keys(keys),
+        cpu_limit=cpu_limit,
+        memory_limit=memory_limit,
     )
 
 
-_PATCH_FIELDS: dict[str, type] = {
+_PATCH_FIELDS: dict[str, _Kind] = {
     "ttl_minutes": int,
     "ttl_seconds": int,
     "extend_minutes": int,

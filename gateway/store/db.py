@@ -37,7 +37,8 @@ T = TypeVar("T")
 
 _SESSION_COLUMNS = (
     "id, user_id, ssh_port, image, workspace, ttl_seconds, created_at, expires_at, state, "
-    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys, end_reason"
+    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys, end_reason, "
+    "cpu_limit, memory_limit"
 )
 
 
@@ -68,6 +69,8 @@ def _session(row: aiosqlite.Row) -> Session:
         gpu_created=bool(row["gpu_created"]),
         authorized_keys=tuple(json.loads(row["authorized_keys"])),
         end_reason=row["end_reason"],
+        cpu_limit=row["cpu_limit"],
+        memory_limit=row["memory_limit"],
     )
 
 
@@ -225,7 +228,7 @@ class Store:
             async with self._transaction() as conn:
                 await conn.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         session.id,
                         session.user_id,
@@ -243,6 +246,8 @@ class Store:
                         int(session.gpu_created),
                         json.dumps(list(session.authorized_keys)),
                         session.end_reason,
+                        session.cpu_limit,
+                        session.memory_limit,
                     ),
                 )
                 # the port becomes this user's sticky port (taken from whoever had it)
