@@ -46,6 +46,7 @@ class Config:
     start_timeout: float = 60.0
     pids_limit: int = 1024
     max_body_bytes: int = 64 * 1024
+    http_timeout: float = 15.0
     log_level: str = "INFO"
     audit_log: Path | None = None
     audit_retention_days: float = 90.0
@@ -205,6 +206,12 @@ def build_parser(
     )
     opt("--pids-limit", "process limit of each session container", default=d.pids_limit, type_=int)
     opt("--max-body-bytes", "largest accepted request body", default=d.max_body_bytes, type_=int)
+    opt(
+        "--http-timeout",
+        "close an API connection that has not sent a whole request head (slow-loris) or "
+        "a whole body within this long, or sits idle this long",
+        default="15s",
+    )
     opt("--log-level", "DEBUG, INFO, WARNING or ERROR", default=d.log_level)
     opt(
         "--audit-log",
@@ -314,6 +321,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
     preauth = parse_duration(args.preauth_timeout)
     if preauth <= 0:
         raise ValueError("--preauth-timeout must be positive")
+    http_timeout = parse_duration(args.http_timeout)
+    if http_timeout <= 0:
+        raise ValueError("--http-timeout must be positive")
     return Config(
         host=args.host,
         port=args.port,
@@ -343,6 +353,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         start_timeout=args.start_timeout,
         pids_limit=args.pids_limit,
         max_body_bytes=args.max_body_bytes,
+        http_timeout=http_timeout,
         log_level=args.log_level.upper(),
         audit_log=args.audit_log,
         audit_retention_days=args.audit_retention_days,

@@ -99,6 +99,13 @@ class GpuInstanceInUse(GatewayError):
     status = 409
 
 
+class RequestTimeout(GatewayError):
+    """The client did not send its whole body within ``--http-timeout`` (a slow body)."""
+
+    code = "request_timeout"
+    status = 408
+
+
 class BodyTooLarge(GatewayError):
     code = "body_too_large"
     status = 413

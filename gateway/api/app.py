@@ -14,6 +14,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -61,6 +62,13 @@ def resolve_api_token(config: Config) -> str:
 def _state_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
+
+
+def server_settings(config: Config) -> dict[str, Any]:
+    """aiohttp server settings: a connection that has not sent a whole request head within
+    ``--http-timeout`` of opening or of its last answer is closed (slow-loris headers), and
+    the rest of a body answered early (413, 408) is read for at most that long."""
+    return {"keepalive_timeout": config.http_timeout, "lingering_time": config.http_timeout}
 
 
 def create_app(

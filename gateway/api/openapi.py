@@ -306,6 +306,7 @@ PATHS: dict[str, dict[str, Any]] = {
                 "400": _BAD,
                 "404": _error("no such MIG instance"),
                 "409": _error("the user has a live session, or the instance is taken"),
+                "408": _error("the body did not arrive within --http-timeout"),
                 "413": _error("body too large"),
                 "502": _error("the container did not start"),
                 "503": _UNAVAILABLE,
@@ -336,7 +337,13 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op("one session", {"200": _VIEW, "404": _NOT_FOUND}),
         "patch": _op(
             "change the TTL",
-            {"200": _VIEW, "400": _BAD, "404": _NOT_FOUND, "413": _error("body too large")},
+            {
+                "200": _VIEW,
+                "400": _BAD,
+                "404": _NOT_FOUND,
+                "408": _error("the body did not arrive within --http-timeout"),
+                "413": _error("body too large"),
+            },
             requestBody={
                 "required": True,
                 "content": {"application/json": {"schema": _ref("PatchSession")}},
