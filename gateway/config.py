@@ -20,7 +20,7 @@ ANY_PROFILE = "any"  # --default-mig-profile: no default, any free MIG instance
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # containers must not reach the API unless the operator says so
     port: int = 8080
     ssh_bind: str = "0.0.0.0"
     public_host: str = field(default_factory=socket.gethostname)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -110,7 +111,20 @@ def _event(row: aiosqlite.Row) -> AuditEvent:
     )
 
 
+def ensure_private_file(path: Path) -> None:
+    """Create ``path`` (and its folder, 0700) as an empty 0600 file unless it exists, and
+    make it 0600 if it does: only the gateway's user may read what it will hold. SQLite
+    gives the ``-wal`` and ``-shm`` files the database file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for owned in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if owned.exists():
+            owned.chmod(0o600)
+
+
 def _migrate_file(path: Path) -> None:
+    ensure_private_file(path)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
@@ -140,7 +154,6 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Self:
         """Open (creating and migrating as needed) the database at ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_migrate_file, path)
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
