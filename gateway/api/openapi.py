@@ -247,7 +247,7 @@ _AUDIT_PARAMS = [
     {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}},
     {"name": "until", "in": "query", "schema": {"type": "string", "format": "date-time"}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"}},
 ]
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from gateway.config import Config
@@ -162,16 +163,31 @@ class AuditQuery:
     before_id: int | None
 
 
+#: RFC 3339 ``date-time`` (Python's ``fromisoformat`` alone also takes week dates, dates
+#: without a time, basic format and non-ASCII digits).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def _timestamp(name: str, value: str | None) -> datetime | None:
     if value is None:
         return None
+    problem = f"{name} must be an RFC 3339 timestamp, e.g. 2026-11-30T10:00:00Z"
+    if not _RFC3339.fullmatch(value):
+        raise InvalidRequest(problem)
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an RFC 3339 timestamp") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment
+        return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:  # e.g. month 13, second 60
+        raise InvalidRequest(problem) from None
+
+
+def _integer(name: str, value: str) -> int:
+    if not _DIGITS.fullmatch(value):
+        raise InvalidRequest(f"{name} must be an integer")
+    return int(value)
 
 
 def parse_audit_query(query: Mapping[str, str]) -> AuditQuery:
@@ -183,11 +199,8 @@ def parse_audit_query(query: Mapping[str, str]) -> AuditQuery:
     unknown = sorted(set(query) - {"user_id", "session_id", "since", "until", "limit", "cursor"})
     if unknown:
         raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}")
-    try:
-        limit = int(query.get("limit", AUDIT_PAGE_DEFAULT))
-        cursor = int(query["cursor"]) if "cursor" in query else None
-    except ValueError:
-        raise InvalidRequest("limit and cursor must be integers") from None
+    limit = _integer("limit", query["limit"]) if "limit" in query else AUDIT_PAGE_DEFAULT
+    cursor = _integer("cursor", query["cursor"]) if "cursor" in query else None
     if not 1 <= limit <= AUDIT_PAGE_MAX:
         raise InvalidRequest(f"limit must be between 1 and {AUDIT_PAGE_MAX}")
     if cursor is not None and not 1 <= cursor <= CURSOR_MAX:

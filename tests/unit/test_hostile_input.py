@@ -153,3 +153,36 @@ async def test_hostile_session_ids_are_404(make_client, path):
         assert (await resp.json())["code"] in ("session_not_found", "not_found")
     resp = await client.patch(path, json={"extend_minutes": 1})
     assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=2020-W01-1",  # ISO week date: Python's fromisoformat took these
+        "since=2020-01-01",
+        "since=20200101T000000Z",
+        "until=2020-01-01T00:00",
+        "until=2020-01-01T00:00:00",  # no offset
+        "since=2020-13-01T00:00:00Z",
+        "since=%D9%A2020-01-01T00:00:00Z",  # an Arabic-Indic digit
+        "limit=%205",
+        "limit=5_0",
+        "limit=%D9%A5",
+        "cursor=%2B5",
+        "cursor=99999999999999999999999",
+    ],
+)
+async def test_audit_parameters_are_strict(make_client, query):
+    client = await make_client()
+    resp = await client.get(f"/audit?{query}")
+    assert resp.status == 400 and (await resp.json())["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["since=2020-01-01T00:00:00Z", "until=2020-01-01t00:00:00.123456789%2B05:30",
+     "since=0001-01-01T00:00:00%2B23:59", "until=9999-12-31T23:59:59-23:59", "limit=1000"],
+)  # fmt: skip
+async def test_audit_parameters_in_rfc3339_are_taken(make_client, query):
+    client = await make_client()
+    assert (await client.get(f"/audit?{query}")).status == 200
