@@ -30,6 +30,14 @@ def _text(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
 
 
+def _list_of(key: str, item: str, description: str, **more: Any) -> dict[str, Any]:
+    """A JSON answer holding an array of ``item`` under ``key``, and ``more`` fields."""
+    return _json(_object({key: {"type": "array", "items": _ref(item)}, **more}), description)
+
+
+_COUNT = {"count": {"type": "integer"}}
+
+
 def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
@@ -364,15 +372,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op(
             "live and ended connections",
             {
-                "200": _json(
-                    _object(
-                        {
-                            "connections": {"type": "array", "items": _ref("Connection")},
-                            "count": {"type": "integer"},
-                        }
-                    ),
-                    "connection records",
-                ),
+                "200": _list_of("connections", "Connection", "connection records", **_COUNT),
                 "404": _NOT_FOUND,
             },
         ),
@@ -381,14 +381,8 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op(
             "audit events, newest first",
             {
-                "200": _json(
-                    _object(
-                        {
-                            "events": {"type": "array", "items": _ref("AuditEvent")},
-                            "next_cursor": _NULLABLE_STR,
-                        }
-                    ),
-                    "a page of events",
+                "200": _list_of(
+                    "events", "AuditEvent", "a page of events", next_cursor=_NULLABLE_STR
                 ),
                 "400": _BAD,
             },
@@ -400,15 +394,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op(
             "GPUs and their MIG instances",
             {
-                "200": _json(
-                    _object(
-                        {
-                            "gpus": {"type": "array", "items": _ref("Gpu")},
-                            "count": {"type": "integer"},
-                        }
-                    ),
-                    "GPUs",
-                ),
+                "200": _list_of("gpus", "Gpu", "GPUs", **_COUNT),
                 "503": _UNAVAILABLE,
             },
         )
@@ -417,10 +403,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op(
             "MIG profiles of these GPUs",
             {
-                "200": _json(
-                    _object({"profiles": {"type": "array", "items": _ref("Profile")}}),
-                    "profiles",
-                ),
+                "200": _list_of("profiles", "Profile", "profiles"),
                 "503": _UNAVAILABLE,
             },
         )
@@ -429,15 +412,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "get": _op(
             "free MIG instances and whole GPUs",
             {
-                "200": _json(
-                    _object(
-                        {
-                            "available_instances": {"type": "array", "items": _ref("Available")},
-                            "count": {"type": "integer"},
-                        }
-                    ),
-                    "free slices",
-                ),
+                "200": _list_of("available_instances", "Available", "free slices", **_COUNT),
                 "503": _UNAVAILABLE,
             },
         )
