@@ -3,6 +3,7 @@ publicly, and Schemathesis finds no 5xx and no answer that breaks it on a live g
 
 import asyncio
 import re
+from pathlib import Path
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -16,9 +17,11 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.api import create_app, middleware
 from gateway.api.openapi import PATHS, SPEC
+from gateway.gpu.sim import SimBackend
 from tests.routes import PROTECTED_ROUTES
 from tests.unit.conftest import TOKEN, unit_config
 
+EXAMPLES = Path(__file__).parents[2] / "examples"
 EXAMPLES_PER_OPERATION = 40
 # A 5xx the spec names (503 no_port_available once the fuzzer's sessions fill the pool) is
 # an answer; any other status, 500 included, fails status_code_conformance.
@@ -104,5 +107,10 @@ def _fuzz(base_url: str) -> None:
 
 
 async def test_schemathesis_finds_no_server_error_or_schema_violation(make_server):
-    server = await make_server()
+    """On a simulated host with MIG and whole GPUs, so GPU answers have content to check."""
+    server = await make_server(
+        gpu_factory=lambda: SimBackend(EXAMPLES / "topology-mixed.json"),
+        default_mig_profile="3g.40gb",
+        mig_dynamic=True,
+    )
     await asyncio.to_thread(_fuzz, str(server.make_url("")).rstrip("/"))
