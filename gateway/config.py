@@ -287,12 +287,17 @@ def _limit_policy(args: argparse.Namespace) -> LimitPolicy:
     """The operator's CPU and memory limits.
 
     Raises:
-        ValueError: malformed, below the minimum, or a default above its maximum.
+        ValueError: malformed, below the minimum, a default above its maximum, or more
+            CPUs than this host has (Docker would refuse every session).
     """
     memory = [_optional(t, parse_size) for t in (args.memory_limit, args.max_memory_limit)]
+    cpus = [_optional(t, float) for t in (args.cpu_limit, args.max_cpu_limit)]
+    host_cpus = os.cpu_count() or 1
+    if any(c is not None and c > host_cpus for c in cpus):
+        raise ValueError(f"a CPU limit cannot be above this host's {host_cpus} CPUs")
     return LimitPolicy(
-        default_cpus=_optional(args.cpu_limit, float),
-        max_cpus=_optional(args.max_cpu_limit, float),
+        default_cpus=cpus[0],
+        max_cpus=cpus[1],
         default_memory=None if memory[0] is None else int(memory[0]),
         max_memory=None if memory[1] is None else int(memory[1]),
     )

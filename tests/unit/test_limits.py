@@ -1,6 +1,7 @@
 """CPU and memory limits: the operator's policy, per-session overrides within its maxima,
 stored on the row, shown in the view and handed to Docker."""
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -88,13 +89,19 @@ def test_policy_refuses_contradictions(kwargs):
 
 def test_options_build_the_policy():
     args = parse(
-        ["serve", "--cpu-limit", "1.5", "--max-cpu-limit", "4", "--max-memory-limit", "8g"],
+        ["serve", "--cpu-limit", "0.5", "--max-cpu-limit", "1", "--max-memory-limit", "8g"],
         env={"SANDMAN_MEMORY_LIMIT": "2g"},
     )
-    assert config_from_args(args, {}).limits == LimitPolicy(1.5, 4.0, 2 * GIB, 8 * GIB)
+    assert config_from_args(args, {}).limits == LimitPolicy(0.5, 1.0, 2 * GIB, 8 * GIB)
     assert config_from_args(parse(["serve"], env={}), {}).limits == LimitPolicy()
-    with pytest.raises(ValueError):
-        config_from_args(parse(["serve", "--cpu-limit", "4", "--max-cpu-limit", "2"], env={}), {})
+    for wrong in (
+        ["--cpu-limit", "1", "--max-cpu-limit", "0.5"],
+        ["--max-cpu-limit", str((os.cpu_count() or 1) + 1)],
+        ["--memory-limit", "lots"],
+        ["--max-memory-limit", "1m"],
+    ):
+        with pytest.raises(ValueError):
+            config_from_args(parse(["serve", *wrong], env={}), {})
 
 
 def test_docker_gets_nano_cpus_and_memory_without_extra_swap(tmp_path):
