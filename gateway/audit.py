@@ -18,6 +18,7 @@ from typing import IO, Any
 from gateway.metrics import Metrics
 from gateway.models import AuditEvent, ConnectionRecord, Session, rfc3339
 from gateway.store import Store
+from gateway.store.db import ensure_private_file
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Audit:
         self._metrics = metrics
         self._file: IO[str] | None = None
         if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_private_file(log_path)  # it names users, addresses and sessions
             self._file = log_path.open("a", encoding="utf-8")
         self._lock = asyncio.Lock()
 

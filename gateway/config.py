@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.core.ports import PortRange
-from gateway.core.validation import parse_duration
+from gateway.core.validation import LimitPolicy, parse_duration, parse_size
 
 DEFAULT_IMAGE = "gpu-workspace"
 DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
@@ -20,7 +20,7 @@ ANY_PROFILE = "any"  # --default-mig-profile: no default, any free MIG instance
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # containers must not reach the API unless the operator says so
     port: int = 8080
     ssh_bind: str = "0.0.0.0"
     public_host: str = field(default_factory=socket.gethostname)
@@ -46,6 +46,7 @@ class Config:
     start_timeout: float = 60.0
     pids_limit: int = 1024
     max_body_bytes: int = 64 * 1024
+    http_timeout: float = 15.0
     log_level: str = "INFO"
     audit_log: Path | None = None
     audit_retention_days: float = 90.0
@@ -56,6 +57,7 @@ class Config:
     # Tests only, from SANDMAN_TEST_STOP_AT (no flag): a create that reaches this step (see
     # sessions.CREATE_STEPS) stops the process (SIGSTOP), so a test can SIGKILL it right there.
     test_stop_at: str | None = None
+    limits: LimitPolicy = field(default_factory=LimitPolicy)
 
     @property
     def db_path(self) -> Path:
@@ -207,6 +209,12 @@ def build_parser(
     )
     opt("--pids-limit", "process limit of each session container", default=d.pids_limit, type_=int)
     opt("--max-body-bytes", "largest accepted request body", default=d.max_body_bytes, type_=int)
+    opt(
+        "--http-timeout",
+        "close an API connection that has not sent a whole request head (slow-loris) or "
+        "a whole body within this long, or sits idle this long",
+        default="15s",
+    )
     opt("--log-level", "DEBUG, INFO, WARNING or ERROR", default=d.log_level)
     opt(
         "--audit-log",
@@ -242,6 +250,18 @@ def build_parser(
         default=d.max_connections_per_session,
         type_=int,
     )
+    for kind, example in (("cpu", "CPUs, e.g. 2 or 0.5"), ("memory", "e.g. 8g or 512m")):
+        opt(
+            f"--{kind}-limit",
+            f"{kind} limit of a session that asks for none ({example}); none: unlimited, "
+            "or the maximum where one is set",
+            default="none",
+        )
+        opt(
+            f"--max-{kind}-limit",
+            f"largest {kind} limit a session may ask for ({example}); none: no maximum",
+            default="none",
+        )
     if add_commands is not None:
         add_commands(sub)
 
@@ -260,6 +280,30 @@ def build_parser(
         help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
     )
     return parser
+
+
+def _optional(text: str, parse: Callable[[str], float]) -> float | None:
+    return None if text.strip().lower() in {"", "none"} else parse(text)
+
+
+def _limit_policy(args: argparse.Namespace) -> LimitPolicy:
+    """The operator's CPU and memory limits.
+
+    Raises:
+        ValueError: malformed, below the minimum, a default above its maximum, or more
+            CPUs than this host has (Docker would refuse every session).
+    """
+    memory = [_optional(t, parse_size) for t in (args.memory_limit, args.max_memory_limit)]
+    cpus = [_optional(t, float) for t in (args.cpu_limit, args.max_cpu_limit)]
+    host_cpus = os.cpu_count() or 1
+    if any(c is not None and c > host_cpus for c in cpus):
+        raise ValueError(f"a CPU limit cannot be above this host's {host_cpus} CPUs")
+    return LimitPolicy(
+        default_cpus=cpus[0],
+        max_cpus=cpus[1],
+        default_memory=None if memory[0] is None else int(memory[0]),
+        max_memory=None if memory[1] is None else int(memory[1]),
+    )
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
@@ -285,6 +329,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
     preauth = parse_duration(args.preauth_timeout)
     if preauth <= 0:
         raise ValueError("--preauth-timeout must be positive")
+    http_timeout = parse_duration(args.http_timeout)
+    if http_timeout <= 0:
+        raise ValueError("--http-timeout must be positive")
     return Config(
         host=args.host,
         port=args.port,
@@ -314,6 +361,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         start_timeout=args.start_timeout,
         pids_limit=args.pids_limit,
         max_body_bytes=args.max_body_bytes,
+        http_timeout=http_timeout,
         log_level=args.log_level.upper(),
         audit_log=args.audit_log,
         audit_retention_days=args.audit_retention_days,
@@ -322,6 +370,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         preauth_timeout=preauth,
         max_connections_per_session=args.max_connections_per_session,
         test_stop_at=env.get("SANDMAN_TEST_STOP_AT") or None,
+        limits=_limit_policy(args),
     )
 
 

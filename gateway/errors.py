@@ -41,6 +41,11 @@ class InvalidPublicKey(GatewayError):
     status = 400
 
 
+class InvalidLimit(GatewayError):
+    code = "invalid_limit"
+    status = 400
+
+
 class UnknownMigProfile(GatewayError):
     code = "unknown_mig_profile"
     status = 400
@@ -92,6 +97,13 @@ class GpuInstanceInUse(GatewayError):
 
     code = "gpu_instance_in_use"
     status = 409
+
+
+class RequestTimeout(GatewayError):
+    """The client did not send its whole body within ``--http-timeout`` (a slow body)."""
+
+    code = "request_timeout"
+    status = 408
 
 
 class BodyTooLarge(GatewayError):

@@ -59,6 +59,8 @@ class Session:
     gpu_created: bool = False  # a MIG instance this gateway created for the session
     authorized_keys: tuple[str, ...] = ()  # public keys that may log in ("type base64")
     end_reason: str | None = None  # set with state ENDING
+    cpu_limit: float | None = None  # CPUs; None: unlimited
+    memory_limit: int | None = None  # bytes; None: unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,8 @@ class CreateRequest:
     mig_profile: str | None = None
     mig_instance_uuid: str | None = None
     public_keys: tuple[str, ...] = ()  # the caller's own keys; none: a key pair is generated
+    cpu_limit: float | None = None  # CPUs; None: unlimited
+    memory_limit: int | None = None  # bytes; None: unlimited
 
 
 @dataclass(frozen=True, slots=True)

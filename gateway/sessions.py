@@ -258,6 +258,8 @@ class SessionManager:
                     mig_profile=allocation.profile,
                     gpu_created=allocation.created,
                     authorized_keys=authorized_keys,
+                    cpu_limit=request.cpu_limit,
+                    memory_limit=request.memory_limit,
                 )
                 await self._store.insert_session(session)
             except BaseException:
@@ -410,6 +412,8 @@ class SessionManager:
             gpu_uuid=session.gpu_uuid,
             device_request=self._gpus.needs_device_request and session.gpu_uuid is not None,
             cap_add=SSHD_CAPABILITIES,
+            cpu_limit=session.cpu_limit,
+            memory_limit=session.memory_limit,
         )
 
     async def _wait_ready(

@@ -14,10 +14,11 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from gateway.api import admin_page, keys, middleware
+from gateway.api import admin_page, keys, middleware, openapi
 from gateway.api.routes import routes
 from gateway.audit import Audit
 from gateway.config import Config
@@ -63,6 +64,13 @@ def _state_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
+def server_settings(config: Config) -> dict[str, Any]:
+    """aiohttp server settings: a connection that has not sent a whole request head within
+    ``--http-timeout`` of opening or of its last answer is closed (slow-loris headers), and
+    the rest of a body answered early (413, 408) is read for at most that long."""
+    return {"keepalive_timeout": config.http_timeout, "lingering_time": config.http_timeout}
+
+
 def create_app(
     config: Config,
     *,
@@ -78,6 +86,7 @@ def create_app(
     app[keys.CONFIG] = config
     app.router.add_routes(routes)
     app.router.add_routes(admin_page.routes)
+    app.router.add_routes(openapi.routes)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(_state_dir, config.state_dir)

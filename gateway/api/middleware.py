@@ -13,7 +13,7 @@ from gateway.errors import BodyTooLarge, GatewayError, Unauthorized
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/ssh/known_hosts", "/ui"})
+PUBLIC_PATHS = frozenset({"/healthz", "/ssh/known_hosts", "/openapi.json", "/ui"})
 PUBLIC_PREFIX = "/ui/"  # the admin page's static files; its API calls carry the token
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_MAX_AGE = str(24 * 3600)

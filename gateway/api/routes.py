@@ -18,7 +18,7 @@ from gateway.api.views import (
     unhealthy_gpu_view,
 )
 from gateway.audit import connection_data, event_data
-from gateway.errors import SessionNotFound
+from gateway.errors import RequestTimeout, SessionNotFound
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import CONTENT_TYPE
 from gateway.models import Session
@@ -67,6 +67,20 @@ async def known_hosts(request: web.Request) -> web.Response:
     return web.Response(text=request.app[IDENTITY].known_hosts_line + "\n")
 
 
+async def _body(request: web.Request) -> bytes:
+    """The request body, read within ``--http-timeout`` (a body dribbled byte by byte
+    must not hold a handler for ever).
+
+    Raises:
+        RequestTimeout: it did not arrive in time.
+    """
+    try:
+        async with asyncio.timeout(request.app[CONFIG].http_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
+
+
 def _view(request: web.Request, session: Session) -> dict[str, Any]:
     active = request.app[SESSIONS].active_connections(session.id)
     return session_view(session, active, request.app[CONFIG], request.app[IDENTITY])
@@ -75,7 +89,7 @@ def _view(request: web.Request, session: Session) -> dict[str, Any]:
 @routes.post("/sessions")
 async def create_session(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
-    create = parse_create(await request.read(), config)
+    create = parse_create(await _body(request), config)
     created = await request.app[SESSIONS].create(create)
     return web.json_response(created_view(created, config, request.app[IDENTITY]), status=201)
 
@@ -93,7 +107,7 @@ async def get_session(request: web.Request) -> web.Response:
 
 @routes.patch("/sessions/{session_id}")
 async def extend_session(request: web.Request) -> web.Response:
-    change = parse_patch(await request.read())
+    change = parse_patch(await _body(request))
     session = await request.app[SESSIONS].extend(
         request.match_info["session_id"],
         new_total_seconds=change.new_total_seconds,

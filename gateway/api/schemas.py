@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from gateway.config import Config
-from gateway.core.validation import ttl_seconds_from, validate_image, validate_user_id
+from gateway.core.validation import (
+    session_limits,
+    ttl_seconds_from,
+    validate_image,
+    validate_user_id,
+)
 from gateway.errors import InvalidRequest
 from gateway.models import CreateRequest
 from gateway.ssh.credentials import parse_public_keys
@@ -18,7 +25,9 @@ AUDIT_PAGE_DEFAULT = 100
 AUDIT_PAGE_MAX = 1000
 CURSOR_MAX = 2**63 - 1  # an SQLite integer
 
-_CREATE_FIELDS: dict[str, type] = {
+_Kind = type | tuple[type, ...]
+
+_CREATE_FIELDS: dict[str, _Kind] = {
     "user_id": str,
     "ttl_minutes": int,
     "ttl_seconds": int,
@@ -26,10 +35,18 @@ _CREATE_FIELDS: dict[str, type] = {
     "mig_instance_uuid": str,
     "image": str,
     "ssh_public_keys": list,
+    "cpu_limit": (int, float),
+    "memory_limit": (int, str),
 }
 
 
-_KIND_NAMES = {int: "an integer", str: "a string", list: "a list"}
+_KIND_NAMES: dict[_Kind, str] = {
+    int: "an integer",
+    str: "a string",
+    list: "a list",
+    (int, float): "a number",
+    (int, str): "an integer or a string",
+}
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -49,7 +66,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _typed(data: dict[str, Any], fields: dict[str, type]) -> dict[str, Any]:
+def _typed(data: dict[str, Any], fields: dict[str, _Kind]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
@@ -60,7 +77,7 @@ def _typed(data: dict[str, Any], fields: dict[str, type]) -> dict[str, Any]:
             values[name] = None
             continue
         # bool is an int in Python, never in our API
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidRequest(f"field {name!r} must be {_KIND_NAMES[kind]}")
         values[name] = value
     return values
@@ -70,7 +87,7 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
     """Parse and validate a POST /sessions body.
 
     Raises:
-        InvalidRequest, InvalidUserId, InvalidTtl, ImageNotAllowed, InvalidPublicKey.
+        InvalidRequest, InvalidUserId, InvalidTtl, ImageNotAllowed, InvalidPublicKey, InvalidLimit.
     """
     values = _typed(parse_json_object(body), _CREATE_FIELDS)
     if values["user_id"] is None:
@@ -78,6 +95,12 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
     if values["mig_profile"] is not None and values["mig_instance_uuid"] is not None:
         raise InvalidRequest("give mig_profile or mig_instance_uuid, not both")
     keys = values["ssh_public_keys"]
+    cpu_limit, memory_limit = session_limits(
+        values["cpu_limit"],
+        values["memory_limit"],
+        policy=config.limits,
+        host_cpus=os.cpu_count() or 1,
+    )
     return CreateRequest(
         user_id=validate_user_id(values["user_id"]),
         ttl_seconds=ttl_seconds_from(
@@ -90,10 +113,12 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
         mig_profile=values["mig_profile"],
         mig_instance_uuid=values["mig_instance_uuid"],
         public_keys=() if keys is None else parse_public_keys(keys),
+        cpu_limit=cpu_limit,
+        memory_limit=memory_limit,
     )
 
 
-_PATCH_FIELDS: dict[str, type] = {
+_PATCH_FIELDS: dict[str, _Kind] = {
     "ttl_minutes": int,
     "ttl_seconds": int,
     "extend_minutes": int,
@@ -138,16 +163,31 @@ class AuditQuery:
     before_id: int | None
 
 
+#: RFC 3339 ``date-time`` (Python's ``fromisoformat`` alone also takes week dates, dates
+#: without a time, basic format and non-ASCII digits).
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
 def _timestamp(name: str, value: str | None) -> datetime | None:
     if value is None:
         return None
+    problem = f"{name} must be an RFC 3339 timestamp, e.g. 2026-11-30T10:00:00Z"
+    if not _RFC3339.fullmatch(value):
+        raise InvalidRequest(problem)
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidRequest(f"{name} must be an RFC 3339 timestamp") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment
+        return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:  # e.g. month 13, second 60
+        raise InvalidRequest(problem) from None
+
+
+def _integer(name: str, value: str) -> int:
+    if not _DIGITS.fullmatch(value):
+        raise InvalidRequest(f"{name} must be an integer")
+    return int(value)
 
 
 def parse_audit_query(query: Mapping[str, str]) -> AuditQuery:
@@ -159,11 +199,8 @@ def parse_audit_query(query: Mapping[str, str]) -> AuditQuery:
     unknown = sorted(set(query) - {"user_id", "session_id", "since", "until", "limit", "cursor"})
     if unknown:
         raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}")
-    try:
-        limit = int(query.get("limit", AUDIT_PAGE_DEFAULT))
-        cursor = int(query["cursor"]) if "cursor" in query else None
-    except ValueError:
-        raise InvalidRequest("limit and cursor must be integers") from None
+    limit = _integer("limit", query["limit"]) if "limit" in query else AUDIT_PAGE_DEFAULT
+    cursor = _integer("cursor", query["cursor"]) if "cursor" in query else None
     if not 1 <= limit <= AUDIT_PAGE_MAX:
         raise InvalidRequest(f"limit must be between 1 and {AUDIT_PAGE_MAX}")
     if cursor is not None and not 1 <= cursor <= CURSOR_MAX:

@@ -40,6 +40,8 @@ def session_view(
         "created_at": rfc3339(session.created_at),
         "expires_at": rfc3339(session.expires_at),
         "active_connections": active_connections,
+        "cpu_limit": session.cpu_limit,
+        "memory_limit": session.memory_limit,
         "metadata": {
             "image": session.image,
             "workspace": session.workspace,
@@ -63,6 +65,8 @@ def created_view(created: CreatedSession, config: Config, identity: HostIdentity
         "mig_profile": session.mig_profile,
         "created_at": rfc3339(session.created_at),
         "expires_at": rfc3339(session.expires_at),
+        "cpu_limit": session.cpu_limit,
+        "memory_limit": session.memory_limit,
         **ssh_access(session, config, identity),
     }
 

@@ -70,6 +70,8 @@ async def session_create(api: Api, args: argparse.Namespace, io: Io) -> int:
         ("mig_profile", args.profile),
         ("mig_instance_uuid", args.mig_uuid),
         ("image", args.image),
+        ("cpu_limit", args.cpus),
+        ("memory_limit", args.memory),
     ):
         if value is not None:
             body[name] = value
@@ -147,8 +149,17 @@ def _show(api: Api, session: Mapping[str, Any], io: Io) -> None:
                 f"(in {fmt.expires_in(session['expires_at'], _now())})",
             ),
             ("connections", session["active_connections"]),
+            ("limits", _limits(session)),
             ("host key", session.get("ssh_host_key_fingerprint") or "-"),
         ],
+    )
+
+
+def _limits(session: Mapping[str, Any]) -> str:
+    cpus, memory = session.get("cpu_limit"), session.get("memory_limit")
+    return (
+        f"{'unlimited' if cpus is None else f'{cpus:g}'} CPUs, "
+        f"{'unlimited' if memory is None else fmt.size(memory)} memory"
     )
 
 

@@ -63,6 +63,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     gpu.add_argument("--profile", help="MIG profile, e.g. 3g.40gb")
     gpu.add_argument("--mig-uuid", help="a MIG instance by UUID")
     create.add_argument("--image", help="workspace image (one the gateway allows)")
+    create.add_argument("--cpus", type=float, help="CPU limit, e.g. 1.5 (within the gateway's)")
+    create.add_argument("--memory", help="memory limit, e.g. 8g or 512m (within the gateway's)")
     create.add_argument(
         "--public-key",
         action="append",

@@ -1,14 +1,16 @@
-"""Validation of user-supplied values: user ids, TTLs, images.
+"""Validation of user-supplied values: user ids, TTLs, images, CPU and memory limits.
 
 Raises the typed API errors directly so the schema layer stays a thin parser.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Collection
+from dataclasses import dataclass
 
-from gateway.errors import ImageNotAllowed, InvalidTtl, InvalidUserId
+from gateway.errors import ImageNotAllowed, InvalidLimit, InvalidTtl, InvalidUserId
 
 USER_ID_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
@@ -136,3 +138,82 @@ def parse_duration(text: str) -> float:
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative: {text!r}")
     return seconds
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
+
+#: The smallest limits a session may have: below them sshd itself cannot run well.
+MIN_CPUS = 0.01
+MIN_MEMORY = 64 * 1024**2
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"1073741824"``, ``"512m"``, ``"4g"``, ``"4GiB"`` (powers of 1024).
+
+    Raises:
+        ValueError: anything else.
+    """
+    match = _SIZE_RE.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512m, 4g or a number of bytes)")
+    number, unit = match.groups()
+    size = float(number) * _SIZE_UNITS[unit]
+    if not math.isfinite(size):
+        raise ValueError(f"not a size: {text!r} (too large)")
+    return int(size)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    """The operator's limits: what a session gets when it asks for none (None: unlimited,
+    or the maximum where one is set), and the most it may ask for (None: no bound but the
+    host's CPUs)."""
+
+    default_cpus: float | None = None
+    max_cpus: float | None = None
+    default_memory: int | None = None
+    max_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, default, most, least in (
+            ("cpu", self.default_cpus, self.max_cpus, MIN_CPUS),
+            ("memory", self.default_memory, self.max_memory, MIN_MEMORY),
+        ):
+            for value in (default, most):
+                if value is not None and value < least:
+                    raise ValueError(f"a {name} limit must be at least {least:g}")
+            if default is not None and most is not None and default > most:
+                raise ValueError(f"the default {name} limit is above the maximum")
+
+
+def session_limits(
+    cpus: float | None, memory: int | str | None, *, policy: LimitPolicy, host_cpus: int
+) -> tuple[float | None, int | None]:
+    """The CPU (in CPUs) and memory (bytes) limits of a new session; None is unlimited.
+
+    A value not asked for is the policy's default, else its maximum. One asked for must
+    be at least :data:`MIN_CPUS` / :data:`MIN_MEMORY` and at most the maximum (CPUs: and
+    the host's count, which Docker enforces).
+
+    Raises:
+        InvalidLimit: malformed, too small or above the maximum.
+    """
+    if cpus is None:
+        cpus = policy.default_cpus if policy.default_cpus is not None else policy.max_cpus
+    else:
+        most = min(policy.max_cpus or host_cpus, host_cpus)
+        if not MIN_CPUS <= cpus <= most:
+            raise InvalidLimit(f"cpu_limit must be between {MIN_CPUS:g} and {most:g} CPUs")
+    if memory is None:
+        size = policy.default_memory if policy.default_memory is not None else policy.max_memory
+        return cpus, size
+    if isinstance(memory, str):
+        try:
+            memory = parse_size(memory)
+        except ValueError as exc:
+            raise InvalidLimit(f"memory_limit: {exc}") from None
+    if memory < MIN_MEMORY or (policy.max_memory is not None and memory > policy.max_memory):
+        bound = "" if policy.max_memory is None else f" and at most {policy.max_memory} bytes"
+        raise InvalidLimit(f"memory_limit must be at least {MIN_MEMORY} bytes{bound}")
+    return cpus, memory

@@ -28,6 +28,8 @@ class ContainerSpec:
     gpu_uuid: str | None = None
     device_request: bool = False  # ask the nvidia runtime for exactly gpu_uuid
     cap_add: tuple[str, ...] = field(default=())
+    cpu_limit: float | None = None  # CPUs; None: unlimited
+    memory_limit: int | None = None  # bytes (swap included); None: unlimited
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,10 @@ def container_config(spec: ContainerSpec) -> dict[str, Any]:
         "RestartPolicy": {"Name": "no"},
         "Init": False,
     }
+    if spec.cpu_limit is not None:
+        host_config["NanoCpus"] = round(spec.cpu_limit * 1e9)
+    if spec.memory_limit is not None:  # swap counts against the same limit
+        host_config["Memory"] = host_config["MemorySwap"] = spec.memory_limit
     if spec.device_request and spec.gpu_uuid:
         host_config["DeviceRequests"] = [
             {"Driver": "nvidia", "DeviceIDs": [spec.gpu_uuid], "Capabilities": [["gpu"]]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -37,7 +38,8 @@ T = TypeVar("T")
 
 _SESSION_COLUMNS = (
     "id, user_id, ssh_port, image, workspace, ttl_seconds, created_at, expires_at, state, "
-    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys, end_reason"
+    "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys, end_reason, "
+    "cpu_limit, memory_limit"
 )
 
 
@@ -68,6 +70,8 @@ def _session(row: aiosqlite.Row) -> Session:
         gpu_created=bool(row["gpu_created"]),
         authorized_keys=tuple(json.loads(row["authorized_keys"])),
         end_reason=row["end_reason"],
+        cpu_limit=row["cpu_limit"],
+        memory_limit=row["memory_limit"],
     )
 
 
@@ -107,7 +111,20 @@ def _event(row: aiosqlite.Row) -> AuditEvent:
     )
 
 
+def ensure_private_file(path: Path) -> None:
+    """Create ``path`` (and its folder, 0700) as an empty 0600 file unless it exists, and
+    make it 0600 if it does: only the gateway's user may read what it will hold. SQLite
+    gives the ``-wal`` and ``-shm`` files the database file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for owned in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if owned.exists():
+            owned.chmod(0o600)
+
+
 def _migrate_file(path: Path) -> None:
+    ensure_private_file(path)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
@@ -139,7 +156,6 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Self:
         """Open (creating and migrating as needed) the database at ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_migrate_file, path)
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
@@ -227,7 +243,7 @@ class Store:
             async with self._transaction() as conn:
                 await conn.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         session.id,
                         session.user_id,
@@ -245,6 +261,8 @@ class Store:
                         int(session.gpu_created),
                         json.dumps(list(session.authorized_keys)),
                         session.end_reason,
+                        session.cpu_limit,
+                        session.memory_limit,
                     ),
                 )
                 # the port becomes this user's sticky port (taken from whoever had it)

@@ -91,6 +91,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sessions ADD COLUMN end_reason TEXT;
     """,
+    # 6: optional CPU (in CPUs) and memory (bytes) limits of the session's container.
+    """
+    ALTER TABLE sessions ADD COLUMN cpu_limit REAL;
+    ALTER TABLE sessions ADD COLUMN memory_limit INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from gateway.api import create_app
+from gateway.api.app import server_settings
 from gateway.config import Config
 from gateway.core.ports import PortRange
 from gateway.gpu.none import NoneBackend
@@ -70,6 +71,6 @@ def make_server(aiohttp_server, tmp_path, runtime, plain_workspaces):
     async def make(gpu_factory=NoneBackend, **overrides):
         config = unit_config(tmp_path, **overrides)
         app = create_app(config, runtime_factory=lambda: runtime, gpu_factory=gpu_factory)
-        return await aiohttp_server(app)
+        return await aiohttp_server(app, **server_settings(config))
 
     return make

@@ -333,3 +333,15 @@ async def test_gpus_probe_needs_no_gateway(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     rc = await asyncio.to_thread(main, ["gpus", "--probe"], env={}, out=out, err=err)
     assert rc == 0 and isinstance(json.loads(out.getvalue()), dict)
+
+
+async def test_create_with_limits_and_show_them(cli):
+    created = await cli.json("session", "create", "lim", "--cpus", "0.5", "--memory", "256m")
+    assert (created["cpu_limit"], created["memory_limit"]) == (0.5, 256 * 1024**2)
+    rc, out, _ = await cli("session", "show", "lim")
+    assert rc == 0 and "limits:      0.5 CPUs, 256.0 MiB memory" in out
+    await cli.json("session", "create", "free")
+    rc, out, _ = await cli("session", "show", "free")
+    assert "limits:      unlimited CPUs, unlimited memory" in out
+    rc, _, err = await cli("session", "create", "big", "--memory", "lots")
+    assert rc == 1 and "(invalid_limit)" in err

@@ -1,0 +1,208 @@
+"""Hypothesis state machines: the port pool and GPU slice allocation against simple models.
+
+Random interleavings of creates, ends and outside interference; after every step no port
+or GPU slice is held twice, a user's sticky port is honoured whenever it is free, and
+what is listed as available is exactly what is free.
+"""
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from gateway.core.gpu_select import FULL_GPU
+from gateway.core.ports import PortRange
+from gateway.errors import GpuInstanceBusy, NoGpuAvailable
+from gateway.gpu.allocator import Allocation, GpuAllocator
+from gateway.gpu.sim import SimBackend
+from gateway.models import CreateRequest
+
+USERS = st.sampled_from(["ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal"])
+POOL = PortRange(10000, 10005)
+MACHINE_SETTINGS = settings(max_examples=50, stateful_step_count=40, deadline=None)
+
+
+@MACHINE_SETTINGS
+class PortPool(RuleBasedStateMachine):
+    """``PortRange.candidates`` plus the caller's bind loop and sticky bookkeeping (as in
+    ``SessionManager._bind_free_port`` and ``Store.insert_session``), against the rule:
+    your own port if free, else the lowest port nobody calls theirs, else the port
+    longest unused by its owner; a port another process holds is skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[str, int] = {}  # user -> port of their live session
+        self.sticky: dict[str, tuple[int, int]] = {}  # user -> (port, last given at)
+        self.foreign: set[int] = set()  # ports some other process has bound
+        self.now = 0
+
+    def _expected(self, user: str) -> int | None:
+        free = [p for p in range(POOL.start, POOL.end + 1) if p not in self.live.values()]
+        free = [p for p in free if p not in self.foreign]
+        own = self.sticky.get(user)
+        if own is not None and own[0] in free:
+            return own[0]
+        others = {port: at for u, (port, at) in self.sticky.items() if u != user}
+        unclaimed = [p for p in free if p not in others]
+        if unclaimed:
+            return unclaimed[0]
+        claimed = sorted((p for p in free if p in others), key=lambda p: others[p])
+        return claimed[0] if claimed else None
+
+    @rule(user=USERS)
+    def create(self, user: str) -> None:
+        if user in self.live:
+            return
+        held = set(self.live.values())
+        own = self.sticky.get(user)
+        claimed = [
+            port for u, (port, _) in sorted(self.sticky.items(), key=lambda i: i[1][1]) if u != user
+        ]
+        candidates = list(POOL.candidates(held, preferred=own[0] if own else None, claimed=claimed))
+        assert len(candidates) == len(set(candidates)), "a port offered twice"
+        assert not held & set(candidates), "a held port offered"
+        assert all(p in POOL for p in candidates)
+        port = next((p for p in candidates if p not in self.foreign), None)  # bind loop
+        assert port == self._expected(user)
+        if port is None:
+            return  # 503 no_port_available
+        self.now += 1
+        self.live[user] = port
+        self.sticky = {u: v for u, v in self.sticky.items() if v[0] != port}
+        self.sticky[user] = (port, self.now)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def end(self, data: st.DataObject) -> None:
+        del self.live[data.draw(st.sampled_from(sorted(self.live)))]
+
+    @rule(port=st.integers(POOL.start, POOL.end))
+    def foreign_process_toggles(self, port: int) -> None:
+        if port not in self.live.values():
+            self.foreign ^= {port}
+
+    @invariant()
+    def no_port_held_twice(self) -> None:
+        assert len(set(self.live.values())) == len(self.live)
+        assert not self.foreign & set(self.live.values())
+
+
+TOPOLOGY = {
+    "host": "model",
+    "gpus": [
+        {"model": "A100-80GB", "mig": True, "instances": ["3g.40gb", "1g.10gb", "1g.10gb"]},
+        {"model": "H100-80GB", "mig": True},
+        {"model": "A100-40GB", "mig": False},
+        {"model": "H200-141GB", "mig": False},
+    ],
+}
+PROFILES = st.sampled_from([None, "1g.10gb", "2g.20gb", "3g.40gb", "7g.80gb"])
+
+
+@MACHINE_SETTINGS
+class GpuSlices(RuleBasedStateMachine):
+    """The real :class:`GpuAllocator` over the simulator, the database played by a dict."""
+
+    dynamic = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folder = tempfile.TemporaryDirectory()
+        topology = Path(self.folder.name) / "topology.json"
+        topology.write_text(json.dumps(TOPOLOGY))
+        self.loop = asyncio.new_event_loop()
+        self.backend = SimBackend(topology)
+        self.gpus = GpuAllocator(self.backend, default_profile="3g.40gb", dynamic=self.dynamic)
+        self.live: dict[str, Allocation] = {}
+        self.initial = {d.uuid for d in self._devices()}
+
+    def teardown(self) -> None:
+        self.loop.close()
+        self.folder.cleanup()
+
+    def _run(self, work):
+        return self.loop.run_until_complete(work)
+
+    def _devices(self):
+        return [d for g in self._run(self.backend.inventory()) for d in g.mig_devices]
+
+    def _allocated(self) -> set[str]:
+        return {a.uuid for a in self.live.values() if a.uuid is not None}
+
+    def _free(self) -> list:
+        return self._run(self.gpus.available(self._allocated()))
+
+    def _allocate(self, user: str, **selector) -> Allocation | None:
+        request = CreateRequest(user_id=user, ttl_seconds=60, image="i", **selector)
+        free_before = self._free()
+        try:
+            allocation = self._run(self.gpus.allocate(request, self._allocated()))
+        except NoGpuAvailable:
+            profile = selector.get("mig_profile")
+            if not self.dynamic:  # refused only when nothing fitting was free
+                fitting = [f for f in free_before if profile in (None, f.profile)]
+                assert profile is None or not fitting
+            return None
+        assert allocation.uuid not in self._allocated(), "a slice given twice"
+        assert allocation.created == (allocation.uuid not in {f.uuid for f in free_before})
+        if selector.get("mig_profile"):
+            assert allocation.profile == selector["mig_profile"]
+        self.live[user] = allocation
+        return allocation
+
+    @rule(user=USERS, profile=PROFILES)
+    def create(self, user: str, profile: str | None) -> None:
+        if user not in self.live:
+            self._allocate(user, mig_profile=profile)
+
+    @precondition(lambda self: self.live)
+    @rule(user=USERS, data=st.data())
+    def create_naming_a_held_instance(self, user: str, data: st.DataObject) -> None:
+        held = sorted(u for a in self.live.values() if (u := a.uuid) and a.profile != FULL_GPU)
+        if user in self.live or not held:
+            return
+        try:
+            self._allocate(user, mig_instance_uuid=data.draw(st.sampled_from(held)))
+        except GpuInstanceBusy:
+            return
+        raise AssertionError("a held instance was given again")
+
+    @rule(user=USERS, data=st.data())
+    def create_naming_a_free_instance(self, user: str, data: st.DataObject) -> None:
+        free = [f.uuid for f in self._free() if f.profile != FULL_GPU]
+        if user in self.live or not free:
+            return
+        uuid = data.draw(st.sampled_from(free))
+        allocation = self._allocate(user, mig_instance_uuid=uuid)
+        assert allocation is not None and allocation.uuid == uuid
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def end(self, data: st.DataObject) -> None:
+        user = data.draw(st.sampled_from(sorted(self.live)))
+        self._run(self.gpus.release(self.live.pop(user)))
+
+    @invariant()
+    def available_is_exactly_what_is_free(self) -> None:
+        allocated = self._allocated()
+        assert len(allocated) == sum(a.uuid is not None for a in self.live.values())
+        free = {f.uuid for f in self._free()}
+        assert not free & allocated
+        devices = {d.uuid for d in self._devices()}
+        whole = {g.uuid for g in self._run(self.backend.inventory()) if not g.mig_enabled}
+        assert allocated | free == devices | whole  # nothing lost, nothing made up
+        created = {a.uuid for a in self.live.values() if a.created}
+        assert devices == self.initial | created  # made instances go with their session
+
+
+class DynamicGpuSlices(GpuSlices):
+    dynamic = True
+
+
+TestPortPool = PortPool.TestCase
+TestGpuSlices = GpuSlices.TestCase
+TestDynamicGpuSlices = DynamicGpuSlices.TestCase
