@@ -55,8 +55,12 @@ def prerequisites() -> None:
 
 
 def port_block() -> tuple[int, int]:
-    """A range of 20 session ports no other gateway of this test process uses."""
-    base = 21000 + (os.getpid() % 50) * 400 + next(_port_blocks) * 20
+    """A range of 20 session ports that no live gateway of this test process uses (30 blocks
+    per process, reused in turn; test processes side by side get other blocks), all below
+    Linux's ephemeral range (32768-), so a port picked by :func:`free_tcp_port` for an API
+    never lands in one."""
+    slot = (os.getpid() % 20) * 30 + next(_port_blocks) % 30
+    base = 20000 + slot * 20
     return base, base + 19
 
 
