@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 import sys
@@ -20,11 +21,27 @@ import sys
 from gateway.relay.pump import BANNER_SNIFF_BYTES, Flow, PeerFailed
 
 AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
+PIPE_SIZE = 1 << 20  # fewer wakeups per GiB; pages are only used while bytes are in flight
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 ROUNDS = 8  # splice in/out rounds per readiness callback, before yielding to other connections
 
 
+def _pipe() -> tuple[int, int, int]:
+    """A non-blocking pipe, grown to :data:`PIPE_SIZE` where allowed: (read end, write
+    end, its capacity)."""
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # over the user's pipe-user-pages-soft, say
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+    return read_end, write_end, fcntl.fcntl(write_end, F_GETPIPE_SZ)
+
+
 class _Direction:
-    """One direction of a connection; ``done`` resolves at EOF or fails with PeerFailed."""
+    """One direction of a connection; ``done`` resolves at EOF or fails with PeerFailed.
+
+    Reading is on while the pipe has room (and nothing read by ``recv`` waits to be
+    sent); writing waits for the destination only while bytes are left over.
+    """
 
     def __init__(self, src: socket.socket, dst: socket.socket, flow: Flow) -> None:
         self._loop = asyncio.get_running_loop()
@@ -34,7 +51,7 @@ class _Direction:
         self._flow = flow
         self.done: asyncio.Future[None] = self._loop.create_future()
         self._pending = b""  # read by recv while sniffing the banner, not yet sent
-        self._pipe: tuple[int, int] | None = None
+        self._pipe: tuple[int, int, int] | None = None
         self._in_pipe = 0
         self._eof = False
         self._reading = False
@@ -46,8 +63,8 @@ class _Direction:
     def stop(self) -> None:
         self._set(reading=False, writing=False)
         if self._pipe is not None:
-            for fd in self._pipe:
-                os.close(fd)
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
             self._pipe = None
 
     def _set(self, *, reading: bool, writing: bool) -> None:
@@ -59,7 +76,7 @@ class _Direction:
             self._reading = reading
         if writing != self._writing:
             if writing:
-                self._loop.add_writer(self._dst, self._flush)
+                self._loop.add_writer(self._dst, self._writable)
             else:
                 self._loop.remove_writer(self._dst)
             self._writing = writing
@@ -71,8 +88,19 @@ class _Direction:
             failure.__cause__ = exc
             self.done.set_exception(failure)
 
+    def _room(self) -> int:
+        if self._pending:
+            return 0
+        if self._pipe is None:
+            return BANNER_SNIFF_BYTES if self._flow.sniffing else PIPE_SIZE
+        return self._pipe[2] - self._in_pipe
+
     def _read(self) -> bool:
-        """Read once into the pipe (or ``_pending``); False when the source has nothing."""
+        """Read once into the pipe (or ``_pending``); False when the source has nothing.
+
+        Raises:
+            OSError: the source failed.
+        """
         try:
             if self._flow.sniffing:
                 data = os.read(self._src, BANNER_SNIFF_BYTES)
@@ -81,59 +109,63 @@ class _Direction:
                 count = len(data)
             else:
                 if self._pipe is None:
-                    self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                count = os.splice(self._src, self._pipe[1], 1 << 20, flags=os.SPLICE_F_NONBLOCK)
+                    self._pipe = _pipe()
+                count = os.splice(
+                    self._src, self._pipe[1], self._room(), flags=os.SPLICE_F_NONBLOCK
+                )
                 self._flow.moved(count)
-                self._in_pipe = count
+                self._in_pipe += count
         except BlockingIOError:
             return False
-        if count == 0:
-            self._eof = True
+        self._eof = count == 0
         return True
 
-    def _write(self) -> None:
-        """Move what was read to the destination; BlockingIOError while it is full."""
-        while self._pending:
-            sent = os.write(self._dst, self._pending)
-            self._pending = self._pending[sent:]
-        while self._in_pipe:
-            assert self._pipe is not None
-            self._in_pipe -= os.splice(
-                self._pipe[0], self._dst, self._in_pipe, flags=os.SPLICE_F_NONBLOCK
-            )
+    def _write(self) -> bool:
+        """Move what was read to the destination until it is full; False if it failed."""
+        try:
+            while self._pending:
+                self._pending = self._pending[os.write(self._dst, self._pending) :]
+            while self._in_pipe:
+                assert self._pipe is not None
+                self._in_pipe -= os.splice(
+                    self._pipe[0], self._dst, self._in_pipe, flags=os.SPLICE_F_NONBLOCK
+                )
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._fail(source=False, exc=exc)
+            return False
+        return True
 
     def _readable(self) -> None:
         for _ in range(ROUNDS):
             try:
                 if not self._read():
-                    return
+                    break
             except OSError as exc:
                 self._fail(source=True, exc=exc)
                 return
-            if not self._flush() or self._eof:
+            if not self._write():
                 return
+            if self._eof or not self._room():
+                break
+        self._update()
 
-    def _flush(self) -> bool:
-        """Write out; wait for the destination when it is full; True when all is written."""
-        flushed = True
-        try:
-            self._write()
-        except BlockingIOError:
-            flushed = False
-        except OSError as exc:
-            self._fail(source=False, exc=exc)
-            return False
-        if not flushed:
-            self._set(reading=False, writing=True)
-        elif self._eof:
+    def _writable(self) -> None:
+        if self._write():
+            self._update()
+
+    def _update(self) -> None:
+        """Register for what can happen next, or end at EOF once everything is written."""
+        left = bool(self._pending or self._in_pipe)
+        if self._eof and not left:
             self._set(reading=False, writing=False)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # the peer may be gone already
                 self._dst_socket.shutdown(socket.SHUT_WR)
             if not self.done.done():
                 self.done.set_result(None)
-        else:
-            self._set(reading=True, writing=False)
-        return flushed
+            return
+        self._set(reading=not self._eof and self._room() > 0, writing=left)
 
 
 async def splice_pump(src: socket.socket, dst: socket.socket, flow: Flow) -> None:
