@@ -50,7 +50,7 @@ lint: venv
 	$(BIN)/ruff format --check gateway tests bench
 
 bench: venv
-	$(BIN)/python bench/relay.py
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache .ruff_cache

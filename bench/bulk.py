@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.tools import GiB, cpu_seconds, ensure_tools, median
+from bench.tools import GiB, cpu_seconds, ensure_tools, free_port, median, process
 
 BANNER = b"SSH-2.0-bench\r\n"
 SEND = 256 * 1024
@@ -56,24 +54,6 @@ def send(port: int, size: int) -> float:
     return time.perf_counter() - start
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def children(pid: int) -> list[str]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return path.read_text().split() if path.exists() else []
@@ -96,26 +76,6 @@ class Contender:
         while children(self.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         return cpu_seconds(self.pid, children=True)
-
-
-@contextlib.contextmanager
-def process(argv: list[str], port: int | None) -> Iterator[tuple[int, int]]:
-    """Run a relay listening on ``port`` (None: it prints the port it picked); yield
-    (its pid, its port) once it listens."""
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
-    try:
-        if port is None:
-            assert proc.stdout is not None
-            port = int(proc.stdout.readline())
-        wait_listening(port)
-        yield proc.pid, port
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def haproxy_config(directory: Path, port: int, sink_port: int) -> Path:

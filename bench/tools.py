@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import statistics
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 GiB = 1 << 30
@@ -61,3 +65,41 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def process(argv: list[str], port: int | None) -> Iterator[tuple[int, int]]:
+    """Run a relay listening on ``port`` (None: it prints the port it picked); yield
+    (its pid, its port) once it listens."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        if port is None:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+        wait_listening(port)
+        yield proc.pid, port
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.terminate()
+        proc.wait(timeout=10)

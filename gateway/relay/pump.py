@@ -73,6 +73,7 @@ class Flow:
                 if line.startswith(b"SSH-"):
                     self.banner = line.rstrip(b"\r").decode("ascii", "replace")[:255]
                     self.banner_seen.set()
+                    self._head = b""  # not needed any more; idle connections stay small
                     break
 
 
