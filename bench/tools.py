@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -40,7 +41,7 @@ def open_fds(pid: int) -> int:
 def percentile(values: list[float], fraction: float) -> float:
     """Nearest-rank percentile (``fraction`` 0.5 is the median)."""
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
+    rank = max(0, math.ceil(fraction * len(ordered)) - 1)
     return ordered[rank]
 
 
