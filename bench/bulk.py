@@ -100,6 +100,10 @@ def relay_commands(sink_port: int, directory: Path) -> dict[str, tuple[list[str]
     if _has_uvloop():
         commands["gateway relay (splice, uvloop)"] = ([*ours, "--uvloop"], None)
         commands["gateway relay (streams, uvloop)"] = ([*ours, "--streams", "--uvloop"], None)
+    commands["reference: minimal splice relay"] = (
+        [sys.executable, "-m", "bench.minimal_splice", str(sink_port)],
+        None,
+    )
     missing = ensure_tools("socat", "haproxy")
     if "socat" not in missing:
         port = free_port()

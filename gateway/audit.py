@@ -165,11 +165,12 @@ class Audit:
         self._metrics.connection_ended(record)
 
         async def write() -> None:
-            await self._store.save_connection(record)
             data = connection_data(record)
             for key in ("id", "session_id", "user_id"):  # the event's own fields say these
                 del data[key]
             await self._connection_event("disconnect", record, data)
+            # last: whoever sees the record ended also finds its event (row and log line)
+            await self._store.save_connection(record)
 
         self._enqueue(write)
 
