@@ -95,30 +95,30 @@ class _Direction:
             return BANNER_SNIFF_BYTES if self._flow.sniffing else PIPE_SIZE
         return self._pipe[2] - self._in_pipe
 
-    def _read(self) -> bool:
-        """Read once into the pipe (or ``_pending``); False when the source has nothing.
+    def _read(self, room: int) -> int | None:
+        """Read up to ``room`` bytes into the pipe (or ``_pending`` while sniffing): how many
+        (0 at EOF), or None when the source has nothing.
 
         Raises:
             OSError: the source failed.
         """
+        if self._pipe is None and not self._flow.sniffing:
+            self._pipe = _pipe()
+            room = self._room()
         try:
-            if self._flow.sniffing:
-                data = os.read(self._src, BANNER_SNIFF_BYTES)
+            if self._pipe is None:
+                data = os.read(self._src, room)
                 self._flow.observe(data)
                 self._pending = data
                 count = len(data)
             else:
-                if self._pipe is None:
-                    self._pipe = _pipe()
-                count = os.splice(
-                    self._src, self._pipe[1], self._room(), flags=os.SPLICE_F_NONBLOCK
-                )
+                count = os.splice(self._src, self._pipe[1], room, flags=os.SPLICE_F_NONBLOCK)
                 self._flow.moved(count)
                 self._in_pipe += count
         except BlockingIOError:
-            return False
+            return None
         self._eof = count == 0
-        return True
+        return count
 
     def _write(self) -> bool:
         """Move what was read to the destination until it is full; False if it failed."""
@@ -139,15 +139,17 @@ class _Direction:
 
     def _readable(self) -> None:
         for _ in range(ROUNDS):
+            room = self._room()
             try:
-                if not self._read():
-                    break
+                count = self._read(room)
             except OSError as exc:
                 self._fail(source=True, exc=exc)
                 return
+            if count is None:
+                break
             if not self._write():
                 return
-            if self._eof or not self._room():
+            if count < room or not self._room():  # drained (or EOF), or the pipe is full
                 break
         self._update()
 
