@@ -62,10 +62,10 @@ def ensure_tools(*packages: str) -> list[str]:
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     """A plain-text table, columns padded to fit."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    lines = [header, ["-" * w for w in widths], *rows]
+    padded = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+              for line in lines]  # fmt: skip
+    return "\n".join([title, *padded])
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ def test_percentile_is_nearest_rank():
 
 def test_table_pads_columns():
     text = table("t", ["a", "bb"], [["xxx", "1"], ["y", "22"]])
-    assert text.splitlines() == ["t", "a    bb", "---  --", "xxx  1 ", "y    22"]
+    assert text.splitlines() == ["t", "a    bb", "---  --", "xxx  1", "y    22"]
 
 
 def test_process_probes_read_this_process():
