@@ -223,6 +223,7 @@ async def test_bulk_both_ways_arrives_intact_and_counted(relay):
     down = bytes(range(256)) * (size // 256)
     up = bytes(reversed(range(256))) * (size // 256)
     received_up = bytearray()
+    upstream_got_eof = asyncio.Event()
 
     async def exchange(reader, writer):
         writer.write(SERVER_BANNER)
@@ -236,6 +237,7 @@ async def test_bulk_both_ways_arrives_intact_and_counted(relay):
         sender = asyncio.create_task(send())
         while data := await reader.read(1 << 20):
             received_up.extend(data)
+        upstream_got_eof.set()
         await sender
         writer.close()
 
@@ -254,6 +256,7 @@ async def test_bulk_both_ways_arrives_intact_and_counted(relay):
         await sender
         writer.close()
         record = await recorder.next_closed()
+        await asyncio.wait_for(upstream_got_eof.wait(), 5)  # the last bytes may still be on the way
     assert received_down == SERVER_BANNER + down
     assert received_up == CLIENT_BANNER + up
     assert (record.bytes_up, record.bytes_down) == (len(received_up), len(received_down))
