@@ -56,7 +56,7 @@ lint: venv
 	$(BIN)/ruff format --check workspace-image/session/sandman-session
 
 bench: venv
-	$(BIN)/python bench/relay.py
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) $(STATE) .pytest_cache .ruff_cache

@@ -3,14 +3,20 @@
 Each event is one row of ``audit_events`` and one line of ``--audit-log``; connection
 records also live in ``connections``. Ended connections feed the metrics here, so the
 counters and the records always agree.
+
+Writes go through one queue, in order, drained by a single writer task: a relayed
+connection only enqueues its records (opening and closing never wait on the database),
+a session event waits for its own write. The queue is written as fast as SQLite
+takes it (a record is durable within milliseconds); :meth:`Audit.aclose` drains it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -55,8 +61,11 @@ def event_data(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+_Write = tuple[Callable[[], Awaitable[None]], "asyncio.Future[None] | None"]
+
+
 class Audit:
-    """Records the trail. ``close()`` flushes and closes the log file."""
+    """Records the trail. :meth:`aclose` writes what is queued and closes the log file."""
 
     def __init__(
         self, store: Store, metrics: Metrics, log_path: Path | None, clock: Callable[[], datetime]
@@ -68,12 +77,44 @@ class Audit:
         if log_path is not None:
             ensure_private_file(log_path)  # it names users, addresses and sessions
             self._file = log_path.open("a", encoding="utf-8")
-        self._lock = asyncio.Lock()
+        self._queue: asyncio.Queue[_Write] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Write everything queued, stop the writer, close the log file."""
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def _enqueue(
+        self, work: Callable[[], Awaitable[None]], done: asyncio.Future[None] | None = None
+    ) -> None:
+        """Queue ``work``; ``done`` (if given) gets its outcome, else failures are logged."""
+        self._queue.put_nowait((work, done))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_queue(), name="audit-writer")
+
+    async def _write_queue(self) -> None:
+        while True:
+            work, done = await self._queue.get()
+            try:
+                await work()
+            except Exception as exc:
+                if done is None:
+                    log.exception("audit: a connection record was not written")
+                elif not done.done():
+                    done.set_exception(exc)
+            else:
+                if done is not None and not done.done():
+                    done.set_result(None)
+            finally:
+                self._queue.task_done()
 
     async def _event(
         self,
@@ -84,18 +125,17 @@ class Audit:
         user_id: str,
         connection_id: str | None = None,
     ) -> None:
-        async with self._lock:  # file lines in the same order as row ids
-            saved = await self._store.add_event(
-                self._clock(),
-                event,
-                session_id=session_id,
-                user_id=user_id,
-                connection_id=connection_id,
-                data=data,
-            )
-            if self._file is not None:
-                self._file.write(json.dumps(event_data(saved)) + "\n")
-                self._file.flush()
+        saved = await self._store.add_event(
+            self._clock(),
+            event,
+            session_id=session_id,
+            user_id=user_id,
+            connection_id=connection_id,
+            data=data,
+        )
+        if self._file is not None:  # lines in row order: only the writer task gets here
+            self._file.write(json.dumps(event_data(saved)) + "\n")
+            self._file.flush()
 
     async def _connection_event(
         self, event: str, record: ConnectionRecord, data: dict[str, Any]
@@ -109,20 +149,31 @@ class Audit:
         )
 
     async def connection_opened(self, record: ConnectionRecord) -> None:
-        await self._store.save_connection(record)
-        await self._connection_event(
-            "connect",
-            record,
-            {"client_addr": record.client_addr, "client_port": record.client_port},
-        )
+        """Queue the record and its ``connect`` event; returns at once."""
+
+        async def write() -> None:
+            await self._store.save_connection(record)
+            await self._connection_event(
+                "connect",
+                record,
+                {"client_addr": record.client_addr, "client_port": record.client_port},
+            )
+
+        self._enqueue(write)
 
     async def connection_closed(self, record: ConnectionRecord) -> None:
+        """Count it in the metrics, queue the final record and its ``disconnect`` event."""
         self._metrics.connection_ended(record)
-        await self._store.save_connection(record)
-        data = connection_data(record)
-        for key in ("id", "session_id", "user_id"):  # the event's own fields say these
-            del data[key]
-        await self._connection_event("disconnect", record, data)
+
+        async def write() -> None:
+            data = connection_data(record)
+            for key in ("id", "session_id", "user_id"):  # the event's own fields say these
+                del data[key]
+            await self._connection_event("disconnect", record, data)
+            # last: whoever sees the record ended also finds its event (row and log line)
+            await self._store.save_connection(record)
+
+        self._enqueue(write)
 
     def connection_refused(self, session_id: str) -> None:
         """Only counted: a flood of refused connections must not turn into writes."""
@@ -136,4 +187,11 @@ class Audit:
             "gpu_uuid": session.gpu_uuid,
             "expires_at": rfc3339(session.expires_at),
         }
-        await self._event(event, {**base, **data}, session_id=session.id, user_id=session.user_id)
+        done = asyncio.get_running_loop().create_future()
+        self._enqueue(
+            lambda: self._event(
+                event, {**base, **data}, session_id=session.id, user_id=session.user_id
+            ),
+            done,
+        )
+        await done

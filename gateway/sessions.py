@@ -70,7 +70,7 @@ from gateway.runtime.base import (
     ContainerSpec,
     Runtime,
 )
-from gateway.ssh.credentials import new_credentials
+from gateway.ssh.credentials import new_key_pair, new_password
 from gateway.ssh.identity import HostIdentity
 from gateway.ssh.probe import Probe, probe_sshd
 from gateway.store import Store
@@ -195,8 +195,14 @@ class SessionManager:
             SessionDeleted: a DELETE ended the session while it was starting.
         """
         started = time.monotonic()
-        creds = await asyncio.to_thread(new_credentials, request.public_keys)
-        live = await self._reserve(request, creds.public_keys)
+        keys = new_key_pair(request.public_keys)
+        # the password's bcrypt (~60 ms) runs in a thread while port, row and container are made
+        creds = asyncio.ensure_future(_credentials(keys))
+        try:
+            live = await self._reserve(request, keys[1])
+        except BaseException:
+            creds.cancel()
+            raise
         self._step_done(live.session, "port_bound")
         task = asyncio.create_task(self._start(live, creds), name=f"start:{live.session.id}")
         live.starting = task
@@ -224,7 +230,7 @@ class SessionManager:
             "session %s created for %s on port %d (gpu %s)",
             session.id, session.user_id, session.ssh_port, session.gpu_uuid,
         )  # fmt: skip
-        return CreatedSession(session=session, credentials=creds)
+        return CreatedSession(session=session, credentials=creds.result())
 
     async def _reserve(
         self, request: CreateRequest, authorized_keys: tuple[str, ...]
@@ -300,7 +306,7 @@ class SessionManager:
             f"no free SSH port in {self._config.ssh_ports.start}-{self._config.ssh_ports.end}"
         )
 
-    async def _start(self, live: LiveSession, creds: Credentials) -> Session:
+    async def _start(self, live: LiveSession, creds: Awaitable[Credentials]) -> Session:
         """Container, files, start, handshake; then ``running`` and the timer.
 
         Raises:
@@ -315,14 +321,15 @@ class SessionManager:
                 f"the session container did not answer SSH within {self._config.start_timeout:g} s"
             ) from None
 
-    async def _start_steps(self, live: LiveSession, creds: Credentials) -> Session:
+    async def _start_steps(self, live: LiveSession, creds: Awaitable[Credentials]) -> Session:
         session = live.session
         await asyncio.to_thread(_prepare_workspace, Path(session.workspace), session.uid)
         container_id = await self._create_container(session)
         self._step_done(session, "container_created")
         async with live.lock:  # a PATCH meanwhile is in the row: read it with the files
             session = live.session = await self.get(session.id)
-            await self._runtime.put_files(container_id, self._container_files(session, creds))
+            files = self._container_files(session, await creds)
+            await self._runtime.put_files(container_id, files)
             live.files_written = True
         self._step_done(session, "files_written")
         info = await self._runtime.start(container_id, self._config.docker_network)
@@ -760,6 +767,10 @@ async def _quietly(work: Awaitable[object], what: str) -> None:
         await work
     except Exception:
         log.exception("%s failed", what)
+
+
+async def _credentials(keys: tuple[str | None, tuple[str, ...]]) -> Credentials:
+    return Credentials(*keys, *await asyncio.to_thread(new_password))
 
 
 def _prepare_workspace(path: Path, uid: int) -> None:

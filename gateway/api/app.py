@@ -108,7 +108,7 @@ def create_app(
         try:
             yield
         finally:
-            audit.close()
+            await audit.aclose()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         if runtime_factory is None:

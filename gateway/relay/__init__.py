@@ -1,4 +1,5 @@
-"""SSH relay: one TCP listener per session, each connection piped into the container's sshd;
+"""SSH relay: one TCP listener per session, each connection piped into the container's sshd
+(by the kernel with splice on Linux, :mod:`~gateway.relay.splice`; asyncio streams elsewhere);
 an observer (the audit trail, :mod:`gateway.audit`) is told of every connection."""
 
 from gateway.relay.connection import ConnectionObserver, RelayLimits

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -19,7 +20,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from gateway.models import CloseReason, ConnectionRecord
-from gateway.relay.pump import Flow, PeerFailed, close_writer, pump, set_nodelay
+from gateway.relay.pump import Flow, PeerFailed, connect, pump, set_nodelay, streams
+from gateway.relay.splice import splice_pump
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +53,24 @@ class _Deadline(Exception):
 
 
 class RelayedConnection:
-    """Relays one accepted client to ``upstream``; :meth:`run` returns when it has ended."""
+    """Relays one accepted client to ``upstream``; :meth:`run` returns when it has ended.
+
+    ``splice`` picks the data path: the kernel's (:mod:`gateway.relay.splice`) or asyncio
+    streams (:func:`gateway.relay.pump.pump`).
+    """
 
     def __init__(
         self,
         *,
         session_id: str,
         user_id: str,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        client: socket.socket,
         limits: RelayLimits,
         observer: ConnectionObserver,
         clock: Callable[[], datetime],
+        splice: bool,
     ) -> None:
-        peer = writer.get_extra_info("peername") or ("", 0)
+        peer = client.getpeername()
         self.record = ConnectionRecord(
             id=str(uuid.uuid4()),
             session_id=session_id,
@@ -73,11 +79,11 @@ class RelayedConnection:
             client_port=int(peer[1]),
             started_at=clock(),
         )
-        self._reader = reader
-        self._writer = writer
+        self._client = client
         self._limits = limits
         self._observer = observer
         self._clock = clock
+        self._splice = splice
         self._up = Flow()  # client -> container
         self._down = Flow()  # container -> client
         self._cut_reason: CloseReason | None = None
@@ -96,7 +102,10 @@ class RelayedConnection:
         reason, closed_by = CloseReason.ERROR, "gateway"
         try:
             await self._observer.connection_opened(self.record)
-            reason, closed_by = await self._relay(upstream)
+            if self._cut_reason is None:
+                reason, closed_by = await self._relay(upstream)
+            else:  # cut before it ran
+                reason = self._cut_reason
         except asyncio.CancelledError:
             reason, closed_by = self._cut_reason or CloseReason.GATEWAY_SHUTDOWN, "gateway"
         except Exception:
@@ -105,7 +114,7 @@ class RelayedConnection:
             await _through_cancellation(self._finish(reason, closed_by))
 
     async def _finish(self, reason: CloseReason, closed_by: str) -> None:
-        await close_writer(self._writer)
+        self._client.close()
         self.record = replace(
             self.record,
             ended_at=self._clock(),
@@ -123,21 +132,35 @@ class RelayedConnection:
             return CloseReason.UPSTREAM_UNREACHABLE, "gateway"
         try:
             async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
-                up_reader, up_writer = await asyncio.open_connection(*upstream)
+                server = await connect(upstream)
         except (OSError, TimeoutError) as exc:
             log.info(
                 "session %s: upstream %s unreachable: %s", self.record.session_id, upstream, exc
             )
             return CloseReason.UPSTREAM_UNREACHABLE, "gateway"
-        set_nodelay(self._writer)
-        set_nodelay(up_writer)
+        with server:
+            set_nodelay(self._client)
+            set_nodelay(server)
+            if self._splice:
+                return await self._supervise(
+                    splice_pump(self._client, server, self._up),
+                    splice_pump(server, self._client, self._down),
+                )
+            async with streams(self._client) as client, streams(server) as upstream_streams:
+                return await self._supervise(
+                    pump(client[0], upstream_streams[1], self._up),
+                    pump(upstream_streams[0], client[1], self._down),
+                )
+
+    async def _supervise(
+        self, up: Coroutine[Any, Any, None], down: Coroutine[Any, Any, None]
+    ) -> tuple[CloseReason, str]:
+        """Run both directions and the deadlines; say why and by whom the connection ended."""
         closed_first: list[str] = []
 
-        async def direction(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flow: Flow, source: str
-        ) -> None:
+        async def direction(work: Coroutine[Any, Any, None], source: str) -> None:
             try:
-                await pump(reader, writer, flow)
+                await work
             except PeerFailed as exc:
                 other = "server" if source == "client" else "client"
                 closed_first.append(source if exc.source else other)
@@ -149,13 +172,8 @@ class RelayedConnection:
             async with asyncio.TaskGroup() as group:
                 name = self.record.id[:8]
                 pumps = [
-                    group.create_task(
-                        direction(self._reader, up_writer, self._up, "client"), name=f"{name}:up"
-                    ),
-                    group.create_task(
-                        direction(up_reader, self._writer, self._down, "server"),
-                        name=f"{name}:down",
-                    ),
+                    group.create_task(direction(up, "client"), name=f"{name}:up"),
+                    group.create_task(direction(down, "server"), name=f"{name}:down"),
                 ]
                 guard = group.create_task(self._guard(), name=f"{name}:guard")
                 await asyncio.gather(*pumps)
@@ -164,8 +182,6 @@ class RelayedConnection:
             deadline = expired.exceptions[0].reason  # type: ignore[attr-defined]
         except* PeerFailed:
             pass  # closed_first names the side that failed
-        finally:
-            await close_writer(up_writer)
         if deadline is not None:
             return deadline, "gateway"
         side = closed_first[0] if closed_first else "client"

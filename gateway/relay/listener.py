@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 from collections.abc import Callable
 from datetime import datetime
 from typing import Self
 
 from gateway.models import CloseReason
+from gateway.relay import splice as splice_module
 from gateway.relay.connection import ConnectionObserver, RelayedConnection, RelayLimits
-from gateway.relay.pump import close_writer
+
+log = logging.getLogger(__name__)
+
+ACCEPT_RETRY = 0.5  # seconds to wait after accept() fails (e.g. no file descriptor left)
 
 
 class SessionListener:
@@ -33,6 +39,7 @@ class SessionListener:
         limits: RelayLimits,
         observer: ConnectionObserver,
         clock: Callable[[], datetime],
+        splice: bool = splice_module.AVAILABLE,
     ) -> None:
         self.session_id = session_id
         self.user_id = user_id
@@ -41,8 +48,12 @@ class SessionListener:
         self._limits = limits
         self._observer = observer
         self._clock = clock
-        self._server: asyncio.Server | None = None
-        self._live: dict[RelayedConnection, asyncio.Task[None]] = {}
+        self._splice = splice
+        self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._closing: CloseReason | None = None
+        self._live: set[RelayedConnection] = set()
 
     @property
     def active(self) -> int:
@@ -52,47 +63,80 @@ class SessionListener:
         self.upstream = (host, port)
 
     async def bind(self, host: str) -> None:
-        """Raises: OSError: the port cannot be bound."""
-        self._server = await asyncio.start_server(
-            self._on_client, host=host, port=self.port, reuse_address=True
+        """Listen on ``host`` (its first address) and :attr:`port`; port 0 picks one and
+        sets :attr:`port`.
+
+        Raises: OSError: the port cannot be bound.
+        """
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, address = infos[0]
+        self._socket = socket.create_server(address, family=family, backlog=100)
+        self._socket.setblocking(False)
+        self.port = self._socket.getsockname()[1]
+        self._accepting = asyncio.create_task(
+            self._accept(self._socket), name=f"{self.session_id}:accept"
         )
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self._limits.max_connections:
-            self._observer.connection_refused(self.session_id)
+    async def _accept(self, server: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(server)
+            except OSError as exc:  # out of file descriptors, say: keep the listener
+                log.warning("session %s: accept failed: %s", self.session_id, exc)
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
+            task = asyncio.create_task(self._on_client(client), name=f"{self.session_id}:conn")
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _on_client(self, client: socket.socket) -> None:
+        if self.active >= self._limits.max_connections:  # counted, never recorded: a flood
+            self._observer.connection_refused(self.session_id)  # must not become writes
             message = f"sandman: this session already has {self.active} connections (the limit)"
-            writer.write(message.encode() + b"\r\n")
-            await close_writer(writer)
+            with contextlib.suppress(OSError):  # a fresh socket's buffer takes one line
+                client.send(message.encode() + b"\r\n")
+            client.close()
             return
-        connection = RelayedConnection(
-            session_id=self.session_id,
-            user_id=self.user_id,
-            reader=reader,
-            writer=writer,
-            limits=self._limits,
-            observer=self._observer,
-            clock=self._clock,
-        )
-        task = asyncio.current_task()
-        assert task is not None
-        self._live[connection] = task
+        try:
+            connection = RelayedConnection(
+                session_id=self.session_id,
+                user_id=self.user_id,
+                client=client,
+                limits=self._limits,
+                observer=self._observer,
+                clock=self._clock,
+                splice=self._splice,
+            )
+        except OSError:  # gone before we looked (getpeername)
+            client.close()
+            return
+        self._live.add(connection)
+        if self._closing is not None:
+            connection.cut(self._closing)
         try:
             await connection.run(self.upstream)
         finally:
-            del self._live[connection]
+            self._live.discard(connection)
 
     async def close(self, reason: CloseReason = CloseReason.GATEWAY_SHUTDOWN) -> None:
         """Stop accepting, cut every live connection with ``reason``, wait until recorded."""
-        if self._server is not None:
-            self._server.close()
-        while self._live:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._closing = reason
+        while self._handlers:
             for connection in list(self._live):
                 connection.cut(reason)
-            await asyncio.gather(*self._live.values(), return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-            self._server = None
+            await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         return self

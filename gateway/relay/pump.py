@@ -1,4 +1,4 @@
-"""Byte pumps between a client and its upstream, with backpressure, half-close and accounting."""
+"""The portable data path (asyncio streams) and what both paths share: accounting, connecting."""
 
 from __future__ import annotations
 
@@ -6,15 +6,44 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 
 CHUNK = 256 * 1024
 BANNER_SNIFF_BYTES = 1024  # SSH allows lines before the identification string; 255 max each
 
 
-def set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+def set_nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def connect(address: tuple[str, int]) -> socket.socket:
+    """A non-blocking socket connected to ``address``.
+
+    Raises:
+        OSError: the connection failed.
+    """
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def streams(
+    sock: socket.socket,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """Asyncio streams over ``sock`` (the portable data path); closed on exit."""
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        yield reader, writer
+    finally:
+        await close_writer(writer)
 
 
 class Flow:
@@ -27,15 +56,24 @@ class Flow:
         self.last_activity = time.monotonic()
         self._head = b""
 
-    def observe(self, chunk: bytes) -> None:
-        self.bytes += len(chunk)
+    @property
+    def sniffing(self) -> bool:
+        """True until the identification line is seen or the first bytes held none."""
+        return self.banner is None and len(self._head) < BANNER_SNIFF_BYTES
+
+    def moved(self, count: int) -> None:
+        self.bytes += count
         self.last_activity = time.monotonic()
-        if self.banner is None and len(self._head) < BANNER_SNIFF_BYTES:
+
+    def observe(self, chunk: bytes) -> None:
+        self.moved(len(chunk))
+        if self.sniffing:
             self._head += chunk[: BANNER_SNIFF_BYTES - len(self._head)]
             for line in self._head.split(b"\n")[:-1]:
                 if line.startswith(b"SSH-"):
                     self.banner = line.rstrip(b"\r").decode("ascii", "replace")[:255]
                     self.banner_seen.set()
+                    self._head = b""  # not needed any more; idle connections stay small
                     break
 
 

@@ -77,18 +77,18 @@ def parse_public_keys(lines: Sequence[object]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
-def _password() -> tuple[str, str]:
+def new_password() -> tuple[str, str]:
+    """A random password and its bcrypt hash. Costs a bcrypt round (~50 ms): call it off
+    the event loop."""
     password = secrets.token_urlsafe(PASSWORD_BYTES)
     return password, bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()
 
 
-def new_credentials(public_keys: tuple[str, ...] = ()) -> Credentials:
-    """Credentials for a session: ``public_keys`` when the caller brought them (no private key
-    is made), else a fresh ed25519 pair. Costs a bcrypt round (~50 ms): call it off the event
-    loop."""
-    password, password_hash = _password()
+def new_key_pair(public_keys: tuple[str, ...] = ()) -> tuple[str | None, tuple[str, ...]]:
+    """(private key, public keys): ``public_keys`` when the caller brought them (no private
+    key is made), else a fresh ed25519 pair (fast enough for the event loop)."""
     if public_keys:
-        return Credentials(None, public_keys, password, password_hash)
+        return None, public_keys
     key = Ed25519PrivateKey.generate()
     private_key = key.private_bytes(
         serialization.Encoding.PEM,
@@ -100,4 +100,9 @@ def new_credentials(public_keys: tuple[str, ...] = ()) -> Credentials:
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         .decode()
     )
-    return Credentials(private_key, (public_key,), password, password_hash)
+    return private_key, (public_key,)
+
+
+def new_credentials(public_keys: tuple[str, ...] = ()) -> Credentials:
+    """Credentials for a session: :func:`new_key_pair` and :func:`new_password`."""
+    return Credentials(*new_key_pair(public_keys), *new_password())

@@ -142,9 +142,15 @@ def test_silent_socket_and_connection_limit(gateway_factory):
     while chunk := silent.recv(4096):  # the server banner, then EOF from the gateway
         received += chunk
     assert received.startswith(b"SSH-2.0-OpenSSH")
-    reasons = [c["reason"] for c in ended_connections(gateway, session["session_id"])]
+
+    def silent_recorded() -> bool:  # records are written just after the relay lets go
+        reasons = [c["reason"] for c in ended_connections(gateway, session["session_id"])]
+        return "preauth_timeout" in reasons
+
+    wait_for(silent_recorded, timeout=5, what="the silent connection's record")
     for sock in (silent, talking, extra):
         sock.close()
+    reasons = [c["reason"] for c in ended_connections(gateway, session["session_id"])]
     assert reasons == ["preauth_timeout"]  # the refused one is only counted, never recorded
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
+from pathlib import Path
 
 import pytest
 
 from gateway.models import CloseReason, ConnectionRecord, utcnow
-from gateway.relay import RelayLimits, SessionListener
+from gateway.relay import RelayLimits, SessionListener, splice
 
 SERVER_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
 CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
@@ -47,28 +50,46 @@ async def closing_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamW
     writer.close()
 
 
-@contextlib.asynccontextmanager
-async def relay(handler=echo_upstream, **limits):
-    upstream = await asyncio.start_server(handler, "127.0.0.1", 0)
-    recorder = Recorder()
-    listener = SessionListener(
-        "s1", "alice", 0, limits=RelayLimits(**limits), observer=recorder, clock=utcnow
-    )
-    await listener.bind("127.0.0.1")
-    listener.port = listener._server.sockets[0].getsockname()[1]
-    listener.set_upstream("127.0.0.1", upstream.sockets[0].getsockname()[1])
-    try:
-        yield listener, recorder
-    finally:
-        await listener.close()
-        upstream.close()
+PATHS = ["splice", "streams"] if splice.AVAILABLE else ["streams"]
+
+
+@pytest.fixture(params=PATHS)
+def relay(request):
+    """``relay(handler, **limits)``: a listener in front of ``handler``, on each data path."""
+
+    @contextlib.asynccontextmanager
+    async def make(handler=echo_upstream, **limits):
+        upstream = await asyncio.start_server(handler, "127.0.0.1", 0)
+        recorder = Recorder()
+        listener = SessionListener(
+            "s1",
+            "alice",
+            0,
+            limits=RelayLimits(**limits),
+            observer=recorder,
+            clock=utcnow,
+            splice=request.param == "splice",
+        )
+        await listener.bind("127.0.0.1")
+        listener.set_upstream("127.0.0.1", upstream.sockets[0].getsockname()[1])
+        try:
+            yield listener, recorder
+        finally:
+            await listener.close()
+            upstream.close()
+
+    return make
+
+
+def open_fds() -> int:
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
 
 
 async def connect(listener: SessionListener):
     return await asyncio.open_connection("127.0.0.1", listener.port)
 
 
-async def test_client_close_records_bytes_banners_and_side():
+async def test_client_close_records_bytes_banners_and_side(relay):
     async with relay() as (listener, recorder):
         reader, writer = await connect(listener)
         writer.write(CLIENT_BANNER + b"x" * 100_000)
@@ -87,7 +108,7 @@ async def test_client_close_records_bytes_banners_and_side():
     assert [r.id for r in recorder.opened] == [record.id]
 
 
-async def test_server_close_is_server_closed():
+async def test_server_close_is_server_closed(relay):
     async with relay(closing_upstream) as (listener, recorder):
         reader, writer = await connect(listener)
         writer.write(CLIENT_BANNER)
@@ -97,7 +118,7 @@ async def test_server_close_is_server_closed():
     assert (record.reason, record.closed_by) == (CloseReason.SERVER_CLOSED, "server")
 
 
-async def test_silent_client_hits_preauth_deadline():
+async def test_silent_client_hits_preauth_deadline(relay):
     async with relay(preauth_timeout=0.2) as (listener, recorder):
         reader, _writer = await connect(listener)
         record = await recorder.next_closed()
@@ -106,7 +127,7 @@ async def test_silent_client_hits_preauth_deadline():
     assert record.client_banner is None
 
 
-async def test_idle_connection_is_closed():
+async def test_idle_connection_is_closed(relay):
     async with relay(idle_timeout=0.3) as (listener, recorder):
         _reader, writer = await connect(listener)
         writer.write(CLIENT_BANNER)
@@ -115,7 +136,7 @@ async def test_idle_connection_is_closed():
     assert record.duration >= 0.3
 
 
-async def test_connection_limit_refuses_the_extra_one():
+async def test_connection_limit_refuses_the_extra_one(relay):
     async with relay(max_connections=1) as (listener, recorder):
         _r1, w1 = await connect(listener)
         w1.write(CLIENT_BANNER)
@@ -128,7 +149,7 @@ async def test_connection_limit_refuses_the_extra_one():
         assert recorder.closed.empty()
 
 
-async def test_unreachable_upstream():
+async def test_unreachable_upstream(relay):
     async with relay() as (listener, recorder):
         listener.set_upstream("127.0.0.1", 1)
         reader, _writer = await connect(listener)
@@ -138,7 +159,7 @@ async def test_unreachable_upstream():
 
 
 @pytest.mark.parametrize("reason", [CloseReason.SESSION_DELETED, CloseReason.TTL_EXPIRED])
-async def test_closing_the_listener_cuts_with_its_reason(reason):
+async def test_closing_the_listener_cuts_with_its_reason(relay, reason):
     async with relay() as (listener, recorder):
         reader, writer = await connect(listener)
         writer.write(CLIENT_BANNER)
@@ -150,7 +171,7 @@ async def test_closing_the_listener_cuts_with_its_reason(reason):
     assert listener.active == 0
 
 
-async def test_slow_client_pauses_the_upstream():
+async def test_slow_client_pauses_the_upstream(relay):
     """A client that reads nothing must stall the sender, not grow the gateway's buffers."""
     total = 64 * 1024 * 1024
     sent = 0
@@ -174,3 +195,150 @@ async def test_slow_client_pauses_the_upstream():
         writer.write(CLIENT_BANNER)
         await asyncio.wait_for(blocked.wait(), 10)
     assert sent < total
+
+
+async def test_slow_upstream_pauses_the_client(relay):
+    """The other direction: an upstream that reads nothing stalls the client."""
+    stalled = asyncio.Event()
+
+    async def deaf(reader, writer):
+        writer.write(SERVER_BANNER)
+        await stalled.wait()
+        writer.close()
+
+    async with relay(deaf) as (listener, recorder):
+        _reader, writer = await connect(listener)
+        writer.write(CLIENT_BANNER)
+        chunk, sent = b"\0" * 65536, 0
+        with contextlib.suppress(TimeoutError):
+            while sent < 64 * 1024 * 1024:
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 0.5)
+                sent += len(chunk)
+        stalled.set()
+        writer.close()
+        record = await recorder.next_closed()
+    assert sent < 64 * 1024 * 1024
+    assert record.bytes_up <= sent + len(CLIENT_BANNER) + len(chunk)
+
+
+async def test_bulk_both_ways_arrives_intact_and_counted(relay):
+    """Megabytes each way at once: every byte arrives, in order, and the record counts it."""
+    size = 8 * 1024 * 1024
+    down = bytes(range(256)) * (size // 256)
+    up = bytes(reversed(range(256))) * (size // 256)
+    received_up = bytearray()
+    upstream_got_eof = asyncio.Event()
+
+    async def exchange(reader, writer):
+        writer.write(SERVER_BANNER)
+
+        async def send():
+            for i in range(0, size, 100_003):
+                writer.write(down[i : i + 100_003])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        while data := await reader.read(1 << 20):
+            received_up.extend(data)
+        upstream_got_eof.set()
+        await sender
+        writer.close()
+
+    async with relay(exchange) as (listener, recorder):
+        reader, writer = await connect(listener)
+
+        async def send():
+            writer.write(CLIENT_BANNER)
+            for i in range(0, size, 77_777):
+                writer.write(up[i : i + 77_777])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        received_down = await reader.read()
+        await sender
+        writer.close()
+        record = await recorder.next_closed()
+        await asyncio.wait_for(upstream_got_eof.wait(), 5)  # the last bytes may still be on the way
+    assert received_down == SERVER_BANNER + down
+    assert received_up == CLIENT_BANNER + up
+    assert (record.bytes_up, record.bytes_down) == (len(received_up), len(received_down))
+
+
+async def test_half_close_both_ways(relay):
+    """The client's EOF reaches the server, which still answers; then the server's EOF."""
+
+    async def counter(reader, writer):
+        writer.write(SERVER_BANNER)
+        total = len(await reader.read())  # until the client's EOF
+        writer.write(f"got {total}\n".encode())
+        writer.close()
+
+    async with relay(counter) as (listener, recorder):
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_BANNER + b"y" * 300_000)
+        writer.write_eof()
+        assert (
+            await reader.read() == SERVER_BANNER + f"got {len(CLIENT_BANNER) + 300_000}\n".encode()
+        )
+        writer.close()
+        record = await recorder.next_closed()
+    assert (record.reason, record.closed_by) == (CloseReason.CLIENT_CLOSED, "client")
+
+
+async def test_banner_after_other_lines_and_split_across_reads(relay):
+    """SSH allows lines before the identification line; it may come in pieces."""
+    async with relay() as (listener, recorder):
+        reader, writer = await connect(listener)
+        for piece in (b"hello there\r\n", b"SSH-2.0-Spl", b"it_1.0\r\n", b"rest"):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.02)  # separate segments, so separate reads
+        writer.write_eof()
+        echoed = await reader.read()
+        writer.close()
+        record = await recorder.next_closed()
+    assert echoed == SERVER_BANNER + b"hello there\r\nSSH-2.0-Split_1.0\r\nrest"
+    assert record.client_banner == "SSH-2.0-Split_1.0"
+    assert record.bytes_up == len(b"hello there\r\nSSH-2.0-Split_1.0\r\nrest")
+
+
+async def test_cut_during_a_transfer_records_and_leaks_nothing(relay):
+    """A cut in the middle of a bulk download ends it with the reason, closing every fd."""
+    before = open_fds()
+
+    async def endless(reader, writer):
+        writer.write(SERVER_BANNER)
+        with contextlib.suppress(OSError):
+            while True:
+                writer.write(b"\0" * 65536)
+                await writer.drain()
+
+    async with relay(endless) as (listener, recorder):
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_BANNER)
+        assert len(await reader.readexactly(1 << 20)) == 1 << 20
+        await listener.close(CloseReason.TTL_EXPIRED)
+        record = await recorder.next_closed()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1 << 20):
+                pass
+        writer.close()
+    assert (record.reason, record.closed_by) == (CloseReason.TTL_EXPIRED, "gateway")
+    assert record.bytes_down >= 1 << 20
+    await asyncio.sleep(0)  # the upstream's handler sees its reset
+    assert open_fds() <= before
+
+
+async def test_client_reset_mid_transfer_is_client_closed(relay):
+    async with relay() as (listener, recorder):
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_BANNER + b"z" * 100_000)
+        await reader.readexactly(len(SERVER_BANNER) + 1000)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+        record = await recorder.next_closed()
+    assert (record.reason, record.closed_by) == (CloseReason.CLIENT_CLOSED, "client")
