@@ -21,7 +21,7 @@ run: setup images
 	    --ssh-host-alias 127.0.0.1 --ssh-host-alias localhost
 
 test: setup images lint
-	$(BIN)/pytest -ra $(PYTEST_ARGS) tests
+	$(BIN)/pytest -ra --durations=15 $(PYTEST_ARGS) tests
 
 setup: host venv
 
