@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.errors import InvalidPublicKey
-from gateway.models import Credentials
 
 PASSWORD_BYTES = 18  # 24 url-safe characters
 MAX_PUBLIC_KEYS = 16
@@ -101,8 +100,3 @@ def new_key_pair(public_keys: tuple[str, ...] = ()) -> tuple[str | None, tuple[s
         .decode()
     )
     return private_key, (public_key,)
-
-
-def new_credentials(public_keys: tuple[str, ...] = ()) -> Credentials:
-    """Credentials for a session: :func:`new_key_pair` and :func:`new_password`."""
-    return Credentials(*new_key_pair(public_keys), *new_password())

@@ -8,11 +8,17 @@ import subprocess
 from datetime import UTC, datetime
 
 import asyncssh
+import bcrypt
 import pytest
 
 from gateway.core.ssh import authorized_keys, expiry_option, known_hosts_line, ssh_command
 from gateway.errors import InvalidPublicKey
-from gateway.ssh.credentials import new_credentials, parse_public_key, parse_public_keys
+from gateway.ssh.credentials import (
+    new_key_pair,
+    new_password,
+    parse_public_key,
+    parse_public_keys,
+)
 from gateway.ssh.identity import HostIdentity
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.unit.test_api import create
@@ -146,12 +152,17 @@ def test_key_lists_are_bounded_and_name_the_bad_line(tmp_path):
         parse_public_keys([good, 42])
 
 
-def test_credentials_generate_a_key_only_when_none_is_brought():
-    generated = new_credentials()
-    assert generated.private_key is not None
-    assert generated.public_keys[0].startswith("ssh-ed25519 ")
-    brought = new_credentials(("ssh-ed25519 AAAA",))
-    assert brought.private_key is None and brought.public_keys == ("ssh-ed25519 AAAA",)
+def test_a_key_pair_is_made_only_when_none_is_brought():
+    private, public = new_key_pair()
+    assert private is not None and private.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert len(public) == 1 and public[0].startswith("ssh-ed25519 ")
+    assert new_key_pair(("ssh-ed25519 AAAA",)) == (None, ("ssh-ed25519 AAAA",))
+
+
+def test_passwords_are_random_and_hashed_with_bcrypt():
+    (one, one_hash), (two, _) = new_password(), new_password()
+    assert one != two and len(one) >= 20
+    assert bcrypt.checkpw(one.encode(), one_hash.encode())
 
 
 # --- through the API ----------------------------------------------------------------------
