@@ -159,7 +159,7 @@ def test_flood_of_silent_connections(gateway_factory):
     assert len(records) == len(relayed)  # nothing written per refused attempt
     assert {r["reason"] for r in records} == {"preauth_timeout"}
 
-    def audited() -> int:  # a record is saved just before its disconnect event
+    def audited() -> int:  # records and events are queued, written just after the close
         return len(gateway.request("GET", "/audit?limit=1000").body["events"]) - len(events)
 
     wait_for(lambda: audited() >= 2 * len(relayed), timeout=5, what="the audit events")
