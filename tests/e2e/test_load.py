@@ -29,6 +29,7 @@ SLICED = {
 }
 RSS_SLACK_KIB = 16 * 1024  # allocator arenas, caches: ~80 KiB a cycle over 200 cycles
 FLOOD = 500
+POOL_SLACK = 2  # Docker connections start-up may still hold pooled when the start is read
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,12 @@ def test_soak_of_create_ssh_delete_cycles(gateway_factory, topology, ssh):
     assert live.slices == kept
     assert gateway.request("DELETE", "/sessions").body["deleted"] == IN_FLIGHT
     assert holdings(gateway) == Holdings(rows={}, containers=set(), listeners=set())
-    # pooled keep-alive connections to Docker close on their own within seconds
-    wait_for(lambda: usage(gateway.proc.pid).fds <= fresh.fds, timeout=30, what="fds back")
+    # Pooled keep-alive connections to Docker close on their own after 15 s idle; the count at
+    # start may itself hold one or two from start-up (seen: 14 at start, 12 once idle), so a
+    # leak shows as more than that slack (one fd per cycle would be hundreds).
+    wait_for(
+        lambda: usage(gateway.proc.pid).fds <= fresh.fds + POOL_SLACK, timeout=30, what="fds back"
+    )
     after = usage(gateway.proc.pid)
     print(
         f"\nsoak: {len(held)} cycles, {IN_FLIGHT} in flight, {took:.1f} s;"
@@ -155,6 +160,12 @@ def test_flood_of_silent_connections(gateway_factory):
     )
     assert len(relayed) + len(refused) == FLOOD and len(relayed) >= 8
     assert p99 < 1.0
+
+    def ended() -> list[dict[str, Any]]:  # records are queued, written just after the close
+        records = gateway.request("GET", url).body["connections"]
+        return [r for r in records if r["ended_at"] is not None]
+
+    wait_for(lambda: len(ended()) >= len(relayed), timeout=5, what="the relayed ones' records")
     records = gateway.request("GET", url).body["connections"]
     assert len(records) == len(relayed)  # nothing written per refused attempt
     assert {r["reason"] for r in records} == {"preauth_timeout"}
