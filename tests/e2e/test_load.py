@@ -29,7 +29,9 @@ SLICED = {
 }
 RSS_SLACK_KIB = 16 * 1024  # allocator arenas, caches: ~80 KiB a cycle over 200 cycles
 FLOOD = 500
-POOL_SLACK = 2  # Docker connections start-up may still hold pooled when the start is read
+#: Docker connections the client pool may still hold, one per concurrent caller at most; a
+#: leak of even one fd per cycle would be ~200 over that.
+POOL_SLACK = IN_FLIGHT
 
 
 @dataclass(frozen=True)
@@ -93,11 +95,12 @@ def test_soak_of_create_ssh_delete_cycles(gateway_factory, topology, ssh):
     assert live.slices == kept
     assert gateway.request("DELETE", "/sessions").body["deleted"] == IN_FLIGHT
     assert holdings(gateway) == Holdings(rows={}, containers=set(), listeners=set())
-    # Pooled keep-alive connections to Docker close on their own after 15 s idle; the count at
-    # start may itself hold one or two from start-up (seen: 14 at start, 12 once idle), so a
-    # leak shows as more than that slack (one fd per cycle would be hundreds).
+    # Pooled keep-alive connections to Docker close after 15 s idle, unless a sweep or the
+    # event watcher reuses them meanwhile; the count at start may itself include some.
     wait_for(
-        lambda: usage(gateway.proc.pid).fds <= fresh.fds + POOL_SLACK, timeout=30, what="fds back"
+        lambda: usage(gateway.proc.pid).fds <= fresh.fds + POOL_SLACK,
+        timeout=45,
+        what=f"fds back to {fresh.fds} + {POOL_SLACK} (now {usage(gateway.proc.pid).fds})",
     )
     after = usage(gateway.proc.pid)
     print(
