@@ -21,7 +21,6 @@ before its side effects, so a crash or a failed step is always visible and resum
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -30,9 +29,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from pathlib import Path
 
-from gateway import session_files
+from gateway import timers
 from gateway.audit import Audit
 from gateway.config import Config
 from gateway.core import ttl
@@ -46,7 +44,6 @@ from gateway.errors import (
     SessionNotFound,
 )
 from gateway.gpu.allocator import Allocation, GpuAllocator
-from gateway.gpu.pin import verify_pin
 from gateway.metrics import Metrics
 from gateway.models import (
     CloseReason,
@@ -57,30 +54,18 @@ from gateway.models import (
     SessionState,
     User,
     rfc3339,
-    utcnow,
 )
+from gateway.provisioning import Provisioner, container_name
 from gateway.relay import RelayLimits, SessionListener
-from gateway.runtime.base import (
-    LABEL_INSTANCE,
-    LABEL_SESSION,
-    LABEL_USER,
-    SSHD_CAPABILITIES,
-    ContainerFile,
-    ContainerInfo,
-    ContainerSpec,
-    Runtime,
-)
+from gateway.runtime.base import LABEL_SESSION, ContainerInfo, Runtime
 from gateway.ssh.credentials import new_key_pair, new_password
 from gateway.ssh.identity import HostIdentity
-from gateway.ssh.probe import Probe, probe_sshd
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-READY_POLL_SECONDS = 0.1
 WATCH_RETRY_SECONDS = 2.0
-TTY_GROUP = 5  # wall writes to ptys of mode 0620, group tty; root here lacks DAC_OVERRIDE
 CREATE_FAILED = "create_failed"  # an end reason that was never a created session
 #: A create's steps, in order; each is logged at DEBUG when done (the kill test stops there).
 CREATE_STEPS = (
@@ -101,12 +86,6 @@ _CONNECTION_REASON = {
 }
 #: The audit event of a session ending, by why it ends.
 _END_EVENT = {"ttl_expired": "session_expired", "session_deleted": "session_deleted"}
-
-
-def container_name(session: Session) -> str:
-    """The container's name, derived from the row, so a cleanup finds a container even
-    when the create that made it could not store its id."""
-    return f"sandman-{session.user_id}-{session.id[:8]}"
 
 
 @dataclass(eq=False)
@@ -140,7 +119,9 @@ class SessionManager:
         clock: Clock,
     ) -> None:
         self._config = config
-        self._identity = identity
+        self._provision = Provisioner(
+            config, runtime=runtime, gpus=gpus, identity=identity, instance_id=instance_id
+        )
         self._store = store
         self._runtime = runtime
         self._gpus = gpus
@@ -323,25 +304,19 @@ class SessionManager:
 
     async def _start_steps(self, live: LiveSession, creds: Awaitable[Credentials]) -> Session:
         session = live.session
-        await asyncio.to_thread(_prepare_workspace, Path(session.workspace), session.uid)
-        container_id = await self._create_container(session)
+        await self._provision.prepare_workspace(session)
+        container_id = await self._provision.find_or_create(session)
+        await self._store.set_container(session.id, container_id)
         self._step_done(session, "container_created")
         async with live.lock:  # a PATCH meanwhile is in the row: read it with the files
             session = live.session = await self.get(session.id)
-            files = self._container_files(session, await creds)
-            await self._runtime.put_files(container_id, files)
+            await self._provision.write_files(container_id, session, await creds)
             live.files_written = True
         self._step_done(session, "files_written")
-        info = await self._runtime.start(container_id, self._config.docker_network)
+        info = await self._provision.start(container_id, session)
         self._step_done(session, "container_started")
-        if info.ip is None:
-            raise ContainerStartFailed(
-                f"the session container has no address on network {self._config.docker_network}"
-            )
-        if self._gpus.needs_device_request and session.gpu_uuid:
-            # toolkit settings can defeat the DeviceRequest: it must see exactly its GPU
-            await verify_pin(self._runtime, container_id, session.gpu_uuid)
-        await self._wait_ready(session, container_id, (info.ip, info.ssh_port))
+        assert info.ip is not None  # start() guarantees an address
+        await self._provision.wait_ready(session, container_id, (info.ip, info.ssh_port))
         self._step_done(session, "sshd_ready")
         assert live.listener is not None
         live.listener.set_upstream(info.ip, info.ssh_port)
@@ -364,96 +339,6 @@ class SessionManager:
         log.debug("session %s: create step %s done", session.id, step)
         if step == self._config.test_stop_at:
             os.kill(os.getpid(), signal.SIGSTOP)
-
-    async def _create_container(self, session: Session) -> str:
-        """The session's container: found by its name and session label if a previous try
-        made it, else created; its id is stored on the row at once."""
-        spec = self._container_spec(session)
-        found = await self._runtime.inspect(spec.name, self._config.docker_network)
-        if found is not None and found.labels.get(LABEL_SESSION) == session.id:
-            container_id = found.id
-        else:
-            container_id = await self._runtime.create(spec)
-        await self._store.set_container(session.id, container_id)
-        return container_id
-
-    def _container_files(self, session: Session, creds: Credentials) -> list[ContainerFile]:
-        """Host key and certificate, expiring authorized keys, password hash, session facts."""
-        issued = utcnow()  # clients check validity against their wall clocks, so use ours
-        keys = self._identity.certify(
-            session.user_id,
-            session.id,
-            valid_after=issued - session_files.CERT_BACKDATE,
-            valid_before=issued
-            + timedelta(minutes=self._config.max_ttl_minutes)
-            + session_files.CERT_MARGIN,
-        )
-        files = session_files.host_key_files(keys)
-        if self._config.ssh_password_auth:
-            files.append(session_files.password_file(creds.password_hash))
-        return files + session_files.expiring_files(session, self._config)
-
-    def _container_spec(self, session: Session) -> ContainerSpec:
-        user = session.user_id
-        env = {
-            "SANDMAN_USER": user,
-            "SANDMAN_UID": str(session.uid),
-            "SANDMAN_GID": str(session.uid),
-            "SANDMAN_PASSWORD_AUTH": "yes" if self._config.ssh_password_auth else "no",
-            **self._gpus.container_env(session.gpu_uuid),
-        }
-        return ContainerSpec(
-            name=container_name(session),
-            image=session.image,
-            hostname=f"{user}-{session.id[:8]}",
-            env=env,
-            labels={
-                LABEL_SESSION: session.id,
-                LABEL_USER: user,
-                LABEL_INSTANCE: self._instance_id,
-            },
-            workspace=Path(session.workspace),
-            home=f"/home/{user}",
-            network=self._config.docker_network,
-            pids_limit=self._config.pids_limit,
-            gpu_uuid=session.gpu_uuid,
-            device_request=self._gpus.needs_device_request and session.gpu_uuid is not None,
-            cap_add=SSHD_CAPABILITIES,
-            cpu_limit=session.cpu_limit,
-            memory_limit=session.memory_limit,
-        )
-
-    async def _wait_ready(
-        self, session: Session, container_id: str, address: tuple[str, int]
-    ) -> None:
-        """Return once the container's own sshd answers on ``address`` with this session's
-        certified host key (checked directly, not through the session port, so no user
-        connection is recorded).
-
-        Raises:
-            ContainerStartFailed: the container exited before answering, or another
-                SSH server answered at its address.
-        """
-        known_hosts = self._identity.session_known_hosts(session.id)
-        alias = self._identity.session_principal(session.id)
-        while True:
-            probe = await probe_sshd(*address, known_hosts=known_hosts, alias=alias)
-            if probe is Probe.READY:
-                return
-            if probe is Probe.WRONG_HOST:
-                raise ContainerStartFailed(
-                    "an SSH server without this session's host key answered at the "
-                    "container's address",
-                    log_message=f"container {container_id[:12]} at {address}: wrong host key",
-                )
-            info = await self._runtime.inspect(container_id, self._config.docker_network)
-            if info is None or not info.running:
-                tail = await self._runtime.logs(container_id)
-                raise ContainerStartFailed(
-                    "the session container exited before its SSH server started",
-                    log_message=f"container {container_id[:12]} exited; log tail:\n{tail}",
-                )
-            await asyncio.sleep(READY_POLL_SECONDS)
 
     # -- time ------------------------------------------------------------------------------
 
@@ -488,8 +373,7 @@ class SessionManager:
             expires = ttl.expires_at(session.created_at, total)
             updated = replace(session, ttl_seconds=total, expires_at=expires)
             if live.files_written and session.container_id:
-                files = session_files.expiring_files(updated, self._config)
-                await self._runtime.put_files(session.container_id, files)
+                await self._provision.rewrite_expiring(session.container_id, updated)
             await self._store.update_ttl(session.id, total, expires)
             live.session = replace(live.session, ttl_seconds=total, expires_at=expires)
             live.changed.set()
@@ -508,32 +392,19 @@ class SessionManager:
         """Warn the user's terminals at the configured offsets, then end the session at its
         expiry. Wakes early when a PATCH moves the expiry, and always acts on the current
         one."""
-        warned: set[datetime] = set()
-        while True:
-            live.changed.clear()
-            now = self._clock()
-            expires = live.session.expires_at
-            if now >= expires:
-                break
-            schedule = ttl.warning_schedule(expires, self._config.expiry_warnings, now)
-            moment = next((m for m in schedule if m not in warned), expires)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout((moment - now).total_seconds()):
-                    await live.changed.wait()
-                continue  # the expiry moved: plan again
-            if moment < expires:
-                warned.add(moment)
-                await self._warn(live.session)
-        await _quietly(self.end(live.session, "ttl_expired"), "expiry (the sweep retries)")
 
-    async def _warn(self, session: Session) -> None:
-        if not session.container_id:
-            return
-        message = ttl.warning_message(session.expires_at, self._clock())
-        try:
-            await self._runtime.exec(session.container_id, ["wall", message], user=f"0:{TTY_GROUP}")
-        except GatewayError as exc:
-            log.warning("session %s: expiry warning failed: %s", session.id, exc.log_message)
+        async def warn() -> None:
+            message = ttl.warning_message(live.session.expires_at, self._clock())
+            await self._provision.tell(live.session, message)
+
+        await timers.run_until(
+            lambda: live.session.expires_at,
+            live.changed,
+            clock=self._clock,
+            warnings=self._config.expiry_warnings,
+            warn=warn,
+        )
+        await _quietly(self.end(live.session, "ttl_expired"), "expiry (the sweep retries)")
 
     # -- end -------------------------------------------------------------------------------
 
@@ -771,12 +642,3 @@ async def _quietly(work: Awaitable[object], what: str) -> None:
 
 async def _credentials(keys: tuple[str | None, tuple[str, ...]]) -> Credentials:
     return Credentials(*keys, *await asyncio.to_thread(new_password))
-
-
-def _prepare_workspace(path: Path, uid: int) -> None:
-    """Create the user's workspace owned by ``uid`` (gid = uid), keeping what it holds."""
-    path.mkdir(parents=True, exist_ok=True)
-    stat = path.stat()
-    if (stat.st_uid, stat.st_gid) != (uid, uid):
-        os.chown(path, uid, uid)
-    path.chmod(0o750)

@@ -45,7 +45,7 @@ def clock():
 def plain_workspaces(monkeypatch):
     """Workspaces are plain folders: unit tests don't chown to the user's uid."""
     monkeypatch.setattr(
-        "gateway.sessions._prepare_workspace",
+        "gateway.provisioning.prepare_workspace",
         lambda path, uid: path.mkdir(parents=True, exist_ok=True),
     )
 
