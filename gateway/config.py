@@ -43,6 +43,8 @@ class Config:
     default_mig_profile: str | None = "3g.20gb"  # None: any free MIG instance
     mig_dynamic: bool = False
     ssh_password_auth: bool = True
+    ssh_agent_forwarding: bool = True  # the client must still ask (ssh -A)
+    ssh_streamlocal_forwarding: bool = False
     start_timeout: float = 60.0
     pids_limit: int = 1024
     max_body_bytes: int = 64 * 1024
@@ -95,6 +97,20 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def on_off(text: str) -> bool:
+    """``on``/``off`` (also ``yes``/``no``, ``true``/``false``, ``1``/``0``).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    value = text.strip().lower()
+    if value in {"on", "yes", "true", "1"}:
+        return True
+    if value in {"off", "no", "false", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
+
+
 def build_parser(
     env: Mapping[str, str],
     add_commands: Callable[[argparse._SubParsersAction], None] | None = None,
@@ -112,10 +128,17 @@ def build_parser(
     d = Config()
 
     def opt(
-        name: str, help_text: str, *, default: object, type_: type = str, shown: str = ""
+        name: str,
+        help_text: str,
+        *,
+        default: object,
+        type_: Callable[[str], object] = str,
+        shown: str = "",
     ) -> None:
+        # argparse converts a string default with type_, so a bad environment value is
+        # refused like a bad option, naming it.
         raw = env.get(_env_name(name))
-        value = type_(raw) if raw is not None else default
+        value = raw if raw is not None else default
         serve.add_argument(
             name,
             type=type_,
@@ -201,6 +224,18 @@ def build_parser(
     )
     flag("--mig-dynamic", "create MIG instances on demand and destroy them when the session ends")
     flag("--no-ssh-password-auth", "disable password login into session containers")
+    opt(
+        "--ssh-agent-forwarding",
+        "on: sessions' sshd allows agent forwarding (clients still ask with ssh -A)",
+        default="on" if d.ssh_agent_forwarding else "off",
+        type_=on_off,
+    )
+    opt(
+        "--ssh-streamlocal-forwarding",
+        "on: sessions' sshd forwards Unix sockets (ssh -R/-L with socket paths, e.g. gpg-agent)",
+        default="on" if d.ssh_streamlocal_forwarding else "off",
+        type_=on_off,
+    )
     opt(
         "--start-timeout",
         "seconds a container has to answer SSH before creation fails",
@@ -358,6 +393,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         else args.default_mig_profile,
         mig_dynamic=args.mig_dynamic,
         ssh_password_auth=not args.no_ssh_password_auth,
+        ssh_agent_forwarding=args.ssh_agent_forwarding,
+        ssh_streamlocal_forwarding=args.ssh_streamlocal_forwarding,
         start_timeout=args.start_timeout,
         pids_limit=args.pids_limit,
         max_body_bytes=args.max_body_bytes,
