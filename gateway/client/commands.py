@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from gateway.client import format as fmt
 from gateway.client.http import Api, ApiError
-from gateway.client.keys import key_path, save_private_key, ssh_argv, ssh_config
+from gateway.client.keys import remember_session_key, ssh_argv, ssh_config, unseen_key_note
 from gateway.client.settings import Settings, config_path, save
 
 AUDIT_FOLLOW_PAGE = 1000
@@ -78,10 +78,7 @@ async def session_create(api: Api, args: argparse.Namespace, io: Io) -> int:
     if args.public_key:
         body["ssh_public_keys"] = _read_public_keys(args.public_key)
     created = await api.call("POST", "/sessions", json=body)
-    key_file = None
-    if created.get("ssh_private_key"):
-        key_file = key_path(io.env, created["ssh_user"], created["session_id"])
-        save_private_key(key_file, created["ssh_private_key"])
+    key_file = remember_session_key(io.env, created)
     if args.json:
         shown = {**created, "ssh_private_key": None}
         fmt.dump(io.out, {**shown, "ssh_private_key_file": key_file and str(key_file)})
@@ -236,6 +233,10 @@ async def session_ssh(api: Api, args: argparse.Namespace, io: Io) -> int:
     session = await api.find_session(args.session)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     argv = ssh_argv(io.env, session, api.url, command, options=args.ssh_options)
+    note = unseen_key_note(io.env, session)
+    if note is not None:
+        io.err.write(f"sandman: {note}\n")
+        io.err.flush()
     return await asyncio.to_thread(_run, argv, io.env)
 
 
