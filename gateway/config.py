@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -97,6 +98,13 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sandman")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "(not installed)"
+
+
 def on_off(text: str) -> bool:
     """``on``/``off`` (also ``yes``/``no``, ``true``/``false``, ``1``/``0``).
 
@@ -123,6 +131,7 @@ def build_parser(
         "environment variable SANDMAN_<OPTION> (dashes as underscores, upper case; "
         "repeatable options as a comma-separated list; flags as 1/true/yes).",
     )
+    parser.add_argument("--version", action="version", version=f"sandman {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway (REST API and SSH relays)")
     d = Config()

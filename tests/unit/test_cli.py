@@ -410,3 +410,16 @@ async def test_create_with_limits_and_show_them(cli):
     assert "limits:      unlimited CPUs, unlimited memory" in out
     rc, _, err = await cli("session", "create", "big", "--memory", "lots")
     assert rc == 1 and "(invalid_limit)" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"], env={})
+    assert exc.value.code == 0
+    assert re.fullmatch(r"sandman \d+\.\d+\.\d+\n", capsys.readouterr().out)
+
+
+def test_the_gateway_imports_without_cryptography_warnings():
+    code = "import gateway.cli, gateway.api.app"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Warning" not in done.stderr, done.stderr
