@@ -29,11 +29,12 @@ def main(
     env: Mapping[str, str] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    inp: TextIO | None = None,
 ) -> int:
     """Run one ``sandman`` command; the exit status is 0, 1 (the API or the system refused)
     or 2 (bad usage or no settings)."""
     env = os.environ if env is None else env
-    io = Io(out=out or sys.stdout, err=err or sys.stderr, env=env)
+    io = Io(out=out or sys.stdout, err=err or sys.stderr, env=env, inp=inp or sys.stdin)
     args = parse(argv, env, add_client_commands)
     if args.command == "serve":
         return _serve(args, env, io)

@@ -28,6 +28,7 @@ class Io:
     out: TextIO
     err: TextIO
     env: Mapping[str, str]
+    inp: TextIO | None = None  # where answers to questions come from (None: no one answers)
 
 
 Command = Callable[[Api, argparse.Namespace, Io], Awaitable[int]]
@@ -185,8 +186,28 @@ async def session_extend(api: Api, args: argparse.Namespace, io: Io) -> int:
     return 0
 
 
+def _confirmed(io: Io, question: str) -> bool:
+    """Ask ``question`` on stderr (stdout stays for ``--json``); only ``y``/``yes`` agrees,
+    and no answer (no terminal, end of input) is no."""
+    io.err.write(f"{question} [y/N] ")
+    io.err.flush()
+    answer = io.inp.readline() if io.inp is not None else ""
+    if not answer.endswith("\n"):
+        io.err.write("\n")
+    return answer.strip().lower() in {"y", "yes"}
+
+
 async def session_delete(api: Api, args: argparse.Namespace, io: Io) -> int:
     if args.all:
+        if not args.yes:
+            users = [s["user_id"] for s in await api.sessions()]
+            question = (
+                f"End all {len(users)} sessions ({', '.join(users)})? Their connections are "
+                "cut and containers removed; workspaces stay."
+            )
+            if users and not await asyncio.to_thread(_confirmed, io, question):
+                io.err.write("sandman: nothing deleted (--yes deletes without asking)\n")
+                return 1
         answer = await api.call("DELETE", "/sessions")
     else:
         session = await api.find_session(args.session)

@@ -35,12 +35,20 @@ class Cli:
             "SANDMAN_TOKEN": TOKEN,
         }
 
-    async def __call__(self, *argv: str, env: dict | None = None) -> tuple[int, str, str]:
+    async def __call__(
+        self, *argv: str, env: dict | None = None, typed: str = ""
+    ) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
 
         def run() -> int:
             try:
-                return main(list(argv), env=self.env if env is None else env, out=out, err=err)
+                return main(
+                    list(argv),
+                    env=self.env if env is None else env,
+                    out=out,
+                    err=err,
+                    inp=io.StringIO(typed),
+                )
             except SystemExit as exc:  # argparse's usage errors
                 return int(exc.code)
 
@@ -198,7 +206,7 @@ async def test_session_commands(cli, tmp_path):
     kept = await cli.json("session", "connections", alice["id"])  # records outlive the session
     assert kept["count"] == len(records)
 
-    assert (await cli.json("session", "delete", "--all"))["deleted"] == 1
+    assert (await cli.json("session", "delete", "--all", "--yes"))["deleted"] == 1
     rc, out, _ = await cli("session", "list")
     assert out.splitlines() == [out.splitlines()[0]]
 
@@ -423,3 +431,17 @@ def test_the_gateway_imports_without_cryptography_warnings():
     code = "import gateway.cli, gateway.api.app"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Warning" not in done.stderr, done.stderr
+
+
+async def test_delete_all_asks_first(cli):
+    for user in ("alice", "bob"):
+        await cli.json("session", "create", user)
+    for typed in ("", "n\n", "no\n", "whatever\n"):
+        rc, out, err = await cli("session", "delete", "--all", typed=typed)
+        assert (rc, out) == (1, "")
+        assert "End all 2 sessions (alice, bob)?" in err and "nothing deleted" in err
+    assert len(await cli.json("session", "list")) == 2
+    rc, out, err = await cli("session", "delete", "--all", typed="y\n")
+    assert rc == 0 and "2" in out
+    rc, out, err = await cli("session", "delete", "--all")  # nothing to end: nothing to ask
+    assert rc == 0 and err == ""
