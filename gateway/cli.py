@@ -39,9 +39,9 @@ def main(
     if args.command == "serve":
         return _serve(args, env, io)
     if args.command == "health":
-        from gateway.health import check
+        from gateway.health import check, health_url
 
-        healthy, detail = check(args.host, args.port)
+        healthy, detail = check(health_url(args.url, args.host, args.port, env))
         (io.out if healthy else io.err).write(detail + "\n")
         return 0 if healthy else 1
     if args.command == "gpus" and args.probe:

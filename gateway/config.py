@@ -310,17 +310,22 @@ def build_parser(
         add_commands(sub)
 
     health = sub.add_parser(
-        "health", help="exit 0 if the gateway on this machine answers /healthz with 200"
+        "health",
+        help="exit 0 if the gateway answers /healthz with 200",
+        description="GET /healthz of the gateway at --url, else at --host/--port (or "
+        "SANDMAN_HOST/SANDMAN_PORT, as `serve` reads them), else at the client's URL "
+        "(SANDMAN_URL or `sandman login`'s), else on this machine's port 8080.",
     )
+    health.add_argument("--url", help="the gateway's URL, e.g. http://gpu01.lab:8080")
     health.add_argument(
         "--host",
-        default=env.get("SANDMAN_HOST", d.host),
-        help=f"address its API binds (default: {d.host}, reached on loopback; env SANDMAN_HOST)",
+        default=env.get("SANDMAN_HOST"),
+        help="address its API binds (a wildcard is reached on loopback; env SANDMAN_HOST)",
     )
     health.add_argument(
         "--port",
         type=int,
-        default=int(env.get("SANDMAN_PORT", d.port)),
+        default=env.get("SANDMAN_PORT"),
         help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
     )
     return parser
