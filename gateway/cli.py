@@ -94,6 +94,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
     except GatewayError as exc:  # start-up refused (GPU host misconfigured, no Docker, ...)
         print(f"sandman: {exc.log_message}", file=sys.stderr)
         return 1
+    logging.getLogger(__name__).info("stopped: API and session ports closed")
     return 0
 
 
