@@ -336,6 +336,9 @@ async def gpus(api: Api, args: argparse.Namespace, io: Io) -> int:
     if args.json:
         fmt.dump(io.out, {**inventory, "available_instances": available["available_instances"]})
         return 0
+    if not inventory["gpus"]:
+        io.out.write("this host has no GPUs: sessions get none\n")
+        return 0
     rows: list[list[object]] = []
     for gpu in inventory["gpus"]:
         if not gpu["mig_enabled"]:

@@ -402,6 +402,11 @@ async def test_gpus_shows_slices_holders_and_free(make_server, tmp_path):
     assert data["count"] == 3 and {"gpus", "available_instances"} <= set(data)
 
 
+async def test_gpus_on_a_host_without_gpus_says_so(cli):
+    rc, out, _ = await cli("gpus")
+    assert (rc, out) == (0, "this host has no GPUs: sessions get none\n")
+
+
 async def test_gpus_probe_needs_no_gateway(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     rc = await asyncio.to_thread(main, ["gpus", "--probe"], env={}, out=out, err=err)
