@@ -46,6 +46,7 @@ class Config:
     ssh_password_auth: bool = True
     ssh_agent_forwarding: bool = True  # the client must still ask (ssh -A)
     ssh_streamlocal_forwarding: bool = False
+    tmux_attach: bool = False  # interactive logins land in a persistent tmux session
     start_timeout: float = 60.0
     pids_limit: int = 1024
     max_body_bytes: int = 64 * 1024
@@ -231,6 +232,11 @@ def build_parser(
         "at start; 'any' gives any free MIG instance",
         default=d.default_mig_profile,
     )
+    flag(
+        "--tmux-attach",
+        "interactive SSH logins land in the user's persistent tmux session (ssh host cmd, "
+        "scp and sftp are untouched)",
+    )
     flag("--mig-dynamic", "create MIG instances on demand and destroy them when the session ends")
     flag("--no-ssh-password-auth", "disable password login into session containers")
     opt(
@@ -409,6 +415,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         ssh_password_auth=not args.no_ssh_password_auth,
         ssh_agent_forwarding=args.ssh_agent_forwarding,
         ssh_streamlocal_forwarding=args.ssh_streamlocal_forwarding,
+        tmux_attach=args.tmux_attach,
         start_timeout=args.start_timeout,
         pids_limit=args.pids_limit,
         max_body_bytes=args.max_body_bytes,

@@ -128,7 +128,7 @@ class Provisioner:
         )
         files = [
             *session_files.host_key_files(keys),
-            session_files.sshd_forwarding_file(self._config),
+            *session_files.settings_files(self._config),
         ]
         if self._config.ssh_password_auth:
             files.append(session_files.password_file(creds.password_hash))

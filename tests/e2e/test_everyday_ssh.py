@@ -214,3 +214,42 @@ def test_documented_known_hosts_setup_logs_in_strictly_and_paramiko_still_loads(
     assert client.get_host_keys().lookup("github.com") is not None
     parsed = paramiko.SSHConfig.from_path(str(config)).lookup("127.0.0.1")
     assert parsed["userknownhostsfile"].split()[-1] == str(home / ".ssh/sandman/known_hosts")
+
+
+def test_tmux_attach_lands_terminal_logins_in_tmux_and_leaves_commands_alone(
+    gateway_factory: Any, ssh: Any, tmp_path: Path
+) -> None:
+    gateway = gateway_factory("--tmux-attach")
+    session = gateway.create(user_id="alice").body
+
+    def run(command: str) -> str:
+        done = ssh.with_key(session, command)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    terminal = subprocess.Popen(
+        [*_login(ssh, session, "-tt")],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TERM": "xterm"},
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: "main: 1 windows" in ssh.with_key(session, "tmux ls").stdout,
+            timeout=30, what="the terminal login's tmux session",
+        )  # fmt: skip
+    finally:
+        terminal.kill()
+        terminal.wait()
+    assert run("echo plain; echo ${TMUX:-none}") == "plain\nnone\n"  # ssh host cmd: no tmux
+    assert "main: 1 windows" in run("tmux ls")  # it outlives the connection
+    (tmp_path / "up.txt").write_text("through sftp\n")
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {tmp_path / 'up.txt'} up.txt\nget up.txt {tmp_path / 'down.txt'}\n")
+    options = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    sftp = subprocess.run(
+        ["sftp", "-P", str(session["ssh_port"]), "-i", str(ssh.save_key(session)), *options,
+         "-b", str(batch), f"{session['ssh_user']}@127.0.0.1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert sftp.returncode == 0, sftp.stderr
+    assert (tmp_path / "down.txt").read_text() == "through sftp\n"

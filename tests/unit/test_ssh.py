@@ -271,6 +271,14 @@ async def test_the_session_sshd_forwards_as_configured(
     text = container.files["/etc/ssh/sandman_forwarding.conf"].decode().splitlines()
     assert f"AllowAgentForwarding {agent}" in text
     assert f"AllowStreamLocalForwarding {streamlocal}" in text
+    assert "/etc/sandman/tmux-attach" not in container.files  # off unless asked for
+
+
+async def test_tmux_attach_puts_its_flag_in_the_container(make_client, runtime):
+    client = await make_client(tmux_attach=True)
+    assert (await create(client)).status == 201
+    (container,) = runtime.containers.values()
+    assert container.files["/etc/sandman/tmux-attach"] == b"on\n"
 
 
 @pytest.mark.parametrize(
