@@ -85,31 +85,35 @@ READ_SOCKET = (
 )
 
 
+def run(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
+def agent_keys(ssh: Any, session: dict[str, Any], env: dict[str, str], *extra: str) -> Any:
+    """``ssh-add -l`` in the session, with the agent of ``env`` (forwarded if ``-A``)."""
+    return run([*_login(ssh, session, *extra), "ssh-add -l"], env)
+
+
+def read_forwarded_socket(ssh: Any, session: dict[str, Any], local: Path) -> Any:
+    """Forward the local socket ``local`` onto ``~/S.forwarded`` and read it in there."""
+    forward = ["-o", "ExitOnForwardFailure=yes", "-R", f"/home/alice/S.forwarded:{local}"]
+    return run([*_login(ssh, session, *forward), READ_SOCKET])
+
+
 def test_agent_forwarding_is_on_and_socket_forwarding_off_by_default(
     gateway_factory: Any, ssh: Any, tmp_path: Path
 ) -> None:
     gateway = gateway_factory()
     session = gateway.create(user_id="alice").body
     with ssh_agent(tmp_path) as (env, fingerprint):
-        listed = subprocess.run(
-            [*_login(ssh, session, "-A"), "ssh-add -l"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        listed = agent_keys(ssh, session, env, "-A")
         assert listed.returncode == 0, listed.stderr
         assert fingerprint in listed.stdout and "laptop" in listed.stdout
-        without_a = subprocess.run(
-            [*_login(ssh, session), "ssh-add -l"], env=env, capture_output=True, text=True
-        )  # the client must still ask
+        without_a = agent_keys(ssh, session, env)  # the client must still ask
         assert without_a.returncode == 2, without_a.stdout
 
-    greeter = unix_greeter(tmp_path / "S.local")
-    with greeter:
-        forward = ["-o", "ExitOnForwardFailure=yes"]
-        forward += ["-R", f"/home/alice/S.forwarded:{tmp_path / 'S.local'}"]
-        refused = subprocess.run(
-            [*_login(ssh, session, *forward), READ_SOCKET],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+    with unix_greeter(tmp_path / "S.local"):
+        refused = read_forwarded_socket(ssh, session, tmp_path / "S.local")
     assert refused.returncode == 255
     assert "remote port forwarding failed" in refused.stderr
 
@@ -120,22 +124,14 @@ def test_the_settings_turn_agent_forwarding_off_and_socket_forwarding_on(
     gateway = gateway_factory("--ssh-agent-forwarding", "off", "--ssh-streamlocal-forwarding", "on")
     session = gateway.create(user_id="alice").body
     with ssh_agent(tmp_path) as (env, _):
-        listed = subprocess.run(
-            [*_login(ssh, session, "-A"), "ssh-add -l"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        listed = agent_keys(ssh, session, env, "-A")
     assert listed.returncode == 2
     assert "Could not open a connection to your authentication agent" in listed.stderr
 
     with unix_greeter(tmp_path / "S.local"):
         # twice: the second connection replaces the socket the first one left behind
         for _ in range(2):
-            forward = ["-o", "ExitOnForwardFailure=yes"]
-            forward += ["-R", f"/home/alice/S.forwarded:{tmp_path / 'S.local'}"]
-            done = subprocess.run(
-                [*_login(ssh, session, *forward), READ_SOCKET],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+            done = read_forwarded_socket(ssh, session, tmp_path / "S.local")
             assert (done.returncode, done.stdout) == (0, "hello from the laptop\n"), done.stderr
 
 
@@ -222,7 +218,7 @@ def test_tmux_attach_lands_terminal_logins_in_tmux_and_leaves_commands_alone(
     gateway = gateway_factory("--tmux-attach")
     session = gateway.create(user_id="alice").body
 
-    def run(command: str) -> str:
+    def in_session(command: str) -> str:
         done = ssh.with_key(session, command)
         assert done.returncode == 0, done.stderr
         return done.stdout
@@ -240,8 +236,8 @@ def test_tmux_attach_lands_terminal_logins_in_tmux_and_leaves_commands_alone(
     finally:
         terminal.kill()
         terminal.wait()
-    assert run("echo plain; echo ${TMUX:-none}") == "plain\nnone\n"  # ssh host cmd: no tmux
-    assert "main: 1 windows" in run("tmux ls")  # it outlives the connection
+    assert in_session("echo plain; echo ${TMUX:-none}") == "plain\nnone\n"  # ssh host cmd: no tmux
+    assert "main: 1 windows" in in_session("tmux ls")  # it outlives the connection
     (tmp_path / "up.txt").write_text("through sftp\n")
     batch = tmp_path / "batch"
     batch.write_text(f"put {tmp_path / 'up.txt'} up.txt\nget up.txt {tmp_path / 'down.txt'}\n")
