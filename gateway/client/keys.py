@@ -78,6 +78,9 @@ def remember_session_key(env: Mapping[str, str], session: Mapping[str, Any]) -> 
 def _key_for(env: Mapping[str, str], user: str, session_id: str) -> tuple[bool, Path | None]:
     """Whether this client saw the session's key, and the key file ssh should use (None:
     the user's own keys)."""
+    legacy = key_dir(env) / f"{user}-{session_id}"  # saved by an older client
+    if legacy.exists():
+        return True, legacy
     marker = _session_marker(env, user)
     try:
         seen = marker.read_text(encoding="utf-8").strip() == session_id

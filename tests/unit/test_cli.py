@@ -262,6 +262,13 @@ async def test_ssh_into_a_session_whose_key_this_client_never_saw_says_so(cli, t
     argv = argv_file.read_text().splitlines()
     assert argv.index("PasswordAuthentication=yes") < argv.index("PasswordAuthentication=no")
 
+    session_id = (await cli.json("session", "show", "alice"))["id"]
+    legacy = tmp_path / "elsewhere" / ".ssh" / "sandman" / f"alice-{session_id}"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_text("a key an older client saved\n")
+    rc, _, err = await cli("session", "ssh", "alice", env=env)
+    assert err == "" and ["-i", str(legacy)] == argv_file.read_text().splitlines()[2:4]
+
     own = await cli.json("session", "create", "bob", "--public-key", str(ed25519_pub(tmp_path)))
     rc, _, err = await cli(
         "session", "ssh", own["session_id"], env={**env, "HOME": cli.env["HOME"]}
