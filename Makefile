@@ -9,15 +9,22 @@ BIN    := $(VENV)/bin
 STATE  ?= $(CURDIR)/state
 PYTEST_ARGS ?=
 SOAK_CYCLES ?= 1000
+# make run's API port: API_PORT=9000 make run, or SANDMAN_PORT as the gateway reads it
+API_PORT ?= $(or $(SANDMAN_PORT),8080)
 
 .PHONY: run test setup host venv images unit e2e soak lint bench clean
 
 run: setup images
-	@echo "Sandman: API on port 8080; its token is in $(STATE)/api-token (made on first start). Next, in another terminal:"
-	@echo "  curl -s localhost:8080/ssh/known_hosts >> ~/.ssh/known_hosts"
-	@echo "  curl -X POST localhost:8080/sessions -H \"Authorization: Bearer \$$(cat $(STATE)/api-token)\" -d '{\"user_id\": \"user123\"}'"
-	@echo "  then ssh in with the key and port it answers (README.md, Quick start). Ctrl-C stops the gateway; sessions stay."
-	$(BIN)/sandman serve --state-dir $(STATE) --workspace-root $(STATE)/workspaces \
+	@echo "Sandman: API on http://127.0.0.1:$(API_PORT); its token is in $(STATE)/api-token (made on first start). Next, in another terminal:"
+	@echo "  $(BIN)/sandman login --url http://127.0.0.1:$(API_PORT) --token-file $(STATE)/api-token"
+	@echo "  $(BIN)/sandman session create user123 && $(BIN)/sandman session ssh user123"
+	@echo "  Plain ssh: keep the host CA in its own file, not in ~/.ssh/known_hosts (README.md, First login):"
+	@echo "  mkdir -p ~/.ssh/sandman && curl -s localhost:$(API_PORT)/ssh/known_hosts > ~/.ssh/sandman/known_hosts"
+	@echo "  and at the top of ~/.ssh/config:"
+	@echo "    Host localhost 127.0.0.1"
+	@echo "        UserKnownHostsFile ~/.ssh/known_hosts ~/.ssh/sandman/known_hosts"
+	@echo "  Ctrl-C stops the gateway; sessions stay."
+	$(BIN)/sandman serve --port $(API_PORT) --state-dir $(STATE) --workspace-root $(STATE)/workspaces \
 	    --ssh-host-alias 127.0.0.1 --ssh-host-alias localhost
 
 test: setup images lint

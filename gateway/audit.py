@@ -83,7 +83,9 @@ class Audit:
     async def aclose(self) -> None:
         """Write everything queued, stop the writer, close the log file."""
         if self._writer is not None:
+            queued = self._queue.qsize()
             await self._queue.join()
+            log.info("shutdown: wrote the %d queued audit records", queued)
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer

@@ -29,18 +29,19 @@ def main(
     env: Mapping[str, str] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    inp: TextIO | None = None,
 ) -> int:
     """Run one ``sandman`` command; the exit status is 0, 1 (the API or the system refused)
     or 2 (bad usage or no settings)."""
     env = os.environ if env is None else env
-    io = Io(out=out or sys.stdout, err=err or sys.stderr, env=env)
+    io = Io(out=out or sys.stdout, err=err or sys.stderr, env=env, inp=inp or sys.stdin)
     args = parse(argv, env, add_client_commands)
     if args.command == "serve":
         return _serve(args, env, io)
     if args.command == "health":
-        from gateway.health import check
+        from gateway.health import check, health_url
 
-        healthy, detail = check(args.host, args.port)
+        healthy, detail = check(health_url(args.url, args.host, args.port, env))
         (io.out if healthy else io.err).write(detail + "\n")
         return 0 if healthy else 1
     if args.command == "gpus" and args.probe:
@@ -93,6 +94,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
     except GatewayError as exc:  # start-up refused (GPU host misconfigured, no Docker, ...)
         print(f"sandman: {exc.log_message}", file=sys.stderr)
         return 1
+    logging.getLogger(__name__).info("stopped: API and session ports closed")
     return 0
 
 

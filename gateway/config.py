@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +44,9 @@ class Config:
     default_mig_profile: str | None = "3g.20gb"  # None: any free MIG instance
     mig_dynamic: bool = False
     ssh_password_auth: bool = True
+    ssh_agent_forwarding: bool = True  # the client must still ask (ssh -A)
+    ssh_streamlocal_forwarding: bool = False
+    tmux_attach: bool = False  # interactive logins land in a persistent tmux session
     start_timeout: float = 60.0
     pids_limit: int = 1024
     max_body_bytes: int = 64 * 1024
@@ -95,6 +99,27 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sandman")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "(not installed)"
+
+
+def on_off(text: str) -> bool:
+    """``on``/``off`` (also ``yes``/``no``, ``true``/``false``, ``1``/``0``).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    value = text.strip().lower()
+    if value in {"on", "yes", "true", "1"}:
+        return True
+    if value in {"off", "no", "false", "0"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
+
+
 def build_parser(
     env: Mapping[str, str],
     add_commands: Callable[[argparse._SubParsersAction], None] | None = None,
@@ -107,15 +132,23 @@ def build_parser(
         "environment variable SANDMAN_<OPTION> (dashes as underscores, upper case; "
         "repeatable options as a comma-separated list; flags as 1/true/yes).",
     )
+    parser.add_argument("--version", action="version", version=f"sandman {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway (REST API and SSH relays)")
     d = Config()
 
     def opt(
-        name: str, help_text: str, *, default: object, type_: type = str, shown: str = ""
+        name: str,
+        help_text: str,
+        *,
+        default: object,
+        type_: Callable[[str], object] = str,
+        shown: str = "",
     ) -> None:
+        # argparse converts a string default with type_, so a bad environment value is
+        # refused like a bad option, naming it.
         raw = env.get(_env_name(name))
-        value = type_(raw) if raw is not None else default
+        value = raw if raw is not None else default
         serve.add_argument(
             name,
             type=type_,
@@ -199,8 +232,25 @@ def build_parser(
         "at start; 'any' gives any free MIG instance",
         default=d.default_mig_profile,
     )
+    flag(
+        "--tmux-attach",
+        "interactive SSH logins land in the user's persistent tmux session (ssh host cmd, "
+        "scp and sftp are untouched)",
+    )
     flag("--mig-dynamic", "create MIG instances on demand and destroy them when the session ends")
     flag("--no-ssh-password-auth", "disable password login into session containers")
+    opt(
+        "--ssh-agent-forwarding",
+        "on: sessions' sshd allows agent forwarding (clients still ask with ssh -A)",
+        default="on" if d.ssh_agent_forwarding else "off",
+        type_=on_off,
+    )
+    opt(
+        "--ssh-streamlocal-forwarding",
+        "on: sessions' sshd forwards Unix sockets (ssh -R/-L with socket paths, e.g. gpg-agent)",
+        default="on" if d.ssh_streamlocal_forwarding else "off",
+        type_=on_off,
+    )
     opt(
         "--start-timeout",
         "seconds a container has to answer SSH before creation fails",
@@ -266,17 +316,22 @@ def build_parser(
         add_commands(sub)
 
     health = sub.add_parser(
-        "health", help="exit 0 if the gateway on this machine answers /healthz with 200"
+        "health",
+        help="exit 0 if the gateway answers /healthz with 200",
+        description="GET /healthz of the gateway at --url, else at --host/--port (or "
+        "SANDMAN_HOST/SANDMAN_PORT, as `serve` reads them), else at the client's URL "
+        "(SANDMAN_URL or `sandman login`'s), else on this machine's port 8080.",
     )
+    health.add_argument("--url", help="the gateway's URL, e.g. http://gpu01.lab:8080")
     health.add_argument(
         "--host",
-        default=env.get("SANDMAN_HOST", d.host),
-        help=f"address its API binds (default: {d.host}, reached on loopback; env SANDMAN_HOST)",
+        default=env.get("SANDMAN_HOST"),
+        help="address its API binds (a wildcard is reached on loopback; env SANDMAN_HOST)",
     )
     health.add_argument(
         "--port",
         type=int,
-        default=int(env.get("SANDMAN_PORT", d.port)),
+        default=env.get("SANDMAN_PORT"),
         help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
     )
     return parser
@@ -358,6 +413,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         else args.default_mig_profile,
         mig_dynamic=args.mig_dynamic,
         ssh_password_auth=not args.no_ssh_password_auth,
+        ssh_agent_forwarding=args.ssh_agent_forwarding,
+        ssh_streamlocal_forwarding=args.ssh_streamlocal_forwarding,
+        tmux_attach=args.tmux_attach,
         start_timeout=args.start_timeout,
         pids_limit=args.pids_limit,
         max_body_bytes=args.max_body_bytes,

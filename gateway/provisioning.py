@@ -126,7 +126,10 @@ class Provisioner:
             + timedelta(minutes=self._config.max_ttl_minutes)
             + session_files.CERT_MARGIN,
         )
-        files = session_files.host_key_files(keys)
+        files = [
+            *session_files.host_key_files(keys),
+            *session_files.settings_files(self._config),
+        ]
         if self._config.ssh_password_auth:
             files.append(session_files.password_file(creds.password_hash))
         return files + session_files.expiring_files(session, self._config)

@@ -9,7 +9,7 @@ import json
 from datetime import timedelta
 
 from gateway.config import Config
-from gateway.core.ssh import authorized_keys
+from gateway.core.ssh import authorized_keys, sshd_forwarding
 from gateway.models import Session, rfc3339
 from gateway.runtime.base import ContainerFile
 from gateway.ssh.identity import HostKeyFiles
@@ -18,6 +18,10 @@ HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
 AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys"
 PASSWORD_HASH = "/etc/sandman/password-hash"
 SESSION_INFO = "/etc/sandman/session.json"
+#: Included by the image's sshd_config; an image without the include ignores it.
+SSHD_FORWARDING = "/etc/ssh/sandman_forwarding.conf"
+#: Present: the image's login script attaches interactive logins to tmux.
+TMUX_ATTACH = "/etc/sandman/tmux-attach"
 #: Host certificates are valid from a little before issue (client clocks drift) ...
 CERT_BACKDATE = timedelta(minutes=5)
 #: ... until well after the latest moment the session could end.
@@ -34,6 +38,18 @@ def host_key_files(keys: HostKeyFiles) -> list[ContainerFile]:
 
 def password_file(password_hash: str) -> ContainerFile:
     return ContainerFile(PASSWORD_HASH, password_hash.encode() + b"\n", 0o600)
+
+
+def settings_files(config: Config) -> list[ContainerFile]:
+    """The files that carry the gateway's login settings: the session sshd's forwarding
+    settings, and the flag that lands interactive logins in tmux (``--tmux-attach``)."""
+    text = sshd_forwarding(
+        agent=config.ssh_agent_forwarding, streamlocal=config.ssh_streamlocal_forwarding
+    )
+    files = [ContainerFile(SSHD_FORWARDING, text.encode())]
+    if config.tmux_attach:
+        files.append(ContainerFile(TMUX_ATTACH, b"on\n"))
+    return files
 
 
 def session_info(session: Session, config: Config) -> dict[str, object]:

@@ -15,6 +15,9 @@
 #                           expiry-time= option (the session's end)          (required)
 #   /etc/sandman/password-hash  crypt(3) hash, e.g. bcrypt $2b$...; absent = no password
 #   /etc/sandman/session.json   facts about the session (user, expiry, GPU)
+#   /etc/ssh/sandman_forwarding.conf  agent / Unix socket forwarding as the gateway's
+#                           settings say (sshd_config includes it; absent = its defaults)
+#   /etc/sandman/tmux-attach    present with --tmux-attach (/etc/profile.d reads it)
 # The home /home/$SANDMAN_USER is expected to be a bind mount already owned by
 # uid:gid; it is never chowned, and /etc/skel files are only added if absent.
 set -euo pipefail

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api import admin_page, keys, middleware, openapi
+from gateway.api.access_log import AccessLogger
 from gateway.api.routes import routes
 from gateway.audit import Audit
 from gateway.config import Config
@@ -67,8 +68,13 @@ def _state_dir(path: Path) -> None:
 def server_settings(config: Config) -> dict[str, Any]:
     """aiohttp server settings: a connection that has not sent a whole request head within
     ``--http-timeout`` of opening or of its last answer is closed (slow-loris headers), and
-    the rest of a body answered early (413, 408) is read for at most that long."""
-    return {"keepalive_timeout": config.http_timeout, "lingering_time": config.http_timeout}
+    the rest of a body answered early (413, 408) is read for at most that long. Routine
+    reads are access-logged at DEBUG (:mod:`gateway.api.access_log`)."""
+    return {
+        "keepalive_timeout": config.http_timeout,
+        "lingering_time": config.http_timeout,
+        "access_log_class": AccessLogger,
+    }
 
 
 def create_app(

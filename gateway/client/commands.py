@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from gateway.client import format as fmt
 from gateway.client.http import Api, ApiError
-from gateway.client.keys import key_path, save_private_key, ssh_argv, ssh_config
+from gateway.client.keys import remember_session_key, ssh_argv, ssh_config, unseen_key_note
 from gateway.client.settings import Settings, config_path, save
 
 AUDIT_FOLLOW_PAGE = 1000
@@ -28,6 +28,7 @@ class Io:
     out: TextIO
     err: TextIO
     env: Mapping[str, str]
+    inp: TextIO | None = None  # where answers to questions come from (None: no one answers)
 
 
 Command = Callable[[Api, argparse.Namespace, Io], Awaitable[int]]
@@ -78,10 +79,7 @@ async def session_create(api: Api, args: argparse.Namespace, io: Io) -> int:
     if args.public_key:
         body["ssh_public_keys"] = _read_public_keys(args.public_key)
     created = await api.call("POST", "/sessions", json=body)
-    key_file = None
-    if created.get("ssh_private_key"):
-        key_file = key_path(io.env, created["ssh_user"], created["session_id"])
-        save_private_key(key_file, created["ssh_private_key"])
+    key_file = remember_session_key(io.env, created)
     if args.json:
         shown = {**created, "ssh_private_key": None}
         fmt.dump(io.out, {**shown, "ssh_private_key_file": key_file and str(key_file)})
@@ -188,8 +186,28 @@ async def session_extend(api: Api, args: argparse.Namespace, io: Io) -> int:
     return 0
 
 
+def _confirmed(io: Io, question: str) -> bool:
+    """Ask ``question`` on stderr (stdout stays for ``--json``); only ``y``/``yes`` agrees,
+    and no answer (no terminal, end of input) is no."""
+    io.err.write(f"{question} [y/N] ")
+    io.err.flush()
+    answer = io.inp.readline() if io.inp is not None else ""
+    if not answer.endswith("\n"):
+        io.err.write("\n")
+    return answer.strip().lower() in {"y", "yes"}
+
+
 async def session_delete(api: Api, args: argparse.Namespace, io: Io) -> int:
     if args.all:
+        if not args.yes:
+            users = [s["user_id"] for s in await api.sessions()]
+            question = (
+                f"End all {len(users)} sessions ({', '.join(users)})? Their connections are "
+                "cut and containers removed; workspaces stay."
+            )
+            if users and not await asyncio.to_thread(_confirmed, io, question):
+                io.err.write("sandman: nothing deleted (--yes deletes without asking)\n")
+                return 1
         answer = await api.call("DELETE", "/sessions")
     else:
         session = await api.find_session(args.session)
@@ -236,6 +254,10 @@ async def session_ssh(api: Api, args: argparse.Namespace, io: Io) -> int:
     session = await api.find_session(args.session)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     argv = ssh_argv(io.env, session, api.url, command, options=args.ssh_options)
+    note = unseen_key_note(io.env, session)
+    if note is not None:
+        io.err.write(f"sandman: {note}\n")
+        io.err.flush()
     return await asyncio.to_thread(_run, argv, io.env)
 
 
@@ -313,6 +335,9 @@ async def gpus(api: Api, args: argparse.Namespace, io: Io) -> int:
     holders = {s["gpu_uuid"]: s["user_id"] for s in await api.sessions() if s.get("gpu_uuid")}
     if args.json:
         fmt.dump(io.out, {**inventory, "available_instances": available["available_instances"]})
+        return 0
+    if not inventory["gpus"]:
+        io.out.write("this host has no GPUs: sessions get none\n")
         return 0
     rows: list[list[object]] = []
     for gpu in inventory["gpus"]:

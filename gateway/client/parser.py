@@ -82,7 +82,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     delete = command(actions, "delete", commands.session_delete, "end a session now")
     target = delete.add_mutually_exclusive_group(required=True)
     target.add_argument("session", nargs="?", metavar="ID|USER", help=ref)
-    target.add_argument("--all", action="store_true", help="end every session")
+    target.add_argument("--all", action="store_true", help="end every session (asks first)")
+    delete.add_argument("-y", "--yes", action="store_true", help="with --all: do not ask")
     conns = command(
         actions, "connections", commands.session_connections, "a session's connection history"
     )

@@ -66,6 +66,16 @@ def _load(path: Path) -> dict[str, object]:
         raise SettingsError(f"cannot read {path}: {exc}") from None
 
 
+def saved_url(env: Mapping[str, str]) -> str | None:
+    """The client's server, from ``SANDMAN_URL`` or the config file (no token needed).
+
+    Raises:
+        SettingsError: the config file is broken.
+    """
+    path = config_path(env)
+    return env.get("SANDMAN_URL") or _string(_load(path), "url", path) or None
+
+
 def resolve(url: str | None, token: str | None, env: Mapping[str, str]) -> Settings:
     """The server and token: each from its option, else ``SANDMAN_URL`` / ``SANDMAN_TOKEN``,
     else the config file.

@@ -131,6 +131,11 @@ def select_gpu(
     if mig_instance_uuid is not None:
         return _named_device(mig_instance_uuid, gpus, allocated)
     if mig_profile is not None:
+        if not inventory:
+            raise UnknownMigProfile(
+                f"this host has no GPUs, so no MIG profile ({mig_profile!r}); "
+                "leave mig_profile out for a session without a GPU"
+            )
         if mig_profile not in _known_profiles(gpus, profiles):
             raise UnknownMigProfile(f"MIG profile {mig_profile!r} is not offered by this host")
         return _by_profile(mig_profile, gpus, profiles, allocated, dynamic)

@@ -1,5 +1,5 @@
 """Pure SSH text formats: authorized_keys lines with an expiry, known_hosts patterns, the
-command a user pastes."""
+command a user pastes, the session sshd's forwarding settings."""
 
 from __future__ import annotations
 
@@ -38,3 +38,22 @@ def ssh_command(user: str, host: str, port: int) -> str:
     """The command a user pastes to log in."""
     target = f"{user}@{host}"
     return f"ssh -p {port} {shlex.quote(target)}"
+
+
+def sshd_forwarding(*, agent: bool, streamlocal: bool) -> str:
+    """The session sshd's forwarding settings, as an ``sshd_config`` fragment the image's
+    configuration includes before its own defaults (for sshd the first value read wins).
+
+    Agent forwarding still needs the client to ask (``ssh -A``); Unix socket forwarding
+    replaces a stale socket left by an earlier connection (``StreamLocalBindUnlink``), so a
+    forwarded gpg-agent socket works again after a reconnect. X11 stays off: there is no
+    X server or ``xauth`` in the image.
+    """
+    yes_no = {True: "yes", False: "no"}
+    return (
+        "# Written by the Sandman gateway from its --ssh-*-forwarding settings.\n"
+        f"AllowAgentForwarding {yes_no[agent]}\n"
+        f"AllowStreamLocalForwarding {yes_no[streamlocal]}\n"
+        f"StreamLocalBindUnlink {yes_no[streamlocal]}\n"
+        "X11Forwarding no\n"
+    )

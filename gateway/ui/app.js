@@ -226,17 +226,20 @@ async function refreshHistory() {
 // Create
 
 async function refreshProfiles() {
-  const [profiles, available] = await Promise.all([api("GET", "/gpus/profiles"), api("GET", "/gpus/available")]);
+  const [profiles, available, gpus] = await Promise.all([
+    api("GET", "/gpus/profiles"), api("GET", "/gpus/available"), api("GET", "/gpus"),
+  ]);
   const free = {};
   for (const item of available.available_instances) free[item.profile] = (free[item.profile] || 0) + 1;
   const select = $("create-profile");
   const chosen = select.value;
   const names = [...new Set(profiles.profiles.map((p) => p.name))];
-  const shown = JSON.stringify([names, free, available.count]);
+  const shown = JSON.stringify([names, free, available.count, gpus.count]);
   if (select.dataset.shown === shown) return; // an open list is left alone
   select.dataset.shown = shown;
+  const noGpus = gpus.count === 0 ? "no GPU: this host has no GPUs" : `${available.count} free slices`;
   select.replaceChildren(
-    el("option", { value: "" }, `Default (${available.count} free slices)`),
+    el("option", { value: "" }, `Default (${noGpus})`),
     ...names.map((name) => el("option", { value: name }, `${name} (${free[name] || 0} free)`)),
   );
   select.value = names.includes(chosen) ? chosen : "";
@@ -284,6 +287,12 @@ function showCreated(created) {
   $("created-expires").textContent = localTime(created.expires_at);
   showOptional("created-password", created.ssh_password);
   showOptional("created-known", created.ssh_known_hosts);
+  $("created-known-how").hidden = !created.ssh_known_hosts;
+  $("created-known-how").textContent =
+    "Save it in a file of its own, ~/.ssh/sandman/known_hosts, and add at the top of " +
+    `~/.ssh/config: "Host ${created.ssh_host}" with the line "UserKnownHostsFile ` +
+    '~/.ssh/known_hosts ~/.ssh/sandman/known_hosts". Not in ~/.ssh/known_hosts itself: ' +
+    "paramiko-based tools (Fabric, Ansible) cannot read the line there.";
   $("created-key").hidden = pendingKey === null;
   $("created-key").disabled = false;
   $("created-key").textContent = "Download private key";
@@ -357,7 +366,7 @@ async function refreshGpus() {
   const holders = {};
   for (const s of sessions) if (s.gpu_uuid) holders[s.gpu_uuid] = s.user_id;
   $("gpus-list").replaceChildren(
-    ...(data.gpus.length ? data.gpus.map((g) => gpuPicture(g, holders)) : [el("p", { class: "hint" }, "This gateway gives no GPUs.")]),
+    ...(data.gpus.length ? data.gpus.map((g) => gpuPicture(g, holders)) : [el("p", { class: "hint" }, "This host has no GPUs: sessions get none.")]),
   );
 }
 

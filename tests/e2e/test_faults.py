@@ -120,6 +120,10 @@ def test_sigterm_cuts_connections_keeps_sessions_and_the_next_start_resumes(gate
     gateway.proc = None
     for login in logins:
         login.wait(timeout=5)  # cut by the gateway
+    said = gateway.log_path.read_text()  # what it did, for the operator
+    assert "shutdown: cut 2 SSH connections (gateway_shutdown), closed 2 session ports" in said
+    assert "2 sessions and their containers stay for the next start" in said
+    assert "stopped: API and session ports closed" in said
     assert port_refuses(gateway.api_port)
     assert all(port_refuses(s["ssh_port"]) for s in (short, long))
     kept = holdings(gateway)

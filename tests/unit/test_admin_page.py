@@ -227,3 +227,13 @@ async def test_create_with_a_public_key_offers_no_private_key(make_server, brows
     await expect(page.locator("#created-key")).to_be_hidden()
     await expect(page.locator("#created-ssh")).to_have_text(re.compile(r"-p \d+ bob@gpu01.test$"))
     await expect(page.locator("#created-known")).to_have_text(re.compile("^@cert-authority "))
+    how = page.locator("#created-known-how")  # its own file, not ~/.ssh/known_hosts
+    await expect(how).to_contain_text("~/.ssh/sandman/known_hosts")
+    await expect(how).to_contain_text('"Host gpu01.test"')
+    # a host without GPUs says so, rather than "0 free slices"
+    await expect(page.locator("#create-profile option").first).to_have_text(
+        "Default (no GPU: this host has no GPUs)"
+    )
+    await expect(page.locator("#gpus-list")).to_have_text(
+        "This host has no GPUs: sessions get none."
+    )

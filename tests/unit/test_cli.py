@@ -35,12 +35,20 @@ class Cli:
             "SANDMAN_TOKEN": TOKEN,
         }
 
-    async def __call__(self, *argv: str, env: dict | None = None) -> tuple[int, str, str]:
+    async def __call__(
+        self, *argv: str, env: dict | None = None, typed: str = ""
+    ) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
 
         def run() -> int:
             try:
-                return main(list(argv), env=self.env if env is None else env, out=out, err=err)
+                return main(
+                    list(argv),
+                    env=self.env if env is None else env,
+                    out=out,
+                    err=err,
+                    inp=io.StringIO(typed),
+                )
             except SystemExit as exc:  # argparse's usage errors
                 return int(exc.code)
 
@@ -114,7 +122,7 @@ async def test_login_saves_a_private_config_that_later_commands_use(cli, tmp_pat
 async def test_session_commands(cli, tmp_path):
     rc, out, err = await cli("session", "create", "alice", "--ttl", "30")
     assert rc == 0, err
-    (key,) = (Path(cli.env["HOME"]) / ".ssh" / "sandman").glob("alice-*")
+    key = Path(cli.env["HOME"]) / ".ssh" / "sandman" / "alice"  # named by user, not session
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
     assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
@@ -198,9 +206,81 @@ async def test_session_commands(cli, tmp_path):
     kept = await cli.json("session", "connections", alice["id"])  # records outlive the session
     assert kept["count"] == len(records)
 
-    assert (await cli.json("session", "delete", "--all"))["deleted"] == 1
+    assert (await cli.json("session", "delete", "--all", "--yes"))["deleted"] == 1
     rc, out, _ = await cli("session", "list")
     assert out.splitlines() == [out.splitlines()[0]]
+
+
+def stub_ssh(tmp_path: Path, env: dict) -> tuple[dict, Path]:
+    """An ``ssh`` on PATH that records its arguments and exits 3."""
+    stub = tmp_path / "bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nexit 3\n')
+    (stub / "ssh").chmod(0o755)
+    return {**env, "PATH": f"{stub}:{env['PATH']}"}, tmp_path / "argv"
+
+
+async def test_one_key_file_per_user_replaced_by_each_new_session(cli, tmp_path):
+    keys = Path(cli.env["HOME"]) / ".ssh" / "sandman"
+    keys.mkdir(parents=True)
+    legacy = keys / "alice-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"  # an older client's file
+    other = keys / "alice-b"  # another user's key file
+    for path in (legacy, other):
+        path.write_text("old\n")
+    first = await cli.json("session", "create", "alice")
+    assert first["ssh_private_key_file"] == str(keys / "alice")
+    day_one = (await cli("ssh-config", "alice"))[1]
+    old_key = (keys / "alice").read_text()
+    assert not legacy.exists() and other.read_text() == "old\n"
+
+    assert (await cli("session", "delete", "alice"))[0] == 0
+    second = await cli.json("session", "create", "alice")
+    assert second["ssh_port"] == first["ssh_port"]  # sticky
+    assert (keys / "alice").read_text() != old_key  # the new session's key replaced it
+    assert sorted(p.name for p in keys.iterdir()) == [
+        "alice", "alice-b", "alice.session", "known_hosts"
+    ]  # fmt: skip
+    assert (await cli("ssh-config", "alice"))[1] == day_one
+
+    env, argv_file = stub_ssh(tmp_path, cli.env)
+    rc, _, err = await cli("session", "ssh", "alice", env=env)
+    assert rc == 3 and err == ""
+    assert ["-i", str(keys / "alice")] == (argv_file.read_text().splitlines()[2:4])
+
+
+async def test_ssh_into_a_session_whose_key_this_client_never_saw_says_so(cli, tmp_path):
+    await cli.json("session", "create", "alice")  # by another client (another home)
+    env, argv_file = stub_ssh(tmp_path, {**cli.env, "HOME": str(tmp_path / "elsewhere")})
+    rc, _, err = await cli("session", "ssh", "alice", env=env)
+    assert rc == 3
+    assert "no key of session" in err and "no password prompt" in err
+    argv = argv_file.read_text().splitlines()
+    assert "PasswordAuthentication=no" in argv and "KbdInteractiveAuthentication=no" in argv
+    assert "-i" not in argv
+
+    rc, _, err = await cli("session", "ssh", "-o", "PasswordAuthentication=yes", "alice", env=env)
+    argv = argv_file.read_text().splitlines()
+    assert argv.index("PasswordAuthentication=yes") < argv.index("PasswordAuthentication=no")
+
+    session_id = (await cli.json("session", "show", "alice"))["id"]
+    legacy = tmp_path / "elsewhere" / ".ssh" / "sandman" / f"alice-{session_id}"
+    legacy.parent.mkdir(parents=True, exist_ok=True)
+    legacy.write_text("a key an older client saved\n")
+    rc, _, err = await cli("session", "ssh", "alice", env=env)
+    assert err == "" and ["-i", str(legacy)] == argv_file.read_text().splitlines()[2:4]
+
+    own = await cli.json("session", "create", "bob", "--public-key", str(ed25519_pub(tmp_path)))
+    rc, _, err = await cli(
+        "session", "ssh", own["session_id"], env={**env, "HOME": cli.env["HOME"]}
+    )
+    assert rc == 3 and err == ""  # made here with the user's own keys: nothing to say
+    assert "PasswordAuthentication=no" not in argv_file.read_text()
+
+
+def ed25519_pub(tmp_path: Path) -> Path:
+    path = tmp_path / "id_own"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
+    return tmp_path / "id_own.pub"
 
 
 async def test_create_with_public_keys_saves_no_private_key(cli, runtime, tmp_path):
@@ -215,7 +295,7 @@ async def test_create_with_public_keys_saves_no_private_key(cli, runtime, tmp_pa
     b.write_text("# a comment line, skipped\n\n" + b.read_text())
     created = await cli.json("session", "create", "carol", "--public-key", str(a))
     assert created["ssh_private_key"] is None and created["ssh_private_key_file"] is None
-    assert not (Path(cli.env["HOME"]) / ".ssh" / "sandman").exists()
+    assert not (Path(cli.env["HOME"]) / ".ssh" / "sandman" / "carol").exists()
 
     rc, out, err = await cli(
         "session", "create", "dave", "--public-key", str(a), "--public-key", str(b)
@@ -329,6 +409,11 @@ async def test_gpus_shows_slices_holders_and_free(make_server, tmp_path):
     assert data["count"] == 3 and {"gpus", "available_instances"} <= set(data)
 
 
+async def test_gpus_on_a_host_without_gpus_says_so(cli):
+    rc, out, _ = await cli("gpus")
+    assert (rc, out) == (0, "this host has no GPUs: sessions get none\n")
+
+
 async def test_gpus_probe_needs_no_gateway(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     rc = await asyncio.to_thread(main, ["gpus", "--probe"], env={}, out=out, err=err)
@@ -345,3 +430,30 @@ async def test_create_with_limits_and_show_them(cli):
     assert "limits:      unlimited CPUs, unlimited memory" in out
     rc, _, err = await cli("session", "create", "big", "--memory", "lots")
     assert rc == 1 and "(invalid_limit)" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"], env={})
+    assert exc.value.code == 0
+    assert re.fullmatch(r"sandman \d+\.\d+\.\d+\n", capsys.readouterr().out)
+
+
+def test_the_gateway_imports_without_cryptography_warnings():
+    code = "import gateway.cli, gateway.api.app"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Warning" not in done.stderr, done.stderr
+
+
+async def test_delete_all_asks_first(cli):
+    for user in ("alice", "bob"):
+        await cli.json("session", "create", user)
+    for typed in ("", "n\n", "no\n", "whatever\n"):
+        rc, out, err = await cli("session", "delete", "--all", typed=typed)
+        assert (rc, out) == (1, "")
+        assert "End all 2 sessions (alice, bob)?" in err and "nothing deleted" in err
+    assert len(await cli.json("session", "list")) == 2
+    rc, out, err = await cli("session", "delete", "--all", typed="y\n")
+    assert rc == 0 and "2" in out
+    rc, out, err = await cli("session", "delete", "--all")  # nothing to end: nothing to ask
+    assert rc == 0 and err == ""

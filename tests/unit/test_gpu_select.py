@@ -247,7 +247,7 @@ def test_gpu_host_reporting_no_gpus_is_503():
 
 
 def test_selectors_on_a_gpu_less_host():
-    with pytest.raises(UnknownMigProfile):
+    with pytest.raises(UnknownMigProfile, match="this host has no GPUs"):
         select([], profile="1g.10gb", gpu_less=True, profiles=[])
     with pytest.raises(GpuInstanceNotFound):
         select([], uuid="MIG-0-1", gpu_less=True, profiles=[])

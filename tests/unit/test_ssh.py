@@ -11,7 +11,14 @@ import asyncssh
 import bcrypt
 import pytest
 
-from gateway.core.ssh import authorized_keys, expiry_option, known_hosts_line, ssh_command
+from gateway.config import config_from_args, parse
+from gateway.core.ssh import (
+    authorized_keys,
+    expiry_option,
+    known_hosts_line,
+    ssh_command,
+    sshd_forwarding,
+)
 from gateway.errors import InvalidPublicKey
 from gateway.ssh.credentials import (
     new_key_pair,
@@ -55,6 +62,52 @@ def test_known_hosts_line_covers_port_22_and_every_other_port():
         "@cert-authority gpu01.lab,[gpu01.lab]:*,10.0.0.5,[10.0.0.5]:* "
         "ssh-ed25519 AAAA sandman-host-ca"
     )
+
+
+@pytest.mark.parametrize(
+    ("agent", "streamlocal", "lines"),
+    [
+        (True, False, ["AllowAgentForwarding yes", "AllowStreamLocalForwarding no"]),
+        (False, False, ["AllowAgentForwarding no", "AllowStreamLocalForwarding no"]),
+        (True, True, ["AllowStreamLocalForwarding yes", "StreamLocalBindUnlink yes"]),
+        (False, True, ["AllowAgentForwarding no", "AllowStreamLocalForwarding yes"]),
+    ],
+)
+def test_sshd_forwarding_follows_the_settings_and_x11_stays_off(agent, streamlocal, lines):
+    text = sshd_forwarding(agent=agent, streamlocal=streamlocal).splitlines()
+    assert set(lines) <= set(text)
+    assert "X11Forwarding no" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "agent", "streamlocal"),
+    [
+        ([], {}, True, False),  # the defaults: agent forwarding on, socket forwarding off
+        (["--ssh-agent-forwarding", "off"], {}, False, False),
+        (["--ssh-streamlocal-forwarding", "on"], {}, True, True),
+        ([], {"SANDMAN_SSH_AGENT_FORWARDING": "no", "SANDMAN_SSH_STREAMLOCAL_FORWARDING": "1"},
+         False, True),
+    ],
+)  # fmt: skip
+def test_forwarding_options(argv, env, agent, streamlocal):
+    config = config_from_args(parse(["serve", *argv], env=env), env)
+    assert (config.ssh_agent_forwarding, config.ssh_streamlocal_forwarding) == (agent, streamlocal)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--ssh-agent-forwarding", "maybe"], ["--ssh-streamlocal-forwarding", ""]]
+)
+def test_forwarding_options_refuse_anything_but_on_or_off(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(["serve", *argv], env={})
+    assert exc.value.code == 2
+    assert "expected on or off" in capsys.readouterr().err
+
+
+def test_a_bad_environment_value_is_refused_naming_its_option(capsys):
+    with pytest.raises(SystemExit):
+        parse(["serve"], env={"SANDMAN_SSH_AGENT_FORWARDING": "sometimes"})
+    assert "--ssh-agent-forwarding" in capsys.readouterr().err
 
 
 def test_ssh_command():
@@ -200,6 +253,32 @@ async def test_own_keys_reach_the_container_and_no_private_key_is_made(make_clie
     (container,) = runtime.containers.values()
     text = container.files["/etc/ssh/authorized_keys/alice"].decode()
     assert text == f'expiry-time="20260101010000Z" {line.removesuffix(" me@laptop")}\n'
+
+
+@pytest.mark.parametrize(
+    ("overrides", "agent", "streamlocal"),
+    [
+        ({}, "yes", "no"),
+        ({"ssh_agent_forwarding": False, "ssh_streamlocal_forwarding": True}, "no", "yes"),
+    ],
+)
+async def test_the_session_sshd_forwards_as_configured(
+    make_client, runtime, overrides, agent, streamlocal
+):
+    client = await make_client(**overrides)
+    assert (await create(client)).status == 201
+    (container,) = runtime.containers.values()
+    text = container.files["/etc/ssh/sandman_forwarding.conf"].decode().splitlines()
+    assert f"AllowAgentForwarding {agent}" in text
+    assert f"AllowStreamLocalForwarding {streamlocal}" in text
+    assert "/etc/sandman/tmux-attach" not in container.files  # off unless asked for
+
+
+async def test_tmux_attach_puts_its_flag_in_the_container(make_client, runtime):
+    client = await make_client(tmux_attach=True)
+    assert (await create(client)).status == 201
+    (container,) = runtime.containers.values()
+    assert container.files["/etc/sandman/tmux-attach"] == b"on\n"
 
 
 @pytest.mark.parametrize(
