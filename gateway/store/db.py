@@ -259,8 +259,8 @@ class Store:
             return {int(row["ssh_port"]): None for row in await cur.fetchall()}
 
     @_atomic
-    async def insert_session(self, session: Session) -> None:
-        """Insert a new session row.
+    async def insert_session(self, session: Session, *, idle_exempt: bool = False) -> None:
+        """Insert a new session row, with its idle record (exempt from idle reclaim or not).
 
         Raises:
             SessionExists: the user already has a session.
@@ -292,6 +292,10 @@ class Store:
                         session.cpu_limit,
                         session.memory_limit,
                     ),
+                )
+                await conn.execute(
+                    "INSERT INTO session_idle (session_id, exempt) VALUES (?, ?)",
+                    (session.id, int(idle_exempt)),
                 )
                 # the port becomes this user's sticky port (taken from whoever had it)
                 await conn.execute(
@@ -398,15 +402,6 @@ class Store:
             )
 
     # -- idle reclaim ----------------------------------------------------------------------
-
-    @_atomic
-    async def insert_idle(self, session_id: str, *, exempt: bool) -> None:
-        """Start the session's idle record (its clocks start at the first sample)."""
-        async with self._transaction() as conn:
-            await conn.execute(
-                "INSERT OR IGNORE INTO session_idle (session_id, exempt) VALUES (?, ?)",
-                (session_id, int(exempt)),
-            )
 
     async def idle_state(self, session_id: str) -> SessionIdle:
         """The session's idle record; defaults when it has none yet."""
