@@ -13,6 +13,7 @@ ends the session through the orchestrator with reason ``idle`` (audited as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -134,7 +135,8 @@ class IdleReclaimer:
         running = self._sessions.running()
         for gone in set(self._memory) - {s.id for s in running}:
             del self._memory[gone]
-            self._metrics.session_idle_seconds.remove(gone)
+            with contextlib.suppress(KeyError):  # never sampled to the end
+                self._metrics.session_idle_seconds.remove(gone)
         results = await asyncio.gather(*(self._sample_one(s) for s in running),
                                        return_exceptions=True)  # fmt: skip
         for session, result in zip(running, results, strict=True):
@@ -177,12 +179,20 @@ class IdleReclaimer:
             case idle.Warn(reclaim_at=due, offset=offset):
                 memory.warned.add(offset)
                 await self._warn(session, clocks, due)
-            case idle.Reclaim(reclaim_at=due):
-                if self._sessions.connection_activity(session.id)[0]:
-                    return False  # someone connected just now
+            case idle.Reclaim():
+                if not await self._still_idle(session, clocks, now):
+                    return False
                 log.info("session %s: idle since %s, reclaiming", session.id, idle_since)
                 return await self._sessions.end(session, "idle")
         return False
+
+    async def _still_idle(self, session: Session, clocks: idle.Clocks, now: datetime) -> bool:
+        """Check again just before the end: a connection, or a hold set meanwhile."""
+        if self._sessions.connection_activity(session.id)[0]:
+            return False
+        fresh = await self._store.idle_state(session.id)
+        current = replace(clocks, hold_until=fresh.hold_until, exempt=fresh.exempt)
+        return isinstance(idle.decide(current, self._policy, now), idle.Reclaim)
 
     def _warned(self, memory: _Memory, clocks: idle.Clocks) -> set[float]:
         due = idle.reclaim_at(clocks, self._policy)
@@ -214,10 +224,9 @@ class IdleReclaimer:
         previous, memory.cpu = memory.cpu, (None if used is None else (used, now))
         if used is None or previous is None or now <= previous[1]:
             return None, None
-        percent = max(0.0, used - previous[0]) / (now - previous[1]) * 100
-        return idle.is_busy(idle.Reading(percent), self._policy.cpu_threshold, self._policy), round(
-            percent, 1
-        )
+        percent = round(max(0.0, used - previous[0]) / (now - previous[1]) * 100, 1)
+        busy = idle.is_busy(idle.Reading(percent), self._policy.cpu_threshold, self._policy)
+        return busy, percent
 
     async def _apply_hold_file(
         self, session: Session, state: SessionIdle, now: datetime
