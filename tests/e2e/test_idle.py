@@ -11,9 +11,9 @@ from typing import Any
 from tests.e2e.conftest import Gateway, port_refuses, wait_for
 
 #: idle after 4 s without a connection and 4 s of idle CPU, sampled every second, warned
-#: 3 s before
+#: 3 s before; a low CPU threshold, so a busy loop counts even on a crowded test machine
 SHORT = ("--idle-sample", "1s", "--idle-no-connection", "4s", "--idle-compute", "4s",
-         "--idle-warn", "3s", "--idle-hold-max", "2h")  # fmt: skip
+         "--idle-warn", "3s", "--idle-hold-max", "2h", "--idle-cpu-threshold", "3")  # fmt: skip
 
 
 def idle_of(gateway: Gateway, session: dict[str, Any]) -> dict[str, Any] | None:
@@ -66,7 +66,7 @@ def test_an_open_connection_keeps_it_and_so_does_a_busy_job(gateway_factory, ssh
         assert view["kept_because"] == ["connection"] and view["connections"] == 1
         assert view["reclaim_at"] is None
         # a job left running (a training run in the background), then nobody connected
-        job = "setsid nice sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &"
+        job = "setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &"
         assert ssh.with_key(session, job).returncode == 0
         wait_for(lambda: "compute_busy" in idle_of(gateway, session)["kept_because"],
                  timeout=10, what="the job to count")  # fmt: skip
@@ -74,7 +74,7 @@ def test_an_open_connection_keeps_it_and_so_does_a_busy_job(gateway_factory, ssh
         connected.kill()
         connected.wait()
     view = stays(gateway, session, 8)
-    assert view["kept_because"] == ["compute_busy"] and view["utilization"] > 10
+    assert view["kept_because"] == ["compute_busy"] and view["utilization"] > 3
     assert view["compute"] == "cpu" and view["no_connection_since"] is not None
 
 
