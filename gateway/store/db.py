@@ -260,7 +260,8 @@ class Store:
 
     @_atomic
     async def insert_session(self, session: Session, *, idle_exempt: bool = False) -> None:
-        """Insert a new session row, with its idle record (exempt from idle reclaim or not).
+        """Insert a new session row, with its idle record (exempt from idle reclaim or not;
+        the connection clock starts at creation, the compute clock at the first sample).
 
         Raises:
             SessionExists: the user already has a session.
@@ -293,9 +294,10 @@ class Store:
                         session.memory_limit,
                     ),
                 )
-                await conn.execute(
-                    "INSERT INTO session_idle (session_id, exempt) VALUES (?, ?)",
-                    (session.id, int(idle_exempt)),
+                await conn.execute(  # nobody has connected yet: that clock runs from now
+                    "INSERT INTO session_idle (session_id, exempt, no_connection_since) "
+                    "VALUES (?, ?, ?)",
+                    (session.id, int(idle_exempt), _ts(session.created_at)),
                 )
                 # the port becomes this user's sticky port (taken from whoever had it)
                 await conn.execute(

@@ -1,6 +1,7 @@
 """Idle reclaim through the API, with a settable clock, the fake runtime (CPU time) and a
 fake NVML (GPU utilisation): clocks, warnings, the reclaim, holds and exemptions."""
 
+import asyncio
 import os
 
 import pytest
@@ -67,6 +68,27 @@ async def test_an_unused_session_is_warned_then_reclaimed(client, clock, runtime
     assert ended and ended[0]["reason"] == "idle"
     metrics = await (await client.get("/metrics")).text()
     assert 'sandman_sessions_ended_total{reason="idle"} 1.0' in metrics
+
+
+async def test_a_short_login_between_two_samples_restarts_the_connection_clock(client, clock):
+    session_id = await start(client)
+    await sample(client, clock)
+    created = (await idle_view(client, session_id))["no_connection_since"]
+    clock.advance(30)
+    port = (await (await client.get(f"/sessions/{session_id}")).json())["ssh_port"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()  # the container's SSH banner: relayed
+    writer.close()
+    sessions = client.app[keys.SESSIONS]
+    for _ in range(100):  # the relay notices the close
+        if sessions.connection_activity(session_id) == (0, clock()):
+            break
+        await asyncio.sleep(0.02)
+    await sample(client, clock, 0.5)
+    view = await idle_view(client, session_id)
+    assert view["no_connection_since"] != created
+    assert view["no_connection_since"] == view["last_connection_at"]
+    assert view["no_connection_since"] == (clock() - _minutes(0.5)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def test_busy_cpu_keeps_a_session_nobody_is_connected_to(client, clock, runtime):
