@@ -77,7 +77,7 @@ def read_hold_file(workspace: Path) -> tuple[datetime | None, datetime] | None:
         until = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return (until if until.tzinfo else None), written
+    return (until, written) if until.tzinfo is not None else None  # a zone-less time: unusable
 
 
 @dataclass

@@ -149,6 +149,17 @@ async def test_a_hold_file_in_the_workspace_holds_and_releases(client, clock, tm
     assert "hold" not in (await idle_view(client, session_id))["kept_because"]
 
 
+@pytest.mark.parametrize("text", ["2099-01-01T00:00:00", "soon", "x" * 200])
+async def test_a_hold_file_that_is_garbled_changes_nothing(client, clock, tmp_path, text):
+    session_id = await start(client)
+    await client.patch(f"/sessions/{session_id}", json={"idle_hold_minutes": 30})
+    hold = tmp_path / "workspaces" / "alice" / HOLD_FILE
+    hold.write_text(text)
+    os.utime(hold, (clock().timestamp() + 60, clock().timestamp() + 60))
+    await sample(client, clock, 0.1)
+    assert "hold" in (await idle_view(client, session_id))["kept_because"]  # the API's stays
+
+
 async def test_a_hold_file_that_is_a_link_is_ignored(client, clock, tmp_path):
     session_id = await start(client)
     target = tmp_path / "elsewhere"
