@@ -119,6 +119,7 @@ class NvmlBackend:
         self._closed = False
         self._faults: dict[int, str] = {}  # GPU index → its last NVML error, to log changes
         self._gpm: dict[str, Any] = {}  # MIG UUID → its last GPM sample (Hopper and newer)
+        # (one per slice read; freed when the slice is destroyed)
 
     @classmethod
     async def open(
@@ -209,6 +210,10 @@ class NvmlBackend:
             mig_uuid,
             changes=True,
         )
+        sample = self._gpm.pop(mig_uuid, None)
+        if sample is not None:  # its last GPM sample: gone with it
+            with contextlib.suppress(GatewayError):
+                await self._call("freeing a GPM sample", self._nv.nvmlGpmSampleFree, sample)
 
     async def reclaim(self, held: Collection[str]) -> None:
         """Destroy the instances this gateway created that no session holds.

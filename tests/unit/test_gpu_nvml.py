@@ -552,6 +552,8 @@ async def test_hopper_mig_slice_reads_gpm_sm_utilisation():
     gi.sm_util = 0.0
     assert (await backend.utilization(ci.uuid)).utilization == 0.0
     assert len(nv.gpm_samples) == 1  # each older sample was freed
+    await backend.destroy_instance(ci.uuid)
+    assert nv.gpm_samples == {}  # and the last one with its slice
     await backend.close()
 
 
