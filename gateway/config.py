@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.core.idle import UNKNOWN_BUSY, UNKNOWN_IDLE, IdlePolicy
 from gateway.core.ports import PortRange
 from gateway.core.validation import LimitPolicy, parse_duration, parse_size
 
@@ -62,6 +63,9 @@ class Config:
     # sessions.CREATE_STEPS) stops the process (SIGSTOP), so a test can SIGKILL it right there.
     test_stop_at: str | None = None
     limits: LimitPolicy = field(default_factory=LimitPolicy)
+    idle_reclaim: bool = True
+    idle: IdlePolicy = field(default_factory=IdlePolicy)
+    idle_sample: float = 60.0
 
     @property
     def db_path(self) -> Path:
@@ -312,6 +316,7 @@ def build_parser(
             f"largest {kind} limit a session may ask for ({example}); none: no maximum",
             default="none",
         )
+    _idle_options(opt)
     if add_commands is not None:
         add_commands(sub)
 
@@ -335,6 +340,62 @@ def build_parser(
         help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
     )
     return parser
+
+
+def _idle_options(opt: Callable[..., None]) -> None:
+    """The idle reclaim settings (docs/operators.md, "Idle reclaim")."""
+    opt("--idle-reclaim", "end sessions nobody uses: on or off", default="on")
+    opt(
+        "--idle-no-connection",
+        "idle needs no relayed connection for this long, e.g. 90s, 30m, 2h, 1d",
+        default="30m",
+    )
+    opt("--idle-compute", "... and compute below its threshold for this long", default="60m")
+    opt("--idle-gpu-threshold", "GPU utilisation (%%) below which a slice is idle", default="5")
+    opt(
+        "--idle-cpu-threshold",
+        "CPU use (%% of one core) below which a GPU-less session is idle",
+        default="10",
+    )
+    opt(
+        "--idle-mig-unknown",
+        "a MIG slice that reports no utilisation (Ampere) is: busy while compute processes "
+        "run on it, or idle",
+        default=UNKNOWN_BUSY,
+    )
+    opt("--idle-warn", "warn this long before an idle reclaim, comma-separated", default="30m,5m")
+    opt("--idle-hold-max", "longest hold a user may put on a session", default="24h")
+    opt("--idle-sample", "how often connections and compute are sampled", default="60s")
+
+
+def _idle_policy(args: argparse.Namespace) -> tuple[bool, IdlePolicy, float]:
+    """``--idle-reclaim``, the idle policy and ``--idle-sample``.
+
+    Raises:
+        ValueError: a malformed setting, a threshold outside 0-100 (GPU) or below 0 (CPU),
+            or a zero sample period.
+    """
+    switch = args.idle_reclaim.strip().lower()
+    if switch not in ("on", "off"):
+        raise ValueError("--idle-reclaim must be on or off")
+    if args.idle_mig_unknown not in (UNKNOWN_BUSY, UNKNOWN_IDLE):
+        raise ValueError("--idle-mig-unknown must be busy or idle")
+    gpu, cpu = float(args.idle_gpu_threshold), float(args.idle_cpu_threshold)
+    if not 0 <= gpu <= 100 or cpu < 0:
+        raise ValueError("--idle-gpu-threshold is 0-100 and --idle-cpu-threshold at least 0")
+    sample = parse_duration(args.idle_sample)
+    if sample <= 0:
+        raise ValueError("--idle-sample must be positive")
+    policy = IdlePolicy(
+        no_connection=parse_duration(args.idle_no_connection),
+        compute=parse_duration(args.idle_compute),
+        gpu_threshold=gpu,
+        cpu_threshold=cpu,
+        mig_unknown=args.idle_mig_unknown,
+        warnings=tuple(parse_duration(w) for w in args.idle_warn.split(",") if w.strip()),
+        hold_max=parse_duration(args.idle_hold_max),
+    )
+    return switch == "on", policy, sample
 
 
 def _optional(text: str, parse: Callable[[str], float]) -> float | None:
@@ -387,6 +448,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
     http_timeout = parse_duration(args.http_timeout)
     if http_timeout <= 0:
         raise ValueError("--http-timeout must be positive")
+    idle_reclaim, idle_policy, idle_sample = _idle_policy(args)
     return Config(
         host=args.host,
         port=args.port,
@@ -429,6 +491,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         max_connections_per_session=args.max_connections_per_session,
         test_stop_at=env.get("SANDMAN_TEST_STOP_AT") or None,
         limits=_limit_policy(args),
+        idle_reclaim=idle_reclaim,
+        idle=idle_policy,
+        idle_sample=idle_sample,
     )
 
 

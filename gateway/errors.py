@@ -36,6 +36,11 @@ class InvalidTtl(GatewayError):
     status = 400
 
 
+class InvalidIdleHold(GatewayError):
+    code = "invalid_idle_hold"
+    status = 400
+
+
 class InvalidPublicKey(GatewayError):
     code = "invalid_public_key"
     status = 400

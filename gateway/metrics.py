@@ -45,6 +45,21 @@ class Metrics:
         self.gpu_slices = Gauge(
             "sandman_gpu_slices", "GPU slices (MIG instances or whole GPUs)", ["state"], registry=r
         )
+        self.sessions_ended = Counter(
+            "sandman_sessions_ended",
+            "Sessions ended, by reason (idle: reclaimed as idle; ttl_expired, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.session_idle_seconds = Gauge(
+            "sandman_session_idle_seconds",
+            "How long each session has been idle (no connection and compute below threshold); "
+            "0 while something keeps it",
+            ["session"],
+            registry=r,
+        )
+        for reason in ("idle", "ttl_expired", "session_deleted"):
+            self.sessions_ended.labels(reason)
         for reason in CloseReason:
             self.connections_ended.labels(reason.value)
         for direction in ("up", "down"):

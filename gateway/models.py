@@ -64,6 +64,21 @@ class Session:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionIdle:
+    """A session's stored idle state (see :mod:`gateway.core.idle`). ``last_connection_at``
+    is the last moment a relayed connection was seen open; None: never."""
+
+    session_id: str
+    exempt: bool = False
+    last_connection_at: datetime | None = None
+    no_connection_since: datetime | None = None
+    compute_idle_since: datetime | None = None
+    utilization: float | None = None
+    hold_until: datetime | None = None
+    hold_set_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CreateRequest:
     """A validated POST /sessions body."""
 
@@ -75,6 +90,7 @@ class CreateRequest:
     public_keys: tuple[str, ...] = ()  # the caller's own keys; none: a key pair is generated
     cpu_limit: float | None = None  # CPUs; None: unlimited
     memory_limit: int | None = None  # bytes; None: unlimited
+    idle_reclaim: bool = True  # False: exempt from idle reclaim
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,7 +85,11 @@ _CONNECTION_REASON = {
     "container_gone": CloseReason.SERVER_CLOSED,
 }
 #: The audit event of a session ending, by why it ends.
-_END_EVENT = {"ttl_expired": "session_expired", "session_deleted": "session_deleted"}
+_END_EVENT = {
+    "ttl_expired": "session_expired",
+    "session_deleted": "session_deleted",
+    "idle": "session_idle_reclaimed",
+}
 
 
 @dataclass(eq=False)
@@ -152,6 +156,26 @@ class SessionManager:
     def active_connections(self, session_id: str) -> int:
         live = self._live.get(session_id)
         return live.listener.active if live and live.listener else 0
+
+    def connection_activity(self, session_id: str) -> tuple[int, datetime | None]:
+        """The session's open relayed connections now, and the last moment one was open
+        in this process (None: none since it started or was recovered)."""
+        live = self._live.get(session_id)
+        if live is None or live.listener is None:
+            return 0, None
+        return live.listener.active, live.listener.last_seen
+
+    def running(self) -> list[Session]:
+        """The sessions running in this process and not ending (the idle sampler's)."""
+        return [
+            live.session
+            for live in self._live.values()
+            if live.session.state is SessionState.RUNNING and live.ending is None
+        ]
+
+    async def tell(self, session: Session, message: str) -> None:
+        """Write ``message`` to the session's open terminals (best effort)."""
+        await self._provision.tell(session, message)
 
     def _listeners(self) -> list[SessionListener]:
         return [live.listener for live in self._live.values() if live.listener is not None]
@@ -248,7 +272,7 @@ class SessionManager:
                     cpu_limit=request.cpu_limit,
                     memory_limit=request.memory_limit,
                 )
-                await self._store.insert_session(session)
+                await self._store.insert_session(session, idle_exempt=not request.idle_reclaim)
             except BaseException:
                 await self._unreserve(allocation, listener)
                 raise
@@ -465,6 +489,7 @@ class SessionManager:
             if self._live.get(session_id) is live:
                 del self._live[session_id]
         why = row.end_reason or reason
+        self._metrics.sessions_ended.labels(why).inc()
         log.info("session %s of %s ended: %s", session_id, row.user_id, why)
         if row.container_ip is not None:  # it ran; one that never did ends with its POST
             await _quietly(

@@ -49,6 +49,7 @@ class FakeContainer:
     server: asyncio.Server | None = None
     port: int = 0
     files: dict[str, bytes] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # CPU time used so far (a test raises it to look busy)
 
     def host_key(self) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
         key = asyncssh.import_private_key(self.files[HOST_KEY])
@@ -217,6 +218,12 @@ class FakeRuntime:
     async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
         self._check()
         self.execs.append((container_id, argv, user))
+
+    async def cpu_seconds(self, container_id: str) -> float | None:
+        """The container's ``cpu_seconds`` (a test raises it to look busy)."""
+        self._check()
+        container = self.find(container_id)
+        return None if container is None or not container.running else container.cpu_seconds
 
     async def close(self) -> None:
         for task in self.tasks:

@@ -3,8 +3,8 @@
 Start-up opens the database, resolves the API token and the SSH host CA, opens the audit
 trail and metrics, connects to Docker (creating the session network), opens the GPU
 backend (refusing a default MIG profile this host lacks, reclaiming MIG instances it made
-that no session holds), recovers sessions (before serving), and starts the TTL sweeper.
-Shutdown undoes that in reverse; sessions and containers stay.
+that no session holds), recovers sessions (before serving), and starts the TTL sweeper
+and the idle sampler. Shutdown undoes that in reverse; sessions and containers stay.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gateway.config import Config
 from gateway.gpu import open_backend
 from gateway.gpu.allocator import GpuAllocator
 from gateway.gpu.base import GpuBackend
+from gateway.idle_reclaim import IdleReclaimer
 from gateway.metrics import Metrics
 from gateway.models import utcnow
 from gateway.runtime.base import Runtime
@@ -160,6 +161,16 @@ def create_app(
         )
         await manager.recover()
         app[keys.SESSIONS] = manager
+        app[keys.IDLE] = IdleReclaimer(
+            config,
+            sessions=manager,
+            store=app[keys.STORE],
+            runtime=app[keys.RUNTIME],
+            gpus=app[keys.GPUS],
+            audit=app[keys.AUDIT],
+            metrics=app[keys.METRICS],
+            clock=clock,
+        )
         try:
             yield
         finally:
@@ -180,6 +191,8 @@ def create_app(
             asyncio.create_task(sweep_forever(), name="ttl-sweeper"),
             asyncio.create_task(manager.watch_containers(), name="container-events"),
         ]
+        if config.idle_reclaim:
+            tasks.append(asyncio.create_task(app[keys.IDLE].run(), name="idle-sampler"))
         yield
         for task in tasks:
             task.cancel()

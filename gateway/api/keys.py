@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway.audit import Audit
 from gateway.config import Config
 from gateway.gpu.allocator import GpuAllocator
+from gateway.idle_reclaim import IdleReclaimer
 from gateway.metrics import Metrics
 from gateway.runtime.base import Runtime
 from gateway.sessions import SessionManager
@@ -19,6 +20,7 @@ STORE = web.AppKey("store", Store)
 RUNTIME = web.AppKey("runtime", Runtime)
 GPUS = web.AppKey("gpus", GpuAllocator)
 SESSIONS = web.AppKey("sessions", SessionManager)
+IDLE = web.AppKey("idle", IdleReclaimer)
 AUDIT = web.AppKey("audit", Audit)
 METRICS = web.AppKey("metrics", Metrics)
 IDENTITY = web.AppKey("identity", HostIdentity)

@@ -108,6 +108,10 @@ SCHEMAS: dict[str, Any] = {
                 "type": ["integer", "string", "null"],
                 "description": "bytes, or a size like 512m or 4g; at most --max-memory-limit",
             },
+            "idle_reclaim": {
+                "type": ["boolean", "null"],
+                "description": "false: exempt from idle reclaim (default true)",
+            },
         },
     },
     "PatchSession": {
@@ -116,8 +120,16 @@ SCHEMAS: dict[str, Any] = {
         "minProperties": 1,
         "maxProperties": 1,
         "properties": {
-            name: {"type": "integer"}
-            for name in ("ttl_minutes", "ttl_seconds", "extend_minutes", "extend_seconds")
+            **{
+                name: {"type": "integer"}
+                for name in ("ttl_minutes", "ttl_seconds", "extend_minutes", "extend_seconds")
+            },
+            "idle_hold_minutes": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "hold from idle reclaim this long (0 releases; at most "
+                "--idle-hold-max, else 400 invalid_idle_hold); the expiry does not move",
+            },
         },
     },
     "CreatedSession": _object(
@@ -152,6 +164,10 @@ SCHEMAS: dict[str, Any] = {
             "created_at": _TIMESTAMP,
             "expires_at": _TIMESTAMP,
             "active_connections": {"type": "integer", "minimum": 0},
+            "idle": {
+                "oneOf": [{"type": "null"}, _ref("Idle")],
+                "description": "idle reclaim's view; null while --idle-reclaim is off",
+            },
             "metadata": _object(
                 {
                     "image": {"type": "string"},
@@ -161,6 +177,26 @@ SCHEMAS: dict[str, Any] = {
             ),
             **_LIMITS,
             **_SESSION_ACCESS,
+        }
+    ),
+    "Idle": _object(
+        {
+            "connections": {"type": "integer", "minimum": 0},
+            "no_connection_since": {"type": ["string", "null"], "format": "date-time"},
+            "last_connection_at": {"type": ["string", "null"], "format": "date-time"},
+            "compute": {"enum": ["gpu", "cpu"]},
+            "utilization": {**_NULLABLE_NUM, "description": "percent; null when unknown"},
+            "compute_idle_since": {"type": ["string", "null"], "format": "date-time"},
+            "hold_until": {"type": ["string", "null"], "format": "date-time"},
+            "reclaim_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when it is ended as idle if nothing changes; null while kept",
+            },
+            "kept_because": {
+                "type": "array",
+                "items": {"enum": ["connection", "compute_busy", "hold", "exempt"]},
+            },
         }
     ),
     "Connection": _object(
@@ -344,7 +380,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "parameters": [_SESSION_ID],
         "get": _op("one session", {"200": _VIEW, "404": _NOT_FOUND}),
         "patch": _op(
-            "change the TTL",
+            "change the TTL, or hold the session from idle reclaim",
             {
                 "200": _VIEW,
                 "400": _BAD,

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.keys import CONFIG, GPUS, IDENTITY, METRICS, RUNTIME, SESSIONS, STORE
+from gateway.api.keys import CONFIG, GPUS, IDENTITY, IDLE, METRICS, RUNTIME, SESSIONS, STORE
 from gateway.api.schemas import parse_audit_query, parse_create, parse_patch
 from gateway.api.views import (
     available_view,
@@ -81,9 +81,10 @@ async def _body(request: web.Request) -> bytes:
         raise RequestTimeout("the request body did not arrive in time") from None
 
 
-def _view(request: web.Request, session: Session) -> dict[str, Any]:
+async def _view(request: web.Request, session: Session) -> dict[str, Any]:
     active = request.app[SESSIONS].active_connections(session.id)
-    return session_view(session, active, request.app[CONFIG], request.app[IDENTITY])
+    view = session_view(session, active, request.app[CONFIG], request.app[IDENTITY])
+    return {**view, "idle": await request.app[IDLE].view(session)}
 
 
 @routes.post("/sessions")
@@ -96,24 +97,30 @@ async def create_session(request: web.Request) -> web.Response:
 
 @routes.get("/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
-    return web.json_response([_view(request, s) for s in await request.app[SESSIONS].list()])
+    sessions = await request.app[SESSIONS].list()
+    return web.json_response([await _view(request, s) for s in sessions])
 
 
 @routes.get("/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
     session = await request.app[SESSIONS].get(request.match_info["session_id"])
-    return web.json_response(_view(request, session))
+    return web.json_response(await _view(request, session))
 
 
 @routes.patch("/sessions/{session_id}")
 async def extend_session(request: web.Request) -> web.Response:
     change = parse_patch(await _body(request))
-    session = await request.app[SESSIONS].extend(
-        request.match_info["session_id"],
-        new_total_seconds=change.new_total_seconds,
-        extend_seconds=change.extend_seconds,
-    )
-    return web.json_response(_view(request, session))
+    session_id = request.match_info["session_id"]
+    if change.idle_hold_minutes is not None:
+        await request.app[IDLE].hold(session_id, change.idle_hold_minutes)
+        session = await request.app[SESSIONS].get(session_id)
+    else:
+        session = await request.app[SESSIONS].extend(
+            session_id,
+            new_total_seconds=change.new_total_seconds,
+            extend_seconds=change.extend_seconds,
+        )
+    return web.json_response(await _view(request, session))
 
 
 @routes.get("/sessions/{session_id}/connections")

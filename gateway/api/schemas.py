@@ -37,6 +37,7 @@ _CREATE_FIELDS: dict[str, _Kind] = {
     "ssh_public_keys": list,
     "cpu_limit": (int, float),
     "memory_limit": (int, str),
+    "idle_reclaim": bool,
 }
 
 
@@ -46,6 +47,7 @@ _KIND_NAMES: dict[_Kind, str] = {
     list: "a list",
     (int, float): "a number",
     (int, str): "an integer or a string",
+    bool: "true or false",
 }
 
 
@@ -77,7 +79,7 @@ def _typed(data: dict[str, Any], fields: dict[str, _Kind]) -> dict[str, Any]:
             values[name] = None
             continue
         # bool is an int in Python, never in our API
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise InvalidRequest(f"field {name!r} must be {_KIND_NAMES[kind]}")
         values[name] = value
     return values
@@ -115,6 +117,7 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
         public_keys=() if keys is None else parse_public_keys(keys),
         cpu_limit=cpu_limit,
         memory_limit=memory_limit,
+        idle_reclaim=values["idle_reclaim"] is not False,
     )
 
 
@@ -123,6 +126,7 @@ _PATCH_FIELDS: dict[str, _Kind] = {
     "ttl_seconds": int,
     "extend_minutes": int,
     "extend_seconds": int,
+    "idle_hold_minutes": int,
 }
 
 
@@ -130,11 +134,13 @@ _PATCH_FIELDS: dict[str, _Kind] = {
 class TtlChange:
     new_total_seconds: int | None
     extend_seconds: int | None
+    idle_hold_minutes: int | None = None  # set: the change is a hold, not a TTL change
 
 
 def parse_patch(body: bytes) -> TtlChange:
     """Parse a PATCH /sessions/{id} body: exactly one of ``ttl_minutes`` (new total from
-    creation), ``extend_minutes``, or their ``*_seconds`` forms.
+    creation), ``extend_minutes``, their ``*_seconds`` forms, or ``idle_hold_minutes``
+    (hold the session from idle reclaim; 0 releases).
 
     Raises:
         InvalidRequest: malformed, unknown fields, or not exactly one field.
@@ -144,9 +150,12 @@ def parse_patch(body: bytes) -> TtlChange:
     }
     if len(values) != 1:
         raise InvalidRequest(
-            "give exactly one of ttl_minutes, ttl_seconds, extend_minutes, extend_seconds"
+            "give exactly one of ttl_minutes, ttl_seconds, extend_minutes, extend_seconds, "
+            "idle_hold_minutes"
         )
     ((name, value),) = values.items()
+    if name == "idle_hold_minutes":
+        return TtlChange(new_total_seconds=None, extend_seconds=None, idle_hold_minutes=value)
     seconds = value * 60 if name.endswith("minutes") else value
     if name.startswith("ttl"):
         return TtlChange(new_total_seconds=seconds, extend_seconds=None)

@@ -78,6 +78,8 @@ async def session_create(api: Api, args: argparse.Namespace, io: Io) -> int:
             body[name] = value
     if args.public_key:
         body["ssh_public_keys"] = _read_public_keys(args.public_key)
+    if args.no_idle_reclaim:
+        body["idle_reclaim"] = False
     created = await api.call("POST", "/sessions", json=body)
     key_file = remember_session_key(io.env, created)
     if args.json:
@@ -147,10 +149,23 @@ def _show(api: Api, session: Mapping[str, Any], io: Io) -> None:
                 f"(in {fmt.expires_in(session['expires_at'], _now())})",
             ),
             ("connections", session["active_connections"]),
+            ("idle", _idle(session.get("idle"))),
             ("limits", _limits(session)),
             ("host key", session.get("ssh_host_key_fingerprint") or "-"),
         ],
     )
+
+
+def _idle(idle: Mapping[str, Any] | None) -> str:
+    """Idle reclaim in a few words: what keeps the session, or when it ends."""
+    if idle is None:
+        return "never reclaimed (idle reclaim is off)"
+    kept = ", ".join(idle["kept_because"])
+    if kept:
+        return f"kept: {kept}" + (
+            f" (hold until {fmt.local_time(idle['hold_until'])})" if idle["hold_until"] else ""
+        )
+    return f"idle; reclaimed at {fmt.local_time(idle['reclaim_at'])} unless used"
 
 
 def _limits(session: Mapping[str, Any]) -> str:
@@ -182,6 +197,20 @@ async def session_extend(api: Api, args: argparse.Namespace, io: Io) -> int:
             f"Session {updated['id']} of {updated['user_id']} now expires at "
             f"{fmt.local_time(updated['expires_at'])} "
             f"(in {fmt.expires_in(updated['expires_at'], _now())}).\n"
+        )
+    return 0
+
+
+async def session_hold(api: Api, args: argparse.Namespace, io: Io) -> int:
+    session = await api.find_session(args.session)
+    updated = await api.call(
+        "PATCH", f"/sessions/{session['id']}", json={"idle_hold_minutes": args.minutes}
+    )
+    if args.json:
+        fmt.dump(io.out, updated)
+    else:
+        io.out.write(
+            f"Session {updated['id']} of {updated['user_id']}: {_idle(updated['idle'])}.\n"
         )
     return 0
 

@@ -17,6 +17,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _minutes(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("cannot be negative")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -52,7 +59,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     login.add_argument("--url", required=True, help="gateway URL, e.g. http://gpu01:8080")
     login.add_argument("--token-file", required=True, type=Path, help="file holding the token")
 
-    session = sub.add_parser("session", help="create, list, show, extend, delete sessions")
+    session = sub.add_parser("session", help="create, list, show, extend, hold, delete sessions")
     actions = session.add_subparsers(dest="action", required=True, metavar="ACTION")
     ref = "session id, or user name when the user has one live session"
 
@@ -73,12 +80,25 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         help="log in with this OpenSSH public key instead of a generated one (repeatable)",
     )
 
+    create.add_argument(
+        "--no-idle-reclaim",
+        action="store_true",
+        help="never end this session for being idle (it still ends at its TTL)",
+    )
+
     command(actions, "list", commands.session_list, "list live sessions")
     show = command(actions, "show", commands.session_show, "show one session")
     show.add_argument("session", metavar="ID|USER", help=ref)
     extend = command(actions, "extend", commands.session_extend, "extend a session's TTL")
     extend.add_argument("session", metavar="ID|USER", help=ref)
     extend.add_argument("minutes", type=_positive, metavar="MINUTES")
+    hold = command(
+        actions, "hold", commands.session_hold, "keep a session from idle reclaim for a while"
+    )
+    hold.add_argument("session", metavar="ID|USER", help=ref)
+    hold.add_argument(
+        "minutes", type=_minutes, metavar="MINUTES", help="how long; 0 releases the hold"
+    )
     delete = command(actions, "delete", commands.session_delete, "end a session now")
     target = delete.add_mutually_exclusive_group(required=True)
     target.add_argument("session", nargs="?", metavar="ID|USER", help=ref)

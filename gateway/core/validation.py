@@ -119,11 +119,11 @@ def validate_image(image: str | None, *, default: str, allowed: Collection[str])
     return image
 
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``"90"``, ``"90s"``, ``"10m"`` or ``"1h"``.
+    """Seconds in ``"90"``, ``"90s"``, ``"10m"``, ``"1h"`` or ``"1d"``.
 
     Raises:
         ValueError: anything else, or negative.
@@ -134,7 +134,7 @@ def parse_duration(text: str) -> float:
     try:
         seconds = float(number) * (unit or 1)
     except ValueError:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90, 90s, 10m, 1h)") from None
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90, 90s, 30m, 2h, 1d)") from None
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative: {text!r}")
     return seconds

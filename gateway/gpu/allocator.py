@@ -21,6 +21,7 @@ from gateway.core.gpu_select import (
     select_gpu,
 )
 from gateway.core.gpu_types import GpuInfo, MigProfile
+from gateway.core.idle import Reading
 from gateway.errors import GpuError, NoGpuAvailable
 from gateway.gpu import create_on_first
 from gateway.gpu.base import GpuBackend
@@ -118,6 +119,10 @@ class GpuAllocator:
             "NVIDIA_VISIBLE_DEVICES": gpu_uuid or "void",
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         }
+
+    async def utilization(self, uuid: str) -> Reading:
+        """The session GPU's utilisation now (see :meth:`GpuBackend.utilization`)."""
+        return await self.backend.utilization(uuid)
 
     async def inventory(self) -> list[GpuInfo]:
         """Every GPU with its MIG devices, as the backend sees it now."""

@@ -10,6 +10,7 @@ from collections.abc import Collection
 from typing import Protocol
 
 from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.idle import Reading
 
 
 class GpuBackend(Protocol):
@@ -50,6 +51,15 @@ class GpuBackend(Protocol):
 
         ``held`` is every GPU/MIG UUID the database allocates to a session. What cannot
         be destroyed now is logged and tried again later, never raised.
+        """
+        ...
+
+    async def utilization(self, uuid: str) -> Reading:
+        """The utilisation of a GPU or MIG device (for idle reclaim): a percentage, or
+        None with whether compute processes run on it where the device reports none.
+
+        Raises:
+            GpuError: the device could not be read.
         """
         ...
 

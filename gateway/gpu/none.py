@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.idle import Reading
 from gateway.errors import NoGpuAvailable
 
 
@@ -30,6 +31,10 @@ class NoneBackend:
 
     async def reclaim(self, held: Collection[str]) -> None:
         """Nothing exists here, so there is nothing to reclaim."""
+
+    async def utilization(self, uuid: str) -> Reading:
+        """No GPU here says nothing (a GPU-less session is judged by its CPU)."""
+        return Reading(None)
 
     async def close(self) -> None:
         return None

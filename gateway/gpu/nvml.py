@@ -32,6 +32,11 @@ What this relies on from NVML:
   what to grant.
 - Utilization is NotSupported in MIG mode: reported as None, and each MIG device's used
   memory is reported instead.
+- Idle reclaim reads a session's utilisation: a whole GPU's from
+  ``nvmlDeviceGetUtilizationRates``; a MIG slice's from GPM (``nvmlGpmMigSampleGet`` on the
+  parent with the slice's GPU-instance id, SM_UTIL between two samples) where
+  ``nvmlGpmQueryDeviceSupport`` says so (Hopper and newer); otherwise (Ampere) only whether
+  compute processes run on its MIG device handle is known.
 - One GPU failing (GPU is lost, Unknown) makes that GPU unhealthy, not the inventory.
 - Destroying a GPU instance a process holds is InUse: :class:`GpuInstanceInUse`. Created
   instances are destroyed by their ids from the :mod:`~gateway.gpu.ledger`, so a retry
@@ -57,6 +62,7 @@ import pynvml
 
 from gateway.core.gpu_select import parse_mig_uuid
 from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.idle import Reading
 from gateway.core.mig_placement import Placement, choose_placement, unoccupied
 from gateway.errors import (
     GatewayError,
@@ -112,6 +118,8 @@ class NvmlBackend:
         self._lock = threading.Lock()
         self._closed = False
         self._faults: dict[int, str] = {}  # GPU index → its last NVML error, to log changes
+        self._gpm: dict[str, Any] = {}  # MIG UUID → its last GPM sample (Hopper and newer)
+        # (one per slice read; freed when the slice is destroyed)
 
     @classmethod
     async def open(
@@ -202,6 +210,10 @@ class NvmlBackend:
             mig_uuid,
             changes=True,
         )
+        sample = self._gpm.pop(mig_uuid, None)
+        if sample is not None:  # its last GPM sample: gone with it
+            with contextlib.suppress(GatewayError):
+                await self._call("freeing a GPM sample", self._nv.nvmlGpmSampleFree, sample)
 
     async def reclaim(self, held: Collection[str]) -> None:
         """Destroy the instances this gateway created that no session holds.
@@ -221,6 +233,17 @@ class NvmlBackend:
             )
         except GatewayError as exc:
             log.warning("reclaiming MIG instances failed: %s", exc.log_message)
+
+    async def utilization(self, uuid: str) -> Reading:
+        """The GPU's or MIG slice's utilisation now (see the module docstring). A MIG slice
+        reads as unknown (None) with whether compute processes run on it where GPM is not
+        offered, and on the first GPM sample.
+
+        Raises:
+            GpuError: NVML failed (the caller counts that as busy).
+        """
+        return await self._call(f"reading the utilisation of {uuid}", _reading, self._nv,
+                                uuid, self._gpm)  # fmt: skip
 
     async def close(self) -> None:
         """Shut NVML down (``nvmlShutdown``); idempotent."""
@@ -662,6 +685,37 @@ def _locate_on(nv: ModuleType, handle: Any, mig_uuid: str) -> tuple[Any, int, in
             gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
             return handle, gi_id, nv.nvmlDeviceGetComputeInstanceId(mig)
     return None
+
+
+def _reading(nv: ModuleType, uuid: str, gpm: dict[str, Any]) -> Reading:
+    handle = nv.nvmlDeviceGetHandleByUUID(uuid)
+    if not uuid.startswith("MIG-"):
+        return Reading(float(nv.nvmlDeviceGetUtilizationRates(handle).gpu))
+    parent = nv.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+    if nv.nvmlGpmQueryDeviceSupport(parent).isSupportedDevice:
+        sample = nv.nvmlGpmMigSampleGet(
+            parent, nv.nvmlDeviceGetGpuInstanceId(handle), nv.nvmlGpmSampleAlloc()
+        )
+        previous, gpm[uuid] = gpm.get(uuid), sample
+        if previous is not None:
+            try:
+                return Reading(_sm_util(nv, previous, sample))
+            finally:
+                nv.nvmlGpmSampleFree(previous)
+    return Reading(None, processes=bool(nv.nvmlDeviceGetComputeRunningProcesses(handle)))
+
+
+def _sm_util(nv: ModuleType, first: Any, second: Any) -> float:
+    """GPM's SM utilisation (percent) between two samples."""
+    request = nv.c_nvmlGpmMetricsGet_t()
+    request.version = nv.NVML_GPM_METRICS_GET_VERSION
+    request.numMetrics = 1
+    request.sample1, request.sample2 = first, second
+    request.metrics[0].metricId = nv.NVML_GPM_METRIC_SM_UTIL
+    metric = nv.nvmlGpmMetricsGet(request).metrics[0]
+    if metric.nvmlReturn != nv.NVML_SUCCESS:
+        raise nv.NVMLError(metric.nvmlReturn)
+    return float(metric.value)
 
 
 # --- the read-only probe -----------------------------------------------------------------

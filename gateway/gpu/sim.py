@@ -41,6 +41,7 @@ from typing import Any
 
 from gateway.core.gpu_select import parse_mig_uuid
 from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.idle import Reading
 from gateway.core.mig_placement import (
     MODELS,
     GpuModel,
@@ -204,6 +205,10 @@ class SimBackend:
 
     async def reclaim(self, held: Collection[str]) -> None:
         """Nothing to do: a simulated destroy never stops half way."""
+
+    async def utilization(self, uuid: str) -> Reading:
+        """A simulated GPU computes nothing: no utilisation and no processes."""
+        return Reading(None)
 
     async def close(self) -> None:
         return None

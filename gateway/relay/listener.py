@@ -54,10 +54,17 @@ class SessionListener:
         self._handlers: set[asyncio.Task[None]] = set()
         self._closing: CloseReason | None = None
         self._live: set[RelayedConnection] = set()
+        self._last_seen: datetime | None = None
 
     @property
     def active(self) -> int:
         return len(self._live)
+
+    @property
+    def last_seen(self) -> datetime | None:
+        """The last moment a relayed connection was open (now, while one is); None: no
+        connection since the listener was bound. Idle reclaim's connection clock."""
+        return self._clock() if self._live else self._last_seen
 
     def set_upstream(self, host: str, port: int) -> None:
         self.upstream = (host, port)
@@ -121,6 +128,7 @@ class SessionListener:
             await connection.run(self.upstream)
         finally:
             self._live.discard(connection)
+            self._last_seen = self._clock()
 
     async def close(self, reason: CloseReason = CloseReason.GATEWAY_SHUTDOWN) -> None:
         """Stop accepting, cut every live connection with ``reason``, wait until recorded."""

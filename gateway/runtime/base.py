@@ -107,6 +107,11 @@ class Runtime(Protocol):
         """
         ...
 
+    async def cpu_seconds(self, container_id: str) -> float | None:
+        """The CPU time the container has used so far (all its processes, seconds); None
+        if it is not running."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -235,6 +235,19 @@ class DockerRuntime:
 
         await self._call(f"exec in container {container_id[:12]}", run)
 
+    async def cpu_seconds(self, container_id: str) -> float | None:
+        """From the engine's one-shot stats (the cgroup's CPU usage, v1 or v2)."""
+        path = f"containers/{container_id}/stats"
+        try:
+            stats = await self._docker._query_json(path, params={"stream": "0", "one-shot": "1"})
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise _translate(exc, f"read the stats of container {container_id[:12]}") from exc
+        usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
+        total = usage.get("total_usage")
+        return None if not isinstance(total, int) else total / 1e9
+
     async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
         container = self._docker.containers.container(container_id)
 

@@ -26,6 +26,7 @@ from gateway.models import (
     CloseReason,
     ConnectionRecord,
     Session,
+    SessionIdle,
     SessionState,
     User,
 )
@@ -49,6 +50,33 @@ def _ts(moment: datetime) -> float:
 
 def _dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
+
+
+def _opt_ts(moment: datetime | None) -> float | None:
+    return None if moment is None else moment.timestamp()
+
+
+def _opt_dt(value: float | None) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+_IDLE_COLUMNS = (
+    "session_id, exempt, last_connection_at, no_connection_since, compute_idle_since, "
+    "utilization, hold_until, hold_set_at"
+)
+
+
+def _idle(row: aiosqlite.Row) -> SessionIdle:
+    return SessionIdle(
+        session_id=row["session_id"],
+        exempt=bool(row["exempt"]),
+        last_connection_at=_opt_dt(row["last_connection_at"]),
+        no_connection_since=_opt_dt(row["no_connection_since"]),
+        compute_idle_since=_opt_dt(row["compute_idle_since"]),
+        utilization=row["utilization"],
+        hold_until=_opt_dt(row["hold_until"]),
+        hold_set_at=_opt_dt(row["hold_set_at"]),
+    )
 
 
 def _session(row: aiosqlite.Row) -> Session:
@@ -231,8 +259,9 @@ class Store:
             return {int(row["ssh_port"]): None for row in await cur.fetchall()}
 
     @_atomic
-    async def insert_session(self, session: Session) -> None:
-        """Insert a new session row.
+    async def insert_session(self, session: Session, *, idle_exempt: bool = False) -> None:
+        """Insert a new session row, with its idle record (exempt from idle reclaim or not;
+        the connection clock starts at creation, the compute clock at the first sample).
 
         Raises:
             SessionExists: the user already has a session.
@@ -264,6 +293,11 @@ class Store:
                         session.cpu_limit,
                         session.memory_limit,
                     ),
+                )
+                await conn.execute(  # nobody has connected yet: that clock runs from now
+                    "INSERT INTO session_idle (session_id, exempt, no_connection_since) "
+                    "VALUES (?, ?, ?)",
+                    (session.id, int(idle_exempt), _ts(session.created_at)),
                 )
                 # the port becomes this user's sticky port (taken from whoever had it)
                 await conn.execute(
@@ -367,6 +401,52 @@ class Store:
             await conn.execute(
                 "UPDATE sessions SET ttl_seconds = ?, expires_at = ? WHERE id = ?",
                 (ttl_seconds, _ts(expires_at), session_id),
+            )
+
+    # -- idle reclaim ----------------------------------------------------------------------
+
+    async def idle_state(self, session_id: str) -> SessionIdle:
+        """The session's idle record; defaults when it has none yet."""
+        sql = f"SELECT {_IDLE_COLUMNS} FROM session_idle WHERE session_id = ?"
+        async with self._lock, self._conn.execute(sql, (session_id,)) as cur:
+            row = await cur.fetchone()
+        return SessionIdle(session_id) if row is None else _idle(row)
+
+    @_atomic
+    async def save_idle(self, idle: SessionIdle) -> None:
+        """Store the clocks and reading of a sample (the hold and exemption are kept)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO session_idle (session_id, exempt) VALUES (?, ?) "
+                "ON CONFLICT (session_id) DO NOTHING",
+                (idle.session_id, int(idle.exempt)),
+            )
+            await conn.execute(
+                "UPDATE session_idle SET last_connection_at = ?, no_connection_since = ?, "
+                "compute_idle_since = ?, utilization = ? WHERE session_id = ?",
+                (
+                    _opt_ts(idle.last_connection_at),
+                    _opt_ts(idle.no_connection_since),
+                    _opt_ts(idle.compute_idle_since),
+                    idle.utilization,
+                    idle.session_id,
+                ),
+            )
+
+    @_atomic
+    async def set_idle_hold(
+        self, session_id: str, hold_until: datetime | None, set_at: datetime
+    ) -> None:
+        """Hold the session from idle reclaim until ``hold_until`` (None releases)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO session_idle (session_id) VALUES (?) "
+                "ON CONFLICT (session_id) DO NOTHING",
+                (session_id,),
+            )
+            await conn.execute(
+                "UPDATE session_idle SET hold_until = ?, hold_set_at = ? WHERE session_id = ?",
+                (_opt_ts(hold_until), _ts(set_at), session_id),
             )
 
     # -- audit trail -----------------------------------------------------------------------

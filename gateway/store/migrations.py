@@ -96,6 +96,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE sessions ADD COLUMN cpu_limit REAL;
     ALTER TABLE sessions ADD COLUMN memory_limit INTEGER;
     """,
+    # 7: idle reclaim. Each session's idle clocks (NULL while a connection is open or
+    # compute is busy), its last utilisation reading, its hold and whether it is exempt;
+    # stored so a restart keeps the countdown. Goes with its session.
+    """
+    CREATE TABLE session_idle (
+        session_id          TEXT PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
+        exempt              INTEGER NOT NULL DEFAULT 0,
+        last_connection_at  REAL,
+        no_connection_since REAL,
+        compute_idle_since  REAL,
+        utilization         REAL,
+        hold_until          REAL,
+        hold_set_at         REAL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

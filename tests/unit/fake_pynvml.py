@@ -20,6 +20,13 @@ from GI order. A GPU instance may be split into several compute instances; their
 devices are named ``<slices>c.<profile>`` and ``nvmlDeviceGetAttributes`` (MIG handles
 only) reports both slice counts. A GPU with ``fault`` set answers every call on its handle
 with that error (GPU is lost: already when its handle is looked up).
+
+Utilisation, as NVML gives it: a whole GPU's from ``nvmlDeviceGetUtilizationRates``
+(NotSupported in MIG mode); a MIG device's handle (also found by its UUID) lists compute
+processes (one while ``held``); GPM (``gpm``: Hopper and newer; elsewhere
+``nvmlGpmQueryDeviceSupport`` answers 0 and sampling is NotSupported) samples a GPU
+instance's ``sm_util``, and SM_UTIL comes only from two distinct samples, the earlier
+first; a freed sample is an invalid argument.
 """
 
 from __future__ import annotations
@@ -104,6 +111,7 @@ class FakeGi:
     cis: dict[int, FakeCi] = field(default_factory=dict)
     held: bool = False  # a process (e.g. a monitoring daemon) holds it: destroying it is InUse
     memory_used: int = 0
+    sm_util: float = 0.0  # what GPM reports for it (percent of its SMs busy)
 
 
 @dataclass
@@ -123,16 +131,17 @@ class FakeGpu:
     max_mig_devices: int = 7
     gis: dict[int, FakeGi] = field(default_factory=dict)
     fault: int | None = None  # NVML error code every call on this GPU raises
+    gpm: bool = False  # GPU performance monitoring (Hopper and newer)
 
 
 #: an H100 SXM 80GB and an H200 SXM 141GB, as NVML names them
 h100 = partial(
     FakeGpu, name="NVIDIA H100 80GB HBM3", memory_total=81559 * MIB, power_limit_mw=700_000,
-    profiles=H100_80GB,
+    profiles=H100_80GB, gpm=True,
 )  # fmt: skip
 h200 = partial(
     FakeGpu, name="NVIDIA H200", memory_total=143771 * MIB, power_limit_mw=700_000,
-    profiles=H200_141GB,
+    profiles=H200_141GB, gpm=True,
 )  # fmt: skip
 
 
@@ -201,6 +210,8 @@ class FakeNvml(types.ModuleType):
         self._gi_handles: dict[int, tuple[FakeGpu, int]] = {}
         self._ci_handles: dict[int, tuple[FakeGpu, int, int]] = {}
         self._serial = itertools.count()
+        self._sample_order = itertools.count()
+        self.gpm_samples: dict[int, tuple[Any, tuple[int, float] | None]] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith(("NVML", "c_nvml")):  # constants, structs, error classes
@@ -264,11 +275,76 @@ class FakeNvml(types.ModuleType):
         return self.gpus[index]
 
     @_nvml()
-    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeGpu:
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeGpu | MigHandle:
         for gpu in self.gpus:
             if gpu.uuid == uuid:
                 return gpu
+            for gi in gpu.gis.values():
+                for ci in gi.cis.values():
+                    if ci.uuid == uuid and gpu.mig:
+                        return MigHandle(gpu, gi.id, ci.id)
         raise _err(pynvml.NVML_ERROR_NOT_FOUND)
+
+    @_nvml()
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: Any) -> FakeGpu:
+        if not isinstance(handle, MigHandle):
+            raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return handle.gpu
+
+    @_nvml()
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGpu | MigHandle) -> list[Any]:
+        if isinstance(handle, MigHandle):
+            held = self._ci(handle).held
+            return [types.SimpleNamespace(pid=4242, usedGpuMemory=1 << 30)] if held else []
+        if handle.mig and not self.monitor:  # nvml.h: aggregate info needs privileges
+            raise _err(pynvml.NVML_ERROR_NO_PERMISSION)
+        return []
+
+    # --- GPU performance monitoring (GPM) --------------------------------------------------
+
+    @_nvml()
+    def nvmlGpmQueryDeviceSupport(self, gpu: FakeGpu) -> Any:
+        support = pynvml.c_nvmlGpmSupport_t()
+        support.version = pynvml.NVML_GPM_SUPPORT_VERSION
+        support.isSupportedDevice = int(gpu.gpm)
+        return support
+
+    @_nvml()
+    def nvmlGpmSampleAlloc(self) -> Any:
+        sample = pynvml.struct_c_nvmlGpmSample_t()
+        pointer = ctypes.pointer(sample)
+        self.gpm_samples[_address(pointer)] = (sample, None)
+        return pointer
+
+    @_nvml()
+    def nvmlGpmSampleFree(self, pointer: Any) -> None:
+        if self.gpm_samples.pop(_address(pointer), None) is None:
+            raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    @_nvml()
+    def nvmlGpmMigSampleGet(self, gpu: FakeGpu, gi_id: int, pointer: Any) -> Any:
+        if not gpu.gpm:
+            raise _err(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        key = _address(pointer)
+        if key not in self.gpm_samples:
+            raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        taken = (next(self._sample_order), self._gi(gpu, gi_id).sm_util)
+        self.gpm_samples[key] = (self.gpm_samples[key][0], taken)
+        return pointer
+
+    @_nvml()
+    def nvmlGpmMetricsGet(self, request: Any) -> Any:
+        first = self.gpm_samples.get(_address(request.sample1))
+        second = self.gpm_samples.get(_address(request.sample2))
+        if first is None or second is None or first[1] is None or second[1] is None:
+            raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for metric in request.metrics[: request.numMetrics]:
+            if first[1][0] >= second[1][0] or metric.metricId != pynvml.NVML_GPM_METRIC_SM_UTIL:
+                metric.nvmlReturn = pynvml.NVML_ERROR_INVALID_ARGUMENT
+                continue
+            metric.nvmlReturn = pynvml.NVML_SUCCESS
+            metric.value = second[1][1]
+        return request
 
     @_nvml()
     def nvmlDeviceGetUUID(self, handle: FakeGpu | MigHandle) -> str:
@@ -608,6 +684,10 @@ _CI_SLICES = {
     pynvml.NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE: 4,
     pynvml.NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE: 7,
 }
+
+
+def _address(pointer: Any) -> int:
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
 
 
 def _overlap(a_start: int, a_size: int, b_start: int, b_size: int) -> bool:

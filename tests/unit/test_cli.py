@@ -432,6 +432,21 @@ async def test_create_with_limits_and_show_them(cli):
     assert rc == 1 and "(invalid_limit)" in err
 
 
+async def test_hold_exempt_and_show_idle(cli):
+    await cli.json("session", "create", "ida")
+    rc, out, _ = await cli("session", "hold", "ida", "90")
+    assert rc == 0 and "kept: " in out and "hold" in out and "(hold until " in out
+    rc, out, _ = await cli("session", "show", "ida")
+    assert "idle:        kept: " in out
+    rc, _, err = await cli("session", "hold", "ida", "100000")
+    assert rc == 1 and "(invalid_idle_hold)" in err
+    released = await cli.json("session", "hold", "ida", "0")
+    assert released["idle"]["hold_until"] is None
+    exempt = await cli.json("session", "create", "eve", "--no-idle-reclaim")
+    shown = await cli.json("session", "show", exempt["session_id"])
+    assert shown["idle"]["kept_because"] == ["compute_busy", "exempt"]  # not sampled yet
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"], env={})

@@ -519,3 +519,45 @@ async def test_probe_without_nvml():
     report = await probe(host(library=False))
     assert report["nvml"] is False
     assert report["errors"][0]["code"] == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+
+
+# --- utilisation (idle reclaim) --------------------------------------------------------
+
+
+async def test_whole_gpu_utilisation_busy_and_idle(nv, backend):
+    assert (await backend.utilization(A40)).utilization == 37
+    nv.gpus[1].utilization = 0
+    assert (await backend.utilization(A40)).utilization == 0
+
+
+@pytest.mark.parametrize("running", [True, False])
+async def test_ampere_mig_slice_reports_only_its_processes(nv, backend, running):
+    ci = nv.precreate(nv.gpus[0], "3g.40gb", 0)
+    ci.held = running  # a CUDA process runs on the slice
+    reading = await backend.utilization(ci.uuid)
+    assert reading.utilization is None
+    assert reading.processes is running
+    assert "nvmlGpmMigSampleGet" not in nv.calls  # Ampere has no GPM
+
+
+async def test_hopper_mig_slice_reads_gpm_sm_utilisation():
+    nv = FakeNvml([h100("GPU-h100")])
+    backend = await NvmlBackend.open(nv)
+    ci = nv.precreate(nv.gpus[0], "3g.40gb", 0)
+    gi = nv.gpus[0].gis[next(iter(nv.gpus[0].gis))]
+    gi.sm_util = 63.0
+    first = await backend.utilization(ci.uuid)  # one sample is not a rate yet
+    assert first.utilization is None and first.processes is False
+    assert (await backend.utilization(ci.uuid)).utilization == 63.0
+    gi.sm_util = 0.0
+    assert (await backend.utilization(ci.uuid)).utilization == 0.0
+    assert len(nv.gpm_samples) == 1  # each older sample was freed
+    await backend.destroy_instance(ci.uuid)
+    assert nv.gpm_samples == {}  # and the last one with its slice
+    await backend.close()
+
+
+async def test_utilisation_of_a_lost_gpu_is_an_error(nv, backend):
+    nv.gpus[1].fault = pynvml.NVML_ERROR_GPU_IS_LOST
+    with pytest.raises(GpuError):
+        await backend.utilization(A40)

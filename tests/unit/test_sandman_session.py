@@ -153,3 +153,51 @@ def test_load_gives_up_on_a_file_that_stays_invalid(tmp_path, monkeypatch):
     with pytest.raises(script.SessionInfoError, match="not valid JSON"):
         script.load(str(path))
     assert len(naps) == script.READ_ATTEMPTS - 1
+
+
+# --- idle reclaim ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("facts", "text"),
+    [
+        (None, None),
+        ({"compute": "gpu", "kept_because": ["connection", "compute_busy"]},
+         "kept: a connection is open, the GPU is busy"),
+        ({"kept_because": ["hold"], "hold_until": "2026-11-30T12:00:00Z"},
+         "kept: held until 12:00 UTC"),
+        ({"compute": "cpu", "kept_because": [], "no_connection_since": "2026-11-30T09:10:00Z",
+          "compute_idle_since": "2026-11-30T09:20:00Z", "reclaim_at": "2026-11-30T10:20:00Z"},
+         "no connection since 09:10 UTC, CPU idle since 09:20 UTC: ends at 10:20 UTC "
+         "(sandman-session hold 2h)"),
+    ],
+)  # fmt: skip
+def test_idle_line(facts, text):
+    assert script.format_idle(facts) == text
+
+
+def test_describe_shows_the_idle_line():
+    lines = script.describe(info(), NOW, {"kept_because": ["exempt"]})
+    assert "  idle       kept: exempt from idle reclaim" in lines
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("30m", 1800), ("2h", 7200),
+                                               ("1d", 86400)])  # fmt: skip
+def test_hold_durations(text, seconds):
+    assert script.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5m", "2w", "soon"])
+def test_bad_hold_durations(text):
+    with pytest.raises(ValueError):
+        script.parse_duration(text)
+
+
+def test_hold_and_release_write_the_hold_file(tmp_path):
+    home = info(home=str(tmp_path))
+    said = script.hold(["hold", "2h"], home, NOW)
+    assert "2026-11-30 12:00:00 UTC" in said
+    assert (tmp_path / ".sandman-hold").read_text() == "2026-11-30T12:00:00Z\n"
+    script.hold(["release"], home, NOW)
+    assert (tmp_path / ".sandman-hold").read_text() == "release\n"
+    assert [p.name for p in tmp_path.iterdir()] == [".sandman-hold"]  # no temporary left

@@ -66,13 +66,13 @@ def test_image_allow_list():
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90", 90), ("90s", 90), ("10m", 600), ("1h", 3600), ("0.5m", 30), ("0", 0)],
+    [("90", 90), ("90s", 90), ("10m", 600), ("1h", 3600), ("1d", 86400), ("0.5m", 30), ("0", 0)],
 )
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "m", "ten", "-1", "5d", "1mm"])
+@pytest.mark.parametrize("text", ["", "m", "ten", "-1", "5w", "1mm"])
 def test_parse_duration_refused(text):
     with pytest.raises(ValueError):
         parse_duration(text)
