@@ -149,3 +149,10 @@ class DatabaseTooNew(GatewayError):
     """At start-up: the database was written by a newer gateway (its schema is unknown)."""
 
     code = "database_too_new"
+
+
+class HostIdentityDamaged(GatewayError):
+    """At start-up: the SSH host CA or host-key seed in the state directory is unusable
+    (truncated by a crash, edited by hand): the gateway refuses to serve with it."""
+
+    code = "host_identity_damaged"
