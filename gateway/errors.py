@@ -88,6 +88,13 @@ class SessionDeleted(GatewayError):
     status = 409
 
 
+class SessionEnding(GatewayError):
+    """The session is ending (DELETE, expiry, sweep): its TTL can no longer change."""
+
+    code = "session_ending"
+    status = 409
+
+
 class GpuInstanceBusy(GatewayError):
     code = "gpu_instance_busy"
     status = 409
@@ -123,6 +130,13 @@ class NoGpuAvailable(GatewayError):
 
 class NoPortAvailable(GatewayError):
     code = "no_port_available"
+    status = 503
+
+
+class GatewayStopping(GatewayError):
+    """The gateway began shutting down while this create was starting (it was rolled back)."""
+
+    code = "gateway_stopping"
     status = 503
 
 
