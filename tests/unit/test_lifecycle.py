@@ -406,3 +406,29 @@ async def test_sigterm_with_a_create_in_flight_cuts_connections_within_the_grace
         disconnects = [e for e in await store.events() if e.event == "disconnect"]
         assert [e.connection_id for e in disconnects] == [record.id]
         assert [s.user_id for s in await store.list_sessions()] == ["alice"]  # bob rolled back
+
+
+async def test_a_hung_removal_does_not_stop_the_sweep_of_the_others(
+    make_client, runtime, clock, monkeypatch
+):
+    """One ``docker rm -f`` never returns: the sweep still ends every other session, and
+    gives that one up for this round within its budget."""
+    monkeypatch.setattr("gateway.sessions.SWEEP_BUDGET_SECONDS", 0.2)
+    client = await make_client()
+    made = [await (await create(client, user_id=u, ttl_minutes=1)).json() for u in "abc"]
+    stuck = made[0]["container_id"]
+    remove = runtime.remove
+
+    async def hangs_for_one(container_id: str) -> None:
+        if container_id == stuck:
+            await asyncio.Event().wait()
+        await remove(container_id)
+
+    monkeypatch.setattr(runtime, "remove", hangs_for_one)
+    clock.advance(61)
+    async with asyncio.timeout(5):
+        assert await client.app[keys.SESSIONS].sweep() == 2
+    (left,) = await client.app[keys.STORE].list_sessions()
+    assert (left.id, left.state.value) == (made[0]["session_id"], "ending")
+    assert list(runtime.containers) == [stuck]
+    monkeypatch.setattr(runtime, "remove", remove)
