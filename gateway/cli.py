@@ -92,7 +92,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
             **run_settings(config),
         )
     except GatewayError as exc:  # start-up refused (GPU host misconfigured, no Docker, ...)
-        print(f"sandman: {exc.log_message}", file=sys.stderr)
+        io.err.write(f"sandman: {exc.log_message}\n")
         return 1
     logging.getLogger(__name__).info("stopped: API and session ports closed")
     return 0
