@@ -630,6 +630,8 @@ class SessionManager:
                         self._spawn(_quietly(ending, "end (the sweep retries)"), "gone")
             except GatewayError as exc:
                 log.warning("container events unavailable: %s", exc.log_message)
+            except Exception:  # never die silently: the stream is followed again
+                log.exception("following container events failed")
             await asyncio.sleep(WATCH_RETRY_SECONDS)
 
     # -- restart ---------------------------------------------------------------------------

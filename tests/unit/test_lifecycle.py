@@ -432,3 +432,31 @@ async def test_a_hung_removal_does_not_stop_the_sweep_of_the_others(
     assert (left.id, left.state.value) == (made[0]["session_id"], "ending")
     assert list(runtime.containers) == [stuck]
     monkeypatch.setattr(runtime, "remove", remove)
+
+
+async def test_the_container_watcher_survives_an_unexpected_error(
+    make_client, runtime, monkeypatch
+):
+    """A broken event (not a Docker error) is logged and the stream followed again: a
+    container removed afterwards still ends its session without waiting for the sweep."""
+    monkeypatch.setattr("gateway.sessions.WATCH_RETRY_SECONDS", 0.01)
+    follow = runtime.container_exits
+    calls = []
+
+    async def breaks_once(instance: str):
+        calls.append(instance)
+        if len(calls) == 1:
+            raise KeyError("Actor")
+        async for session_id in follow(instance):
+            yield session_id
+
+    monkeypatch.setattr(runtime, "container_exits", breaks_once)
+    client = await make_client()
+    sid = (await (await create(client)).json())["session_id"]
+    (cid,) = runtime.containers
+    runtime.kill(cid)
+    async with asyncio.timeout(5):
+        while True:
+            if await end_events(client) == [(sid, "session_ended")]:
+                break
+            await asyncio.sleep(0.02)  # the watcher ends it in a task of its own
