@@ -8,6 +8,8 @@ Writes go through one queue, in order, drained by a single writer task: a relaye
 connection only enqueues its records (opening and closing never wait on the database),
 a session event waits for its own write. The queue is written as fast as SQLite
 takes it (a record is durable within milliseconds); :meth:`Audit.aclose` drains it.
+A session's end and the disconnects of records a crash left open are stored by the store
+in the transaction of the change they record; only their log-file lines go through here.
 """
 
 from __future__ import annotations

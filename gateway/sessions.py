@@ -405,7 +405,7 @@ class SessionManager:
         session = await self.get(session_id)  # 404 when unknown
         if live is None or live.ending is not None or session.state is SessionState.ENDING:
             raise _ending(session_id)
-        async with live.lock:  # an end waits for this lock: decide on what is true under it
+        async with live.lock:  # decide on the row as it is now: an end may have begun
             session = await self.get(session_id)
             if live.ending is not None or session.state is SessionState.ENDING:
                 raise _ending(session_id)
@@ -627,7 +627,8 @@ class SessionManager:
                     if running and live.ending is None:
                         log.info("session %s: its container is gone", session_id)
                         ending = self.end(live.session, "container_gone")
-                        self._spawn(_quietly(ending, "end (the sweep retries)"), "gone")
+                        what = "end (the sweep retries)"
+                        self._spawn(_quietly(ending, what), f"gone:{session_id}")
             except GatewayError as exc:
                 log.warning("container events unavailable: %s", exc.log_message)
             except Exception:  # never die silently: the stream is followed again
@@ -640,7 +641,7 @@ class SessionManager:
         """Adopt what the database says is live; finish or clean what is not; remove
         orphans. Each session is handled on its own: one that fails is logged and left
         ``ending`` for the sweep, and the gateway serves. Connection records a crash left
-        open are closed with reason ``error``.
+        open are closed with reason ``error``, each with its ``disconnect`` event.
         """
         self._audit.stored(
             await self._store.end_open_connections(self._clock(), describe=disconnect_data)
