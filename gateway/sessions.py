@@ -533,9 +533,11 @@ class SessionManager:
         return deleted
 
     async def _delete_row(self, row: Session, why: str) -> bool:
-        """Delete the row; one that ran gets its end event in the same transaction (one
-        that never did ends with its POST's answer)."""
-        if row.container_ip is None:
+        """Delete the row; one that was created gets its end event in the same transaction.
+        One that never ran, or whose create failed even after it ran (its start timed out
+        while ``running`` was being written: no ``session_created``), ends with its POST's
+        answer."""
+        if row.container_ip is None or why == CREATE_FAILED:
             return await self._store.delete_session(row.id)
         event = _END_EVENT.get(why, "session_ended")
         saved = await self._store.delete_session_audited(

@@ -460,3 +460,25 @@ async def test_the_container_watcher_survives_an_unexpected_error(
             if await end_events(client) == [(sid, "session_ended")]:
                 break
             await asyncio.sleep(0.02)  # the watcher ends it in a task of its own
+
+
+async def test_a_create_that_times_out_as_it_is_marked_running_never_ends_in_the_trail(
+    make_client, runtime, monkeypatch
+):
+    """The start timeout fires while ``running`` is being written: the row ran, but the
+    session was never created (no 201, no ``session_created``), so it has no end event."""
+    client = await make_client(start_timeout=1)
+    store = client.app[keys.STORE]
+    mark_running = store.mark_running
+
+    async def slow_commit(*args):
+        done = await mark_running(*args)
+        await asyncio.sleep(30)  # the commit's answer comes after the start timeout
+        return done
+
+    monkeypatch.setattr(store, "mark_running", slow_commit)
+    resp = await create(client)
+    assert (resp.status, (await resp.json())["code"]) == (502, "container_start_failed")
+    assert await assert_consistent(client, runtime) == []
+    events = {e["event"] for e in await audit_events(client)}
+    assert not events & {"session_created", "session_ended", "session_deleted"}, events
