@@ -19,7 +19,7 @@ from gateway.api.views import (
     unhealthy_gpu_view,
 )
 from gateway.audit import connection_data, event_data
-from gateway.errors import RequestTimeout, SessionNotFound
+from gateway.errors import GatewayError, RequestTimeout, SessionNotFound
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import CONTENT_TYPE
 from gateway.models import Session
@@ -56,8 +56,9 @@ async def healthz(request: web.Request) -> web.Response:
         except TimeoutError:
             log.warning("healthz: %s did not answer within %g s", name, HEALTH_TIMEOUT)
             failing[name] = "timeout"
-        except Exception:  # whatever fails, that dependency is degraded
-            log.warning("healthz: %s failed", name, exc_info=True)
+        except Exception as exc:  # whatever fails, that dependency is degraded
+            detail = exc.log_message if isinstance(exc, GatewayError) else repr(exc)
+            log.warning("healthz: %s failed: %s", name, detail)  # one line per probe
             failing[name] = "unavailable"
     if failing:
         return web.json_response(
