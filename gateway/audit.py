@@ -8,6 +8,8 @@ Writes go through one queue, in order, drained by a single writer task: a relaye
 connection only enqueues its records (opening and closing never wait on the database),
 a session event waits for its own write. The queue is written as fast as SQLite
 takes it (a record is durable within milliseconds); :meth:`Audit.aclose` drains it.
+A session's end and the disconnects of records a crash left open are stored by the store
+in the transaction of the change they record; only their log-file lines go through here.
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ def connection_data(record: ConnectionRecord) -> dict[str, Any]:
         "server_banner": record.server_banner,
         "closed_by": record.closed_by,
         "reason": None if record.reason is None else record.reason.value,
+    }
+
+
+def disconnect_data(record: ConnectionRecord) -> dict[str, Any]:
+    """The data of a connection's ``disconnect`` event: its record, less what the event's
+    own fields say."""
+    data = connection_data(record)
+    for key in ("id", "session_id", "user_id"):
+        del data[key]
+    return data
+
+
+def session_data(session: Session, **data: Any) -> dict[str, Any]:
+    """The data of a session event: the session's port, GPU and expiry, and ``data``."""
+    return {
+        "ssh_port": session.ssh_port,
+        "gpu_uuid": session.gpu_uuid,
+        "expires_at": rfc3339(session.expires_at),
+        **data,
     }
 
 
@@ -135,9 +156,19 @@ class Audit:
             connection_id=connection_id,
             data=data,
         )
-        if self._file is not None:  # lines in row order: only the writer task gets here
+        await self._write_line(saved)
+
+    async def _write_line(self, saved: AuditEvent) -> None:
+        if self._file is not None:  # only the writer task gets here, so lines never mix
             self._file.write(json.dumps(event_data(saved)) + "\n")
             self._file.flush()
+
+    def stored(self, events: list[AuditEvent]) -> None:
+        """Queue the log-file lines of events the store wrote together with the change
+        they record (a session's end with its row's deletion, the disconnects of records
+        closed at start-up)."""
+        for saved in events:
+            self._enqueue(lambda saved=saved: self._write_line(saved))
 
     async def _connection_event(
         self, event: str, record: ConnectionRecord, data: dict[str, Any]
@@ -168,10 +199,7 @@ class Audit:
         self._metrics.connection_ended(record)
 
         async def write() -> None:
-            data = connection_data(record)
-            for key in ("id", "session_id", "user_id"):  # the event's own fields say these
-                del data[key]
-            await self._connection_event("disconnect", record, data)
+            await self._connection_event("disconnect", record, disconnect_data(record))
             # last: whoever sees the record ended also finds its event (row and log line)
             await self._store.save_connection(record)
 
@@ -184,15 +212,10 @@ class Audit:
     async def session_event(self, event: str, session: Session, **data: Any) -> None:
         """``session_created``, ``session_deleted``, ``session_expired``, ``session_extended``,
         ``session_recovered``, ... with the session's port, GPU and expiry."""
-        base = {
-            "ssh_port": session.ssh_port,
-            "gpu_uuid": session.gpu_uuid,
-            "expires_at": rfc3339(session.expires_at),
-        }
         done = asyncio.get_running_loop().create_future()
         self._enqueue(
             lambda: self._event(
-                event, {**base, **data}, session_id=session.id, user_id=session.user_id
+                event, session_data(session, **data), session_id=session.id, user_id=session.user_id
             ),
             done,
         )

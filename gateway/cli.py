@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from gateway.api import create_app
-    from gateway.api.app import server_settings
+    from gateway.api.app import run_settings
 
     try:
         web.run_app(
@@ -89,10 +89,10 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
             host=config.host,
             port=config.port,
             print=lambda _: _log_serving(config),
-            **server_settings(config),
+            **run_settings(config),
         )
     except GatewayError as exc:  # start-up refused (GPU host misconfigured, no Docker, ...)
-        print(f"sandman: {exc.log_message}", file=sys.stderr)
+        io.err.write(f"sandman: {exc.log_message}\n")
         return 1
     logging.getLogger(__name__).info("stopped: API and session ports closed")
     return 0

@@ -88,6 +88,13 @@ class SessionDeleted(GatewayError):
     status = 409
 
 
+class SessionEnding(GatewayError):
+    """The session is ending (DELETE, expiry, sweep): its TTL can no longer change."""
+
+    code = "session_ending"
+    status = 409
+
+
 class GpuInstanceBusy(GatewayError):
     code = "gpu_instance_busy"
     status = 409
@@ -126,6 +133,13 @@ class NoPortAvailable(GatewayError):
     status = 503
 
 
+class GatewayStopping(GatewayError):
+    """The gateway began shutting down while this create was starting (it was rolled back)."""
+
+    code = "gateway_stopping"
+    status = 503
+
+
 class DockerUnavailable(GatewayError):
     code = "docker_unavailable"
     status = 503
@@ -149,3 +163,10 @@ class DatabaseTooNew(GatewayError):
     """At start-up: the database was written by a newer gateway (its schema is unknown)."""
 
     code = "database_too_new"
+
+
+class HostIdentityDamaged(GatewayError):
+    """At start-up: the SSH host CA or host-key seed in the state directory is unusable
+    (truncated by a crash, edited by hand): the gateway refuses to serve with it."""
+
+    code = "host_identity_damaged"

@@ -11,11 +11,16 @@ before its side effects, so a crash or a failed step is always visible and resum
   path as DELETE.
 - **end** (DELETE, TTL timer, sweep, vanished container, failed create, restart) cancels a
   start in progress and waits for it, writes ``ending(reason)``, then cuts connections and
-  closes the listener, removes the container, releases the GPU and deletes the row. If a
-  step fails, the row stays ``ending`` and the sweep (or the next start) finishes it; the
-  end event is audited once, by whoever deletes the row.
+  closes the listener, removes the container, releases the GPU and deletes the row together
+  with its end event (one transaction: the trail ends each session exactly once). If a step
+  fails, the row says what is left: the owner keeps whatever it still holds (a listener is
+  never dropped until it is closed), and a retry (DELETE, the sweep, the next start)
+  finishes it through the same owner.
 - **extend** (PATCH) moves the expiry under the session's lock; a starting session picks it
-  up when it starts, and the timer reads the current expiry each time it wakes.
+  up when it starts, and the timer reads the current expiry each time it wakes. An ending
+  session is never extended: the row's state is checked under the lock and by the update.
+- **recover** re-opens each live session's listener on its port, or on another one when
+  that port is taken (the container and the user's jobs keep running; the move is audited).
 """
 
 from __future__ import annotations
@@ -31,15 +36,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from gateway import timers
-from gateway.audit import Audit
+from gateway.audit import Audit, disconnect_data, session_data
 from gateway.config import Config
 from gateway.core import ttl
 from gateway.errors import (
     ContainerStartFailed,
     GatewayError,
+    GatewayStopping,
     InvalidTtl,
     NoPortAvailable,
     SessionDeleted,
+    SessionEnding,
     SessionExists,
     SessionNotFound,
 )
@@ -66,6 +73,10 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 WATCH_RETRY_SECONDS = 2.0
+#: The sweep ends sessions concurrently, at most this many at once, and waits for each at
+#: most this long (a hung engine call must not stop the sweep of the others for good).
+SWEEP_CONCURRENCY = 16
+SWEEP_BUDGET_SECONDS = 150.0
 CREATE_FAILED = "create_failed"  # an end reason that was never a created session
 #: A create's steps, in order; each is logged at DEBUG when done (the kill test stops there).
 CREATE_STEPS = (
@@ -94,7 +105,10 @@ _END_EVENT = {
 
 @dataclass(eq=False)
 class LiveSession:
-    """The single owner, in this process, of one session's moving parts."""
+    """The single owner, in this process, of one session's moving parts. One made by an end
+    for a session nobody here owns (left by a crash) is a placeholder: it holds nothing.
+    An owner stays in the manager's table until what it holds (listener, timer) is let go.
+    """
 
     session: Session  # the latest known row
     listener: SessionListener | None = None
@@ -104,6 +118,11 @@ class LiveSession:
     files_written: bool = False  # the container holds its files: a PATCH rewrites them
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # PATCH vs start vs sweep
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # the expiry moved
+
+    @property
+    def holds(self) -> bool:
+        """Whether it still holds a listener or a running timer (it must not be dropped)."""
+        return self.listener is not None or (self.timer is not None and not self.timer.done())
 
 
 class SessionManager:
@@ -141,6 +160,7 @@ class SessionManager:
         self._live: dict[str, LiveSession] = {}
         self._background: set[asyncio.Task[object]] = set()
         self._reserve_lock = asyncio.Lock()
+        self._stopping = False
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -198,6 +218,7 @@ class SessionManager:
             ContainerStartFailed: the container did not answer SSH within the start
                 timeout; everything was released (or is left ``ending`` for the sweep).
             SessionDeleted: a DELETE ended the session while it was starting.
+            GatewayStopping: the gateway began shutting down meanwhile (rolled back).
         """
         started = time.monotonic()
         keys = new_key_pair(request.public_keys)
@@ -219,6 +240,8 @@ class SessionManager:
                 await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
                 raise
             await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+            if self._stopping:
+                raise GatewayStopping("the gateway is stopping; try again shortly") from None
             raise SessionDeleted("the session was ended while it was starting") from None
         except BaseException:
             await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
@@ -374,15 +397,18 @@ class SessionManager:
         starts; the timer and its warnings follow.
 
         Raises:
-            SessionNotFound: no such session, or it is ending.
+            SessionNotFound: no such session.
+            SessionEnding: it is ending (also when it began ending during this call).
             InvalidTtl: beyond ``--max-ttl-minutes``, or ending in the past.
         """
         live = self._live.get(session_id)
-        if live is None or live.ending is not None:
-            await self.get(session_id)  # 404 when unknown
-            raise SessionNotFound(f"session {session_id!r} is ending")
-        async with live.lock:
+        session = await self.get(session_id)  # 404 when unknown
+        if live is None or live.ending is not None or session.state is SessionState.ENDING:
+            raise _ending(session_id)
+        async with live.lock:  # decide on the row as it is now: an end may have begun
             session = await self.get(session_id)
+            if live.ending is not None or session.state is SessionState.ENDING:
+                raise _ending(session_id)
             try:
                 total = ttl.extended_ttl(
                     created_at=session.created_at,
@@ -397,8 +423,14 @@ class SessionManager:
             expires = ttl.expires_at(session.created_at, total)
             updated = replace(session, ttl_seconds=total, expires_at=expires)
             if live.files_written and session.container_id:
-                await self._provision.rewrite_expiring(session.container_id, updated)
-            await self._store.update_ttl(session.id, total, expires)
+                try:
+                    await self._provision.rewrite_expiring(session.container_id, updated)
+                except GatewayError:  # the container went with an end meanwhile?
+                    if live.ending is not None:
+                        raise _ending(session_id) from None
+                    raise
+            if not await self._store.update_ttl(session.id, total, expires):
+                raise _ending(session_id)
             live.session = replace(live.session, ttl_seconds=total, expires_at=expires)
             live.changed.set()
         await _quietly(
@@ -417,9 +449,9 @@ class SessionManager:
         expiry. Wakes early when a PATCH moves the expiry, and always acts on the current
         one."""
 
-        async def warn() -> None:
+        async def warn() -> None:  # a failed warning never stops the clock
             message = ttl.warning_message(live.session.expires_at, self._clock())
-            await self._provision.tell(live.session, message)
+            await _quietly(self._provision.tell(live.session, message), "expiry warning")
 
         await timers.run_until(
             lambda: live.session.expires_at,
@@ -464,17 +496,21 @@ class SessionManager:
         live = self._live.get(session.id)
         if live is None:
             live = self._live[session.id] = LiveSession(session)
-        if live.ending is None:
-            live.ending = self._spawn(self._end(live, reason), f"end:{session.id}")
+        if live.ending is None:  # its callers get its outcome: not reported on its own
+            live.ending = self._spawn(self._end(live, reason), f"end:{session.id}", report=False)
         return live.ending
 
     async def _end(self, live: LiveSession, reason: str) -> bool:
+        """The one path that ends a session: see the module docstring. On failure the owner
+        stays with what it still holds, ``ending`` cleared, so a retry goes on from there."""
         session_id = live.session.id
         try:
             await _cancel_and_wait(live.starting)
             row = await self._store.begin_ending(session_id, reason)
             if row is None:
+                self._forget(live)
                 return False  # ended already
+            live.session = row
             await _cancel_and_wait(live.timer)
             if live.listener is not None:
                 cut = _CONNECTION_REASON.get(row.end_reason or reason, CloseReason.SESSION_DELETED)
@@ -483,32 +519,61 @@ class SessionManager:
             await self._runtime.remove(row.container_id or container_name(row))
             if row.gpu_uuid:
                 await self._gpus.release_session(row)
-            if not await self._store.delete_session(session_id):
-                return False
-        finally:
-            if self._live.get(session_id) is live:
-                del self._live[session_id]
-        why = row.end_reason or reason
-        self._metrics.sessions_ended.labels(why).inc()
-        log.info("session %s of %s ended: %s", session_id, row.user_id, why)
-        if row.container_ip is not None:  # it ran; one that never did ends with its POST
-            await _quietly(
-                self._audit.session_event(_END_EVENT.get(why, "session_ended"), row, reason=why),
-                "audit of the session's end",
-            )
-        return True
+            why = row.end_reason or reason
+            deleted = await self._delete_row(row, why)
+        except BaseException:
+            live.ending = None
+            if not live.holds:
+                self._forget(live)
+            raise
+        self._forget(live)
+        if deleted:
+            self._metrics.sessions_ended.labels(why).inc()
+            log.info("session %s of %s ended: %s", session_id, row.user_id, why)
+        return deleted
+
+    async def _delete_row(self, row: Session, why: str) -> bool:
+        """Delete the row; one that was created gets its end event in the same transaction.
+        One that never ran, or whose create failed even after it ran (its start timed out
+        while ``running`` was being written: no ``session_created``), ends with its POST's
+        answer."""
+        if row.container_ip is None or why == CREATE_FAILED:
+            return await self._store.delete_session(row.id)
+        event = _END_EVENT.get(why, "session_ended")
+        saved = await self._store.delete_session_audited(
+            row, self._clock(), event, session_data(row, reason=why)
+        )
+        if saved is not None:
+            self._audit.stored([saved])
+        return saved is not None
+
+    def _forget(self, live: LiveSession) -> None:
+        if self._live.get(live.session.id) is live:
+            del self._live[live.session.id]
 
     async def sweep(self) -> int:
         """End every expired session, every session whose container is gone and every one
         left ``ending``; remove labelled containers that have no session; prune audit
         records past their retention. The number of sessions ended."""
         owned = await self._runtime.list_owned(self._instance_id, self._config.docker_network)
-        ended = 0
-        for session in await self._store.list_sessions():
-            try:
-                ended += await self._sweep_one(session)
-            except GatewayError as exc:
-                log.warning("session %s: cleanup failed, will retry: %s", session.id, exc)
+        slots = asyncio.Semaphore(SWEEP_CONCURRENCY)
+
+        async def one(session: Session) -> bool:
+            async with slots:
+                try:
+                    async with asyncio.timeout(SWEEP_BUDGET_SECONDS):
+                        return await self._sweep_one(session)
+                except TimeoutError:  # its end goes on in its own task; the next sweep looks
+                    log.warning("session %s: cleanup still running after %g s",
+                                session.id, SWEEP_BUDGET_SECONDS)  # fmt: skip
+                except GatewayError as exc:
+                    log.warning("session %s: cleanup failed, will retry: %s",
+                                session.id, exc.log_message)  # fmt: skip
+                except Exception:
+                    log.exception("session %s: cleanup failed, will retry", session.id)
+                return False
+
+        ended = sum(await asyncio.gather(*map(one, await self._store.list_sessions())))
         await self._remove_orphans(owned)
         retention = timedelta(days=self._config.audit_retention_days)
         await self._store.prune_audit(self._clock() - retention)
@@ -563,9 +628,13 @@ class SessionManager:
                     running = live is not None and live.session.state is SessionState.RUNNING
                     if running and live.ending is None:
                         log.info("session %s: its container is gone", session_id)
-                        self._begin_end(live.session, "container_gone")
+                        ending = self.end(live.session, "container_gone")
+                        what = "end (the sweep retries)"
+                        self._spawn(_quietly(ending, what), f"gone:{session_id}")
             except GatewayError as exc:
                 log.warning("container events unavailable: %s", exc.log_message)
+            except Exception:  # never die silently: the stream is followed again
+                log.exception("following container events failed")
             await asyncio.sleep(WATCH_RETRY_SECONDS)
 
     # -- restart ---------------------------------------------------------------------------
@@ -574,9 +643,11 @@ class SessionManager:
         """Adopt what the database says is live; finish or clean what is not; remove
         orphans. Each session is handled on its own: one that fails is logged and left
         ``ending`` for the sweep, and the gateway serves. Connection records a crash left
-        open are closed with reason ``error``.
+        open are closed with reason ``error``, each with its ``disconnect`` event.
         """
-        await self._store.end_open_connections(self._clock())
+        self._audit.stored(
+            await self._store.end_open_connections(self._clock(), describe=disconnect_data)
+        )
         owned = await self._runtime.list_owned(self._instance_id, self._config.docker_network)
         by_id = {c.id: c for c in owned}
         for session in await self._store.list_sessions():
@@ -609,18 +680,46 @@ class SessionManager:
         try:
             await listener.bind(self._config.ssh_bind)
         except OSError as exc:
-            log.error("session %s: cannot re-open port %d: %s", session.id, session.ssh_port, exc)
-            await self.end(session, "recovered_port_busy")
-            return
+            listener = await self._move_port(session, exc)
+        # the owner from here: if a step below fails, an end closes this listener
+        live = self._live[session.id] = LiveSession(session, listener=listener, files_written=True)
         listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port)
         if info.ip and info.ip != session.container_ip:
             await self._store.mark_running(session.id, info.id, info.ip)
-        live = LiveSession(session, listener=listener, files_written=True)
-        self._live[session.id] = live
+        if listener.port != session.ssh_port:
+            await self._store.move_port(session.id, session.user_id, listener.port, self._clock())
+            live.session = replace(session, ssh_port=listener.port)
+            await _quietly(
+                self._audit.session_event(
+                    "session_port_moved", live.session, previous_ssh_port=session.ssh_port
+                ),
+                "audit",
+            )
         self._start_timer(live)
-        await _quietly(self._audit.session_event("session_recovered", session), "audit")
+        await _quietly(self._audit.session_event("session_recovered", live.session), "audit")
         log.info("session %s of %s recovered on port %d", session.id, session.user_id,
-                 session.ssh_port)  # fmt: skip
+                 listener.port)  # fmt: skip
+
+    async def _move_port(self, session: Session, busy: OSError) -> SessionListener:
+        """A listener on another free port for a session whose port another process took
+        while the gateway was down: its container (and the user's jobs) keep running.
+
+        Raises:
+            NoPortAvailable: no other port is free either.
+        """
+        log.warning("session %s: port %d is taken (%s); moving it to another port",
+                    session.id, session.ssh_port, busy)  # fmt: skip
+        user = User(session.user_id, session.uid, None)
+        return await self._bind_free_port(session.id, user)
+
+    def stop_starting(self) -> None:
+        """Gateway shutdown begins: cancel the starts in progress. Their creates roll back
+        (answering 503 ``gateway_stopping``) while the database and Docker are still there,
+        instead of holding the shutdown for up to ``--start-timeout``."""
+        self._stopping = True
+        for live in self._live.values():
+            if live.starting is not None:
+                live.starting.cancel()
 
     async def close(self) -> None:
         """Gateway shutdown: stop timers and background work, cut connections
@@ -643,13 +742,25 @@ class SessionManager:
             connections, len(listeners), len(tasks), len(lives),
         )  # fmt: skip
 
-    def _spawn(self, work: Awaitable[object], name: str) -> asyncio.Task:
-        """A named background task, referenced until it ends."""
+    def _spawn(self, work: Awaitable[object], name: str, *, report: bool = True) -> asyncio.Task:
+        """A named background task, referenced until it ends. Unless a caller awaits its
+        outcome (``report=False``), a failure is logged when it ends: none dies silently."""
         task = asyncio.ensure_future(work)
         task.set_name(name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        if report:
+            task.add_done_callback(_report)
         return task
+
+
+def _report(task: asyncio.Task) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=exc)
+
+
+def _ending(session_id: str) -> SessionEnding:
+    return SessionEnding(f"session {session_id!r} is ending; its TTL can no longer change")
 
 
 async def _cancel_and_wait(task: asyncio.Task | None) -> None:

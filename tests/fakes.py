@@ -203,9 +203,17 @@ class FakeRuntime:
             container.server.close()
         self.exits.put_nowait(container.spec.labels[LABEL_SESSION])
 
+    def _existing(self, container_id: str, doing: str) -> FakeContainer:
+        """Docker answers 404 for a container that is gone (the runtime's translation)."""
+        container = self.containers.get(container_id)
+        if container is None:
+            raise ContainerStartFailed(f"Docker refused to {doing}: No such container")
+        return container
+
     async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
         await self._step("put_files")
-        self.containers[container_id].files.update({f.path: f.content for f in files})
+        container = self._existing(container_id, "copy files into the container")
+        container.files.update({f.path: f.content for f in files})
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
         self._check()
@@ -217,6 +225,7 @@ class FakeRuntime:
 
     async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
         self._check()
+        self._existing(container_id, "exec in the container")
         self.execs.append((container_id, argv, user))
 
     async def cpu_seconds(self, container_id: str) -> float | None:

@@ -78,6 +78,25 @@ def server_settings(config: Config) -> dict[str, Any]:
     }
 
 
+#: How long a shutdown waits for requests in flight (a create can take ``--start-timeout``)
+#: before cancelling them, so the connections are cut and the audit drained well inside
+#: the 30 s that systemd and compose give before SIGKILL. A cancelled create rolls back.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+def run_settings(config: Config) -> dict[str, Any]:
+    """What ``web.run_app`` serves with: :func:`server_settings`, plus a request whose
+    caller disconnects is cancelled (a create nobody will receive rolls back and the user's
+    next POST gets 201; aiohttp's default would finish it into a closed socket, holding a
+    GPU with the only copy of its key lost), and shutdown waits at most
+    :data:`SHUTDOWN_GRACE_SECONDS` for requests (aiohttp's default is 60 s, then 60 more)."""
+    return {
+        **server_settings(config),
+        "handler_cancellation": True,
+        "shutdown_timeout": SHUTDOWN_GRACE_SECONDS,
+    }
+
+
 def create_app(
     config: Config,
     *,
@@ -198,5 +217,10 @@ def create_app(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def stop_starting(app: web.Application) -> None:
+        if keys.SESSIONS in app:  # shutdown hooks run before requests in flight are awaited
+            app[keys.SESSIONS].stop_starting()
+
+    app.on_shutdown.append(stop_starting)
     app.cleanup_ctx.extend([store_ctx, audit_ctx, runtime_ctx, gpu_ctx, sessions_ctx, sweeper_ctx])
     return app

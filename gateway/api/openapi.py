@@ -385,6 +385,7 @@ PATHS: dict[str, dict[str, Any]] = {
                 "200": _VIEW,
                 "400": _BAD,
                 "404": _NOT_FOUND,
+                "409": _error("the session is ending"),
                 "408": _error("the body did not arrive within --http-timeout"),
                 "413": _error("body too large"),
             },

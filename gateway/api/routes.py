@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -18,10 +19,12 @@ from gateway.api.views import (
     unhealthy_gpu_view,
 )
 from gateway.audit import connection_data, event_data
-from gateway.errors import RequestTimeout, SessionNotFound
+from gateway.errors import GatewayError, RequestTimeout, SessionNotFound
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import CONTENT_TYPE
 from gateway.models import Session
+
+log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 3.0
 SERVICE = "gpu-ssh-gateway-orchestrator"
@@ -32,7 +35,9 @@ routes = web.RouteTableDef()
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     """200 healthy; 200 degraded with ``unhealthy_gpus`` when NVML fails on some GPUs (the
-    others are served); 503 degraded when the database, Docker or NVML as a whole fails."""
+    others are served); 503 degraded when the database, Docker or NVML as a whole fails.
+    The route is public: it names the failing dependency and whether it failed or timed
+    out; the exception's text (socket paths, SQL, driver messages) goes to the log only."""
     failing: dict[str, str] = {}
     unhealthy: list[dict[str, object]] = []
 
@@ -48,8 +53,13 @@ async def healthz(request: web.Request) -> web.Response:
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 await check()
+        except TimeoutError:
+            log.warning("healthz: %s did not answer within %g s", name, HEALTH_TIMEOUT)
+            failing[name] = "timeout"
         except Exception as exc:  # whatever fails, that dependency is degraded
-            failing[name] = str(exc) or type(exc).__name__
+            detail = exc.log_message if isinstance(exc, GatewayError) else repr(exc)
+            log.warning("healthz: %s failed: %s", name, detail)  # one line per probe
+            failing[name] = "unavailable"
     if failing:
         return web.json_response(
             {"status": "degraded", "service": SERVICE, "failing": failing}, status=503

@@ -64,7 +64,7 @@ def extended_ttl(
 
     Raises:
         ValueError: neither or both given, not positive, beyond ``max_seconds``, or ending
-            in the past.
+            in the past (checked in that order, so no date is built from an absurd number).
     """
     if (new_total_seconds is None) == (extend_seconds is None):
         raise ValueError("give exactly one of the new TTL or the extension")
@@ -75,6 +75,8 @@ def extended_ttl(
     else:
         assert new_total_seconds is not None
         total = new_total_seconds
+        if total < 1:
+            raise ValueError("the TTL must be positive")
     if total > max_seconds:
         raise ValueError(f"the TTL would exceed the maximum of {max_seconds // 60} minutes")
     if expires_at(created_at, total) <= now:

@@ -146,6 +146,7 @@ _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$")
 #: The smallest limits a session may have: below them sshd itself cannot run well.
 MIN_CPUS = 0.01
 MIN_MEMORY = 64 * 1024**2
+MAX_MEMORY = 2**63 - 1  # Docker's (and SQLite's) int64: anything above is not a size
 
 
 def parse_size(text: str) -> int:
@@ -194,7 +195,7 @@ def session_limits(
 
     A value not asked for is the policy's default, else its maximum. One asked for must
     be at least :data:`MIN_CPUS` / :data:`MIN_MEMORY` and at most the maximum (CPUs: and
-    the host's count, which Docker enforces).
+    the host's count, which Docker enforces; memory: and :data:`MAX_MEMORY`).
 
     Raises:
         InvalidLimit: malformed, too small or above the maximum.
@@ -213,7 +214,7 @@ def session_limits(
             memory = parse_size(memory)
         except ValueError as exc:
             raise InvalidLimit(f"memory_limit: {exc}") from None
-    if memory < MIN_MEMORY or (policy.max_memory is not None and memory > policy.max_memory):
-        bound = "" if policy.max_memory is None else f" and at most {policy.max_memory} bytes"
-        raise InvalidLimit(f"memory_limit must be at least {MIN_MEMORY} bytes{bound}")
+    most = MAX_MEMORY if policy.max_memory is None else min(policy.max_memory, MAX_MEMORY)
+    if not MIN_MEMORY <= memory <= most:
+        raise InvalidLimit(f"memory_limit must be between {MIN_MEMORY} and {most} bytes")
     return cpus, memory

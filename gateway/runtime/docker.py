@@ -1,7 +1,10 @@
 """The Docker implementation of :class:`~gateway.runtime.base.Runtime`, via aiodocker.
 
 Translates Docker API failures into gateway errors: an unreachable engine is
-:class:`DockerUnavailable`; a 404 on inspect or remove means "gone".
+:class:`DockerUnavailable`; a 404 on inspect or remove means "gone". Every call but the
+event stream is bounded by :data:`CALL_TIMEOUT_SECONDS` (aiodocker sets no timeout): an
+engine that does not answer, e.g. a ``docker rm -f`` of a GPU process stuck in the
+kernel, is :class:`DockerUnavailable` too, and the caller retries later.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ T = TypeVar("T")
 
 #: Docker's status for "could not reach the engine" in aiodocker.
 _UNREACHABLE = 900
+#: The longest one engine call may take (removing a container with a large GPU process
+#: takes seconds; a minute without an answer is a hung engine).
+CALL_TIMEOUT_SECONDS = 60.0
 
 
 def _translate(exc: DockerError, doing: str) -> Exception:
@@ -103,15 +109,33 @@ def _info(data: dict[str, Any], network: str) -> ContainerInfo:
 class DockerRuntime:
     """Session containers on the local Docker engine."""
 
-    def __init__(self, docker: aiodocker.Docker | None = None) -> None:
+    def __init__(
+        self, docker: aiodocker.Docker | None = None, *, timeout: float = CALL_TIMEOUT_SECONDS
+    ) -> None:
         self._docker = docker or aiodocker.Docker()
+        self._timeout = timeout
 
     async def close(self) -> None:
         await self._docker.close()
 
+    async def _bounded(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, given at most the call timeout.
+
+        Raises:
+            DockerUnavailable: the engine did not answer in time.
+        """
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await call()
+        except TimeoutError:
+            raise DockerUnavailable(
+                "the Docker engine did not answer in time",
+                log_message=f"{doing}: no answer within {self._timeout:g} s",
+            ) from None
+
     async def _call(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await call()
+            return await self._bounded(doing, call)
         except DockerError as exc:
             raise _translate(exc, doing) from exc
 
@@ -121,7 +145,7 @@ class DockerRuntime:
     async def ensure_network(self, name: str, *, egress: bool) -> None:
         """Create the bridge ``name`` (inter-container traffic off) unless it exists."""
         try:
-            await self._docker.networks.get(name)
+            await self._bounded(f"look up network {name}", lambda: self._docker.networks.get(name))
             return
         except DockerError as exc:
             if exc.status != 404:
@@ -135,7 +159,9 @@ class DockerRuntime:
             "Options": {"com.docker.network.bridge.enable_icc": "false"},
         }
         try:
-            await self._docker.networks.create(config)
+            await self._bounded(
+                f"create network {name}", lambda: self._docker.networks.create(config)
+            )
             log.info("created Docker network %s (icc off, egress %s)", name, egress)
         except DockerError as exc:
             if exc.status != 409:  # created concurrently
@@ -156,21 +182,23 @@ class DockerRuntime:
 
     async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
         container = self._docker.containers.container(container_id)
+        doing = f"inspect container {container_id[:12]}"
         try:
-            return _info(await container.show(), network)
+            return _info(await self._bounded(doing, container.show), network)
         except DockerError as exc:
             if exc.status == 404:
                 return None
-            raise _translate(exc, f"inspect container {container_id[:12]}") from exc
+            raise _translate(exc, doing) from exc
 
     async def remove(self, container_id: str) -> None:
         container = self._docker.containers.container(container_id)
+        doing = f"remove container {container_id[:12]}"
         try:
-            await container.delete(force=True, v=True)
+            await self._bounded(doing, lambda: container.delete(force=True, v=True))
         except DockerError as exc:
             if exc.status in (404, 409):  # gone, or removal already in progress
                 return
-            raise _translate(exc, f"remove container {container_id[:12]}") from exc
+            raise _translate(exc, doing) from exc
 
     async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
         container = self._docker.containers.container(container_id)
@@ -221,8 +249,11 @@ class DockerRuntime:
     async def logs(self, container_id: str, tail: int = 20) -> str:
         container = self._docker.containers.container(container_id)
         try:
-            lines = await container.log(stdout=True, stderr=True, tail=tail)
-        except DockerError:
+            lines = await self._bounded(
+                "read the container's log",
+                lambda: container.log(stdout=True, stderr=True, tail=tail),
+            )
+        except (DockerError, DockerUnavailable):  # best effort: the log tail of a failure
             return ""
         return "".join(lines).strip()
 

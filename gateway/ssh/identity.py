@@ -25,11 +25,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.core.ssh import known_hosts_line
+from gateway.errors import HostIdentityDamaged
 
 CA_FILE = "ssh_host_ca"
 SEED_FILE = "ssh_host_key_seed"
 CA_COMMENT = "sandman-host-ca"
 _DERIVATION_LABEL = b"sandman ssh host key v1\0"
+SEED_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +44,35 @@ class HostKeyFiles:
 
 
 def _create_secret(path: Path, content: bytes) -> None:
-    """Write ``content`` to a new 0600 file; an existing file is left as it is."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    """Write ``content`` to a new 0600 file, durably and all at once: a temporary file is
+    written and fsynced, renamed into place, and the folder fsynced, so after a crash or
+    power loss the file is either absent (and made again) or whole. An existing file is
+    left as it is."""
+    if path.exists():
         return
-    with os.fdopen(fd, "wb") as file:
-        file.write(content)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        temp.replace(path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _damaged(path: Path, problem: str) -> HostIdentityDamaged:
+    return HostIdentityDamaged(
+        f"{path} {problem}: restore it from a backup of the state directory, or remove it "
+        "to make a new one (users' host keys and the CA they trust then change)"
+    )
 
 
 class HostIdentity:
@@ -69,19 +93,30 @@ class HostIdentity:
         """Load the CA and seed from ``state_dir``, creating them (0600) on first start.
 
         Blocking file I/O: call it off the event loop.
+
+        Raises:
+            HostIdentityDamaged: the CA is not a private key, or the seed is not exactly
+                :data:`SEED_BYTES` bytes (a short one, an empty one above all, would make
+                every user's host key computable by anyone).
         """
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ca_path, seed_path = state_dir / CA_FILE, state_dir / SEED_FILE
         if not ca_path.exists():
             ca = asyncssh.generate_private_key("ssh-ed25519", comment=CA_COMMENT)
             _create_secret(ca_path, ca.export_private_key())
-        _create_secret(seed_path, secrets.token_bytes(32))
-        ca = asyncssh.read_private_key(ca_path)
+        _create_secret(seed_path, secrets.token_bytes(SEED_BYTES))
+        seed = seed_path.read_bytes()
+        if len(seed) != SEED_BYTES:
+            raise _damaged(seed_path, f"holds {len(seed)} bytes, not {SEED_BYTES}")
+        try:
+            ca = asyncssh.read_private_key(ca_path)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise _damaged(ca_path, f"is not a private key ({exc})") from None
         ca.set_comment(CA_COMMENT)
         pub_path = ca_path.with_name(CA_FILE + ".pub")
         if not pub_path.exists():
             pub_path.write_bytes(ca.export_public_key())
-        return cls(ca, seed_path.read_bytes(), hosts)
+        return cls(ca, seed, hosts)
 
     def _derive_host_key(self, user_id: str) -> asyncssh.SSHKey:
         secret = hmac.new(self._seed, _DERIVATION_LABEL + user_id.encode(), hashlib.sha256)

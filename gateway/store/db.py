@@ -14,6 +14,7 @@ import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ParamSpec, Self, TypeVar
@@ -136,6 +137,39 @@ def _event(row: aiosqlite.Row) -> AuditEvent:
         user_id=row["user_id"],
         connection_id=row["connection_id"],
         data=json.loads(row["data"]),
+    )
+
+
+async def _insert_event(
+    conn: aiosqlite.Connection,
+    at: datetime,
+    event: str,
+    *,
+    session_id: str | None,
+    user_id: str | None,
+    connection_id: str | None = None,
+    data: dict[str, object],
+) -> AuditEvent:
+    """Insert one audit event inside the caller's transaction."""
+    cur = await conn.execute(
+        "INSERT INTO audit_events (at, event, session_id, user_id, connection_id, data)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (_ts(at), event, session_id, user_id, connection_id, json.dumps(data)),
+    )
+    assert cur.lastrowid is not None
+    return AuditEvent(cur.lastrowid, at, event, session_id, user_id, connection_id, data)
+
+
+async def _stick_port(conn: aiosqlite.Connection, user_id: str, port: int, at: datetime) -> None:
+    """``port`` becomes ``user_id``'s sticky port (taken from whoever had it)."""
+    await conn.execute(
+        "UPDATE users SET ssh_port = NULL, ssh_port_used_at = NULL "
+        "WHERE ssh_port = ? AND user_id != ?",
+        (port, user_id),
+    )
+    await conn.execute(
+        "UPDATE users SET ssh_port = ?, ssh_port_used_at = ? WHERE user_id = ?",
+        (port, _ts(at), user_id),
     )
 
 
@@ -299,16 +333,7 @@ class Store:
                     "VALUES (?, ?, ?)",
                     (session.id, int(idle_exempt), _ts(session.created_at)),
                 )
-                # the port becomes this user's sticky port (taken from whoever had it)
-                await conn.execute(
-                    "UPDATE users SET ssh_port = NULL, ssh_port_used_at = NULL "
-                    "WHERE ssh_port = ? AND user_id != ?",
-                    (session.ssh_port, session.user_id),
-                )
-                await conn.execute(
-                    "UPDATE users SET ssh_port = ?, ssh_port_used_at = ? WHERE user_id = ?",
-                    (session.ssh_port, _ts(session.created_at), session.user_id),
-                )
+                await _stick_port(conn, session.user_id, session.ssh_port, session.created_at)
         except sqlite3.IntegrityError as exc:
             text = str(exc)
             if "sessions.user_id" in text:
@@ -350,6 +375,23 @@ class Store:
         return found[0] if found else None
 
     @_atomic
+    async def move_port(self, session_id: str, user_id: str, port: int, now: datetime) -> None:
+        """The session now listens on ``port`` (its own was taken at restart); the port
+        becomes the user's sticky port, as at create.
+
+        Raises:
+            NoPortAvailable: another session holds the port.
+        """
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(
+                    "UPDATE sessions SET ssh_port = ? WHERE id = ?", (port, session_id)
+                )
+                await _stick_port(conn, user_id, port, now)
+        except sqlite3.IntegrityError as exc:
+            raise NoPortAvailable(f"port {port} is taken") from exc
+
+    @_atomic
     async def set_container(self, session_id: str, container_id: str) -> None:
         async with self._transaction() as conn:
             await conn.execute(
@@ -361,6 +403,21 @@ class Store:
         async with self._transaction() as conn:
             cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             return cur.rowcount > 0
+
+    @_atomic
+    async def delete_session_audited(
+        self, session: Session, at: datetime, event: str, data: dict[str, object]
+    ) -> AuditEvent | None:
+        """Delete the session's row and insert its end event in one transaction, so the
+        trail holds exactly one end per session whatever crashes when. None (and no
+        event) if the row was already gone."""
+        async with self._transaction() as conn:
+            cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session.id,))
+            if cur.rowcount == 0:
+                return None
+            return await _insert_event(
+                conn, at, event, session_id=session.id, user_id=session.user_id, data=data
+            )
 
     @staticmethod
     async def _select_in(
@@ -396,12 +453,14 @@ class Store:
             return {str(row["gpu_uuid"]) for row in await cur.fetchall()}
 
     @_atomic
-    async def update_ttl(self, session_id: str, ttl_seconds: int, expires_at: datetime) -> None:
+    async def update_ttl(self, session_id: str, ttl_seconds: int, expires_at: datetime) -> bool:
+        """Move the expiry; False (nothing changed) when the session is ending or gone."""
         async with self._transaction() as conn:
-            await conn.execute(
-                "UPDATE sessions SET ttl_seconds = ?, expires_at = ? WHERE id = ?",
-                (ttl_seconds, _ts(expires_at), session_id),
+            cur = await conn.execute(
+                "UPDATE sessions SET ttl_seconds = ?, expires_at = ? WHERE id = ? AND state != ?",
+                (ttl_seconds, _ts(expires_at), session_id, SessionState.ENDING.value),
             )
+            return cur.rowcount > 0
 
     # -- idle reclaim ----------------------------------------------------------------------
 
@@ -501,14 +560,15 @@ class Store:
         data: dict[str, object],
     ) -> AuditEvent:
         async with self._transaction() as conn:
-            cur = await conn.execute(
-                "INSERT INTO audit_events (at, event, session_id, user_id, connection_id, data)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (_ts(at), event, session_id, user_id, connection_id, json.dumps(data)),
+            return await _insert_event(
+                conn,
+                at,
+                event,
+                session_id=session_id,
+                user_id=user_id,
+                connection_id=connection_id,
+                data=data,
             )
-            event_id = cur.lastrowid
-        assert event_id is not None
-        return AuditEvent(event_id, at, event, session_id, user_id, connection_id, data)
 
     async def events(
         self,
@@ -556,12 +616,33 @@ class Store:
             return ended.rowcount + events.rowcount
 
     @_atomic
-    async def end_open_connections(self, now: datetime) -> int:
-        """Close records a crashed gateway left open (reason ``error``, by the gateway)."""
+    async def end_open_connections(
+        self, now: datetime, describe: Callable[[ConnectionRecord], dict[str, object]]
+    ) -> list[AuditEvent]:
+        """Close records a crashed gateway left open (reason ``error``, by the gateway) and
+        give each its ``disconnect`` event (data: ``describe(record)``), in one transaction,
+        so every ``connect`` in the trail has its ``disconnect``. The events, in order."""
         async with self._transaction() as conn:
-            cur = await conn.execute(
+            sql = f"SELECT {_CONNECTION_COLUMNS} FROM connections WHERE ended_at IS NULL"
+            async with conn.execute(sql + " ORDER BY started_at") as cur:
+                open_records = [_connection(row) for row in await cur.fetchall()]
+            await conn.execute(
                 "UPDATE connections SET ended_at = ?, closed_by = 'gateway', reason = ? "
                 "WHERE ended_at IS NULL",
                 (_ts(now), CloseReason.ERROR.value),
             )
-            return cur.rowcount
+            events = []
+            for record in open_records:
+                ended = replace(record, ended_at=now, closed_by="gateway", reason=CloseReason.ERROR)
+                events.append(
+                    await _insert_event(
+                        conn,
+                        now,
+                        "disconnect",
+                        session_id=record.session_id,
+                        user_id=record.user_id,
+                        connection_id=record.id,
+                        data=describe(ended),
+                    )
+                )
+            return events

@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from gateway.api import create_app
-from gateway.api.app import server_settings
+from gateway.api.app import run_settings, server_settings
 from gateway.config import Config
 from gateway.core.ports import PortRange
 from gateway.gpu.none import NoneBackend
@@ -74,3 +75,28 @@ def make_server(aiohttp_server, tmp_path, runtime, plain_workspaces):
         return await aiohttp_server(app, **server_settings(config))
 
     return make
+
+
+@pytest.fixture
+async def make_runner(tmp_path, runtime, clock, plain_workspaces):
+    """A gateway served as ``sandman serve`` serves it (``web.run_app``'s runner and
+    settings), unlike aiohttp's TestServer, which cancels handlers whatever it is told.
+    Returns the app, its base URL and the runner (``runner.cleanup()`` is the SIGTERM)."""
+    runners: list[web.AppRunner] = []
+
+    async def make(gpu_factory=NoneBackend, **overrides):
+        config = unit_config(tmp_path, **overrides)
+        app = create_app(
+            config, runtime_factory=lambda: runtime, gpu_factory=gpu_factory, clock=clock
+        )
+        runner = web.AppRunner(app, **run_settings(config))
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return app, f"http://{host}:{port}", runner
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()

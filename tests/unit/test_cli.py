@@ -472,3 +472,15 @@ async def test_delete_all_asks_first(cli):
     assert rc == 0 and "2" in out
     rc, out, err = await cli("session", "delete", "--all")  # nothing to end: nothing to ask
     assert rc == 0 and err == ""
+
+
+def test_serve_refuses_a_damaged_host_key_seed_with_what_to_do(tmp_path):
+    """An empty seed (a crash right after the first start) would make every user's host
+    key computable by anyone: the gateway must not serve with it."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "ssh_host_key_seed").write_bytes(b"")
+    err = io.StringIO()
+    argv = ["serve", "--state-dir", str(state), "--workspace-root", str(tmp_path / "w")]
+    assert main(argv, env={}, out=io.StringIO(), err=err) == 1
+    assert "ssh_host_key_seed holds 0 bytes, not 32: restore it" in err.getvalue()

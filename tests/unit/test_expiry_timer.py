@@ -42,3 +42,18 @@ async def test_warns_then_ends_at_the_patched_expiry(make_client, runtime):
     assert container_id == body["container_id"] and user == "0:5"
     assert argv[0] == "wall" and "this session ends in 1 second (" in argv[1]
     assert runtime.containers == {}
+
+
+async def test_a_warning_that_fails_unexpectedly_does_not_stop_the_clock(
+    make_client, runtime, monkeypatch
+):
+    """Not a Docker error, say a broken payload: the warning is logged and the session
+    still ends on time (a dead timer would leave it to the next sweep, an hour here)."""
+    client = await make_client(expiry_warnings=(1.0,))
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("payload error")
+
+    monkeypatch.setattr(runtime, "exec", broken)
+    body = await (await create(client, ttl_seconds=2)).json()
+    assert (await ended(client, body["session_id"]))["reason"] == "ttl_expired"

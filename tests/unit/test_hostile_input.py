@@ -4,10 +4,15 @@ clear 4xx or a closed connection, and nothing is created."""
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.routes import PROTECTED_ROUTES
+from tests.unit.conftest import TOKEN
 
 TEN_MB = 10 * 1024 * 1024
 HTTP_TIMEOUT = 1.0
@@ -186,3 +191,76 @@ async def test_audit_parameters_are_strict(make_client, query):
 async def test_audit_parameters_in_rfc3339_are_taken(make_client, query):
     client = await make_client()
     assert (await client.get(f"/audit?{query}")).status == 200
+
+
+#: Integers no field takes: zero and below, and above anything a TTL or int64 can be.
+ABSURD = st.one_of(
+    st.integers(max_value=0),
+    st.integers(min_value=2**63),
+    st.sampled_from([-(10**17), -(10**20), 10**20, 2**64]),
+)
+CREATE_INTS = ("ttl_minutes", "ttl_seconds", "memory_limit", "cpu_limit")
+PATCH_INTS = ("ttl_minutes", "ttl_seconds", "extend_minutes", "extend_seconds")
+FUZZ = settings(
+    max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
+
+
+def _send(base: str, method: str, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        base + path,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _fuzz_numbers(base: str, session_id: str) -> None:
+    @given(field=st.sampled_from(CREATE_INTS), value=ABSURD)
+    @FUZZ
+    def post(field: str, value: int) -> None:
+        status, body = _send(base, "POST", "/sessions", {"user_id": "bob", field: value})
+        assert status == 400, (field, value, status, body)
+
+    @given(field=st.sampled_from(PATCH_INTS), value=ABSURD)
+    @FUZZ
+    def patch(field: str, value: int) -> None:
+        status, body = _send(base, "PATCH", f"/sessions/{session_id}", {field: value})
+        assert status == 400, (field, value, status, body)
+
+    post()
+    patch()
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("POST", {"user_id": "bob", "memory_limit": 10**20}),
+        ("POST", {"user_id": "bob", "memory_limit": "100000000000t"}),
+        ("PATCH", {"ttl_minutes": -(10**20)}),
+        ("PATCH", {"ttl_seconds": -(10**17)}),
+    ],
+)
+async def test_absurd_numbers_are_400_not_500(make_client, runtime, method, body):
+    client = await make_client()
+    sid = (await (await client.post("/sessions", json={"user_id": "alice"})).json())["session_id"]
+    path = "/sessions" if method == "POST" else f"/sessions/{sid}"
+    resp = await client.request(method, path, json=body)
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["code"] in ("invalid_limit", "invalid_ttl")
+    assert len(runtime.containers) == 1  # nothing made, nothing changed
+
+
+async def test_huge_and_negative_integers_in_any_field_are_400(make_server, runtime):
+    """Hypothesis sends integers beyond every bound (and int64) to each numeric field."""
+    server = await make_server()
+    base = str(server.make_url("")).rstrip("/")
+    status, created = await asyncio.to_thread(_send, base, "POST", "/sessions", {"user_id": "al"})
+    assert status == 201
+    await asyncio.to_thread(_fuzz_numbers, base, created["session_id"])
+    assert len(runtime.containers) == 1

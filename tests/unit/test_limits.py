@@ -66,6 +66,9 @@ def test_session_limits(cpus, memory, policy, expected):
         (None, MIN_MEMORY - 1, POLICY),
         (None, -5, LimitPolicy()),
         (None, "lots", POLICY),
+        (None, 10**20, LimitPolicy()),  # beyond int64: Docker and SQLite cannot hold it
+        (None, "100000000000t", LimitPolicy()),
+        (None, 2**63, LimitPolicy()),
     ],
 )
 def test_session_limits_refuses(cpus, memory, policy):

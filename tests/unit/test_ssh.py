@@ -3,6 +3,7 @@ API fields and files built from them (fake Docker, real asyncssh)."""
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from gateway.core.ssh import (
     ssh_command,
     sshd_forwarding,
 )
-from gateway.errors import InvalidPublicKey
+from gateway.errors import HostIdentityDamaged, InvalidPublicKey
 from gateway.ssh.credentials import (
     new_key_pair,
     new_password,
@@ -128,6 +129,50 @@ def test_ca_and_seed_are_made_once_0600_and_keys_stay_per_user(tmp_path):
     assert first.fingerprint("alice").startswith("SHA256:")
     other_host = HostIdentity.load_or_create(tmp_path / "elsewhere", ("gpu01.lab",))
     assert other_host.fingerprint("alice") != first.fingerprint("alice")
+
+
+def test_ca_and_seed_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Temp file, fsync, rename, fsync of the folder: a failure before the rename leaves
+    no file (the next start makes it again), never a short one."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    HostIdentity.load_or_create(tmp_path / "ok", ("gpu01.lab",))
+    assert synced == ["file", "dir", "file", "dir"]  # the CA, then the seed
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
+        "ssh_host_ca", "ssh_host_ca.pub", "ssh_host_key_seed"
+    ]  # fmt: skip
+
+    def power_cut(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", power_cut)
+    with pytest.raises(OSError):
+        HostIdentity.load_or_create(tmp_path / "cut", ("gpu01.lab",))
+    assert list((tmp_path / "cut").iterdir()) == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert HostIdentity.load_or_create(tmp_path / "cut", ("gpu01.lab",)).fingerprint("alice")
+
+
+@pytest.mark.parametrize("seed", [b"", b"\0" * 31, b"\0" * 33], ids=["empty", "31", "33"])
+def test_a_seed_not_exactly_32_bytes_is_refused(tmp_path, seed):
+    """An empty seed would make every user's host key computable by anyone."""
+    HostIdentity.load_or_create(tmp_path, ("gpu01.lab",))
+    (tmp_path / "ssh_host_key_seed").write_bytes(seed)
+    with pytest.raises(HostIdentityDamaged, match=f"holds {len(seed)} bytes, not 32"):
+        HostIdentity.load_or_create(tmp_path, ("gpu01.lab",))
+
+
+def test_an_empty_ca_is_refused_with_a_clear_error(tmp_path):
+    HostIdentity.load_or_create(tmp_path, ("gpu01.lab",))
+    (tmp_path / "ssh_host_ca").write_bytes(b"")
+    with pytest.raises(HostIdentityDamaged, match="ssh_host_ca is not a private key"):
+        HostIdentity.load_or_create(tmp_path, ("gpu01.lab",))
 
 
 def test_certificate_names_every_host_and_the_session(tmp_path):

@@ -67,6 +67,11 @@ def test_extended_ttl():
         {"extend_seconds": 6601},
         {"new_total_seconds": 7201},
         {"new_total_seconds": 100, "now_offset": 100},
+        {"new_total_seconds": 0},
+        {"new_total_seconds": -(10**17)},  # beyond what a date can hold
+        {"new_total_seconds": -60 * 10**20},
+        {"extend_seconds": -(10**17)},
+        {"extend_seconds": 10**30},
     ],
 )
 def test_extended_ttl_refused(kw):
