@@ -17,10 +17,23 @@ SERVER_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
 CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
 
 
+def packet(message: int, body: bytes = b"") -> bytes:
+    """A plaintext SSH binary packet (RFC 4253 6), padded to a multiple of 8."""
+    padding = 8 - (5 + 1 + len(body)) % 8
+    padding += 8 if padding < 4 else 0
+    payload = bytes([message]) + body
+    return struct.pack(">IB", 1 + len(payload) + padding, padding) + payload + b"\0" * padding
+
+
+#: What a client sends up to the end of its key exchange (KEXINIT, ECDH_INIT, NEWKEYS).
+CLIENT_KEX = CLIENT_BANNER + packet(20, b"k" * 300) + packet(30, b"e" * 36) + packet(21)
+
+
 class Recorder:
     def __init__(self) -> None:
         self.opened: list[ConnectionRecord] = []
         self.closed: asyncio.Queue[ConnectionRecord] = asyncio.Queue()
+        self.before_kex: list[ConnectionRecord] = []  # ended before kex: summarised, not recorded
         self.refused = 0
 
     async def connection_opened(self, record: ConnectionRecord) -> None:
@@ -28,6 +41,10 @@ class Recorder:
 
     async def connection_closed(self, record: ConnectionRecord) -> None:
         await self.closed.put(record)
+
+    def connection_ended_before_kex(self, record: ConnectionRecord) -> None:
+        self.before_kex.append(record)
+        self.closed.put_nowait(record)
 
     def connection_refused(self, session_id: str) -> None:
         self.refused += 1
@@ -92,20 +109,34 @@ async def connect(listener: SessionListener):
 async def test_client_close_records_bytes_banners_and_side(relay):
     async with relay() as (listener, recorder):
         reader, writer = await connect(listener)
-        writer.write(CLIENT_BANNER + b"x" * 100_000)
+        writer.write(CLIENT_KEX + b"x" * 100_000)
         writer.write_eof()
         received = await reader.read()  # until the server closes after our EOF
         writer.close()
         record = await recorder.next_closed()
-    assert received == SERVER_BANNER + CLIENT_BANNER + b"x" * 100_000
+    assert received == SERVER_BANNER + CLIENT_KEX + b"x" * 100_000
     assert record.reason is CloseReason.CLIENT_CLOSED and record.closed_by == "client"
-    assert record.bytes_up == len(CLIENT_BANNER) + 100_000
+    assert record.bytes_up == len(CLIENT_KEX) + 100_000
     assert record.bytes_down == len(received)
     assert record.client_banner == "SSH-2.0-OpenSSH_9.2p1"
     assert record.server_banner == "SSH-2.0-OpenSSH_9.2p1 Debian-2"
     assert record.client_addr == "127.0.0.1" and record.client_port > 0
     assert record.ended_at is not None and record.duration >= 0
-    assert [r.id for r in recorder.opened] == [record.id]
+    assert [r.id for r in recorder.opened] == [record.id] and not recorder.before_kex
+
+
+async def test_a_connection_ending_before_kex_is_only_summarised(relay):
+    """No NEWKEYS from the client: the observer hears of it once, as ended before kex."""
+    async with relay() as (listener, recorder):
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_BANNER + packet(20, b"k" * 300))  # KEXINIT, then gone
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+        record = await recorder.next_closed()
+    assert recorder.before_kex == [record] and recorder.opened == []
+    assert record.reason is CloseReason.CLIENT_CLOSED
+    assert record.client_banner == "SSH-2.0-OpenSSH_9.2p1"
 
 
 async def test_server_close_is_server_closed(relay):
@@ -136,17 +167,85 @@ async def test_idle_connection_is_closed(relay):
     assert record.duration >= 0.3
 
 
-async def test_connection_limit_refuses_the_extra_one(relay):
+async def read_disconnect(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """Read the gateway's identification line and the plaintext SSH_MSG_DISCONNECT after it:
+    (reason code, description); the gateway then closes."""
+    assert await reader.readline() == b"SSH-2.0-sandman\r\n"
+    length, padding = struct.unpack(">IB", await reader.readexactly(5))
+    payload = (await reader.readexactly(length - 1))[: length - 1 - padding]
+    message, reason, size = struct.unpack(">BII", payload[:9])
+    assert message == 1  # SSH_MSG_DISCONNECT
+    assert payload[9 + size :] == b"\0\0\0\0"  # an empty language tag
+    assert await reader.read() == b""
+    return reason, payload[9 : 9 + size].decode()
+
+
+async def test_connection_limit_refuses_with_an_ssh_disconnect(relay):
+    """Every slot holds a login past its key exchange: the newcomer is refused in words an
+    SSH client prints (a disconnect message before any key exchange), counted, not recorded."""
     async with relay(max_connections=1) as (listener, recorder):
-        _r1, w1 = await connect(listener)
-        w1.write(CLIENT_BANNER)
-        assert await _r1.readline() == SERVER_BANNER  # relayed, so registered
-        r2, _w2 = await connect(listener)
-        assert b"limit" in await r2.read()
+        r1, w1 = await connect(listener)
+        w1.write(CLIENT_KEX)
+        assert await r1.readexactly(len(SERVER_BANNER + CLIENT_KEX))  # relayed and past kex
+        r2, w2 = await connect(listener)
+        w2.write(CLIENT_BANNER)
+        reason, text = await read_disconnect(r2)
+        assert reason == 2
+        assert text == (
+            "too many connections to this session (limit 1); close one or use ControlMaster"
+        )
         assert listener.active == 1
         assert recorder.refused == 1
-        assert [r.id for r in recorder.opened] == [recorder.opened[0].id]  # counted, not recorded
+        assert len(recorder.opened) == 1  # the login; the refusal is counted, not recorded
         assert recorder.closed.empty()
+
+
+async def squat(listener: SessionListener, source: str = "127.0.0.1"):
+    """A connection from ``source`` that sends an identification line and then nothing."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", listener.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(CLIENT_BANNER)
+    echoed = await reader.readexactly(len(SERVER_BANNER + CLIENT_BANNER))
+    assert echoed == SERVER_BANNER + CLIENT_BANNER  # relayed, so registered
+    return reader, writer
+
+
+async def test_silent_squatters_yield_to_a_newcomer(relay):
+    """Every slot held by connections that stopped before their key exchange: a newcomer
+    gets in, and the one silent the longest is cut (evicted) to make room."""
+    async with relay(max_connections=3) as (listener, recorder):
+        squatters = [await squat(listener) for _ in range(3)]
+        kexinit = packet(20, b"k" * 40)
+        squatters[0][1].write(kexinit)  # the oldest spoke again: the second is the most silent
+        assert await squatters[0][0].readexactly(len(kexinit)) == kexinit  # echoed, so relayed
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_KEX)
+        assert await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX))
+        evicted = await recorder.next_closed()
+        assert evicted.client_port == squatters[1][1].get_extra_info("sockname")[1]
+        assert (evicted.reason, evicted.closed_by) == (CloseReason.EVICTED, "gateway")
+        await squatters[1][0].read()  # the gateway closed it
+        assert squatters[1][0].at_eof()
+        assert listener.active == 3 and recorder.refused == 0
+        assert len(recorder.opened) == 1  # the newcomer's login
+
+
+async def test_the_source_holding_most_silent_slots_yields_first(relay):
+    """Where sources differ, the one crowding the session loses a slot, not an older
+    connection from somewhere else."""
+    async with relay(max_connections=3) as (listener, recorder):
+        lone = await squat(listener, "127.0.0.1")  # the oldest
+        crowd = [await squat(listener, "127.0.0.2") for _ in range(2)]
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_KEX)
+        assert await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX))
+        evicted = await recorder.next_closed()
+        assert evicted.client_addr == "127.0.0.2" and evicted.reason is CloseReason.EVICTED
+        assert evicted.client_port == crowd[0][1].get_extra_info("sockname")[1]
+        assert not lone[0].at_eof()
 
 
 async def test_unreachable_upstream(relay):
