@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -291,9 +293,20 @@ async def test_slow_client_pauses_the_upstream(relay):
 
     async with relay(firehose) as (listener, _recorder):
         _reader, writer = await connect(listener)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         writer.write(CLIENT_BANNER)
         await asyncio.wait_for(blocked.wait(), 10)
-    assert sent < total
+    assert sent < kernel_buffers()  # the gateway itself holds at most a pipe
+
+
+def kernel_buffers() -> int:
+    """What the kernel may buffer between a stalled client and the sender: the gateway's
+    receive buffer from the upstream (autotuned up to tcp_rmem's maximum), two send
+    buffers, one pipe, and 1 MiB of slack."""
+    maximum = [
+        int(Path(f"/proc/sys/net/ipv4/tcp_{b}").read_text().split()[2]) for b in ("rmem", "wmem")
+    ]
+    return maximum[0] + 2 * maximum[1] + splice.PIPE_SIZE + (1 << 20)
 
 
 async def test_slow_upstream_pauses_the_client(relay):
@@ -441,3 +454,63 @@ async def test_client_reset_mid_transfer_is_client_closed(relay):
         writer.transport.abort()  # RST, not FIN
         record = await recorder.next_closed()
     assert (record.reason, record.closed_by) == (CloseReason.CLIENT_CLOSED, "client")
+
+
+def _blast_small_segments(server: socket.socket, stalled: threading.Event) -> None:
+    """Upstream: one connection; its key exchange, then 100-byte segments (each its own
+    packet, so each its own pipe slot) until the relay stops taking them."""
+    conn, _ = server.accept()
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(SERVER_BANNER + packet(21))
+        conn.settimeout(0.5)
+        with contextlib.suppress(OSError):  # the send timed out: nothing moves any more
+            while True:
+                conn.send(b"s" * 100)
+        stalled.set()
+        conn.settimeout(None)
+        with contextlib.suppress(OSError):
+            conn.recv(1)  # until the test closes
+
+
+async def test_a_stalled_destination_costs_no_cpu(relay):
+    """Small segments fill the pipe by slots long before its byte capacity; while the
+    client reads nothing the relay must wait, not poll (CPU time measured, not only that
+    the data stopped)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stalled = threading.Event()
+    blaster = threading.Thread(target=_blast_small_segments, args=(server, stalled))
+    blaster.start()
+    try:
+        async with relay() as (listener, _recorder):
+            listener.set_upstream("127.0.0.1", server.getsockname()[1])
+            sock = socket.create_connection(("127.0.0.1", listener.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # fills soon
+            sock.sendall(CLIENT_KEX)
+            assert await asyncio.to_thread(stalled.wait, 20)
+            began = time.process_time()
+            await asyncio.sleep(1.0)  # the destination takes nothing meanwhile
+            spent = time.process_time() - began
+            sock.close()
+    finally:
+        blaster.join(10)
+        server.close()
+    assert spent < 0.2, f"{spent:.2f} s of CPU in 1 s while nothing could move"
+
+
+async def test_idle_connections_hold_no_pipes(relay):
+    """Past its key exchange and idle, a connection holds its two sockets and nothing
+    else: the pipes went back to the pool when their bytes had moved."""
+    async with relay() as (listener, _recorder):
+        before = open_fds()
+        clients = []
+        for _ in range(20):
+            reader, writer = await connect(listener)
+            writer.write(CLIENT_KEX + b"x" * 100_000)  # spliced, then idle
+            await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX) + 100_000)
+            clients.append(writer)
+        per_connection = (open_fds() - before) / len(clients)
+        for writer in clients:
+            writer.close()
+    # in this process: the test's socket, the relay's two, the upstream's one
+    assert per_connection <= 4 + 2 * splice.POOL_IDLE / len(clients)
