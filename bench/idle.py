@@ -1,8 +1,9 @@
 """Idle relayed connections: the relay's memory and file descriptors per connection.
 
-Each connection says hello both ways (an identification line, then 1 KiB, as a key
-exchange would), so both directions have left the banner phase and hold their pipes;
-then all sit idle while the relay process is measured.
+Each connection says hello both ways as a login would (an identification line, the end
+of a key exchange, then 1 KiB spliced as encrypted traffic would be), then all sit idle
+while the relay process is measured: pipes went back to the pool with their last bytes,
+so each should hold its two sockets.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import socket
+import struct
 import sys
 
 from bench.tools import open_fds, process, rss_bytes
 
 BANNER = b"SSH-2.0-bench\r\n"
-HELLO = b"k" * 1024
+HELLO = struct.pack(">IBB", 12, 10, 21) + b"\0" * 10 + b"k" * 1024  # NEWKEYS, then "encrypted"
 WARMUP = 20
 
 

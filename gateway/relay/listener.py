@@ -122,15 +122,10 @@ class SessionListener:
 
     async def _on_client(self, client: socket.socket) -> None:
         self.last_connection_at = self._clock()
-        staying = {c: c for c in self._live if not c.ending}
-        slots = [Slot(c, c.record.client_addr, c.silent_since, c.kex_done) for c in staying]
-        decision = admit(slots, self._limits.max_connections)
-        if not decision.admit:  # counted, never recorded: a flood must not become writes
-            self._observer.connection_refused(self.session_id)
-            await _refuse(client, refusal_text(self._limits.max_connections))
-            return
-        if decision.evict is not None:
-            staying[decision.evict].cut(CloseReason.EVICTED)  # type: ignore[index]
+        if self.active >= self._limits.max_connections and not self._make_room():
+            self._observer.connection_refused(self.session_id)  # counted, never recorded:
+            await _refuse(client, refusal_text(self._limits.max_connections))  # floods
+            return  # must not become writes
         try:
             connection = RelayedConnection(
                 session_id=self.session_id,
@@ -153,6 +148,16 @@ class SessionListener:
         finally:
             self._live.discard(connection)
             self._last_seen = self._clock()
+
+    def _make_room(self) -> bool:
+        """Every slot looks taken: cut one that has not finished its key exchange if
+        :func:`~gateway.core.admission.admit` says so. False: the newcomer is refused."""
+        staying = {c: c for c in self._live if not c.ending}
+        slots = [Slot(c, c.record.client_addr, c.silent_since, c.kex_done) for c in staying]
+        decision = admit(slots, self._limits.max_connections)
+        if decision.evict is not None:
+            staying[decision.evict].cut(CloseReason.EVICTED)  # type: ignore[index]
+        return decision.admit
 
     async def close(self, reason: CloseReason = CloseReason.GATEWAY_SHUTDOWN) -> None:
         """Stop accepting, cut every live connection with ``reason``, wait until recorded."""
