@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.relay.splice import POOL_IDLE
 from tests.e2e.conftest import Gateway, Holdings, holdings, usage, wait_for
 
 SOAK_CYCLES = int(os.environ.get("SANDMAN_SOAK_CYCLES", "200"))
@@ -29,9 +30,9 @@ SLICED = {
 }
 RSS_SLACK_KIB = 16 * 1024  # allocator arenas, caches: ~80 KiB a cycle over 200 cycles
 FLOOD = 500
-#: Docker connections the client pool may still hold, one per concurrent caller at most; a
-#: leak of even one fd per cycle would be ~200 over that.
-POOL_SLACK = IN_FLIGHT
+#: Docker connections the client pool may still hold, one per concurrent caller at most, and
+#: the relay's idle pipes (two ends each); a leak of even one fd per cycle would be ~200 over.
+POOL_SLACK = IN_FLIGHT + 2 * POOL_IDLE
 
 
 @dataclass(frozen=True)
