@@ -46,14 +46,22 @@ def open_idle(port: int) -> socket.socket:
     return sock
 
 
-def run(count: int, *, streams: bool = False) -> dict[str, float]:
-    """Open ``count`` idle connections through the relay; what each costs it."""
+RELAYS = {  # how to start each relay measured, given the upstream's port
+    "splice": ["-m", "bench.relay_process"],
+    "streams": ["-m", "bench.relay_process", "--streams"],
+    "reference: minimal splice relay": ["-m", "bench.minimal_splice"],  # the anchor
+}
+
+
+def run(count: int, relay: str) -> dict[str, float]:
+    """Open ``count`` idle connections through ``relay`` (a key of :data:`RELAYS`); what
+    each costs it."""
     server = socket.create_server(("127.0.0.1", 0), backlog=1024)
     holder = multiprocessing.Process(target=_holder, args=(server,), daemon=True)
     holder.start()
-    argv = [sys.executable, "-m", "bench.relay_process", str(server.getsockname()[1])]
+    argv = [sys.executable, *RELAYS[relay], str(server.getsockname()[1])]
     try:
-        with process([*argv, "--streams"] if streams else argv, None) as (pid, port):
+        with process(argv, None) as (pid, port):
             for sock in [open_idle(port) for _ in range(WARMUP)]:
                 sock.close()
             base_rss, base_fds = rss_bytes(pid), open_fds(pid)
