@@ -143,7 +143,7 @@ class _Direction:
         pipe is full).
 
         Raises:
-            OSError: the source failed (or no pipe could be made).
+            OSError: the source failed.
         """
         try:
             if self._flow.sniffing:
@@ -152,9 +152,7 @@ class _Direction:
                 self._pending = data
                 count = len(data)
             else:
-                if self._pipe is None:
-                    self._pipe = self._pool.take()
-                    room = self._room()
+                assert self._pipe is not None
                 count = os.splice(self._src, self._pipe[1], room, flags=os.SPLICE_F_NONBLOCK)
                 self._flow.moved(count)
                 self._in_pipe += count
@@ -189,8 +187,23 @@ class _Direction:
             self._pool.give(self._pipe)
             self._pipe = None
 
+    def _take_pipe(self) -> bool:
+        """Hold a pipe before splicing; False (and the direction failed, by the gateway's
+        side, not a peer's) if none can be made, e.g. out of file descriptors."""
+        if self._pipe is None and not self._flow.sniffing:
+            try:
+                self._pipe = self._pool.take()
+            except OSError as exc:
+                self._set(reading=False, writing=False)
+                if not self.done.done():
+                    self.done.set_exception(exc)
+                return False
+        return True
+
     def _readable(self) -> None:
         for _ in range(ROUNDS):
+            if not self._take_pipe():
+                return
             room = self._room()
             try:
                 count = self._read(room)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -514,3 +515,32 @@ async def test_idle_connections_hold_no_pipes(relay):
             writer.close()
     # in this process: the test's socket, the relay's two, the upstream's one
     assert per_connection <= 4 + 2 * splice.POOL_IDLE / len(clients)
+
+
+class NoPipes(splice.PipePool):
+    """A pool on a host out of file descriptors."""
+
+    def take(self):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+@pytest.mark.skipif(not splice.AVAILABLE, reason="the splice data path is Linux-only")
+async def test_no_pipe_to_be_had_is_the_gateways_error_not_the_client_closing():
+    upstream = await asyncio.start_server(echo_upstream, "127.0.0.1", 0)
+    recorder = Recorder()
+    listener = SessionListener(
+        "s1", "alice", 0, limits=RelayLimits(), observer=recorder, clock=utcnow, pipes=NoPipes()
+    )
+    await listener.bind("127.0.0.1")
+    listener.set_upstream("127.0.0.1", upstream.sockets[0].getsockname()[1])
+    try:
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_KEX)
+        await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX))
+        writer.write(b"x" * 1000)  # past the key exchange, bytes are spliced through a pipe
+        record = await recorder.next_closed()
+        writer.close()
+    finally:
+        await listener.close()
+        upstream.close()
+    assert (record.reason, record.closed_by) == (CloseReason.ERROR, "gateway")
