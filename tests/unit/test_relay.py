@@ -405,12 +405,12 @@ async def test_banner_after_other_lines_and_split_across_reads(relay):
     """SSH allows lines before the identification line; it may come in pieces."""
     async with relay() as (listener, recorder):
         reader, writer = await connect(listener)
+        echoed = await reader.readexactly(len(SERVER_BANNER))
         for piece in (b"hello there\r\n", b"SSH-2.0-Spl", b"it_1.0\r\n", b"rest"):
             writer.write(piece)
-            await writer.drain()
-            await asyncio.sleep(0.02)  # separate segments, so separate reads
+            echoed += await reader.readexactly(len(piece))  # relayed alone: a read of its own
         writer.write_eof()
-        echoed = await reader.read()
+        echoed += await reader.read()
         writer.close()
         record = await recorder.next_closed()
     assert echoed == SERVER_BANNER + b"hello there\r\nSSH-2.0-Split_1.0\r\nrest"
@@ -421,6 +421,7 @@ async def test_banner_after_other_lines_and_split_across_reads(relay):
 async def test_cut_during_a_transfer_records_and_leaks_nothing(relay):
     """A cut in the middle of a bulk download ends it with the reason, closing every fd."""
     before = open_fds()
+    upstream_closed = asyncio.Event()
 
     async def endless(reader, writer):
         writer.write(SERVER_BANNER)
@@ -428,6 +429,10 @@ async def test_cut_during_a_transfer_records_and_leaks_nothing(relay):
             while True:
                 writer.write(b"\0" * 65536)
                 await writer.drain()
+        writer.close()  # the reset reached the upstream: its socket goes too
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        upstream_closed.set()
 
     async with relay(endless) as (listener, recorder):
         reader, writer = await connect(listener)
@@ -441,7 +446,7 @@ async def test_cut_during_a_transfer_records_and_leaks_nothing(relay):
         writer.close()
     assert (record.reason, record.closed_by) == (CloseReason.TTL_EXPIRED, "gateway")
     assert record.bytes_down >= 1 << 20
-    await asyncio.sleep(0)  # the upstream's handler sees its reset
+    await asyncio.wait_for(upstream_closed.wait(), 5)
     assert open_fds() <= before
 
 
