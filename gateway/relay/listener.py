@@ -62,7 +62,6 @@ class SessionListener:
         self._splice = splice
         self._own_pipes = pipes is None  # else shared with other listeners, closed by its owner
         self._pipes = pipes if pipes is not None else PipePool()
-        self.last_connection_at: datetime | None = None  # when a client last connected
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -121,7 +120,6 @@ class SessionListener:
             task.add_done_callback(self._handlers.discard)
 
     async def _on_client(self, client: socket.socket) -> None:
-        self.last_connection_at = self._clock()
         if self.active >= self._limits.max_connections and not self._make_room():
             self._observer.connection_refused(self.session_id)  # counted, never recorded:
             await _refuse(client, refusal_text(self._limits.max_connections))  # floods
