@@ -51,10 +51,12 @@ def show(results: dict[str, Any]) -> str:
                             for k, v in many.items()]))  # fmt: skip
     if "idle" in results:
         rows = [[name, str(r["connections"]), f"{r['relay_rss_mib']:.1f}",
-                 f"{r['kib_per_connection']:.1f}", f"{r['fds_per_connection']:.1f}"]
+                 f"{r['kib_per_connection']:.1f}", f"{r['kib_ratio_to_reference']:.2f}",
+                 f"{r['fds_per_connection']:.1f}", f"{r['fds_ratio_to_reference']:.2f}"]
                 for name, r in results["idle"].items()]  # fmt: skip
         parts.append(table("5. idle relayed connections", ["data path", "connections",
-                           "relay RSS MiB", "KiB/connection", "fds/connection"], rows))  # fmt: skip
+                           "relay RSS MiB", "KiB/connection", "x reference", "fds/connection",
+                           "x reference"], rows))  # fmt: skip
     return "\n\n".join(parts)
 
 
@@ -75,7 +77,11 @@ def main() -> None:
         results["bulk"] = bulk.run(size, 2 if args.quick else 3)
     if "idle" in parts:
         count = 100 if args.quick else 1000
-        results["idle"] = {"splice": idle.run(count), "streams": idle.run(count, streams=True)}
+        results["idle"] = {name: idle.run(count, name) for name in idle.RELAYS}
+        anchor = results["idle"]["reference: minimal splice relay"]
+        for r in results["idle"].values():
+            r["kib_ratio_to_reference"] = r["kib_per_connection"] / anchor["kib_per_connection"]
+            r["fds_ratio_to_reference"] = r["fds_per_connection"] / anchor["fds_per_connection"]
     if "live" in parts:
         with tempfile.TemporaryDirectory(prefix="sandman-bench-") as tmp:
             results["live"] = live.run(

@@ -1,8 +1,9 @@
 """Idle relayed connections: the relay's memory and file descriptors per connection.
 
-Each connection says hello both ways (an identification line, then 1 KiB, as a key
-exchange would), so both directions have left the banner phase and hold their pipes;
-then all sit idle while the relay process is measured.
+Each connection says hello both ways as a login would (an identification line, the end
+of a key exchange, then 1 KiB spliced as encrypted traffic would be), then all sit idle
+while the relay process is measured: pipes went back to the pool with their last bytes,
+so each should hold its two sockets.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import socket
+import struct
 import sys
 
 from bench.tools import open_fds, process, rss_bytes
 
 BANNER = b"SSH-2.0-bench\r\n"
-HELLO = b"k" * 1024
+HELLO = struct.pack(">IBB", 12, 10, 21) + b"\0" * 10 + b"k" * 1024  # NEWKEYS, then "encrypted"
 WARMUP = 20
 
 
@@ -44,14 +46,22 @@ def open_idle(port: int) -> socket.socket:
     return sock
 
 
-def run(count: int, *, streams: bool = False) -> dict[str, float]:
-    """Open ``count`` idle connections through the relay; what each costs it."""
+RELAYS = {  # how to start each relay measured, given the upstream's port
+    "splice": ["-m", "bench.relay_process"],
+    "streams": ["-m", "bench.relay_process", "--streams"],
+    "reference: minimal splice relay": ["-m", "bench.minimal_splice"],  # the anchor
+}
+
+
+def run(count: int, relay: str) -> dict[str, float]:
+    """Open ``count`` idle connections through ``relay`` (a key of :data:`RELAYS`); what
+    each costs it."""
     server = socket.create_server(("127.0.0.1", 0), backlog=1024)
     holder = multiprocessing.Process(target=_holder, args=(server,), daemon=True)
     holder.start()
-    argv = [sys.executable, "-m", "bench.relay_process", str(server.getsockname()[1])]
+    argv = [sys.executable, *RELAYS[relay], str(server.getsockname()[1])]
     try:
-        with process([*argv, "--streams"] if streams else argv, None) as (pid, port):
+        with process(argv, None) as (pid, port):
             for sock in [open_idle(port) for _ in range(WARMUP)]:
                 sock.close()
             base_rss, base_fds = rss_bytes(pid), open_fds(pid)

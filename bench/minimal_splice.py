@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import sys
 
@@ -41,4 +42,6 @@ async def serve(upstream_port: int) -> None:
 
 
 if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 6 fds a connection
     asyncio.run(serve(int(sys.argv[1])))

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import sys
 
+from gateway.fdlimit import raise_fd_limit
 from gateway.models import ConnectionRecord, utcnow
 from gateway.relay import RelayLimits, SessionListener, splice
 
@@ -24,6 +25,12 @@ class NullObserver:
         return None
 
     async def connection_closed(self, record: ConnectionRecord) -> None:
+        return None
+
+    def connection_ended_before_kex(self, record: ConnectionRecord) -> None:
+        return None
+
+    def connection_refused(self, session_id: str) -> None:
         return None
 
 
@@ -46,6 +53,7 @@ def main() -> None:
     parser.add_argument("--streams", action="store_true", help="the portable data path")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     args = parser.parse_args()
+    raise_fd_limit()  # a thousand connections need more than a service's default 1024
     use_splice = splice.AVAILABLE and not args.streams
     if args.uvloop:
         import uvloop

@@ -10,15 +10,23 @@ a session event waits for its own write. The queue is written as fast as SQLite
 takes it (a record is durable within milliseconds); :meth:`Audit.aclose` drains it.
 A session's end and the disconnects of records a crash left open are stored by the store
 in the transaction of the change they record; only their log-file lines go through here.
+
+Only connections that finished their key exchange are recorded one by one; those that
+ended before (scanners, squatters, connect-and-close floods) are counted in the metrics
+and summarised as one ``connections_before_kex`` event per session and source address
+per :data:`SUMMARY_INTERVAL`, so churn costs a bounded queue and a bounded number of rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +37,9 @@ from gateway.store import Store
 from gateway.store.db import ensure_private_file
 
 log = logging.getLogger(__name__)
+
+SUMMARY_INTERVAL = 60.0  # seconds between summaries of connections that ended before kex
+SUMMARY_SOURCES = 1024  # sources summarised apart per interval; the rest as "other"
 
 
 def connection_data(record: ConnectionRecord) -> dict[str, Any]:
@@ -82,6 +93,24 @@ def event_data(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True)
+class _Summary:
+    """Connections from one source to one session that ended before key exchange."""
+
+    first_at: datetime
+    last_at: datetime
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def data(self, client_addr: str) -> dict[str, Any]:
+        return {
+            "client_addr": client_addr,
+            "count": sum(self.reasons.values()),
+            "reasons": dict(sorted(self.reasons.items())),
+            "first_at": rfc3339(self.first_at, fraction=True),
+            "last_at": rfc3339(self.last_at, fraction=True),
+        }
+
+
 _Write = tuple[Callable[[], Awaitable[None]], "asyncio.Future[None] | None"]
 
 
@@ -89,7 +118,13 @@ class Audit:
     """Records the trail. :meth:`aclose` writes what is queued and closes the log file."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, log_path: Path | None, clock: Callable[[], datetime]
+        self,
+        store: Store,
+        metrics: Metrics,
+        log_path: Path | None,
+        clock: Callable[[], datetime],
+        *,
+        summary_interval: float = SUMMARY_INTERVAL,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -100,9 +135,19 @@ class Audit:
             self._file = log_path.open("a", encoding="utf-8")
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        self._summary_interval = summary_interval
+        self._summaries: dict[tuple[str, str, str], _Summary] = {}
+        self._summary_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued(self) -> int:
+        """Writes waiting for the writer task."""
+        return self._queue.qsize()
 
     async def aclose(self) -> None:
-        """Write everything queued, stop the writer, close the log file."""
+        """Write everything queued (and the pending summaries), stop the writer, close the
+        log file."""
+        self._flush_summaries()
         if self._writer is not None:
             queued = self._queue.qsize()
             await self._queue.join()
@@ -204,6 +249,41 @@ class Audit:
             await self._store.save_connection(record)
 
         self._enqueue(write)
+
+    def connection_ended_before_kex(self, record: ConnectionRecord) -> None:
+        """Counted, and summarised per session and source at the end of the interval."""
+        assert record.reason is not None and record.ended_at is not None
+        self._metrics.connections_before_kex.labels(record.reason.value).inc()
+        source = record.client_addr
+        key = (record.session_id, record.user_id, source)
+        if key not in self._summaries and len(self._summaries) >= SUMMARY_SOURCES:
+            key = (record.session_id, record.user_id, "other")
+        summary = self._summaries.get(key)
+        if summary is None:
+            summary = self._summaries[key] = _Summary(record.started_at, record.ended_at)
+        summary.last_at = record.ended_at
+        summary.reasons[record.reason.value] += 1
+        if self._summary_timer is None:
+            self._summary_timer = asyncio.get_running_loop().call_later(
+                self._summary_interval, self._flush_summaries
+            )
+
+    def _flush_summaries(self) -> None:
+        """Queue one ``connections_before_kex`` event per (session, source) summarised."""
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+            self._summary_timer = None
+        summaries, self._summaries = self._summaries, {}
+        for (session_id, user_id, source), summary in summaries.items():
+            self._enqueue(
+                functools.partial(
+                    self._event,
+                    "connections_before_kex",
+                    summary.data(source),
+                    session_id=session_id,
+                    user_id=user_id,
+                )
+            )
 
     def connection_refused(self, session_id: str) -> None:
         """Only counted: a flood of refused connections must not turn into writes."""

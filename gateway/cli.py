@@ -82,6 +82,9 @@ def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
     )
     from gateway.api import create_app
     from gateway.api.app import run_settings
+    from gateway.fdlimit import raise_fd_limit
+
+    raise_fd_limit()
 
     try:
         web.run_app(

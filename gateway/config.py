@@ -58,7 +58,7 @@ class Config:
     expiry_warnings: tuple[float, ...] = DEFAULT_EXPIRY_WARNINGS
     idle_timeout: float | None = None
     preauth_timeout: float = 10.0
-    max_connections_per_session: int = 8
+    max_connections_per_session: int = 32  # VS Code, terminals and a parallel rsync
     # Tests only, from SANDMAN_TEST_STOP_AT (no flag): a create that reaches this step (see
     # sessions.CREATE_STEPS) stops the process (SIGSTOP), so a test can SIGKILL it right there.
     test_stop_at: str | None = None
@@ -300,7 +300,8 @@ def build_parser(
     )
     opt(
         "--max-connections-per-session",
-        "further connections to a session are refused",
+        "connections one session holds; a newcomer makes one that has not finished its key "
+        "exchange yield, else it is refused with an SSH disconnect message",
         default=d.max_connections_per_session,
         type_=int,
     )

@@ -27,7 +27,15 @@ class Metrics:
         )
         self.connections_refused = Counter(
             "sandman_connections_refused",
-            "Connections turned away by --max-connections-per-session (never recorded)",
+            "Connections turned away by --max-connections-per-session, every slot a login"
+            " (never recorded)",
+            registry=r,
+        )
+        self.connections_before_kex = Counter(
+            "sandman_connections_before_kex",
+            "Connections that ended before the client finished its key exchange, by reason"
+            " (not recorded one by one: summarised per source in connections_before_kex events)",
+            ["reason"],
             registry=r,
         )
         self.bytes_relayed = Counter(
@@ -62,6 +70,7 @@ class Metrics:
             self.sessions_ended.labels(reason)
         for reason in CloseReason:
             self.connections_ended.labels(reason.value)
+            self.connections_before_kex.labels(reason.value)
         for direction in ("up", "down"):
             self.bytes_relayed.labels(direction)
 

@@ -17,6 +17,7 @@ class CloseReason(StrEnum):
     GATEWAY_SHUTDOWN = "gateway_shutdown"
     IDLE_TIMEOUT = "idle_timeout"
     PREAUTH_TIMEOUT = "preauth_timeout"
+    EVICTED = "evicted"  # made room for a newcomer before its key exchange was done
     CONNECTION_LIMIT = "connection_limit"  # only in records older than the refusal counter
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     ERROR = "error"

@@ -63,7 +63,7 @@ from gateway.models import (
     rfc3339,
 )
 from gateway.provisioning import Provisioner, container_name
-from gateway.relay import RelayLimits, SessionListener
+from gateway.relay import PipePool, RelayLimits, SessionListener
 from gateway.runtime.base import LABEL_SESSION, ContainerInfo, Runtime
 from gateway.ssh.credentials import new_key_pair, new_password
 from gateway.ssh.identity import HostIdentity
@@ -157,6 +157,7 @@ class SessionManager:
             preauth_timeout=config.preauth_timeout,
             idle_timeout=config.idle_timeout,
         )
+        self._pipes = PipePool()  # shared by every session's connections: pipes follow the bytes
         self._live: dict[str, LiveSession] = {}
         self._background: set[asyncio.Task[object]] = set()
         self._reserve_lock = asyncio.Lock()
@@ -312,7 +313,13 @@ class SessionManager:
 
     def _listener(self, session_id: str, user_id: str, port: int) -> SessionListener:
         return SessionListener(
-            session_id, user_id, port, limits=self._limits, observer=self._audit, clock=self._clock
+            session_id,
+            user_id,
+            port,
+            limits=self._limits,
+            observer=self._audit,
+            clock=self._clock,
+            pipes=self._pipes,
         )
 
     async def _bind_free_port(self, session_id: str, user: User) -> SessionListener:
@@ -735,6 +742,7 @@ class SessionManager:
         await asyncio.gather(
             *(listener.close(CloseReason.GATEWAY_SHUTDOWN) for listener in listeners)
         )
+        self._pipes.close()
         log.info(
             "shutdown: cut %d SSH connections (gateway_shutdown), closed %d session ports, "
             "stopped %d background tasks; %d sessions and their containers stay for the "

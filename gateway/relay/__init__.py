@@ -4,5 +4,6 @@ an observer (the audit trail, :mod:`gateway.audit`) is told of every connection.
 
 from gateway.relay.connection import ConnectionObserver, RelayLimits
 from gateway.relay.listener import SessionListener
+from gateway.relay.splice import PipePool
 
-__all__ = ["ConnectionObserver", "RelayLimits", "SessionListener"]
+__all__ = ["ConnectionObserver", "PipePool", "RelayLimits", "SessionListener"]

@@ -3,7 +3,13 @@
 A connection ends, with a :class:`~gateway.models.CloseReason`, when both sides have
 closed (the first to close names it), a socket fails, the client sends no SSH
 identification line within the pre-auth deadline, no byte moves either way for the
-idle timeout, or the gateway cuts it (session expired or deleted, shutdown).
+idle timeout, or the gateway cuts it (session expired or deleted, shutdown, or evicted
+for a newcomer while its key exchange was not done).
+
+Only a connection whose client finished its key exchange (sent NEWKEYS) is recorded in
+full: opened when that happens, closed when it ends. One that ends before is only told
+to the observer as :meth:`ConnectionObserver.connection_ended_before_kex` (counted and
+summarised), so connect-and-close churn never becomes a row per attempt.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, Protocol
 
 from gateway.models import CloseReason, ConnectionRecord
 from gateway.relay.pump import Flow, PeerFailed, connect, pump, set_nodelay, streams
-from gateway.relay.splice import splice_pump
+from gateway.relay.splice import PipePool, splice_pump
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +36,7 @@ UPSTREAM_CONNECT_TIMEOUT = 5.0
 
 @dataclass(frozen=True, slots=True)
 class RelayLimits:
-    max_connections: int = 8
+    max_connections: int = 32
     preauth_timeout: float = 10.0
     idle_timeout: float | None = None  # None: off
 
@@ -38,9 +44,15 @@ class RelayLimits:
 class ConnectionObserver(Protocol):
     """Told when a connection opens and when it ends (the audit trail), and counts refusals."""
 
-    async def connection_opened(self, record: ConnectionRecord) -> None: ...
+    async def connection_opened(self, record: ConnectionRecord) -> None:
+        """The client finished its key exchange: a real login attempt, recorded."""
 
-    async def connection_closed(self, record: ConnectionRecord) -> None: ...
+    async def connection_closed(self, record: ConnectionRecord) -> None:
+        """A connection told to :meth:`connection_opened` ended."""
+
+    def connection_ended_before_kex(self, record: ConnectionRecord) -> None:
+        """A connection ended before its client finished the key exchange: counted and
+        summarised, never a record of its own."""
 
     def connection_refused(self, session_id: str) -> None:
         """A connection over the limit was turned away: a counter, no record."""
@@ -69,6 +81,7 @@ class RelayedConnection:
         observer: ConnectionObserver,
         clock: Callable[[], datetime],
         splice: bool,
+        pipes: PipePool,
     ) -> None:
         peer = client.getpeername()
         self.record = ConnectionRecord(
@@ -84,10 +97,27 @@ class RelayedConnection:
         self._observer = observer
         self._clock = clock
         self._splice = splice
+        self._pipes = pipes
+        self._opened = False
         self._up = Flow()  # client -> container
         self._down = Flow()  # container -> client
         self._cut_reason: CloseReason | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def kex_done(self) -> bool:
+        """The client has finished its key exchange (its stream is encrypted now)."""
+        return self._up.kex_done.is_set()
+
+    @property
+    def silent_since(self) -> float:
+        """When (``time.monotonic()``) the client last sent a byte."""
+        return self._up.last_activity
+
+    @property
+    def ending(self) -> bool:
+        """Cut by the gateway, on its way out."""
+        return self._cut_reason is not None
 
     def cut(self, reason: CloseReason) -> None:
         """End the connection from the gateway's side with ``reason``."""
@@ -101,7 +131,6 @@ class RelayedConnection:
         self._task = asyncio.current_task()
         reason, closed_by = CloseReason.ERROR, "gateway"
         try:
-            await self._observer.connection_opened(self.record)
             if self._cut_reason is None:
                 reason, closed_by = await self._relay(upstream)
             else:  # cut before it ran
@@ -112,6 +141,11 @@ class RelayedConnection:
             log.exception("session %s: relay failed", self.record.session_id)
         finally:
             await _through_cancellation(self._finish(reason, closed_by))
+
+    async def _open(self) -> None:
+        if not self._opened:
+            self._opened = True
+            await self._observer.connection_opened(self.record)
 
     async def _finish(self, reason: CloseReason, closed_by: str) -> None:
         self._client.close()
@@ -125,7 +159,11 @@ class RelayedConnection:
             closed_by=closed_by,
             reason=reason,
         )
-        await self._observer.connection_closed(self.record)
+        if self.kex_done:
+            await self._open()  # it may end in the same moment its key exchange did
+            await self._observer.connection_closed(self.record)
+        else:
+            self._observer.connection_ended_before_kex(self.record)
 
     async def _relay(self, upstream: tuple[str, int] | None) -> tuple[CloseReason, str]:
         if upstream is None:
@@ -143,8 +181,8 @@ class RelayedConnection:
             set_nodelay(server)
             if self._splice:
                 return await self._supervise(
-                    splice_pump(self._client, server, self._up),
-                    splice_pump(server, self._client, self._down),
+                    splice_pump(self._client, server, self._up, self._pipes),
+                    splice_pump(server, self._client, self._down, self._pipes),
                 )
             async with streams(self._client) as client, streams(server) as upstream_streams:
                 return await self._supervise(
@@ -175,9 +213,13 @@ class RelayedConnection:
                     group.create_task(direction(up, "client"), name=f"{name}:up"),
                     group.create_task(direction(down, "server"), name=f"{name}:down"),
                 ]
-                guard = group.create_task(self._guard(), name=f"{name}:guard")
+                watchers = [
+                    group.create_task(self._guard(), name=f"{name}:guard"),
+                    group.create_task(self._record_at_kex(), name=f"{name}:record"),
+                ]
                 await asyncio.gather(*pumps)
-                guard.cancel()
+                for watcher in watchers:
+                    watcher.cancel()
         except* _Deadline as expired:
             deadline = expired.exceptions[0].reason  # type: ignore[attr-defined]
         except* PeerFailed:
@@ -187,6 +229,10 @@ class RelayedConnection:
         side = closed_first[0] if closed_first else "client"
         reason = CloseReason.CLIENT_CLOSED if side == "client" else CloseReason.SERVER_CLOSED
         return reason, side
+
+    async def _record_at_kex(self) -> None:
+        await self._up.kex_done.wait()
+        await self._open()
 
     async def _guard(self) -> None:
         """Raise :class:`_Deadline` when the pre-auth or idle deadline passes."""

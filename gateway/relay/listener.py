@@ -2,10 +2,12 @@
 
 The listener is bound when the session's port is reserved (binding proves the port
 is free) and learns its upstream once the container has an address. It keeps the
-live connections in a registry (:attr:`SessionListener.active` is its size), refuses
-connections beyond the limit (counted, never recorded: a flood must not become database
-writes), and on :meth:`SessionListener.close` cuts every one with the given reason and
-waits until each is recorded.
+live connections in a registry (:attr:`SessionListener.active` is its size). A newcomer
+that finds every slot taken makes a connection that has not finished its key exchange
+yield (:mod:`gateway.core.admission`); if every one has, the newcomer is refused with an
+SSH disconnect message the client prints (counted, never recorded: a flood must not
+become database writes). :meth:`SessionListener.close` cuts every connection with the
+given reason and waits until each is recorded.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Self
 
+from gateway.core.admission import Slot, admit
+from gateway.core.ssh_transport import disconnect_message
 from gateway.models import CloseReason
 from gateway.relay import splice as splice_module
 from gateway.relay.connection import ConnectionObserver, RelayedConnection, RelayLimits
+from gateway.relay.splice import PipePool
 
 log = logging.getLogger(__name__)
 
 ACCEPT_RETRY = 0.5  # seconds to wait after accept() fails (e.g. no file descriptor left)
+REFUSAL_LINGER = 2.0  # seconds a refused client gets to read the refusal and close first
+
+
+def refusal_text(limit: int) -> str:
+    return f"too many connections to this session (limit {limit}); close one or use ControlMaster"
 
 
 class SessionListener:
@@ -40,6 +50,7 @@ class SessionListener:
         observer: ConnectionObserver,
         clock: Callable[[], datetime],
         splice: bool = splice_module.AVAILABLE,
+        pipes: PipePool | None = None,
     ) -> None:
         self.session_id = session_id
         self.user_id = user_id
@@ -49,6 +60,8 @@ class SessionListener:
         self._observer = observer
         self._clock = clock
         self._splice = splice
+        self._own_pipes = pipes is None  # else shared with other listeners, closed by its owner
+        self._pipes = pipes if pipes is not None else PipePool()
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -68,6 +81,12 @@ class SessionListener:
 
     def set_upstream(self, host: str, port: int) -> None:
         self.upstream = (host, port)
+
+    async def where_to_connect(self) -> tuple[str, int] | None:
+        """The container's sshd for a new connection (None: not known yet). The one place
+        that decides it, asked once per connection: a runtime whose backends move can
+        replace this."""
+        return self.upstream
 
     async def bind(self, host: str) -> None:
         """Listen on ``host`` (its first address) and :attr:`port`; port 0 picks one and
@@ -101,13 +120,10 @@ class SessionListener:
             task.add_done_callback(self._handlers.discard)
 
     async def _on_client(self, client: socket.socket) -> None:
-        if self.active >= self._limits.max_connections:  # counted, never recorded: a flood
-            self._observer.connection_refused(self.session_id)  # must not become writes
-            message = f"sandman: this session already has {self.active} connections (the limit)"
-            with contextlib.suppress(OSError):  # a fresh socket's buffer takes one line
-                client.send(message.encode() + b"\r\n")
-            client.close()
-            return
+        if self.active >= self._limits.max_connections and not self._make_room():
+            self._observer.connection_refused(self.session_id)  # counted, never recorded:
+            await _refuse(client, refusal_text(self._limits.max_connections))  # floods
+            return  # must not become writes
         try:
             connection = RelayedConnection(
                 session_id=self.session_id,
@@ -117,6 +133,7 @@ class SessionListener:
                 observer=self._observer,
                 clock=self._clock,
                 splice=self._splice,
+                pipes=self._pipes,
             )
         except OSError:  # gone before we looked (getpeername)
             client.close()
@@ -125,10 +142,20 @@ class SessionListener:
         if self._closing is not None:
             connection.cut(self._closing)
         try:
-            await connection.run(self.upstream)
+            await connection.run(await self.where_to_connect())
         finally:
             self._live.discard(connection)
             self._last_seen = self._clock()
+
+    def _make_room(self) -> bool:
+        """Every slot looks taken: cut one that has not finished its key exchange if
+        :func:`~gateway.core.admission.admit` says so. False: the newcomer is refused."""
+        staying = {c: c for c in self._live if not c.ending}
+        slots = [Slot(c, c.record.client_addr, c.silent_since, c.kex_done) for c in staying]
+        decision = admit(slots, self._limits.max_connections)
+        if decision.evict is not None:
+            staying[decision.evict].cut(CloseReason.EVICTED)  # type: ignore[index]
+        return decision.admit
 
     async def close(self, reason: CloseReason = CloseReason.GATEWAY_SHUTDOWN) -> None:
         """Stop accepting, cut every live connection with ``reason``, wait until recorded."""
@@ -145,9 +172,29 @@ class SessionListener:
             for connection in list(self._live):
                 connection.cut(reason)
             await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._own_pipes:
+            self._pipes.close()
 
     async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+async def _refuse(client: socket.socket, text: str) -> None:
+    """Send our identification line and a plaintext SSH disconnect saying ``text``, then
+    let the client read it and close first (closing on its unread bytes would reset the
+    connection, and a reset can lose the message); at most :data:`REFUSAL_LINGER` s."""
+    loop = asyncio.get_running_loop()
+    try:
+        client.setblocking(False)
+        client.send(disconnect_message(text))  # a fresh socket's buffer takes it whole
+        client.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(REFUSAL_LINGER):
+            while await loop.sock_recv(client, 4096):
+                pass
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        client.close()

@@ -8,8 +8,9 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+from gateway.core.ssh_transport import KexWatch, Phase
+
 CHUNK = 256 * 1024
-BANNER_SNIFF_BYTES = 1024  # SSH allows lines before the identification string; 255 max each
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -47,19 +48,24 @@ async def streams(
 
 
 class Flow:
-    """One direction's accounting: bytes, its SSH identification line, last activity."""
+    """One direction's accounting: bytes, last activity, and what its plaintext start
+    says (:class:`~gateway.core.ssh_transport.KexWatch`: identification line, key exchange)."""
 
     def __init__(self) -> None:
         self.bytes = 0
-        self.banner: str | None = None
         self.banner_seen = asyncio.Event()
+        self.kex_done = asyncio.Event()
         self.last_activity = time.monotonic()
-        self._head = b""
+        self._watch = KexWatch()
+
+    @property
+    def banner(self) -> str | None:
+        return self._watch.banner
 
     @property
     def sniffing(self) -> bool:
-        """True until the identification line is seen or the first bytes held none."""
-        return self.banner is None and len(self._head) < BANNER_SNIFF_BYTES
+        """True while the bytes must pass through :meth:`observe` (the plaintext start)."""
+        return self._watch.watching
 
     def moved(self, count: int) -> None:
         self.bytes += count
@@ -67,14 +73,12 @@ class Flow:
 
     def observe(self, chunk: bytes) -> None:
         self.moved(len(chunk))
-        if self.sniffing:
-            self._head += chunk[: BANNER_SNIFF_BYTES - len(self._head)]
-            for line in self._head.split(b"\n")[:-1]:
-                if line.startswith(b"SSH-"):
-                    self.banner = line.rstrip(b"\r").decode("ascii", "replace")[:255]
-                    self.banner_seen.set()
-                    self._head = b""  # not needed any more; idle connections stay small
-                    break
+        if self._watch.watching:
+            self._watch.feed(chunk)
+            if self._watch.banner is not None:
+                self.banner_seen.set()
+            if self._watch.phase is Phase.DONE:
+                self.kex_done.set()
 
 
 class PeerFailed(Exception):

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from datetime import datetime
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -127,31 +128,69 @@ def test_patch_keeps_a_session_past_its_first_expiry(gateway, ssh):
     assert (too_long.status, too_long.body["code"]) == (400, "invalid_ttl")
 
 
-def test_silent_socket_and_connection_limit(gateway_factory):
-    gateway = gateway_factory("--preauth-timeout", "1s", "--max-connections-per-session", "2")
+def squat(port: int) -> socket.socket:
+    """A connection that sends an identification line and then nothing, returned once the
+    gateway relays it (the container's banner came back)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"SSH-2.0-x\r\n")
+    sock.settimeout(10)
+    assert sock.recv(4096).startswith(b"SSH-2.0-OpenSSH")
+    return sock
+
+
+def test_squatters_cannot_lock_the_user_out(gateway_factory, ssh):
+    """Every slot taken by silent connections from the user's own address: the user's own
+    ``ssh`` still logs in at the first try, and the squatters are never recorded one by one
+    (only counted, then summarised: the summary is written at the latest at shutdown)."""
+    gateway = gateway_factory("--max-connections-per-session", "8")
     session = gateway.create(user_id="oda").body
-    port = session["ssh_port"]
-    silent = socket.create_connection(("127.0.0.1", port))
-    talking = socket.create_connection(("127.0.0.1", port))
-    talking.sendall(b"SSH-2.0-OpenSSH_test\r\n")
-    extra = socket.create_connection(("127.0.0.1", port))
-    extra.settimeout(10)
-    assert b"limit" in extra.recv(1024)
-    silent.settimeout(10)
-    received = b""
-    while chunk := silent.recv(4096):  # the server banner, then EOF from the gateway
-        received += chunk
-    assert received.startswith(b"SSH-2.0-OpenSSH")
-
-    def silent_recorded() -> bool:  # records are written just after the relay lets go
-        reasons = [c["reason"] for c in ended_connections(gateway, session["session_id"])]
-        return "preauth_timeout" in reasons
-
-    wait_for(silent_recorded, timeout=5, what="the silent connection's record")
-    for sock in (silent, talking, extra):
+    squatters = [squat(session["ssh_port"]) for _ in range(8)]
+    login = ssh.with_key(session, "echo in")
+    assert (login.returncode, login.stdout) == (0, "in\n"), login.stderr
+    squatters[0].settimeout(10)
+    while squatters[0].recv(4096):  # the most silent one made room: the gateway closes it
+        pass
+    ssh_record(gateway, session["session_id"])  # the login is recorded in full
+    assert len(ended_connections(gateway, session["session_id"])) == 1  # and nothing else
+    for sock in squatters:
         sock.close()
-    reasons = [c["reason"] for c in ended_connections(gateway, session["session_id"])]
-    assert reasons == ["preauth_timeout"]  # the refused one is only counted, never recorded
+    gateway.stop()
+    gateway.start()
+    summaries = [
+        e
+        for e in gateway.request("GET", "/audit?limit=1000").body["events"]
+        if e["event"] == "connections_before_kex"
+    ]
+    assert [(e["client_addr"], e["count"]) for e in summaries] == [("127.0.0.1", 8)], summaries
+    assert summaries[0]["reasons"]["evicted"] == 1
+
+
+def test_the_33rd_connection_is_told_why_it_is_refused(gateway, ssh, tmp_path):
+    """32 logins hold every slot of a session (the default limit): the next ``ssh`` prints
+    the reason without -v, even with strict host key checking and no known host."""
+    session = gateway.create(user_id="oli").body
+    fds = Path(f"/proc/{gateway.proc.pid}/fd")
+    before = sum(1 for _ in fds.iterdir())
+    logins = [logged_in(ssh, session) for _ in range(32)]
+    per_login = (sum(1 for _ in fds.iterdir()) - before) / len(logins)
+    print(f"\nfds per idle logged-in ssh connection: {per_login:.2f}")
+    try:
+        strict = [
+            "ssh", "-p", str(session["ssh_port"]), "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={tmp_path / 'empty'}", "-o", "BatchMode=yes",
+            "-i", str(ssh.save_key(session)), f"{session['ssh_user']}@127.0.0.1", "true",
+        ]  # fmt: skip
+        refused = subprocess.run(strict, capture_output=True, text=True, timeout=30)
+    finally:
+        for proc in logins:
+            proc.kill()
+            proc.wait()
+    assert refused.returncode == 255
+    assert (
+        f"Received disconnect from 127.0.0.1 port {session['ssh_port']}:2: too many connections"
+        " to this session (limit 32); close one or use ControlMaster" in refused.stderr
+    ), refused.stderr
+    assert per_login <= 2.5  # two sockets each; the few pooled pipes shared by all
 
 
 def test_metrics_match_the_audit_records(gateway, ssh):

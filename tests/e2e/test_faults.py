@@ -8,6 +8,7 @@ import concurrent.futures
 import signal
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from functools import partial
@@ -215,6 +216,10 @@ def test_docker_engine_away_and_back(gateway_factory, ssh, docker_proxy):
     assert held.consistent and len(held.rows) == 2
 
 
+#: A plaintext SSH_MSG_NEWKEYS packet: length 12, padding 10, message 21, the padding.
+NEWKEYS = struct.pack(">IBB", 12, 10, 21) + b"\0" * 10
+
+
 def test_database_survives_sigkill_during_a_write_burst(gateway_factory):
     gateway = gateway_factory("--max-connections-per-session", "64")  # relay, don't refuse
     session = gateway.create(user_id="zoe", ttl_minutes=10).body
@@ -224,9 +229,9 @@ def test_database_survives_sigkill_during_a_write_burst(gateway_factory):
     def connect_and_leave() -> int:
         made = 0
         while not done.is_set():  # each connection writes a record and two audit events
-            try:
+            try:  # (it is recorded one by one because it ends a key exchange)
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                    sock.sendall(b"SSH-2.0-burst\r\n")
+                    sock.sendall(b"SSH-2.0-burst\r\n" + NEWKEYS)
                     sock.recv(64)
             except OSError:  # the gateway is gone
                 break

@@ -15,6 +15,7 @@ from playwright.async_api import Page, async_playwright, expect
 from gateway.api.admin_page import UI_DIR
 from gateway.gpu.sim import SimBackend
 from tests.unit.conftest import TOKEN
+from tests.unit.test_relay import packet
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -73,8 +74,9 @@ class Shots:
 
 
 async def say_hello(port: int, banner: str) -> None:
+    """Connect with ``banner`` and a key exchange's end, so the connection is recorded."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(banner.encode() + b"\r\n")
+    writer.write(banner.encode() + b"\r\n" + packet(21))
     await reader.readline()
     writer.close()
     await writer.wait_closed()

@@ -6,14 +6,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_api import create
+from tests.unit.test_relay import packet
 
 CLIENT_BANNER = b"SSH-2.0-TestClient\r\n"
+KEX_END = packet(21)  # NEWKEYS: past its key exchange, a connection is recorded in full
 
 
 async def relay_once(port: int, payload: bytes = b"") -> bytes:
-    """Connect through the session port, say hello, send ``payload``, close, read all."""
+    """Connect through the session port, say hello and end a key exchange, send
+    ``payload``, close, read all."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(CLIENT_BANNER + payload)
+    writer.write(CLIENT_BANNER + KEX_END + payload)
     writer.write_eof()
     data = await reader.read()
     writer.close()
@@ -64,7 +67,7 @@ async def test_connections_audit_and_metrics_agree(make_client, tmp_path):
     assert echoed.startswith(b"SSH-2.0-AsyncSSH")
     (ours,) = await wait_disconnects(client, sid, 1)  # the readiness check is not recorded
     assert ours["client_banner"] == "SSH-2.0-TestClient"
-    assert ours["bytes_client_to_container"] == len(CLIENT_BANNER) + 5
+    assert ours["bytes_client_to_container"] == len(CLIENT_BANNER + KEX_END) + 5
     assert ours["server_banner"].startswith("SSH-2.0-AsyncSSH")
     assert ours["reason"] in ("client_closed", "server_closed")
 
@@ -98,7 +101,8 @@ async def test_connections_audit_and_metrics_agree(make_client, tmp_path):
     }
     assert relayed["up"] == sum(c["bytes_client_to_container"] for c in kept["connections"])
     assert relayed["down"] == sum(c["bytes_container_to_client"] for c in kept["connections"])
-    assert families["sandman_session_create_seconds"].samples[-1].value >= 0
+    created = families["sandman_session_create_seconds"].samples
+    assert [s.value for s in created if s.name.endswith("_count")] == [1]
 
 
 async def test_audit_pagination_and_filters(make_client):

@@ -9,7 +9,9 @@ from datetime import timedelta
 from gateway.audit import Audit
 from gateway.metrics import Metrics
 from gateway.models import CloseReason, ConnectionRecord, Session, utcnow
+from gateway.relay import RelayLimits, SessionListener
 from gateway.store import Store
+from tests.unit.test_relay import CLIENT_BANNER, CLIENT_KEX, SERVER_BANNER, echo_upstream
 
 
 class GatedStore:
@@ -91,3 +93,90 @@ async def test_a_session_event_waits_for_its_write_and_keeps_the_order(tmp_path)
     finally:
         await audit.aclose()
         await store.close()
+
+
+CHURN = 10_000
+
+
+async def test_churn_before_kex_costs_a_bounded_queue_and_bounded_rows(tmp_path):
+    """10,000 connect-and-close cycles through a real listener, none finishing its key
+    exchange: the audit queue stays small, the database gets one summary per source, and
+    the metrics count every one. A login past its key exchange is still recorded in full."""
+    store = await Store.open(tmp_path / "db.sqlite")
+    metrics = Metrics()
+    audit = Audit(store, metrics, None, utcnow, summary_interval=3600)
+
+    upstream = await asyncio.start_server(echo_upstream, "127.0.0.1", 0, backlog=1024)
+    listener = SessionListener("s1", "alice", 0, limits=RelayLimits(), observer=audit, clock=utcnow)
+    await listener.bind("127.0.0.1")
+    listener.set_upstream("127.0.0.1", upstream.sockets[0].getsockname()[1])
+    deepest = 0
+
+    async def cycle() -> None:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(CLIENT_BANNER)  # and gone before any key exchange
+        writer.close()
+        await writer.wait_closed()
+
+    try:
+        for _ in range(CHURN // 50):
+            await asyncio.gather(*(cycle() for _ in range(50)))
+            deepest = max(deepest, audit.queued)
+        async with asyncio.timeout(30):
+            while sum(s.value for s in _samples(metrics, "before_kex")) < CHURN:
+                await asyncio.sleep(0.05)
+                deepest = max(deepest, audit.queued)
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(CLIENT_KEX)  # a login: recorded in full
+        await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX))  # relayed, so seen
+        await listener.close()
+        writer.close()
+        await audit.aclose()
+        connections = await store.connections()
+        events = await store.events(session_id="s1", limit=1000)
+    finally:
+        await listener.close()
+        upstream.close()
+        await store.close()
+    assert deepest == 0  # nothing per attempt is ever queued
+    assert [c.client_banner for c in connections] == ["SSH-2.0-OpenSSH_9.2p1"]  # the login
+    assert sorted(e.event for e in events) == ["connect", "connections_before_kex", "disconnect"]
+    summary = next(e for e in events if e.event == "connections_before_kex")
+    assert summary.data["count"] == CHURN and summary.data["client_addr"] == "127.0.0.1"
+    # closed by the client, or evicted by a newcomer before the relay noticed the close
+    assert set(summary.data["reasons"]) <= {"client_closed", "evicted"}
+
+
+def _samples(metrics: Metrics, name: str):
+    return [
+        s
+        for family in metrics.registry.collect()
+        if family.name == f"sandman_connections_{name}"
+        for s in family.samples
+        if s.name.endswith("_total")
+    ]
+
+
+async def test_one_summary_per_source_per_interval(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite")
+    audit = Audit(store, Metrics(), None, utcnow, summary_interval=0.1)
+    early = ended(record(1))
+    try:
+        for number, source in enumerate(["10.0.0.1", "10.0.0.1", "10.0.0.2"]):
+            audit.connection_ended_before_kex(replace(ended(record(number)), client_addr=source))
+        await asyncio.sleep(0.3)  # the interval ends: its summaries are queued
+        audit.connection_ended_before_kex(replace(early, reason=CloseReason.PREAUTH_TIMEOUT))
+        await audit.aclose()  # writes the pending summary too
+        events = await store.events(session_id="s1")
+        connections = await store.connections()
+    finally:
+        await store.close()
+    summaries = sorted(
+        (e.data["client_addr"], e.data["count"], tuple(e.data["reasons"].items())) for e in events
+    )
+    assert summaries == [
+        ("10.0.0.1", 2, (("client_closed", 2),)),
+        ("10.0.0.2", 1, (("client_closed", 1),)),
+        ("127.0.0.1", 1, (("preauth_timeout", 1),)),
+    ]
+    assert connections == []

@@ -18,6 +18,7 @@ import pytest
 from gateway.cli import main
 from gateway.gpu.sim import SimBackend
 from tests.unit.conftest import TOKEN
+from tests.unit.test_relay import packet
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 HOSTILE_BANNER = b"SSH-2.0-evil\x1b[2J\x1b]0;owned\x07"
@@ -68,9 +69,10 @@ async def cli(make_server, tmp_path):
 
 
 async def hello(port: int, banner: bytes) -> None:
-    """One client connection through the session port that says ``banner`` and leaves."""
+    """One client connection through the session port that says ``banner``, ends a key
+    exchange (so it is recorded) and leaves."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(banner + b"\r\n")
+    writer.write(banner + b"\r\n" + packet(21))
     await reader.readline()
     writer.close()
     await writer.wait_closed()

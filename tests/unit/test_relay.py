@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +20,23 @@ SERVER_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
 CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
 
 
+def packet(message: int, body: bytes = b"") -> bytes:
+    """A plaintext SSH binary packet (RFC 4253 6), padded to a multiple of 8."""
+    padding = 8 - (5 + 1 + len(body)) % 8
+    padding += 8 if padding < 4 else 0
+    payload = bytes([message]) + body
+    return struct.pack(">IB", 1 + len(payload) + padding, padding) + payload + b"\0" * padding
+
+
+#: What a client sends up to the end of its key exchange (KEXINIT, ECDH_INIT, NEWKEYS).
+CLIENT_KEX = CLIENT_BANNER + packet(20, b"k" * 300) + packet(30, b"e" * 36) + packet(21)
+
+
 class Recorder:
     def __init__(self) -> None:
         self.opened: list[ConnectionRecord] = []
         self.closed: asyncio.Queue[ConnectionRecord] = asyncio.Queue()
+        self.before_kex: list[ConnectionRecord] = []  # ended before kex: summarised, not recorded
         self.refused = 0
 
     async def connection_opened(self, record: ConnectionRecord) -> None:
@@ -28,6 +44,10 @@ class Recorder:
 
     async def connection_closed(self, record: ConnectionRecord) -> None:
         await self.closed.put(record)
+
+    def connection_ended_before_kex(self, record: ConnectionRecord) -> None:
+        self.before_kex.append(record)
+        self.closed.put_nowait(record)
 
     def connection_refused(self, session_id: str) -> None:
         self.refused += 1
@@ -92,20 +112,34 @@ async def connect(listener: SessionListener):
 async def test_client_close_records_bytes_banners_and_side(relay):
     async with relay() as (listener, recorder):
         reader, writer = await connect(listener)
-        writer.write(CLIENT_BANNER + b"x" * 100_000)
+        writer.write(CLIENT_KEX + b"x" * 100_000)
         writer.write_eof()
         received = await reader.read()  # until the server closes after our EOF
         writer.close()
         record = await recorder.next_closed()
-    assert received == SERVER_BANNER + CLIENT_BANNER + b"x" * 100_000
+    assert received == SERVER_BANNER + CLIENT_KEX + b"x" * 100_000
     assert record.reason is CloseReason.CLIENT_CLOSED and record.closed_by == "client"
-    assert record.bytes_up == len(CLIENT_BANNER) + 100_000
+    assert record.bytes_up == len(CLIENT_KEX) + 100_000
     assert record.bytes_down == len(received)
     assert record.client_banner == "SSH-2.0-OpenSSH_9.2p1"
     assert record.server_banner == "SSH-2.0-OpenSSH_9.2p1 Debian-2"
     assert record.client_addr == "127.0.0.1" and record.client_port > 0
     assert record.ended_at is not None and record.duration >= 0
-    assert [r.id for r in recorder.opened] == [record.id]
+    assert [r.id for r in recorder.opened] == [record.id] and not recorder.before_kex
+
+
+async def test_a_connection_ending_before_kex_is_only_summarised(relay):
+    """No NEWKEYS from the client: the observer hears of it once, as ended before kex."""
+    async with relay() as (listener, recorder):
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_BANNER + packet(20, b"k" * 300))  # KEXINIT, then gone
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+        record = await recorder.next_closed()
+    assert recorder.before_kex == [record] and recorder.opened == []
+    assert record.reason is CloseReason.CLIENT_CLOSED
+    assert record.client_banner == "SSH-2.0-OpenSSH_9.2p1"
 
 
 async def test_server_close_is_server_closed(relay):
@@ -136,17 +170,85 @@ async def test_idle_connection_is_closed(relay):
     assert record.duration >= 0.3
 
 
-async def test_connection_limit_refuses_the_extra_one(relay):
+async def read_disconnect(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """Read the gateway's identification line and the plaintext SSH_MSG_DISCONNECT after it:
+    (reason code, description); the gateway then closes."""
+    assert await reader.readline() == b"SSH-2.0-sandman\r\n"
+    length, padding = struct.unpack(">IB", await reader.readexactly(5))
+    payload = (await reader.readexactly(length - 1))[: length - 1 - padding]
+    message, reason, size = struct.unpack(">BII", payload[:9])
+    assert message == 1  # SSH_MSG_DISCONNECT
+    assert payload[9 + size :] == b"\0\0\0\0"  # an empty language tag
+    assert await reader.read() == b""
+    return reason, payload[9 : 9 + size].decode()
+
+
+async def test_connection_limit_refuses_with_an_ssh_disconnect(relay):
+    """Every slot holds a login past its key exchange: the newcomer is refused in words an
+    SSH client prints (a disconnect message before any key exchange), counted, not recorded."""
     async with relay(max_connections=1) as (listener, recorder):
-        _r1, w1 = await connect(listener)
-        w1.write(CLIENT_BANNER)
-        assert await _r1.readline() == SERVER_BANNER  # relayed, so registered
-        r2, _w2 = await connect(listener)
-        assert b"limit" in await r2.read()
+        r1, w1 = await connect(listener)
+        w1.write(CLIENT_KEX)
+        assert await r1.readexactly(len(SERVER_BANNER + CLIENT_KEX))  # relayed and past kex
+        r2, w2 = await connect(listener)
+        w2.write(CLIENT_BANNER)
+        reason, text = await read_disconnect(r2)
+        assert reason == 2
+        assert text == (
+            "too many connections to this session (limit 1); close one or use ControlMaster"
+        )
         assert listener.active == 1
         assert recorder.refused == 1
-        assert [r.id for r in recorder.opened] == [recorder.opened[0].id]  # counted, not recorded
+        assert len(recorder.opened) == 1  # the login; the refusal is counted, not recorded
         assert recorder.closed.empty()
+
+
+async def squat(listener: SessionListener, source: str = "127.0.0.1"):
+    """A connection from ``source`` that sends an identification line and then nothing."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", listener.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(CLIENT_BANNER)
+    echoed = await reader.readexactly(len(SERVER_BANNER + CLIENT_BANNER))
+    assert echoed == SERVER_BANNER + CLIENT_BANNER  # relayed, so registered
+    return reader, writer
+
+
+async def test_silent_squatters_yield_to_a_newcomer(relay):
+    """Every slot held by connections that stopped before their key exchange: a newcomer
+    gets in, and the one silent the longest is cut (evicted) to make room."""
+    async with relay(max_connections=3) as (listener, recorder):
+        squatters = [await squat(listener) for _ in range(3)]
+        kexinit = packet(20, b"k" * 40)
+        squatters[0][1].write(kexinit)  # the oldest spoke again: the second is the most silent
+        assert await squatters[0][0].readexactly(len(kexinit)) == kexinit  # echoed, so relayed
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_KEX)
+        assert await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX))
+        evicted = await recorder.next_closed()
+        assert evicted.client_port == squatters[1][1].get_extra_info("sockname")[1]
+        assert (evicted.reason, evicted.closed_by) == (CloseReason.EVICTED, "gateway")
+        await squatters[1][0].read()  # the gateway closed it
+        assert squatters[1][0].at_eof()
+        assert listener.active == 3 and recorder.refused == 0
+        assert len(recorder.opened) == 1  # the newcomer's login
+
+
+async def test_the_source_holding_most_silent_slots_yields_first(relay):
+    """Where sources differ, the one crowding the session loses a slot, not an older
+    connection from somewhere else."""
+    async with relay(max_connections=3) as (listener, recorder):
+        lone = await squat(listener, "127.0.0.1")  # the oldest
+        crowd = [await squat(listener, "127.0.0.2") for _ in range(2)]
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_KEX)
+        assert await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX))
+        evicted = await recorder.next_closed()
+        assert evicted.client_addr == "127.0.0.2" and evicted.reason is CloseReason.EVICTED
+        assert evicted.client_port == crowd[0][1].get_extra_info("sockname")[1]
+        assert not lone[0].at_eof()
 
 
 async def test_unreachable_upstream(relay):
@@ -192,9 +294,20 @@ async def test_slow_client_pauses_the_upstream(relay):
 
     async with relay(firehose) as (listener, _recorder):
         _reader, writer = await connect(listener)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         writer.write(CLIENT_BANNER)
         await asyncio.wait_for(blocked.wait(), 10)
-    assert sent < total
+    assert sent < kernel_buffers()  # the gateway itself holds at most a pipe
+
+
+def kernel_buffers() -> int:
+    """What the kernel may buffer between a stalled client and the sender: the gateway's
+    receive buffer from the upstream (autotuned up to tcp_rmem's maximum), two send
+    buffers, one pipe, and 1 MiB of slack."""
+    maximum = [
+        int(Path(f"/proc/sys/net/ipv4/tcp_{b}").read_text().split()[2]) for b in ("rmem", "wmem")
+    ]
+    return maximum[0] + 2 * maximum[1] + splice.PIPE_SIZE + (1 << 20)
 
 
 async def test_slow_upstream_pauses_the_client(relay):
@@ -292,12 +405,12 @@ async def test_banner_after_other_lines_and_split_across_reads(relay):
     """SSH allows lines before the identification line; it may come in pieces."""
     async with relay() as (listener, recorder):
         reader, writer = await connect(listener)
+        echoed = await reader.readexactly(len(SERVER_BANNER))
         for piece in (b"hello there\r\n", b"SSH-2.0-Spl", b"it_1.0\r\n", b"rest"):
             writer.write(piece)
-            await writer.drain()
-            await asyncio.sleep(0.02)  # separate segments, so separate reads
+            echoed += await reader.readexactly(len(piece))  # relayed alone: a read of its own
         writer.write_eof()
-        echoed = await reader.read()
+        echoed += await reader.read()
         writer.close()
         record = await recorder.next_closed()
     assert echoed == SERVER_BANNER + b"hello there\r\nSSH-2.0-Split_1.0\r\nrest"
@@ -308,6 +421,7 @@ async def test_banner_after_other_lines_and_split_across_reads(relay):
 async def test_cut_during_a_transfer_records_and_leaks_nothing(relay):
     """A cut in the middle of a bulk download ends it with the reason, closing every fd."""
     before = open_fds()
+    upstream_closed = asyncio.Event()
 
     async def endless(reader, writer):
         writer.write(SERVER_BANNER)
@@ -315,6 +429,10 @@ async def test_cut_during_a_transfer_records_and_leaks_nothing(relay):
             while True:
                 writer.write(b"\0" * 65536)
                 await writer.drain()
+        writer.close()  # the reset reached the upstream: its socket goes too
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        upstream_closed.set()
 
     async with relay(endless) as (listener, recorder):
         reader, writer = await connect(listener)
@@ -328,7 +446,7 @@ async def test_cut_during_a_transfer_records_and_leaks_nothing(relay):
         writer.close()
     assert (record.reason, record.closed_by) == (CloseReason.TTL_EXPIRED, "gateway")
     assert record.bytes_down >= 1 << 20
-    await asyncio.sleep(0)  # the upstream's handler sees its reset
+    await asyncio.wait_for(upstream_closed.wait(), 5)
     assert open_fds() <= before
 
 
@@ -342,3 +460,92 @@ async def test_client_reset_mid_transfer_is_client_closed(relay):
         writer.transport.abort()  # RST, not FIN
         record = await recorder.next_closed()
     assert (record.reason, record.closed_by) == (CloseReason.CLIENT_CLOSED, "client")
+
+
+def _blast_small_segments(server: socket.socket, stalled: threading.Event) -> None:
+    """Upstream: one connection; its key exchange, then 100-byte segments (each its own
+    packet, so each its own pipe slot) until the relay stops taking them."""
+    conn, _ = server.accept()
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(SERVER_BANNER + packet(21))
+        conn.settimeout(0.5)
+        with contextlib.suppress(OSError):  # the send timed out: nothing moves any more
+            while True:
+                conn.send(b"s" * 100)
+        stalled.set()
+        conn.settimeout(None)
+        with contextlib.suppress(OSError):
+            conn.recv(1)  # until the test closes
+
+
+async def test_a_stalled_destination_costs_no_cpu(relay):
+    """Small segments fill the pipe by slots long before its byte capacity; while the
+    client reads nothing the relay must wait, not poll (CPU time measured, not only that
+    the data stopped)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stalled = threading.Event()
+    blaster = threading.Thread(target=_blast_small_segments, args=(server, stalled))
+    blaster.start()
+    try:
+        async with relay() as (listener, _recorder):
+            listener.set_upstream("127.0.0.1", server.getsockname()[1])
+            sock = socket.create_connection(("127.0.0.1", listener.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # fills soon
+            sock.sendall(CLIENT_KEX)
+            assert await asyncio.to_thread(stalled.wait, 20)
+            began = time.process_time()
+            await asyncio.sleep(1.0)  # the destination takes nothing meanwhile
+            spent = time.process_time() - began
+            sock.close()
+    finally:
+        blaster.join(10)
+        server.close()
+    assert spent < 0.2, f"{spent:.2f} s of CPU in 1 s while nothing could move"
+
+
+async def test_idle_connections_hold_no_pipes(relay):
+    """Past its key exchange and idle, a connection holds its two sockets and nothing
+    else: the pipes went back to the pool when their bytes had moved."""
+    async with relay() as (listener, _recorder):
+        before = open_fds()
+        clients = []
+        for _ in range(20):
+            reader, writer = await connect(listener)
+            writer.write(CLIENT_KEX + b"x" * 100_000)  # spliced, then idle
+            await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX) + 100_000)
+            clients.append(writer)
+        per_connection = (open_fds() - before) / len(clients)
+        for writer in clients:
+            writer.close()
+    # in this process: the test's socket, the relay's two, the upstream's one
+    assert per_connection <= 4 + 2 * splice.POOL_IDLE / len(clients)
+
+
+class NoPipes(splice.PipePool):
+    """A pool on a host out of file descriptors."""
+
+    def take(self):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+@pytest.mark.skipif(not splice.AVAILABLE, reason="the splice data path is Linux-only")
+async def test_no_pipe_to_be_had_is_the_gateways_error_not_the_client_closing():
+    upstream = await asyncio.start_server(echo_upstream, "127.0.0.1", 0)
+    recorder = Recorder()
+    listener = SessionListener(
+        "s1", "alice", 0, limits=RelayLimits(), observer=recorder, clock=utcnow, pipes=NoPipes()
+    )
+    await listener.bind("127.0.0.1")
+    listener.set_upstream("127.0.0.1", upstream.sockets[0].getsockname()[1])
+    try:
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_KEX)
+        await reader.readexactly(len(SERVER_BANNER + CLIENT_KEX))
+        writer.write(b"x" * 1000)  # past the key exchange, bytes are spliced through a pipe
+        record = await recorder.next_closed()
+        writer.close()
+    finally:
+        await listener.close()
+        upstream.close()
+    assert (record.reason, record.closed_by) == (CloseReason.ERROR, "gateway")
