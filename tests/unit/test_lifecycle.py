@@ -22,6 +22,7 @@ from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.net import port_bindable
 from tests.unit.conftest import TOKEN
 from tests.unit.test_api import create
+from tests.unit.test_relay import CLIENT_KEX
 
 PORTS = range(FIRST_PORT, FIRST_PORT + 20)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -388,7 +389,7 @@ async def test_sigterm_with_a_create_in_flight_cuts_connections_within_the_grace
         resp = await http.post(f"{url}/sessions", json={"user_id": "alice"})
         alice = await resp.json()
         reader, writer = await asyncio.open_connection("127.0.0.1", alice["ssh_port"])
-        writer.write(b"SSH-2.0-TestClient\r\n")
+        writer.write(CLIENT_KEX)  # past its key exchange: recorded in full
         assert (await reader.readline()).startswith(b"SSH-2.0-")  # relayed to its sshd
         gate = runtime.pause("put_files")
         post = asyncio.create_task(http.post(f"{url}/sessions", json={"user_id": "bob"}))
