@@ -179,12 +179,13 @@ class SessionManager:
         return live.listener.active if live and live.listener else 0
 
     def connection_activity(self, session_id: str) -> tuple[int, datetime | None]:
-        """The session's open relayed connections now, and the last moment one was open
-        in this process (None: none since it started or was recovered)."""
+        """The session's open relayed connections past their key exchange now, and the
+        last moment one was open in this process (None: none since it started or was
+        recovered). Connections that never finish a key exchange count for neither."""
         live = self._live.get(session_id)
         if live is None or live.listener is None:
             return 0, None
-        return live.listener.active, live.listener.last_seen
+        return live.listener.established, live.listener.last_seen
 
     def running(self) -> list[Session]:
         """The sessions running in this process and not ending (the idle sampler's)."""

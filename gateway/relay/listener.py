@@ -74,10 +74,17 @@ class SessionListener:
         return len(self._live)
 
     @property
+    def established(self) -> int:
+        """The live connections that finished their key exchange (logins, not scanners)."""
+        return sum(c.kex_done for c in self._live)
+
+    @property
     def last_seen(self) -> datetime | None:
-        """The last moment a relayed connection was open (now, while one is); None: no
-        connection since the listener was bound. Idle reclaim's connection clock."""
-        return self._clock() if self._live else self._last_seen
+        """The last moment a relayed connection that finished its key exchange was open
+        (now, while one is); None: none since the listener was bound. Idle reclaim's
+        connection clock: a scanner or squatter that never gets past the key exchange
+        does not keep a session."""
+        return self._clock() if self.established else self._last_seen
 
     def set_upstream(self, host: str, port: int) -> None:
         self.upstream = (host, port)
@@ -145,7 +152,8 @@ class SessionListener:
             await connection.run(await self.where_to_connect())
         finally:
             self._live.discard(connection)
-            self._last_seen = self._clock()
+            if connection.kex_done:
+                self._last_seen = self._clock()
 
     def _make_room(self) -> bool:
         """Every slot looks taken: cut one that has not finished its key exchange if

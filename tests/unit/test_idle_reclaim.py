@@ -12,6 +12,7 @@ from gateway.core.idle import IdlePolicy
 from gateway.gpu.nvml import NvmlBackend
 from gateway.idle_reclaim import HOLD_FILE, IDLE_INFO
 from tests.unit.fake_pynvml import FakeGpu, FakeNvml, h100
+from tests.unit.test_relay import CLIENT_BANNER, CLIENT_KEX
 
 #: idle after 1 min with no connection and 2 min of idle compute; warned 1 min before
 POLICY = IdlePolicy(no_connection=60, compute=120, warnings=(60,), hold_max=3600)
@@ -76,7 +77,11 @@ async def test_a_short_login_between_two_samples_restarts_the_connection_clock(c
     created = (await idle_view(client, session_id))["no_connection_since"]
     clock.advance(30)
     port = (await (await client.get(f"/sessions/{session_id}")).json())["ssh_port"]
+    squatter = await asyncio.open_connection("127.0.0.1", port)
+    squatter[1].write(CLIENT_BANNER)  # never gets past the key exchange: not a login
+    await squatter[0].readline()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CLIENT_KEX)
     await reader.readline()  # the container's SSH banner: relayed
     writer.close()
     sessions = client.app[keys.SESSIONS]
@@ -89,6 +94,8 @@ async def test_a_short_login_between_two_samples_restarts_the_connection_clock(c
     assert view["no_connection_since"] != created
     assert view["no_connection_since"] == view["last_connection_at"]
     assert view["no_connection_since"] == (clock() - _minutes(0.5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert "connection" not in view["kept_because"]  # the squatter still open keeps nothing
+    squatter[1].close()
 
 
 async def test_busy_cpu_keeps_a_session_nobody_is_connected_to(client, clock, runtime):
