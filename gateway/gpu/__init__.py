@@ -56,16 +56,17 @@ async def open_backend(spec: str, *, state_dir: Path, nv: ModuleType | None = No
     raise ValueError(f"--gpus {spec!r}: expected auto, nvml, none or sim:<topology.json>")
 
 
-async def create_on_first(backend: GpuBackend, gpu_uuids: Sequence[str], profile: str) -> MigDevice:
-    """Create a ``profile`` instance on the first GPU (in order) that has room for it.
+async def create_on_first(backend: GpuBackend, targets: Sequence[tuple[str, str]]) -> MigDevice:
+    """Create an instance on the first (GPU UUID, profile) target, in order, with room.
 
     Raises:
-        NoGpuAvailable: every GPU is full for that profile.
+        NoGpuAvailable: every GPU is full for its profile.
         UnknownMigProfile, GpuError: as :meth:`GpuBackend.create_instance`.
     """
-    for gpu_uuid in gpu_uuids:
+    for gpu_uuid, profile in targets:
         try:
             return await backend.create_instance(gpu_uuid, profile)
         except NoGpuAvailable:
             continue
-    raise NoGpuAvailable(f"no GPU has room for another {profile} instance")
+    profiles = ", ".join(sorted({profile for _, profile in targets}))
+    raise NoGpuAvailable(f"no GPU has room for another {profiles} instance")

@@ -18,6 +18,7 @@ from gateway.core.gpu_select import (
     UseDevice,
     available_instances,
     default_profile_problem,
+    default_profiles,
     select_gpu,
 )
 from gateway.core.gpu_types import GpuInfo, MigProfile
@@ -40,7 +41,8 @@ class Allocation:
 
 class GpuAllocator:
     def __init__(self, backend: GpuBackend, *, default_profile: str | None, dynamic: bool) -> None:
-        """``default_profile`` None hands out any free MIG instance to requests naming none."""
+        """``default_profile``: what requests naming none get on a MIG host (None: each
+        model's 3-slice profile; ``any``: any free MIG instance; see :func:`select_gpu`)."""
         self.backend = backend
         self._default_profile = default_profile
         self._dynamic = dynamic
@@ -50,16 +52,23 @@ class GpuAllocator:
         return self.backend.needs_device_request
 
     async def check_default_profile(self) -> None:
-        """At start-up: refuse a default profile that no MIG GPU of this host offers.
+        """At start-up: refuse an explicit default profile that no MIG GPU here offers,
+        and log what an unset one gives on each model.
 
         Raises:
             GpuError: it is not offered; the log message names the valid profiles.
         """
-        problem = default_profile_problem(
-            self._default_profile, await self.backend.inventory(), await self.backend.profiles()
-        )
+        inventory, profiles = await self.backend.inventory(), await self.backend.profiles()
+        problem = default_profile_problem(self._default_profile, inventory, profiles)
         if problem is not None:
             raise GpuError("the default MIG profile does not exist here", log_message=problem)
+        if self._default_profile is None and any(g.mig_enabled for g in inventory):
+            by_model = default_profiles(inventory, profiles)
+            log.info(
+                "requests naming no MIG profile get %s",
+                ", ".join(f"{name} on {model}" for model, name in sorted(by_model.items()))
+                or "any free MIG instance (no model here has a 3-slice profile)",
+            )
 
     async def reclaim(self, held: set[str]) -> None:
         """Destroy MIG instances this gateway created that no session holds (``held``:
@@ -87,16 +96,16 @@ class GpuAllocator:
                 return Allocation()
             case UseDevice(uuid=uuid, profile=profile):
                 return Allocation(uuid=uuid, profile=profile)
-            case CreateInstance(gpu_uuids=gpu_uuids, profile=profile, fallback=fallback):
+            case CreateInstance(targets=targets, fallback=fallback):
                 await self.backend.reclaim(allocated)  # frees what a failed rollback left
                 try:
-                    device = await create_on_first(self.backend, gpu_uuids, profile)
+                    device = await create_on_first(self.backend, targets)
                 except NoGpuAvailable:
                     if fallback is None:
                         raise
                     return Allocation(uuid=fallback.uuid, profile=fallback.profile)
-                log.info("created MIG instance %s (%s)", device.uuid, profile)
-                return Allocation(uuid=device.uuid, profile=profile, created=True)
+                log.info("created MIG instance %s (%s)", device.uuid, device.profile)
+                return Allocation(uuid=device.uuid, profile=device.profile, created=True)
         raise AssertionError(f"unhandled GPU decision {decision!r}")
 
     async def release(self, allocation: Allocation) -> None:

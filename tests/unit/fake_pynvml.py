@@ -88,9 +88,11 @@ H100_80GB = _seven_slice(
     [("1g.10gb", 9984), ("1g.10gb+me", 9984), ("1g.20gb", 20096), ("2g.20gb", 20096),
      ("3g.40gb", 40448), ("4g.40gb", 40448), ("7g.80gb", 81152)]
 )  # fmt: skip
+#: The names are NVML's; no H200 reading was at hand, so the sizes are chosen to fit them
+#: (NVML names a profile by its memory in GiB rounded up) and the 143771 MiB of the GPU.
 H200_141GB = _seven_slice(
-    [("1g.18gb", 16384), ("1g.18gb+me", 16384), ("1g.35gb", 33280), ("2g.35gb", 33280),
-     ("3g.71gb", 71424), ("4g.71gb", 71424), ("7g.141gb", 143360)]
+    [("1g.18gb", 17920), ("1g.18gb+me", 17920), ("1g.35gb", 35328), ("2g.35gb", 35328),
+     ("3g.71gb", 72192), ("4g.71gb", 72192), ("7g.141gb", 143616)]
 )  # fmt: skip
 
 

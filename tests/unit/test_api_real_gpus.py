@@ -10,7 +10,7 @@ from gateway.config import config_from_args, parse
 from gateway.errors import GpuError
 from gateway.gpu.nvml import NvmlBackend
 from tests.unit.conftest import unit_config
-from tests.unit.fake_pynvml import FakeGpu, FakeNvml, h100
+from tests.unit.fake_pynvml import A100_40GB, FakeGpu, FakeNvml, h100, h200
 
 H100 = "GPU-h100-0000"
 WHOLE = "GPU-whole-0001"
@@ -47,14 +47,30 @@ async def test_a_default_profile_this_host_lacks_refuses_to_start(tmp_path, runt
 async def test_default_any_hands_out_any_free_instance(make_client):
     nv = nvml(h100(H100))
     mig = nv.precreate(nv.gpus[0], "1g.20gb", 2)
-    client = await make_client(gpu_factory=lambda: NvmlBackend(nv), default_mig_profile=None)
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv), default_mig_profile="any")
     body = await (await create(client)).json()
     assert body["gpu_uuid"] == mig.uuid
 
 
-def test_any_on_the_command_line_means_no_default_profile():
+async def test_unset_default_follows_each_model_of_a_mixed_host(make_client):
+    nv = nvml(h100(H100), h200("GPU-h200-0002"), FakeGpu("GPU-a40-0003", profiles=A100_40GB))
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv), mig_dynamic=True)
+    given = []
+    for user in ("ann", "bob", "cid", "dan", "eve", "fay"):
+        response = await create(client, user_id=user)
+        assert response.status == 201, await response.text()
+        body = await response.json()
+        given.append((body["gpu_uuid"][:4], body["mig_profile"]))
+    # two 3-slice instances fit each GPU, each of its own model's profile
+    assert [profile for _, profile in given] == ["3g.40gb"] * 2 + ["3g.71gb"] * 2 + ["3g.20gb"] * 2
+    assert {uuid for uuid, _ in given} == {"MIG-"}
+    assert (await create(client, user_id="gil")).status == 503
+
+
+def test_any_on_the_command_line_is_kept_and_unset_follows_the_host():
+    assert config_from_args(parse(["serve"], env={}), {}).default_mig_profile is None
     args = parse(["serve", "--default-mig-profile", "any"], env={})
-    assert config_from_args(args, {}).default_mig_profile is None
+    assert config_from_args(args, {}).default_mig_profile == "any"
     args = parse(["serve"], env={"SANDMAN_DEFAULT_MIG_PROFILE": "3g.40gb"})
     assert config_from_args(args, {}).default_mig_profile == "3g.40gb"
 
