@@ -203,6 +203,7 @@ def create_app(
                 await asyncio.sleep(config.reap_interval)
                 try:
                     await manager.sweep()
+                    await app[keys.GPUS].destroy_released()
                 except Exception:
                     log.exception("TTL sweep failed")
 

@@ -241,6 +241,7 @@ SCHEMAS: dict[str, Any] = {
             "power_limit": _NULLABLE_NUM,
             "mig_enabled": {"type": "boolean"},
             "mig_pending": {"type": "boolean"},
+            "mig_change": _NULLABLE_STR,
             "allocated": {"type": "boolean"},
             "healthy": {"type": "boolean"},
             "error": _NULLABLE_STR,
@@ -256,8 +257,13 @@ SCHEMAS: dict[str, Any] = {
                         "compute_instance_id": {"type": "integer"},
                         "split": {"type": "boolean"},
                         "allocated": {"type": "boolean"},
+                        "to_destroy": {"type": "boolean"},
                     }
                 ),
+            },
+            "to_destroy": {
+                "type": "array",
+                "items": _object({"uuid": {"type": "string"}, "gpu_instance_id": _NULLABLE_INT}),
             },
         }
     ),

@@ -201,7 +201,9 @@ async def delete_all_sessions(request: web.Request) -> web.Response:
 @routes.get("/gpus")
 async def list_gpus(request: web.Request) -> web.Response:
     allocated = await request.app[STORE].allocated_gpus()
-    gpus = [gpu_view(gpu, allocated) for gpu in await request.app[GPUS].inventory()]
+    allocator = request.app[GPUS]
+    to_destroy = allocator.to_destroy()
+    gpus = [gpu_view(gpu, allocated, to_destroy) for gpu in await allocator.inventory()]
     return web.json_response({"gpus": gpus, "count": len(gpus)})
 
 

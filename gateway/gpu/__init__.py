@@ -35,6 +35,7 @@ async def open_backend(spec: str, *, state_dir: Path, nv: ModuleType | None = No
         GpuError: NVML does not start (with ``auto``: for any reason but a missing library).
     """
     # Imported here: the backends import gateway.core, which imports this package's base.
+    from gateway.gpu.ledger import read_boot_id
     from gateway.gpu.none import NoneBackend
     from gateway.gpu.nvml import NvmlBackend, NvmlLibraryMissing
     from gateway.gpu.sim import SimBackend
@@ -45,11 +46,12 @@ async def open_backend(spec: str, *, state_dir: Path, nv: ModuleType | None = No
         topology = Path(spec.removeprefix("sim:"))
         return SimBackend(topology, state_dir / f"gpu-sim-{topology.stem}.json")
     ledger = state_dir / "nvml-instances.json"
+    boot_id = read_boot_id()
     if spec == "nvml":
-        return await NvmlBackend.open(nv, ledger_path=ledger)
+        return await NvmlBackend.open(nv, ledger_path=ledger, boot_id=boot_id)
     if spec == "auto":
         try:
-            return await NvmlBackend.open(nv, ledger_path=ledger)
+            return await NvmlBackend.open(nv, ledger_path=ledger, boot_id=boot_id)
         except NvmlLibraryMissing as exc:
             log.warning("no NVML (%s): running without GPUs (--gpus none)", exc.log_message)
             return NoneBackend()

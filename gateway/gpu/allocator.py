@@ -21,9 +21,9 @@ from gateway.core.gpu_select import (
     default_profiles,
     select_gpu,
 )
-from gateway.core.gpu_types import GpuInfo, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigProfile
 from gateway.core.idle import Reading
-from gateway.errors import GpuError, NoGpuAvailable
+from gateway.errors import GpuError, GpuInstanceInUse, NoGpuAvailable
 from gateway.gpu import create_on_first
 from gateway.gpu.base import GpuBackend
 from gateway.gpu.none import NoneBackend
@@ -86,7 +86,7 @@ class GpuAllocator:
             mig_instance_uuid=request.mig_instance_uuid,
             inventory=await self.backend.inventory(),
             profiles=await self.backend.profiles(),
-            allocated=allocated,
+            allocated=allocated | self._to_destroy(),
             default_profile=self._default_profile,
             dynamic=self._dynamic,
             gpu_less=isinstance(self.backend, NoneBackend),
@@ -109,10 +109,36 @@ class GpuAllocator:
         raise AssertionError(f"unhandled GPU decision {decision!r}")
 
     async def release(self, allocation: Allocation) -> None:
-        """Give the GPU back; a MIG instance created for the session is destroyed."""
+        """Give the GPU back; a MIG instance created for the session is destroyed.
+
+        One a host process holds (a monitoring daemon) is kept to destroy: never handed
+        out, retried by :meth:`destroy_released`; the session may end meanwhile.
+
+        Raises:
+            GpuError: NVML refused otherwise (the caller retries the release).
+        """
         if allocation.created and allocation.uuid:
-            await self.backend.destroy_instance(allocation.uuid)
+            try:
+                await self.backend.destroy_instance(allocation.uuid)
+            except GpuInstanceInUse as exc:
+                log.warning(
+                    "MIG instance %s is held by a host process; kept to destroy, retried at "
+                    "every sweep: %s",
+                    allocation.uuid, exc.log_message,
+                )  # fmt: skip
+                return
             log.info("destroyed MIG instance %s", allocation.uuid)
+
+    async def destroy_released(self) -> None:
+        """Retry destroying the instances released while a host process held them."""
+        await self.backend.destroy_released()
+
+    def to_destroy(self) -> list[Leftover]:
+        """Released instances not destroyed yet (shown in ``GET /gpus``)."""
+        return self.backend.to_destroy()
+
+    def _to_destroy(self) -> set[str]:
+        return {leftover.mig_uuid for leftover in self.backend.to_destroy()}
 
     async def release_session(self, session: Session) -> None:
         await self.release(
@@ -144,5 +170,7 @@ class GpuAllocator:
     async def available(self, allocated: set[str]) -> list[AvailableInstance]:
         """Free MIG instances, then free whole GPUs (``full``)."""
         return available_instances(
-            await self.backend.inventory(), await self.backend.profiles(), allocated
+            await self.backend.inventory(),
+            await self.backend.profiles(),
+            allocated | self._to_destroy(),
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Protocol
 
-from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
 from gateway.core.idle import Reading
 
 
@@ -41,9 +41,19 @@ class GpuBackend(Protocol):
         """Destroy a MIG device this gateway created; already gone is success.
 
         Raises:
-            GpuInstanceInUse: another process holds it; calling again later retries.
+            GpuInstanceInUse: another process holds it; it is kept in :meth:`to_destroy`
+                and :meth:`destroy_released` retries it.
             GpuError: NVML refused otherwise.
         """
+        ...
+
+    async def destroy_released(self) -> None:
+        """Retry what :meth:`to_destroy` lists; failures are logged, never raised."""
+        ...
+
+    def to_destroy(self) -> list[Leftover]:
+        """Instances released while a host process held them: kept to destroy, never
+        handed out."""
         ...
 
     async def reclaim(self, held: Collection[str]) -> None:

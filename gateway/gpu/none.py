@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
 from gateway.core.idle import Reading
 from gateway.errors import NoGpuAvailable
 
@@ -35,6 +35,12 @@ class NoneBackend:
     async def utilization(self, uuid: str) -> Reading:
         """No GPU here says nothing (a GPU-less session is judged by its CPU)."""
         return Reading(None)
+
+    async def destroy_released(self) -> None:
+        """Nothing is ever left to destroy here."""
+
+    def to_destroy(self) -> list[Leftover]:
+        return []
 
     async def close(self) -> None:
         return None

@@ -48,12 +48,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import math
 import re
 import threading
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -61,7 +63,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from gateway.core.gpu_select import parse_mig_uuid
-from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
 from gateway.core.idle import Reading
 from gateway.core.mig_placement import Placement, choose_placement, unoccupied
 from gateway.errors import (
@@ -123,11 +125,16 @@ class NvmlBackend:
 
     @classmethod
     async def open(
-        cls, nv: ModuleType | None = None, *, ledger_path: Path | None = None
+        cls,
+        nv: ModuleType | None = None,
+        *,
+        ledger_path: Path | None = None,
+        boot_id: str | None = None,
     ) -> NvmlBackend:
         """Initialise NVML (``nvmlInit``) and return the backend.
 
-        ``ledger_path`` keeps the ids of the MIG instances it creates (memory only if None).
+        ``ledger_path`` keeps the ids of the MIG instances it creates (memory only if None);
+        entries made in another boot than ``boot_id`` are dropped (the instances are gone).
 
         Raises:
             NvmlLibraryMissing: no ``libnvidia-ml.so.1`` (a host without the driver).
@@ -135,7 +142,7 @@ class NvmlBackend:
                 library versions differ, ...), or the ledger is unreadable.
         """
         nv = nv or pynvml
-        ledger = await asyncio.to_thread(Ledger, ledger_path)
+        ledger = await asyncio.to_thread(partial(Ledger, ledger_path, boot_id=boot_id))
         try:
             await asyncio.to_thread(nv.nvmlInit)
         except nv.NVMLError_LibraryNotFound as exc:
@@ -244,6 +251,27 @@ class NvmlBackend:
         """
         return await self._call(f"reading the utilisation of {uuid}", _reading, self._nv,
                                 uuid, self._gpm)  # fmt: skip
+
+    async def destroy_released(self) -> None:
+        """Retry destroying the instances whose sessions ended while a host process held
+        them (see :meth:`to_destroy`); what fails again is logged and kept."""
+        if not self._ledger.to_destroy():
+            return
+        try:
+            await self._call(
+                "destroying released MIG instances",
+                _reclaim,
+                self._nv,
+                self._ledger,
+                None,
+                changes=True,
+            )
+        except GatewayError as exc:
+            log.warning("destroying released MIG instances failed: %s", exc.log_message)
+
+    def to_destroy(self) -> list[Leftover]:
+        """Instances released but not destroyed yet: never handed out, retried."""
+        return [Leftover(e.mig_uuid or "", e.gpu_uuid, e.gi_id) for e in self._ledger.to_destroy()]
 
     async def close(self) -> None:
         """Shut NVML down (``nvmlShutdown``); idempotent."""
@@ -534,11 +562,28 @@ def _gpu_instances(nv: ModuleType, handle: Any, profiles: list[_Profile]) -> dic
     return found
 
 
+def _find_gpu(nv: ModuleType, gpu_uuid: str) -> Any | None:
+    """The handle of GPU ``gpu_uuid``, or None if no answering GPU here has that UUID.
+
+    Found by index and UUID compare: ``nvmlDeviceGetHandleByUUID`` fails with GPU_IS_LOST
+    while *any* GPU is lost (``nvml.h``), which would stop work on the healthy ones. A
+    GPU NVML fails on is skipped: a lost GPU needs a reset, which clears its MIG state.
+    """
+    for index in range(nv.nvmlDeviceGetCount()):
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            if nv.nvmlDeviceGetUUID(handle) == gpu_uuid:
+                return handle
+        except nv.NVMLError as exc:
+            log.debug("looking for GPU %s: GPU %d skipped: %s", gpu_uuid, index, exc)
+    return None
+
+
 def _gpu_handle(nv: ModuleType, gpu_uuid: str) -> Any:
-    try:
-        return nv.nvmlDeviceGetHandleByUUID(gpu_uuid)
-    except nv.NVMLError_NotFound as exc:
-        raise GpuError(f"no GPU {gpu_uuid} on this host") from exc
+    handle = _find_gpu(nv, gpu_uuid)
+    if handle is None:
+        raise GpuError(f"no GPU {gpu_uuid} answers on this host")
+    return handle
 
 
 def _create(nv: ModuleType, ledger: Ledger, gpu_uuid: str, profile_name: str) -> MigDevice:
@@ -557,12 +602,14 @@ def _create(nv: ModuleType, ledger: Ledger, gpu_uuid: str, profile_name: str) ->
     spot = choose_placement(unoccupied(_possible_placements(nv, handle, profile), occupied))
     if spot is None:
         raise NoGpuAvailable(f"no free placement for a {profile_name} instance on GPU {gpu_uuid}")
+    intent = Created(None, gpu_uuid, None, None, profile.profile_id, spot.start, ledger.boot_id)
+    ledger.add(intent)  # before creating: a crash from here on leaves something to reclaim
     placement = nv.c_nvmlGpuInstancePlacement_t(spot.start, spot.size)
-    gi = nv.nvmlDeviceCreateGpuInstanceWithPlacement(
-        handle, profile.profile_id, ctypes.pointer(placement)
-    )
-    ci = None
+    gi = ci = None
     try:
+        gi = nv.nvmlDeviceCreateGpuInstanceWithPlacement(
+            handle, profile.profile_id, ctypes.pointer(placement)
+        )
         ci_profile = nv.nvmlGpuInstanceGetComputeInstanceProfileInfo(
             gi,
             _compute_profile_enum(nv, profile.compute_slices),
@@ -578,9 +625,12 @@ def _create(nv: ModuleType, ledger: Ledger, gpu_uuid: str, profile_name: str) ->
                 "the new MIG instance did not appear",
                 log_message=f"no MIG device for GI {ids[0]} CI {ids[1]} on {gpu_uuid}",
             )
-        ledger.add(Created(device.uuid, gpu_uuid, device.gi_id, device.ci_id))
+        created = dataclasses.replace(intent, mig_uuid=device.uuid, gi_id=ids[0], ci_id=ids[1])
+        ledger.add(created, replacing=intent)
     except Exception:
         _rollback(nv, gi, ci)
+        with contextlib.suppress(GpuError):  # if kept, reclaim finds no GI there and drops it
+            ledger.remove(intent.key)
         raise
     return device
 
@@ -603,56 +653,122 @@ def _rollback(nv: ModuleType, gi: Any, ci: Any) -> None:
             log.error("rollback: %s failed (%s); a MIG instance may be left", destroy.__name__, exc)
 
 
+def _gone(nv: ModuleType) -> tuple[type[Exception], ...]:
+    """What NVML answers for an instance that no longer exists: NotFound, InvalidArgument
+    (a stale id), NotSupported (MIG turned off on that GPU since)."""
+    return (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument, nv.NVMLError_NotSupported)
+
+
 def _destroy(nv: ModuleType, ledger: Ledger, mig_uuid: str) -> None:
     created = ledger.get(mig_uuid)
     if created is not None:
-        _destroy_created(nv, ledger, created)
+        try:
+            _destroy_created(nv, ledger, created)
+        except nv.NVMLError_InUse:
+            ledger.mark_to_destroy(created)
+            raise
         return
     located = _locate(nv, mig_uuid)
     if located is None:
         log.info("MIG instance %s is already gone", mig_uuid)
         return
-    _destroy_ids(nv, *located)
+    handle, gi_id, ci_id = located
+    try:
+        gi = nv.nvmlDeviceGetGpuInstanceById(handle, gi_id)
+    except _gone(nv):
+        return
+    _destroy_gi(nv, gi, ci_id)
 
 
 def _destroy_created(nv: ModuleType, ledger: Ledger, created: Created) -> None:
-    """Destroy an instance from the ledger by its ids, then forget it."""
-    try:
-        handle = nv.nvmlDeviceGetHandleByUUID(created.gpu_uuid)
-    except nv.NVMLError_NotFound:
-        log.warning("GPU %s of MIG instance %s is gone", created.gpu_uuid, created.mig_uuid)
-    else:
-        _destroy_ids(nv, handle, created.gi_id, created.ci_id)
-    ledger.remove(created.mig_uuid)
+    """Destroy an instance from the ledger if it is still the one this gateway made,
+    then forget it.
+
+    Its GPU instance id may since name another instance (ids are reused, instances
+    vanish at a GPU reset), so it is destroyed only if the GPU instance has the recorded
+    profile and placement and either still holds the recorded MIG device, or holds no
+    compute instance at all (a destroy that stopped half way). An intent's GPU instance
+    is destroyed only while it has no compute instance.
+    """
+    found = _find_created(nv, created)
+    if found is not None:
+        gi, ci_id = found
+        _destroy_gi(nv, gi, ci_id)
+    ledger.remove(created.key)
 
 
-def _destroy_ids(nv: ModuleType, handle: Any, gi_id: int, ci_id: int) -> None:
-    """Destroy compute instance ``ci_id`` (if still there), then GPU instance ``gi_id``."""
-    gone = (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument)
+def _find_created(nv: ModuleType, created: Created) -> tuple[Any, int | None] | None:
+    """The GPU instance handle and compute instance id to destroy for ``created``, or
+    None when it is gone or is no longer this gateway's (logged)."""
+    what = created.mig_uuid or f"being created at start {created.start}"
+    handle = _find_gpu(nv, created.gpu_uuid)
+    if handle is None:
+        log.warning("GPU %s of MIG instance %s is gone or lost", created.gpu_uuid, what)
+        return None
+    gi_id = created.gi_id if created.gi_id is not None else _gi_at(nv, handle, created)
+    if gi_id is None:
+        return None
     try:
         gi = nv.nvmlDeviceGetGpuInstanceById(handle, gi_id)
-    except gone:
-        return
-    with contextlib.suppress(*gone):
-        nv.nvmlComputeInstanceDestroy(nv.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id))
-    with contextlib.suppress(*gone):
+        info = nv.nvmlGpuInstanceGetInfo(gi)
+    except _gone(nv):
+        return None
+    if created.start is not None and (info.profileId, info.placement.start) != (
+        created.profile_id,
+        created.start,
+    ):
+        log.warning("MIG instance %s is gone; GPU instance %d is another now", what, gi_id)
+        return None
+    devices = {
+        nv.nvmlDeviceGetComputeInstanceId(mig): nv.nvmlDeviceGetUUID(mig)
+        for mig in _mig_handles(nv, handle)
+        if nv.nvmlDeviceGetGpuInstanceId(mig) == gi_id
+    }
+    if not devices and created.start is not None:
+        return gi, None  # its compute instance is gone: only the GPU instance is left
+    if created.ci_id is not None and devices.get(created.ci_id) == created.mig_uuid:
+        return gi, created.ci_id
+    log.warning(
+        "MIG instance %s is gone; GPU instance %d holds another (%s)",
+        what, gi_id, ", ".join(devices.values()) or "none",
+    )  # fmt: skip
+    return None
+
+
+def _gi_at(nv: ModuleType, handle: Any, intent: Created) -> int | None:
+    """The id of the GPU instance of the intent's profile at its placement, if any."""
+    profiles = [p for p in _profiles(nv, handle) if p.profile_id == intent.profile_id]
+    for gi_id, spot in _gpu_instances(nv, handle, profiles).items():
+        if spot.start == intent.start:
+            return gi_id
+    return None
+
+
+def _destroy_gi(nv: ModuleType, gi: Any, ci_id: int | None) -> None:
+    """Destroy compute instance ``ci_id`` (if given and still there), then the GPU instance."""
+    if ci_id is not None:
+        with contextlib.suppress(*_gone(nv)):
+            nv.nvmlComputeInstanceDestroy(nv.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id))
+    with contextlib.suppress(*_gone(nv)):
         nv.nvmlGpuInstanceDestroy(gi)
 
 
-def _reclaim(nv: ModuleType, ledger: Ledger, held: frozenset[str]) -> None:
+def _reclaim(nv: ModuleType, ledger: Ledger, held: frozenset[str] | None) -> None:
+    """Destroy the ledger's instances that no session holds (``held``), or, with None,
+    only those marked to destroy; what fails is logged and kept for the next attempt."""
     for created in ledger:
-        if created.mig_uuid in held:
+        if created.mig_uuid in (held or ()) or (held is None and not created.to_destroy):
             continue
         try:
             _destroy_created(nv, ledger, created)
-        except nv.NVMLError as exc:
+        except (nv.NVMLError, GpuError) as exc:
             log.warning(
-                "MIG instance %s (GPU %s, GPU instance %d) that no session holds is left "
+                "MIG instance %s (GPU %s, GPU instance %s) that no session holds is left "
                 "for now: %s",
-                created.mig_uuid, created.gpu_uuid, created.gi_id, exc,
+                created.key, created.gpu_uuid, created.gi_id, exc,
             )  # fmt: skip
             continue
-        log.info("reclaimed MIG instance %s that no session holds", created.mig_uuid)
+        log.info("reclaimed MIG instance %s that no session holds", created.key)
 
 
 def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
@@ -661,11 +777,8 @@ def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
     GPUs NVML fails on are skipped."""
     legacy = parse_mig_uuid(mig_uuid)
     if legacy is not None:
-        try:
-            handle = nv.nvmlDeviceGetHandleByUUID(legacy.gpu_uuid)
-        except nv.NVMLError_NotFound:
-            return None
-        return handle, legacy.gi_id, legacy.ci_id
+        handle = _find_gpu(nv, legacy.gpu_uuid)
+        return None if handle is None else (handle, legacy.gi_id, legacy.ci_id)
     for index in range(nv.nvmlDeviceGetCount()):
         try:
             found = _locate_on(nv, nv.nvmlDeviceGetHandleByIndex(index), mig_uuid)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.core.gpu_select import parse_mig_uuid
-from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
 from gateway.core.idle import Reading
 from gateway.core.mig_placement import (
     MODELS,
@@ -209,6 +209,12 @@ class SimBackend:
     async def utilization(self, uuid: str) -> Reading:
         """A simulated GPU computes nothing: no utilisation and no processes."""
         return Reading(None)
+
+    async def destroy_released(self) -> None:
+        """Nothing to do: no host process holds a simulated instance."""
+
+    def to_destroy(self) -> list[Leftover]:
+        return []
 
     async def close(self) -> None:
         return None

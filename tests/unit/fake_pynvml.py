@@ -14,12 +14,15 @@ on the parent) and ``privileged`` (creating and destroying); without them NVML a
 NoPermission. A GPU instance is refused with InsufficientResources when no placement is
 free; destroying a GPU instance that still has compute instances, or that a process holds
 (``held``, e.g. a monitoring daemon), is InUse, as is destroying a compute instance a
-process runs on. ``nvmlDeviceGetGpuInstances`` refuses a NULL buffer. GI ids follow the
-placement (not creation order) and MIG slots are reused lowest-first, so slot order differs
-from GI order. A GPU instance may be split into several compute instances; their MIG
-devices are named ``<slices>c.<profile>`` and ``nvmlDeviceGetAttributes`` (MIG handles
-only) reports both slice counts. A GPU with ``fault`` set answers every call on its handle
-with that error (GPU is lost: already when its handle is looked up).
+process runs on. ``nvmlDeviceGetGpuInstances`` refuses a NULL buffer. GI ids come from a
+pool, the lowest free one first, and are reused once destroyed (so an id says nothing about
+the instance that holds it); MIG slots are reused lowest-first. ``reset`` makes every
+instance vanish, as a reboot, driver reload or GPU reset does. A GPU instance may be split
+into several compute instances; their MIG devices are named ``<slices>c.<profile>`` and
+``nvmlDeviceGetAttributes`` (MIG handles only) reports both slice counts. A GPU with
+``fault`` set answers every call on its handle with that error (GPU is lost: already when
+its handle is looked up by index, and any lost GPU makes every lookup by UUID fail, as
+``nvml.h`` says).
 
 Utilisation, as NVML gives it: a whole GPU's from ``nvmlDeviceGetUtilizationRates``
 (NotSupported in MIG mode); a MIG device's handle (also found by its UUID) lists compute
@@ -233,6 +236,12 @@ class FakeNvml(types.ModuleType):
         cis = [self._add_ci(gpu, gi, slices) for slices in split or (spec.slices,)]
         return cis[0]
 
+    def reset(self, *gpus: FakeGpu) -> None:
+        """A reboot, driver reload or GPU reset: MIG instances do not survive it (every
+        GPU if none is named)."""
+        for gpu in gpus or self.gpus:
+            gpu.gis.clear()
+
     def mig_uuids(self, gpu: FakeGpu) -> list[str]:
         return [ci.uuid for gi in gpu.gis.values() for ci in gi.cis.values()]
 
@@ -278,6 +287,9 @@ class FakeNvml(types.ModuleType):
 
     @_nvml()
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeGpu | MigHandle:
+        # nvml.h: GPU_IS_LOST "if any GPU has fallen off the bus" (the search touches them all)
+        if any(gpu.fault == pynvml.NVML_ERROR_GPU_IS_LOST for gpu in self.gpus):
+            raise _err(pynvml.NVML_ERROR_GPU_IS_LOST)
         for gpu in self.gpus:
             if gpu.uuid == uuid:
                 return gpu
@@ -627,7 +639,8 @@ class FakeNvml(types.ModuleType):
         return mine < spec.instance_count and not clash
 
     def _add_gi(self, gpu: FakeGpu, spec: FakeProfile, start: int) -> FakeGi:
-        gi = FakeGi(id=start + 1 + 8 * (spec.size == 1), profile=spec, start=start)
+        gi_id = next(n for n in itertools.count(1) if n not in gpu.gis)  # a pool: reused
+        gi = FakeGi(id=gi_id, profile=spec, start=start)
         gpu.gis[gi.id] = gi
         return gi
 

@@ -156,24 +156,28 @@ async def test_gpu_less_sessions_run_no_check(make_client, runtime):
 # --- a MIG instance another process holds --------------------------------------------
 
 
-async def test_delete_of_a_held_instance_has_its_own_code_and_the_sweep_finishes_it(
-    make_client, runtime
-):
+async def test_a_held_instance_ends_the_session_and_is_kept_to_destroy(make_client, runtime):
     nv = nvml(h100(H100))
     client = await make_client(
         gpu_factory=lambda: NvmlBackend(nv), default_mig_profile="3g.40gb", mig_dynamic=True
     )
     created = await (await create(client)).json()
     (gi,) = nv.gpus[0].gis.values()
-    gi.held = True  # a monitoring daemon on the host
+    gi.held = True  # a monitoring daemon on the host (DCGM)
     resp = await client.delete(f"/sessions/{created['session_id']}")
-    body = await resp.json()
-    assert (resp.status, body["code"]) == (409, "gpu_instance_in_use")
-    assert "retries" in body["error"]
-    assert runtime.containers == {}  # the container is gone; the row waits for the GPU
-    manager = client.app[keys.SESSIONS]
-    assert await manager.sweep() == 0  # still held: retried, logged, kept
-    assert [s.id for s in await manager.list()] == [created["session_id"]]
+    assert resp.status == 200, await resp.text()
+    assert runtime.containers == {} and await client.app[keys.SESSIONS].list() == []
+
+    listed = (await (await client.get("/gpus")).json())["gpus"][0]
+    assert listed["to_destroy"] == [{"uuid": created["gpu_uuid"], "gpu_instance_id": gi.id}]
+    again = await create(client)  # no lock-out, and never the held instance
+    assert again.status == 201, await again.text()
+    assert (await again.json())["gpu_uuid"] != created["gpu_uuid"]
+    assert len(nv.gpus[0].gis) == 2
+
+    allocator = client.app[keys.GPUS]
+    await allocator.destroy_released()  # still held: logged, kept
+    assert gi.id in nv.gpus[0].gis and allocator.to_destroy()
     gi.held = False
-    assert await manager.sweep() == 1
-    assert nv.gpus[0].gis == {} and await manager.list() == []
+    await allocator.destroy_released()
+    assert gi.id not in nv.gpus[0].gis and allocator.to_destroy() == []

@@ -134,12 +134,15 @@ async def test_mig_devices_skip_empty_slots_and_match_gi_ids(nv, backend):
     gone = nv.precreate(a80, "1g.10gb", 0)  # slot 0
     big = nv.precreate(a80, "3g.40gb", 4)  # slot 1
     small = nv.precreate(a80, "1g.20gb", 2)  # slot 2
-    del a80.gis[9].cis[0]  # the 1g.10gb's compute instance is destroyed: slot 0 empty
+    del a80.gis[1].cis[0]  # the 1g.10gb's compute instance is destroyed: slot 0 empty
+    del a80.gis[2]  # and the 3g.40gb's GPU instance: its id goes back to the pool
+    bigger = nv.precreate(a80, "3g.40gb", 4)  # slot 1 again, GI id 2 again
     devices = (await backend.inventory())[0].mig_devices
     assert [(d.uuid, d.profile, d.gi_id, d.ci_id) for d in devices] == [
-        (big.uuid, "3g.40gb", 5, 0),
+        (bigger.uuid, "3g.40gb", 2, 0),
         (small.uuid, "1g.20gb", 3, 0),
     ]
+    assert big.uuid != bigger.uuid  # a reused id, a new MIG device
     assert devices[0].memory_bytes == 40192 * MIB
     assert gone.uuid not in {d.uuid for d in devices}
     assert nv.calls.count("nvmlDeviceGetMigDeviceHandleByIndex") == 7  # every slot tried
@@ -151,7 +154,7 @@ async def test_unprivileged_inventory_names_devices_from_their_name():
     backend = await NvmlBackend.open(nv)
     a80, a40, _ = await backend.inventory()
     (device,) = a80.mig_devices
-    assert (device.profile, device.gi_id) == ("2g.20gb", 5)
+    assert (device.profile, device.gi_id) == ("2g.20gb", 1)
     assert "nvmlDeviceGetGpuInstances" in nv.calls  # tried, refused, fell back
     # nvml.h: a MIG-mode GPU's own memory info needs privileges; unknown, not a failure
     assert a80.healthy and (a80.memory_total, a80.memory_used) == (None, None)
@@ -173,7 +176,7 @@ async def test_monitor_rights_read_everything_but_change_nothing():
 
 async def test_mig_devices_report_their_used_memory(nv, backend):
     nv.precreate(nv.gpus[0], "3g.40gb", 4)
-    nv.gpus[0].gis[5].memory_used = 5 * GIB
+    nv.gpus[0].gis[1].memory_used = 5 * GIB
     (device,) = (await backend.inventory())[0].mig_devices
     assert (device.memory_bytes, device.memory_used) == (40192 * MIB, 5 * GIB)
 
@@ -188,7 +191,7 @@ async def test_a_split_gpu_instance_is_reported_by_compute_instance(privileged):
     assert [(d.profile, d.gi_id, d.ci_id, d.split) for d in devices] == [
         ("1c.3g.40gb", 1, 0, True),
         ("2c.3g.40gb", 1, 1, True),
-        ("3g.40gb", 5, 0, False),
+        ("3g.40gb", 2, 0, False),
     ]
     assert devices[0].memory_bytes == devices[1].memory_bytes == 40192 * MIB  # shared
     await backend.close()
@@ -213,7 +216,7 @@ async def test_old_style_mig_uuids_are_reported_as_nvml_gives_them():
     nv.precreate(nv.gpus[0], "1g.10gb", 6)
     backend = await NvmlBackend.open(nv)
     (device,) = (await backend.inventory())[0].mig_devices
-    assert device.uuid == f"MIG-{A80}/15/0"
+    assert device.uuid == f"MIG-{A80}/1/0"
     await backend.destroy_instance(device.uuid)
     assert (await backend.inventory())[0].mig_devices == ()
     await backend.close()
@@ -315,10 +318,10 @@ async def test_unprivileged_profiles_have_unknown_memory_slices():
 
 async def test_create_places_and_returns_the_mig_device(nv, backend):
     device = await backend.create_instance(A80, "3g.40gb")
-    assert (device.gpu_uuid, device.profile, device.gi_id, device.ci_id) == (A80, "3g.40gb", 5, 0)
+    assert (device.gpu_uuid, device.profile, device.gi_id, device.ci_id) == (A80, "3g.40gb", 1, 0)
     assert device.memory_bytes == 40192 * MIB
     assert nv.mig_uuids(nv.gpus[0]) == [device.uuid]
-    gi = nv.gpus[0].gis[5]
+    gi = nv.gpus[0].gis[1]
     assert (gi.profile.id, gi.start) == (9, 4)  # info.id 9 (enum index 2), highest start
     assert (await backend.inventory())[0].mig_devices == (device,)
 
@@ -507,12 +510,12 @@ async def test_probe_reports_everything_and_changes_nothing(nv):
     assert report["driver_version"] == "550.54.15"
     a80, a40, l4 = report["gpus"]
     assert a80["power_usage_mw"] == 61_500
-    assert [d["gi_id"] for d in a80["mig_devices"]] == [5]
+    assert [d["gi_id"] for d in a80["mig_devices"]] == [1]
     assert a80["mig_devices"][0]["slices"] == {"gpu_instance": 3, "compute_instance": 3}
     three = next(p for p in a80["profiles"] if p.get("name") == "3g.40gb")
     assert (three["enum_index"], three["id"], three["remaining_capacity"]) == (2, 9, 1)
     assert three["placements"] == [{"start": 0, "size": 4}, {"start": 4, "size": 4}]
-    assert three["gpu_instances"] == [{"id": 5, "start": 4, "size": 4}]
+    assert three["gpu_instances"] == [{"id": 1, "start": 4, "size": 4}]
     assert "profiles" not in a40 and l4["mig_mode"] is None
     failed = {e["call"] for e in report["errors"]}
     assert "nvmlDeviceGetUtilizationRates(0)" in failed
