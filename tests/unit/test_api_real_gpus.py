@@ -8,6 +8,7 @@ from aiohttp import web
 from gateway.api import create_app, keys
 from gateway.config import config_from_args, parse
 from gateway.errors import GpuError
+from gateway.gpu import open_backend
 from gateway.gpu.nvml import NvmlBackend
 from tests.unit.conftest import unit_config
 from tests.unit.fake_pynvml import A100_40GB, FakeGpu, FakeNvml, h100, h200
@@ -73,6 +74,28 @@ def test_any_on_the_command_line_is_kept_and_unset_follows_the_host():
     assert config_from_args(args, {}).default_mig_profile == "any"
     args = parse(["serve"], env={"SANDMAN_DEFAULT_MIG_PROFILE": "3g.40gb"})
     assert config_from_args(args, {}).default_mig_profile == "3g.40gb"
+
+
+# --- NVML failing at start ------------------------------------------------------------
+
+
+async def test_a_broken_nvml_at_start_fails_gpu_work_but_keeps_sessions(make_client, tmp_path):
+    before = await make_client()  # a GPU-less session from before the driver upgrade
+    session = await (await create(before)).json()
+    await before.close()
+    nv = FakeNvml([h100(H100)], init_error=pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH)
+    backend = await open_backend("auto", state_dir=tmp_path, nv=nv)
+    client = await make_client(gpu_factory=lambda: backend)  # starts anyway
+
+    health = await client.get("/healthz")
+    assert health.status == 503
+    assert "RM has detected an NVML/RM version mismatch" in (await health.json())["failing"]["gpus"]
+    refused = await create(client, user_id="bob")
+    assert (refused.status, (await refused.json())["code"]) == (503, "gpu_error")
+    assert (await client.get("/gpus")).status == 503
+    kept = await client.get(f"/sessions/{session['session_id']}")
+    assert kept.status == 200 and (await kept.json())["state"] == "running"
+    assert (await client.delete(f"/sessions/{session['session_id']}")).status == 200
 
 
 # --- one failing GPU ------------------------------------------------------------------

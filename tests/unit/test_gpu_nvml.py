@@ -10,6 +10,7 @@ import pytest
 
 from gateway.errors import GpuError, GpuInstanceInUse, NoGpuAvailable, UnknownMigProfile
 from gateway.gpu import create_on_first, open_backend
+from gateway.gpu.failed import FailedBackend
 from gateway.gpu.none import NoneBackend
 from gateway.gpu.nvml import NvmlBackend, probe
 from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml, h100, h200
@@ -93,11 +94,15 @@ async def test_auto_uses_nvml_when_it_starts(tmp_path, nv):
         pynvml.NVML_ERROR_NO_PERMISSION,
     ],
 )
-async def test_auto_refuses_to_start_when_nvml_is_there_but_broken(tmp_path, code):
-    with pytest.raises(GpuError) as caught:
-        await open_backend("auto", state_dir=tmp_path, nv=host(init_error=code))
-    assert str(pynvml.NVMLError(code)) in caught.value.log_message
-    assert "nvidia-smi" in caught.value.log_message
+@pytest.mark.parametrize("spec", ["auto", "nvml"])
+async def test_nvml_there_but_broken_gives_a_failed_backend(tmp_path, code, spec):
+    backend = await open_backend(spec, state_dir=tmp_path, nv=host(init_error=code))
+    assert isinstance(backend, FailedBackend)
+    assert str(pynvml.NVMLError(code)) in backend.reason and "nvidia-smi" in backend.reason
+    with pytest.raises(GpuError, match="NVML is unavailable") as caught:
+        await backend.inventory()
+    assert caught.value.status == 503
+    await backend.reclaim(set())  # waits for a restart with a working NVML
 
 
 async def test_explicit_nvml_does_not_fall_back(tmp_path):
@@ -250,6 +255,19 @@ async def test_destroy_skips_a_failing_gpu_when_looking_up_by_uuid(nv, backend):
     nv.gpus.insert(0, FakeGpu("GPU-lost", fault=pynvml.NVML_ERROR_GPU_IS_LOST))
     await backend.destroy_instance(mig.uuid)
     assert nv.gpus[1].gis == {}
+
+
+async def test_one_lost_gpu_does_not_stop_create_and_destroy_on_the_others(tmp_path):
+    nv = FakeNvml([FakeGpu("GPU-lost-0"), FakeGpu(A80)])
+    backend = await NvmlBackend.open(nv, ledger_path=tmp_path / "ledger.json")
+    on_lost = await backend.create_instance("GPU-lost-0", "1g.10gb")
+    nv.gpus[0].fault = pynvml.NVML_ERROR_GPU_IS_LOST  # Xid 79: off the bus
+    device = await backend.create_instance(A80, "1g.10gb")
+    await backend.destroy_instance(device.uuid)
+    assert nv.gpus[1].gis == {}
+    await backend.destroy_instance(on_lost.uuid)  # its GPU needs a reset anyway: gone
+    assert json.loads((tmp_path / "ledger.json").read_text())["instances"] == []
+    await backend.close()
 
 
 # --- profiles --------------------------------------------------------------------------
