@@ -1,7 +1,10 @@
 """The NVML backend (nvidia-ml-py): real GPUs, their MIG devices and profiles, create/destroy.
 
-Every NVML call runs in a worker thread (``asyncio.to_thread``) under one lock, so calls
-never overlap and never block the event loop. The ``pynvml`` module is a parameter, so
+Every NVML call runs on the backend's own single worker thread, so calls never overlap,
+never block the event loop, and waiting callers wait as coroutines, not as threads of the
+shared pool (password hashing and workspace preparation use that one). A call that has
+not returned after ``call_timeout`` (a GPU hang, Xid 79) marks NVML failed: callers get a
+503 at once until it returns. The ``pynvml`` module is a parameter, so
 tests pass a fake that behaves as NVML documents.
 
 What this relies on from NVML:
@@ -52,8 +55,8 @@ import dataclasses
 import logging
 import math
 import re
-import threading
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,6 +82,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 T = TypeVar("T")
+#: seconds an NVML call may take before NVML is marked failed (creates take a few seconds)
+CALL_TIMEOUT = 60.0
 
 # The NVIDIA Container Toolkit refuses either variable in a container without CAP_SYS_ADMIN.
 _MONITOR_HINT = (
@@ -113,11 +118,15 @@ class NvmlBackend:
 
     needs_device_request = True
 
-    def __init__(self, nv: ModuleType, ledger: Ledger | None = None) -> None:
+    def __init__(
+        self, nv: ModuleType, ledger: Ledger | None = None, *, call_timeout: float = CALL_TIMEOUT
+    ) -> None:
         """Wrap an initialised ``pynvml``; use :meth:`open` to initialise it."""
         self._nv = nv
         self._ledger = ledger or Ledger()
-        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        self._call_timeout = call_timeout
+        self._hung: str | None = None  # the call that has not returned, while it hasn't
         self._closed = False
         self._faults: dict[int, str] = {}  # GPU index → its last NVML error, to log changes
         self._gpm: dict[str, Any] = {}  # MIG UUID → its last GPM sample (Hopper and newer)
@@ -279,21 +288,44 @@ class NvmlBackend:
             return
         self._closed = True
         try:
-            await asyncio.to_thread(self._locked, self._nv.nvmlShutdown)
-        except self._nv.NVMLError as exc:
-            log.warning("nvmlShutdown failed: %s", exc)
+            await self._call("shutting NVML down", self._nv.nvmlShutdown)
+        except GatewayError as exc:
+            log.warning("nvmlShutdown failed: %s", exc.log_message)
+        self._worker.shutdown(wait=False)
+
+    @property
+    def hung(self) -> str | None:
+        """The NVML call that has not returned in time, or None."""
+        return self._hung
 
     async def _call(
         self, action: str, fn: Callable[..., T], *args: Any, changes: bool = False
     ) -> T:
+        """``fn(*args)`` on the NVML worker, NVML errors translated.
+
+        Raises:
+            GpuError: NVML hangs (this call, or an earlier one that has not returned).
+        """
+        if self._hung is not None:
+            raise GpuError(f"NVML is not answering ({self._hung})", log_message=self._hung)
+        work = asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
         try:
-            return await asyncio.to_thread(self._locked, fn, *args)
+            return await asyncio.wait_for(asyncio.shield(work), self._call_timeout)
+        except TimeoutError:
+            self._hung = f"{action} has not returned after {self._call_timeout:g} s"
+            log.error("NVML marked failed until the call returns: %s", self._hung)
+            work.add_done_callback(self._answered)
+            raise GpuError(
+                f"NVML is not answering ({self._hung})", log_message=self._hung
+            ) from None
         except self._nv.NVMLError as exc:
             raise _translate(self._nv, exc, action, changes=changes) from exc
 
-    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
-        with self._lock:
-            return fn(*args)
+    def _answered(self, work: asyncio.Future[Any]) -> None:
+        if not work.cancelled():
+            work.exception()  # retrieved: whatever it was, its caller has given up
+        log.warning("NVML answers again (%s)", self._hung)
+        self._hung = None
 
     def _log_fault_changes(self, gpus: list[GpuInfo]) -> None:
         for gpu in gpus:
@@ -359,9 +391,7 @@ def _gpu_info(nv: ModuleType, index: int, handle: Any) -> GpuInfo:
     current, pending = _mig_mode(nv, handle)
     memory = _optional(nv, lambda: nv.nvmlDeviceGetMemoryInfo(handle))
     utilization = _optional(nv, lambda: nv.nvmlDeviceGetUtilizationRates(handle).gpu)
-    temperature = _optional(
-        nv, lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
-    )
+    temperature = _optional(nv, lambda: _temperature(nv, handle))
     power = _optional(nv, lambda: nv.nvmlDeviceGetPowerUsage(handle))
     limit = _optional(nv, lambda: nv.nvmlDeviceGetEnforcedPowerLimit(handle))
     return GpuInfo(
@@ -382,12 +412,22 @@ def _gpu_info(nv: ModuleType, index: int, handle: Any) -> GpuInfo:
 
 
 def _optional(nv: ModuleType, read: Callable[[], T]) -> T | None:
-    """A value, or None where the GPU doesn't report it (utilization under MIG) or NVML
-    withholds it (a MIG-mode GPU's memory without monitor rights)."""
+    """A value, or None where the GPU doesn't report it (utilization under MIG), NVML
+    withholds it (a MIG-mode GPU's memory without monitor rights), or the driver lacks
+    the call (FunctionNotFound)."""
     try:
         return read()
-    except (nv.NVMLError_NotSupported, nv.NVMLError_NoPermission):
+    except (nv.NVMLError_NotSupported, nv.NVMLError_NoPermission, nv.NVMLError_FunctionNotFound):
         return None
+
+
+def _temperature(nv: ModuleType, handle: Any) -> int:
+    """The GPU's temperature: ``nvmlDeviceGetTemperatureV``, or the call it replaces
+    (deprecated in NVML 13, to be removed) on drivers that lack it."""
+    try:
+        return nv.nvmlDeviceGetTemperatureV(handle, nv.NVML_TEMPERATURE_GPU)
+    except nv.NVMLError_FunctionNotFound:
+        return nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
 
 
 def _mig_mode(nv: ModuleType, handle: Any) -> tuple[bool, bool]:
@@ -408,42 +448,51 @@ def _mig_handles(nv: ModuleType, handle: Any) -> Iterator[Any]:
 
 
 def _mig_devices(nv: ModuleType, handle: Any, gpu_uuid: str) -> list[MigDevice]:
+    """The GPU's MIG devices. One that vanishes while it is read (an outside ``nvidia-smi
+    mig -dci``) is left out; one whose telemetry NVML withholds is listed without it."""
+    profiles = _profiles(nv, handle)
     try:
         gi_profiles = {
-            gi_id: spot.profile
-            for gi_id, spot in _gpu_instances(nv, handle, _profiles(nv, handle)).items()
+            gi_id: spot.profile for gi_id, spot in _gpu_instances(nv, handle, profiles).items()
         }
     except nv.NVMLError_NoPermission:
         gi_profiles = {}  # no monitor rights: name each device from its device name instead
+    memory_mb = {p.name: p.memory_mb for p in profiles}
     devices = []
     for mig in _mig_handles(nv, handle):
-        gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
-        name = _profile_from_name(nv.nvmlDeviceGetName(mig))
-        profile = gi_profiles.get(gi_id) or _SPLIT_NAME.sub("", name)
-        slices = _split_slices(nv, mig, name)
-        memory = nv.nvmlDeviceGetMemoryInfo(mig)
-        devices.append(
-            MigDevice(
-                uuid=nv.nvmlDeviceGetUUID(mig),
-                gpu_uuid=gpu_uuid,
-                profile=profile if slices is None else f"{slices}c.{profile}",
-                gi_id=gi_id,
-                ci_id=nv.nvmlDeviceGetComputeInstanceId(mig),
-                memory_bytes=memory.total,
-                memory_used=memory.used,
-                split=slices is not None,
-            )
-        )
+        try:
+            devices.append(_mig_device(nv, mig, gpu_uuid, gi_profiles, memory_mb))
+        except (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument) as exc:
+            log.debug("a MIG device of GPU %s vanished while it was read: %s", gpu_uuid, exc)
     return devices
+
+
+def _mig_device(
+    nv: ModuleType, mig: Any, gpu_uuid: str, gi_profiles: dict[int, str], memory_mb: dict[str, int]
+) -> MigDevice:
+    gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
+    name = _profile_from_name(nv.nvmlDeviceGetName(mig))
+    profile = gi_profiles.get(gi_id) or _SPLIT_NAME.sub("", name)
+    slices = _split_slices(nv, mig, name)
+    memory = _optional(nv, lambda: nv.nvmlDeviceGetMemoryInfo(mig))
+    return MigDevice(
+        uuid=nv.nvmlDeviceGetUUID(mig),
+        gpu_uuid=gpu_uuid,
+        profile=profile if slices is None else f"{slices}c.{profile}",
+        gi_id=gi_id,
+        ci_id=nv.nvmlDeviceGetComputeInstanceId(mig),
+        memory_bytes=memory.total if memory is not None else memory_mb.get(profile, 0) * MIB,
+        memory_used=memory.used if memory is not None else None,
+        split=slices is not None,
+    )
 
 
 def _split_slices(nv: ModuleType, mig: Any, name: str) -> int | None:
     """The compute slices of a MIG device whose compute instance is smaller than its GPU
     instance; None when it spans the GPU instance. ``name`` is its profile part of the
     device name, the fallback where NVML lacks ``nvmlDeviceGetAttributes``."""
-    try:
-        attributes = nv.nvmlDeviceGetAttributes(mig)
-    except (nv.NVMLError_NotSupported, nv.NVMLError_FunctionNotFound):
+    attributes = _optional(nv, lambda: nv.nvmlDeviceGetAttributes(mig))
+    if attributes is None:
         match = _SPLIT_NAME.match(name)
         return int(match[1]) if match else None
     ci, gi = attributes.computeInstanceSliceCount, attributes.gpuInstanceSliceCount
@@ -892,12 +941,7 @@ def _probe_gpu(nv: ModuleType, ask: Callable[..., Any], index: int) -> dict[str,
         "name": ask("nvmlDeviceGetName" + at, nv.nvmlDeviceGetName, handle),
         "memory": _memory_dict(memory),
         "utilization_gpu": utilization.gpu if utilization is not None else None,
-        "temperature_c": ask(
-            "nvmlDeviceGetTemperature" + at,
-            nv.nvmlDeviceGetTemperature,
-            handle,
-            nv.NVML_TEMPERATURE_GPU,
-        ),
+        "temperature_c": ask("nvmlDeviceGetTemperatureV" + at, _temperature, nv, handle),
         "power_usage_mw": ask("nvmlDeviceGetPowerUsage" + at, nv.nvmlDeviceGetPowerUsage, handle),
         "power_limit_mw": ask(
             "nvmlDeviceGetEnforcedPowerLimit" + at, nv.nvmlDeviceGetEnforcedPowerLimit, handle

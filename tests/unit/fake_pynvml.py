@@ -399,6 +399,13 @@ class FakeNvml(types.ModuleType):
         return gpu.temperature
 
     @_nvml()
+    def nvmlDeviceGetTemperatureV(self, gpu: FakeGpu, sensor: int) -> int:
+        """nvidia-ml-py 12.535+; drivers before it answer FunctionNotFound (``failures``)."""
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return gpu.temperature
+
+    @_nvml()
     def nvmlDeviceGetPowerUsage(self, gpu: FakeGpu) -> int:
         return gpu.power_mw
 

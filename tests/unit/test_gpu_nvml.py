@@ -13,7 +13,7 @@ from gateway.gpu import create_on_first, open_backend
 from gateway.gpu.failed import FailedBackend
 from gateway.gpu.none import NoneBackend
 from gateway.gpu.nvml import NvmlBackend, probe
-from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml, h100, h200
+from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml, MigHandle, h100, h200
 
 GIB = 1 << 30
 
@@ -270,6 +270,47 @@ async def test_one_lost_gpu_does_not_stop_create_and_destroy_on_the_others(tmp_p
     await backend.close()
 
 
+@pytest.mark.parametrize(
+    ("removed", "temperature"),
+    [
+        (["nvmlDeviceGetTemperature"], 34),  # NVML 13 deprecates it; CUDA 14 removes it
+        (["nvmlDeviceGetTemperatureV"], 34),  # a driver older than the versioned call
+        (["nvmlDeviceGetTemperature", "nvmlDeviceGetTemperatureV"], None),
+    ],
+)
+async def test_a_missing_telemetry_call_is_unknown_not_unhealthy(nv, backend, removed, temperature):
+    for name in removed:
+        nv.failures[name] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+    a80, _, l4 = await backend.inventory()
+    assert a80.healthy and l4.healthy and l4.temperature == temperature
+
+
+async def test_a_mig_device_failing_mid_walk_degrades_only_that_device(nv, backend):
+    a80 = nv.gpus[0]
+    vanishing = nv.precreate(a80, "1g.10gb", 0)  # slot 0
+    kept = nv.precreate(a80, "3g.40gb", 4)  # slot 1
+    real_handle, real_memory = nv.nvmlDeviceGetMigDeviceHandleByIndex, nv.nvmlDeviceGetMemoryInfo
+
+    def handle_then_dci(gpu, slot):  # an outside nvidia-smi mig -dci, right after the lookup
+        mig = real_handle(gpu, slot)
+        if slot == 0:
+            gpu.gis[mig.gi_id].cis.clear()
+        return mig
+
+    def memory(handle):
+        if isinstance(handle, MigHandle):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+        return real_memory(handle)
+
+    nv.nvmlDeviceGetMigDeviceHandleByIndex = handle_then_dci
+    nv.nvmlDeviceGetMemoryInfo = memory
+    gpu = (await backend.inventory())[0]
+    assert gpu.healthy
+    (device,) = gpu.mig_devices
+    assert device.uuid == kept.uuid and device.uuid != vanishing.uuid
+    assert (device.memory_bytes, device.memory_used) == (40192 * MIB, None)  # the profile's
+
+
 # --- profiles --------------------------------------------------------------------------
 
 
@@ -407,20 +448,50 @@ async def test_create_on_a_gpu_without_mig_or_unknown_gpu(backend):
         await backend.create_instance("GPU-missing", "1g.10gb")
 
 
+def blocking(nv: FakeNvml, name: str) -> tuple[threading.Event, threading.Event]:
+    """Make ``nv.<name>`` wait until released; returns (reached, release)."""
+    reached, release = threading.Event(), threading.Event()
+    real = getattr(nv, name)
+
+    def wait(*args):
+        reached.set()
+        release.wait(timeout=30)
+        return real(*args)
+
+    setattr(nv, name, wait)
+    return reached, release
+
+
 async def test_cancelled_create_destroys_what_it_made(nv, backend):
-    real = nv.nvmlGpuInstanceCreateComputeInstance
-
-    def slow(gi, profile_id):
-        time.sleep(0.2)
-        return real(gi, profile_id)
-
-    nv.nvmlGpuInstanceCreateComputeInstance = slow
+    reached, release = blocking(nv, "nvmlGpuInstanceCreateComputeInstance")
     task = asyncio.create_task(backend.create_instance(A80, "1g.10gb"))
-    await asyncio.sleep(0.05)
+    await asyncio.to_thread(reached.wait, 30)  # its GPU instance exists now
+    assert len(nv.gpus[0].gis) == 1
     task.cancel()
+    release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert nv.gpus[0].gis == {}
+
+
+async def test_a_hung_nvml_call_marks_nvml_failed_until_it_returns(nv):
+    nv.nvmlInit()
+    backend = NvmlBackend(nv, call_timeout=0.2)
+    reached, release = blocking(nv, "nvmlDeviceGetCount")
+    with pytest.raises(GpuError, match="reading the GPU inventory has not returned"):
+        await backend.inventory()
+    assert reached.is_set() and backend.hung is not None
+    for _ in range(40):  # later callers fail at once and hold no thread of the shared pool
+        with pytest.raises(GpuError, match="NVML is not answering"):
+            await backend.profiles()
+    assert await asyncio.to_thread(lambda: "the shared pool works") == "the shared pool works"
+    release.set()
+    for _ in range(100):  # the hung call returns on the worker thread
+        if backend.hung is None:
+            break
+        await asyncio.sleep(0.05)
+    assert len(await backend.inventory()) == 3
+    await backend.close()
 
 
 async def test_create_on_first_skips_full_gpus():
