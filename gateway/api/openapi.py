@@ -75,6 +75,11 @@ SCHEMAS: dict[str, Any] = {
             "service": {"type": "string"},
             "failing": {"type": "object", "additionalProperties": {"type": "string"}},
             "unhealthy_gpus": {"type": "array", "items": {"type": "object"}},
+            "gpu_path": {
+                "type": "object",
+                "description": "with GPUs: whether Docker hands them over through CDI, and "
+                "whether MIG instances made after its CDI spec can start",
+            },
         },
         required=("status", "service"),
     ),

@@ -1,6 +1,8 @@
 """The REST API over NVML (a fake pynvml) as a real MIG host behaves: start-up checks, GPU
 health, the in-container pin check, and a MIG instance another process holds."""
 
+import logging
+
 import pynvml
 import pytest
 from aiohttp import web
@@ -10,6 +12,7 @@ from gateway.config import config_from_args, parse
 from gateway.errors import GpuError
 from gateway.gpu import open_backend
 from gateway.gpu.nvml import NvmlBackend
+from tests.fakes import CDI_DOCKER, CDI_DOCKER_NO_RUNTIME
 from tests.unit.conftest import unit_config
 from tests.unit.fake_pynvml import A100_40GB, FakeGpu, FakeNvml, h100, h200
 
@@ -79,7 +82,9 @@ def test_any_on_the_command_line_is_kept_and_unset_follows_the_host():
 # --- NVML failing at start ------------------------------------------------------------
 
 
-async def test_a_broken_nvml_at_start_fails_gpu_work_but_keeps_sessions(make_client, tmp_path):
+async def test_a_broken_nvml_at_start_fails_gpu_work_but_keeps_sessions(
+    make_client, tmp_path, caplog
+):
     before = await make_client()  # a GPU-less session from before the driver upgrade
     session = await (await create(before)).json()
     await before.close()
@@ -87,9 +92,10 @@ async def test_a_broken_nvml_at_start_fails_gpu_work_but_keeps_sessions(make_cli
     backend = await open_backend("auto", state_dir=tmp_path, nv=nv)
     client = await make_client(gpu_factory=lambda: backend)  # starts anyway
 
-    health = await client.get("/healthz")
-    assert health.status == 503
-    assert "RM has detected an NVML/RM version mismatch" in (await health.json())["failing"]["gpus"]
+    with caplog.at_level(logging.WARNING):
+        health = await client.get("/healthz")
+    assert health.status == 503 and (await health.json())["failing"]["gpus"] == "unavailable"
+    assert "RM has detected an NVML/RM version mismatch" in caplog.text  # the reason: the log
     refused = await create(client, user_id="bob")
     assert (refused.status, (await refused.json())["code"]) == (503, "gpu_error")
     assert (await client.get("/gpus")).status == 503
@@ -119,6 +125,51 @@ async def test_a_lost_gpu_is_reported_and_the_others_served(make_client):
     nv.failures["nvmlDeviceGetCount"] = pynvml.NVML_ERROR_UNKNOWN  # NVML as a whole fails
     health = await client.get("/healthz", headers={"Authorization": ""})
     assert health.status == 503 and "gpus" in (await health.json())["failing"]
+
+
+# --- Docker >= 29.2 resolving GPU requests through CDI -------------------------------------
+
+
+async def test_on_the_cdi_path_dynamic_instances_start_through_the_nvidia_runtime(
+    make_client, runtime
+):
+    runtime.daemon_info = CDI_DOCKER  # its spec was written before any instance existed
+    nv = nvml(h100(H100))
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv), mig_dynamic=True)
+    resp = await create(client)
+    assert resp.status == 201, await resp.text()
+    (container,) = runtime.containers.values()
+    host = container.body["HostConfig"]
+    assert host["Runtime"] == "nvidia" and "DeviceRequests" not in host
+    assert f"NVIDIA_VISIBLE_DEVICES={(await resp.json())['gpu_uuid']}" in container.body["Env"]
+    health = await (await client.get("/healthz", headers={"Authorization": ""})).json()
+    assert health["gpu_path"] == {
+        "through_cdi": True,
+        "delivery": "nvidia-runtime",
+        "late_instances_start": True,
+    }
+
+
+async def test_on_the_cdi_path_without_the_runtime_only_listed_devices_start(
+    make_client, runtime, caplog
+):
+    runtime.daemon_info = CDI_DOCKER_NO_RUNTIME
+    nv = nvml(h100(H100), FakeGpu(WHOLE, mig=False))
+    with caplog.at_level(logging.ERROR):
+        client = await make_client(
+            gpu_factory=lambda: NvmlBackend(nv), mig_dynamic=True, default_mig_profile="any"
+        )
+    assert "nvidia-ctk runtime configure" in caplog.text  # said at start
+    late = await create(client, mig_profile="1g.10gb")  # made now: not in the spec
+    body = await late.json()
+    assert (late.status, body["code"]) == (502, "container_start_failed")
+    assert "unresolvable CDI devices" in body["error"] and nv.gpus[0].gis == {}
+    whole = await create(client, user_id="bob")  # the spec lists the whole GPU
+    assert whole.status == 201 and (await whole.json())["gpu_uuid"] == WHOLE
+    (container,) = runtime.containers.values()
+    assert container.body["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] == [WHOLE]
+    health = await (await client.get("/healthz", headers={"Authorization": ""})).json()
+    assert health["gpu_path"]["late_instances_start"] is False  # the how-to: log and probe
 
 
 # --- the container must see exactly its GPU -------------------------------------------

@@ -16,8 +16,13 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from gateway.core.gpu_delivery import gpu_path
+from gateway.gpu import nvml
 from gateway.gpu.sim import SimBackend
+from gateway.runtime import docker as docker_runtime
+from tests.fakes import CDI_DOCKER
 from tests.unit.conftest import TOKEN
+from tests.unit.fake_pynvml import FakeGpu, FakeNvml
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 HOSTILE_BANNER = b"SSH-2.0-evil\x1b[2J\x1b]0;owned\x07"
@@ -414,10 +419,20 @@ async def test_gpus_on_a_host_without_gpus_says_so(cli):
     assert (rc, out) == (0, "this host has no GPUs: sessions get none\n")
 
 
-async def test_gpus_probe_needs_no_gateway(tmp_path):
+async def test_gpus_probe_needs_no_gateway(monkeypatch):
+    nv = FakeNvml([FakeGpu("GPU-probe-0")])
+    monkeypatch.setattr(nvml, "pynvml", nv)  # this machine's GPUs, if any, stay out of it
+
+    async def daemon() -> dict:
+        return gpu_path(CDI_DOCKER).view()
+
+    monkeypatch.setattr(docker_runtime, "probe_gpu_path", daemon)
     out, err = io.StringIO(), io.StringIO()
     rc = await asyncio.to_thread(main, ["gpus", "--probe"], env={}, out=out, err=err)
-    assert rc == 0 and isinstance(json.loads(out.getvalue()), dict)
+    report = json.loads(out.getvalue())
+    assert rc == 0 and report["nvml"] is True and nv.initialised == 0
+    assert [g["uuid"] for g in report["gpus"]] == ["GPU-probe-0"]
+    assert report["docker"]["through_cdi"] and report["docker"]["delivery"] == "nvidia-runtime"
 
 
 async def test_create_with_limits_and_show_them(cli):
