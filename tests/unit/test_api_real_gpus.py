@@ -79,6 +79,15 @@ def test_any_on_the_command_line_is_kept_and_unset_follows_the_host():
     assert config_from_args(args, {}).default_mig_profile == "3g.40gb"
 
 
+async def test_a_pending_mig_change_says_to_stop_the_gateway(make_client):
+    nv = nvml(FakeGpu(WHOLE, mig=False, mig_pending=True), h100(H100))
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv))
+    pending, settled = (await (await client.get("/gpus")).json())["gpus"]
+    assert (pending["mig_enabled"], pending["mig_pending"]) == (False, True)
+    assert "stop the gateway" in pending["mig_change"] and "reset" in pending["mig_change"]
+    assert settled["mig_change"] is None
+
+
 # --- NVML failing at start ------------------------------------------------------------
 
 
