@@ -74,3 +74,21 @@ class GpuBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class NothingLeftBehind:
+    """The reclaim half of :class:`GpuBackend` for backends that never leave an instance
+    half destroyed (no GPUs, a simulator, an NVML that did not start): nothing to reclaim,
+    retry or close."""
+
+    async def reclaim(self, held: Collection[str]) -> None:
+        return None
+
+    async def destroy_released(self) -> None:
+        return None
+
+    def to_destroy(self) -> list[Leftover]:
+        return []
+
+    async def close(self) -> None:
+        return None

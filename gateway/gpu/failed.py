@@ -10,14 +10,15 @@ running are relayed and can be deleted, and releasing a GPU session's MIG instan
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import NoReturn
 
-from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.idle import Reading
 from gateway.errors import GpuError
+from gateway.gpu.base import NothingLeftBehind
 
 
-class FailedBackend:
+class FailedBackend(NothingLeftBehind):
     """GPUs that are there but unusable: every GPU operation raises :class:`GpuError`."""
 
     needs_device_request = True
@@ -42,17 +43,9 @@ class FailedBackend:
     async def destroy_instance(self, mig_uuid: str) -> None:
         self._refuse()
 
-    async def reclaim(self, held: Collection[str]) -> None:
-        """Nothing can be reclaimed now; the next start with a working NVML does it."""
-
-    async def destroy_released(self) -> None:
-        """Nothing can be destroyed now."""
-
-    def to_destroy(self) -> list[Leftover]:
-        return []
-
-    async def close(self) -> None:
-        return None
+    async def utilization(self, uuid: str) -> Reading:
+        """Unreadable: idle reclaim counts the session as busy."""
+        self._refuse()
 
     def _refuse(self) -> NoReturn:
         raise GpuError(f"NVML is unavailable on this host: {self.reason}", log_message=self.reason)

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import json
 import uuid as uuidlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gateway.core.gpu_select import parse_mig_uuid
-from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.core.idle import Reading
 from gateway.core.mig_placement import (
     MODELS,
@@ -51,6 +51,7 @@ from gateway.core.mig_placement import (
     pack,
 )
 from gateway.errors import GpuError, NoGpuAvailable, UnknownMigProfile
+from gateway.gpu.base import NothingLeftBehind
 
 MIB = 1 << 20
 _NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://sandman.invalid/gpu-sim")
@@ -112,7 +113,7 @@ class _Gpu:
         return Placement(instance.profile, instance.start, spec.memory_slices)
 
 
-class SimBackend:
+class SimBackend(NothingLeftBehind):
     """GPUs and MIG devices from a topology file; see the module docstring."""
 
     needs_device_request = False
@@ -203,21 +204,9 @@ class SimBackend:
                     self._save(undo=lambda g=gpu, p=position, i=instance: g.instances.insert(p, i))
                     return
 
-    async def reclaim(self, held: Collection[str]) -> None:
-        """Nothing to do: a simulated destroy never stops half way."""
-
     async def utilization(self, uuid: str) -> Reading:
         """A simulated GPU computes nothing: no utilisation and no processes."""
         return Reading(None)
-
-    async def destroy_released(self) -> None:
-        """Nothing to do: no host process holds a simulated instance."""
-
-    def to_destroy(self) -> list[Leftover]:
-        return []
-
-    async def close(self) -> None:
-        return None
 
     def _gpu(self, gpu_uuid: str) -> _Gpu:
         for gpu in self._gpus:
