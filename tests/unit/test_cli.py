@@ -18,6 +18,7 @@ import pytest
 from gateway.cli import main
 from gateway.core.gpu_delivery import gpu_path
 from gateway.gpu import nvml
+from gateway.gpu.nvml import NvmlBackend
 from gateway.gpu.sim import SimBackend
 from gateway.runtime import docker as docker_runtime
 from tests.fakes import CDI_DOCKER
@@ -412,6 +413,20 @@ async def test_gpus_shows_slices_holders_and_free(make_server, tmp_path):
     assert out.splitlines()[-1].startswith("free: ")
     data = await cli.json("gpus")
     assert data["count"] == 3 and {"gpus", "available_instances"} <= set(data)
+
+
+async def test_gpus_shows_a_released_instance_a_host_process_holds(make_server, tmp_path):
+    nv = FakeNvml([FakeGpu("GPU-a80-0000")])
+    nv.nvmlInit()
+    server = await make_server(gpu_factory=lambda: NvmlBackend(nv), mig_dynamic=True)
+    cli = Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
+    created = await cli.json("session", "create", "alice", "--profile", "1g.10gb")
+    (gi,) = nv.gpus[0].gis.values()
+    gi.cis[0].held = True  # DCGM, say, on its compute instance
+    assert (await cli("session", "delete", "alice"))[0] == 0
+    rc, out, _ = await cli("gpus")
+    (row,) = [line for line in out.splitlines() if created["gpu_uuid"] in line]
+    assert rc == 0 and row.endswith("to destroy")
 
 
 async def test_gpus_on_a_host_without_gpus_says_so(cli):
