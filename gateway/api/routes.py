@@ -53,7 +53,7 @@ async def healthz(request: web.Request) -> web.Response:
                 "delivery": path.delivery,
                 "late_instances_start": path.warning is None,
             }
-        inventory = await allocator.inventory()
+        inventory = await allocator.health_inventory()
         unhealthy.extend(unhealthy_gpu_view(gpu) for gpu in inventory if not gpu.healthy)
 
     for name, check in (

@@ -166,6 +166,10 @@ class GpuAllocator:
         """Every GPU with its MIG devices, as the backend sees it now."""
         return await self.backend.inventory()
 
+    async def health_inventory(self) -> list[GpuInfo]:
+        """The inventory ``/healthz`` judges by (:meth:`GpuBackend.health_inventory`)."""
+        return await self.backend.health_inventory()
+
     async def profiles(self) -> list[MigProfile]:
         """The MIG profiles of the GPU models present."""
         return await self.backend.profiles()

@@ -23,6 +23,11 @@ class GpuBackend(Protocol):
         """Every GPU with its current MIG devices."""
         ...
 
+    async def health_inventory(self) -> list[GpuInfo]:
+        """The inventory ``/healthz`` judges by; may be the last one read while MIG
+        instances are being created or destroyed."""
+        ...
+
     async def profiles(self) -> list[MigProfile]:
         """The MIG profiles of the GPU models present (deduplicated by model and name)."""
         ...

@@ -34,6 +34,9 @@ class FailedBackend(NothingLeftBehind):
     async def inventory(self) -> list[GpuInfo]:
         self._refuse()
 
+    async def health_inventory(self) -> list[GpuInfo]:
+        self._refuse()
+
     async def profiles(self) -> list[MigProfile]:
         self._refuse()
 

@@ -16,6 +16,9 @@ class NoneBackend(NothingLeftBehind):
     async def inventory(self) -> list[GpuInfo]:
         return []
 
+    async def health_inventory(self) -> list[GpuInfo]:
+        return []
+
     async def profiles(self) -> list[MigProfile]:
         return []
 

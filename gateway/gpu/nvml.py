@@ -127,6 +127,8 @@ class NvmlBackend:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._call_timeout = call_timeout
         self._hung: str | None = None  # the call that has not returned, while it hasn't
+        self._changing = 0  # creates and destroys queued or running on the worker
+        self._last_inventory: list[GpuInfo] | None = None
         self._closed = False
         self._faults: dict[int, str] = {}  # GPU index → its last NVML error, to log changes
         self._gpm: dict[str, Any] = {}  # MIG UUID → its last GPM sample (Hopper and newer)
@@ -170,7 +172,16 @@ class NvmlBackend:
     async def inventory(self) -> list[GpuInfo]:
         gpus = await self._call("reading the GPU inventory", _inventory, self._nv)
         self._log_fault_changes(gpus)
+        self._last_inventory = gpus
         return gpus
+
+    async def health_inventory(self) -> list[GpuInfo]:
+        """The inventory ``/healthz`` judges by: while MIG instances are being created or
+        destroyed (seconds each on hardware, and NVML calls run one at a time), the last
+        one read, so health does not flap with every dynamic session."""
+        if self._changing and self._last_inventory is not None:
+            return self._last_inventory
+        return await self.inventory()
 
     async def profiles(self) -> list[MigProfile]:
         return await self._call("reading MIG profiles", _all_profiles, self._nv)
@@ -309,6 +320,7 @@ class NvmlBackend:
         if self._hung is not None:
             raise GpuError(f"NVML is not answering ({self._hung})", log_message=self._hung)
         work = asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        self._changing += changes
         try:
             return await asyncio.wait_for(asyncio.shield(work), self._call_timeout)
         except TimeoutError:
@@ -320,6 +332,8 @@ class NvmlBackend:
             ) from None
         except self._nv.NVMLError as exc:
             raise _translate(self._nv, exc, action, changes=changes) from exc
+        finally:
+            self._changing -= changes
 
     def _answered(self, work: asyncio.Future[Any]) -> None:
         if not work.cancelled():

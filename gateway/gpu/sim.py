@@ -150,6 +150,9 @@ class SimBackend(NothingLeftBehind):
             for gpu in self._gpus
         ]
 
+    async def health_inventory(self) -> list[GpuInfo]:
+        return await self.inventory()
+
     async def profiles(self) -> list[MigProfile]:
         models = {gpu.model.key: gpu.model for gpu in self._gpus if gpu.mig}
         return [

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import threading
 import types
 import uuid as uuidlib
 from collections.abc import Callable
@@ -235,6 +236,20 @@ class FakeNvml(types.ModuleType):
         gi = self._add_gi(gpu, spec, start)
         cis = [self._add_ci(gpu, gi, slices) for slices in split or (spec.slices,)]
         return cis[0]
+
+    def block(self, name: str) -> tuple[threading.Event, threading.Event]:
+        """Make ``name`` take as long as the test wants, as creates and destroys take
+        seconds on hardware: it waits until released. Returns (reached, release)."""
+        reached, release = threading.Event(), threading.Event()
+        real = getattr(self, name)
+
+        def wait(*args: Any) -> Any:
+            reached.set()
+            release.wait(timeout=30)
+            return real(*args)
+
+        setattr(self, name, wait)
+        return reached, release
 
     def reset(self, *gpus: FakeGpu) -> None:
         """A reboot, driver reload or GPU reset: MIG instances do not survive it (every

@@ -1,6 +1,7 @@
 """The REST API over NVML (a fake pynvml) as a real MIG host behaves: start-up checks, GPU
 health, the in-container pin check, and a MIG instance another process holds."""
 
+import asyncio
 import logging
 
 import pynvml
@@ -8,6 +9,7 @@ import pytest
 from aiohttp import web
 
 from gateway.api import create_app, keys
+from gateway.api.routes import HEALTH_TIMEOUT
 from gateway.config import config_from_args, parse
 from gateway.errors import GpuError
 from gateway.gpu import open_backend
@@ -86,6 +88,22 @@ async def test_a_pending_mig_change_says_to_stop_the_gateway(make_client):
     assert (pending["mig_enabled"], pending["mig_pending"]) == (False, True)
     assert "stop the gateway" in pending["mig_change"] and "reset" in pending["mig_change"]
     assert settled["mig_change"] is None
+
+
+async def test_health_does_not_wait_for_a_slow_mig_create(make_client):
+    nv = nvml(h100(H100))
+    client = await make_client(gpu_factory=lambda: NvmlBackend(nv), mig_dynamic=True)
+    assert (await client.get("/healthz")).status == 200  # read once before
+    reached, release = nv.block("nvmlDeviceCreateGpuInstanceWithPlacement")
+    creating = asyncio.create_task(create(client))
+    await asyncio.to_thread(reached.wait, 30)  # NVML's one worker is busy creating
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT / 2):
+            health = await client.get("/healthz")
+        assert health.status == 200 and (await health.json())["status"] == "healthy"
+    finally:
+        release.set()
+    assert (await creating).status == 201
 
 
 # --- NVML failing at start ------------------------------------------------------------

@@ -448,22 +448,8 @@ async def test_create_on_a_gpu_without_mig_or_unknown_gpu(backend):
         await backend.create_instance("GPU-missing", "1g.10gb")
 
 
-def blocking(nv: FakeNvml, name: str) -> tuple[threading.Event, threading.Event]:
-    """Make ``nv.<name>`` wait until released; returns (reached, release)."""
-    reached, release = threading.Event(), threading.Event()
-    real = getattr(nv, name)
-
-    def wait(*args):
-        reached.set()
-        release.wait(timeout=30)
-        return real(*args)
-
-    setattr(nv, name, wait)
-    return reached, release
-
-
 async def test_cancelled_create_destroys_what_it_made(nv, backend):
-    reached, release = blocking(nv, "nvmlGpuInstanceCreateComputeInstance")
+    reached, release = nv.block("nvmlGpuInstanceCreateComputeInstance")
     task = asyncio.create_task(backend.create_instance(A80, "1g.10gb"))
     await asyncio.to_thread(reached.wait, 30)  # its GPU instance exists now
     assert len(nv.gpus[0].gis) == 1
@@ -477,7 +463,7 @@ async def test_cancelled_create_destroys_what_it_made(nv, backend):
 async def test_a_hung_nvml_call_marks_nvml_failed_until_it_returns(nv):
     nv.nvmlInit()
     backend = NvmlBackend(nv, call_timeout=0.2)
-    reached, release = blocking(nv, "nvmlDeviceGetCount")
+    reached, release = nv.block("nvmlDeviceGetCount")
     with pytest.raises(GpuError, match="reading the GPU inventory has not returned"):
         await backend.inventory()
     assert reached.is_set() and backend.hung is not None
