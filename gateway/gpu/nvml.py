@@ -41,9 +41,16 @@ What this relies on from NVML:
   ``nvmlGpmQueryDeviceSupport`` says so (Hopper and newer); otherwise (Ampere) only whether
   compute processes run on its MIG device handle is known.
 - One GPU failing (GPU is lost, Unknown) makes that GPU unhealthy, not the inventory.
-- Destroying a GPU instance a process holds is InUse: :class:`GpuInstanceInUse`. Created
-  instances are destroyed by their ids from the :mod:`~gateway.gpu.ledger`, so a retry
-  finds a GPU instance whose compute instance is already gone.
+  GPUs are looked up by index and UUID compare: ``nvmlDeviceGetHandleByUUID`` fails with
+  GPU_IS_LOST while *any* GPU is lost.
+- Destroying a GPU instance a process holds is InUse: :class:`GpuInstanceInUse`; the
+  ledger keeps it marked to destroy. Created instances are destroyed by their ids from the
+  :mod:`~gateway.gpu.ledger`, so a retry finds a GPU instance whose compute instance is
+  already gone, but only while the instance found by those ids is still the one made
+  (ids are reused; instances vanish at a reset). NotSupported there means MIG was turned
+  off: gone.
+- Telemetry calls a driver lacks (FunctionNotFound) or withholds are unknown (None), and
+  a MIG device that vanishes while it is read is left out.
 """
 
 from __future__ import annotations
