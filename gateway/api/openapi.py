@@ -382,7 +382,6 @@ PATHS: dict[str, dict[str, Any]] = {
                     _object({"message": {"type": "string"}, "deleted": {"type": "integer"}}),
                     "how many ended",
                 ),
-                "409": _error("a MIG instance is held on the host"),
                 "503": _UNAVAILABLE,
             },
         ),
@@ -410,7 +409,6 @@ PATHS: dict[str, dict[str, Any]] = {
             {
                 "200": _json(_object({"message": {"type": "string"}}), "ended"),
                 "404": _NOT_FOUND,
-                "409": _error("a MIG instance is held on the host"),
                 "503": _UNAVAILABLE,
             },
         ),
