@@ -649,6 +649,32 @@ def _find_gpu(nv: ModuleType, gpu_uuid: str) -> Any | None:
     return None
 
 
+def _device_handle(nv: ModuleType, uuid: str) -> Any:
+    """The handle of a GPU or MIG device, found by index as :func:`_find_gpu` does.
+
+    Raises:
+        NVMLError: NotFound, where no answering GPU has that device.
+    """
+    handle = _find_gpu(nv, uuid) if not uuid.startswith("MIG-") else _find_mig(nv, uuid)
+    if handle is None:
+        raise nv.NVMLError(nv.NVML_ERROR_NOT_FOUND)
+    return handle
+
+
+def _find_mig(nv: ModuleType, mig_uuid: str) -> Any | None:
+    for index in range(nv.nvmlDeviceGetCount()):
+        try:
+            handle = nv.nvmlDeviceGetHandleByIndex(index)
+            if not _mig_mode(nv, handle)[0]:
+                continue
+            for mig in _mig_handles(nv, handle):
+                if nv.nvmlDeviceGetUUID(mig) == mig_uuid:
+                    return mig
+        except nv.NVMLError as exc:
+            log.debug("looking for %s: GPU %d skipped: %s", mig_uuid, index, exc)
+    return None
+
+
 def _gpu_handle(nv: ModuleType, gpu_uuid: str) -> Any:
     handle = _find_gpu(nv, gpu_uuid)
     if handle is None:
@@ -871,7 +897,7 @@ def _locate_on(nv: ModuleType, handle: Any, mig_uuid: str) -> tuple[Any, int, in
 
 
 def _reading(nv: ModuleType, uuid: str, gpm: dict[str, Any]) -> Reading:
-    handle = nv.nvmlDeviceGetHandleByUUID(uuid)
+    handle = _device_handle(nv, uuid)
     if not uuid.startswith("MIG-"):
         return Reading(float(nv.nvmlDeviceGetUtilizationRates(handle).gpu))
     parent = nv.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)

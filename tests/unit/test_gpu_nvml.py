@@ -639,6 +639,13 @@ async def test_hopper_mig_slice_reads_gpm_sm_utilisation():
     await backend.close()
 
 
+async def test_utilisation_of_the_others_is_read_while_one_gpu_is_lost(nv, backend):
+    ci = nv.precreate(nv.gpus[0], "3g.40gb", 0)
+    nv.gpus[1].fault = pynvml.NVML_ERROR_GPU_IS_LOST  # lookups by UUID fail for every GPU
+    assert (await backend.utilization(ci.uuid)).processes is False
+    assert (await backend.utilization(L4)).utilization is not None
+
+
 async def test_utilisation_of_a_lost_gpu_is_an_error(nv, backend):
     nv.gpus[1].fault = pynvml.NVML_ERROR_GPU_IS_LOST
     with pytest.raises(GpuError):
