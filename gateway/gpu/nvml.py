@@ -639,13 +639,20 @@ def _find_gpu(nv: ModuleType, gpu_uuid: str) -> Any | None:
     while *any* GPU is lost (``nvml.h``), which would stop work on the healthy ones. A
     GPU NVML fails on is skipped: a lost GPU needs a reset, which clears its MIG state.
     """
+    return _on_any_gpu(nv, gpu_uuid, lambda h: h if nv.nvmlDeviceGetUUID(h) == gpu_uuid else None)
+
+
+def _on_any_gpu(nv: ModuleType, what: str, find: Callable[[Any], T | None]) -> T | None:
+    """``find(handle)`` for each GPU by index until one answers (not None); GPUs NVML
+    fails on are skipped."""
     for index in range(nv.nvmlDeviceGetCount()):
         try:
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            if nv.nvmlDeviceGetUUID(handle) == gpu_uuid:
-                return handle
+            found = find(nv.nvmlDeviceGetHandleByIndex(index))
         except nv.NVMLError as exc:
-            log.debug("looking for GPU %s: GPU %d skipped: %s", gpu_uuid, index, exc)
+            log.debug("looking for %s: GPU %d skipped: %s", what, index, exc)
+            continue
+        if found is not None:
+            return found
     return None
 
 
@@ -662,17 +669,14 @@ def _device_handle(nv: ModuleType, uuid: str) -> Any:
 
 
 def _find_mig(nv: ModuleType, mig_uuid: str) -> Any | None:
-    for index in range(nv.nvmlDeviceGetCount()):
-        try:
-            handle = nv.nvmlDeviceGetHandleByIndex(index)
-            if not _mig_mode(nv, handle)[0]:
-                continue
-            for mig in _mig_handles(nv, handle):
-                if nv.nvmlDeviceGetUUID(mig) == mig_uuid:
-                    return mig
-        except nv.NVMLError as exc:
-            log.debug("looking for %s: GPU %d skipped: %s", mig_uuid, index, exc)
-    return None
+    def on(handle: Any) -> Any | None:
+        if not _mig_mode(nv, handle)[0]:
+            return None
+        return next(
+            (m for m in _mig_handles(nv, handle) if nv.nvmlDeviceGetUUID(m) == mig_uuid), None
+        )
+
+    return _on_any_gpu(nv, mig_uuid, on)
 
 
 def _gpu_handle(nv: ModuleType, gpu_uuid: str) -> Any:
@@ -875,15 +879,7 @@ def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
     if legacy is not None:
         handle = _find_gpu(nv, legacy.gpu_uuid)
         return None if handle is None else (handle, legacy.gi_id, legacy.ci_id)
-    for index in range(nv.nvmlDeviceGetCount()):
-        try:
-            found = _locate_on(nv, nv.nvmlDeviceGetHandleByIndex(index), mig_uuid)
-        except nv.NVMLError as exc:
-            log.debug("looking for %s: GPU %d skipped: %s", mig_uuid, index, exc)
-            continue
-        if found is not None:
-            return found
-    return None
+    return _on_any_gpu(nv, mig_uuid, lambda handle: _locate_on(nv, handle, mig_uuid))
 
 
 def _locate_on(nv: ModuleType, handle: Any, mig_uuid: str) -> tuple[Any, int, int] | None:
