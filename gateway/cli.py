@@ -46,8 +46,11 @@ def main(
         return 0 if healthy else 1
     if args.command == "gpus" and args.probe:
         from gateway.gpu.nvml import probe
+        from gateway.runtime.docker import probe_gpu_path
 
-        io.out.write(json.dumps(asyncio.run(probe()), indent=2) + "\n")
+        report = asyncio.run(probe())
+        report["docker"] = asyncio.run(probe_gpu_path())
+        io.out.write(json.dumps(report, indent=2) + "\n")
         return 0
     try:
         if args.command == "login":

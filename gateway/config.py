@@ -17,7 +17,6 @@ from gateway.core.validation import LimitPolicy, parse_duration, parse_size
 
 DEFAULT_IMAGE = "gpu-workspace"
 DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
-ANY_PROFILE = "any"  # --default-mig-profile: no default, any free MIG instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +41,8 @@ class Config:
     docker_network: str = "worknet"
     network_egress: bool = True
     gpus: str = "auto"
-    default_mig_profile: str | None = "3g.20gb"  # None: any free MIG instance
+    #: None: each MIG model's 3-compute-slice profile; "any": any free MIG instance
+    default_mig_profile: str | None = None
     mig_dynamic: bool = False
     ssh_password_auth: bool = True
     ssh_agent_forwarding: bool = True  # the client must still ask (ssh -A)
@@ -235,6 +235,7 @@ def build_parser(
         "MIG profile given when a request names none; checked against the host's MIG GPUs "
         "at start; 'any' gives any free MIG instance",
         default=d.default_mig_profile,
+        shown="each model's 3-slice profile (3g.20gb, 3g.40gb, 3g.71gb, ...)",
     )
     flag(
         "--tmux-attach",
@@ -471,9 +472,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         docker_network=args.docker_network,
         network_egress=not args.no_egress,
         gpus=args.gpus,
-        default_mig_profile=None
-        if args.default_mig_profile == ANY_PROFILE
-        else args.default_mig_profile,
+        default_mig_profile=args.default_mig_profile,
         mig_dynamic=args.mig_dynamic,
         ssh_password_auth=not args.no_ssh_password_auth,
         ssh_agent_forwarding=args.ssh_agent_forwarding,

@@ -13,9 +13,11 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncssh
 
+from gateway.core.gpu_delivery import DEVICE_REQUEST, GpuPath, gpu_path
 from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
@@ -25,7 +27,24 @@ from gateway.runtime.base import (
     ContainerInfo,
     ContainerSpec,
 )
+from gateway.runtime.docker import container_config
 from gateway.session_files import HOST_KEY
+
+#: ``docker info`` of Docker 29.2 with CDI on, the toolkit's spec written at boot (two
+#: whole GPUs and one MIG instance made before it) and the nvidia runtime registered
+CDI_DOCKER: dict[str, Any] = {
+    "ServerVersion": "29.2.0",
+    "CDISpecDirs": ["/etc/cdi", "/var/run/cdi"],
+    "DiscoveredDevices": [
+        {"Source": "cdi", "ID": "nvidia.com/gpu=all"},
+        {"Source": "cdi", "ID": "nvidia.com/gpu=GPU-whole-0001"},
+        {"Source": "cdi", "ID": "nvidia.com/gpu=GPU-h100-0000"},
+        {"Source": "cdi", "ID": "nvidia.com/gpu=MIG-made-at-boot"},
+    ],
+    "Runtimes": {"runc": {"path": "runc"}, "nvidia": {"path": "nvidia-container-runtime"}},
+}
+#: the same daemon without the nvidia runtime registered
+CDI_DOCKER_NO_RUNTIME: dict[str, Any] = {**CDI_DOCKER, "Runtimes": {"runc": {"path": "runc"}}}
 
 
 class Clock:
@@ -50,6 +69,7 @@ class FakeContainer:
     port: int = 0
     files: dict[str, bytes] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # CPU time used so far (a test raises it to look busy)
+    body: dict[str, Any] = field(default_factory=dict)  # what containers/create was sent
 
     def host_key(self) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
         key = asyncssh.import_private_key(self.files[HOST_KEY])
@@ -98,6 +118,9 @@ class FakeRuntime:
     exits: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     gates: dict[str, Gate] = field(default_factory=dict)
     failing: set[str] = field(default_factory=set)  # steps that raise DockerUnavailable
+    #: the daemon's ``docker info`` (ServerVersion, CDISpecDirs, DiscoveredDevices, Runtimes);
+    #: empty: an engine before CDI routing, where the toolkit's hook resolves GPU requests
+    daemon_info: dict[str, Any] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -122,6 +145,10 @@ class FakeRuntime:
     async def ping(self) -> None:
         self._check()
 
+    async def gpu_path(self) -> GpuPath:
+        self._check()
+        return gpu_path(self.daemon_info)
+
     async def ensure_network(self, name: str, *, egress: bool) -> None:
         self._check()
         self.networks.add(name)
@@ -131,13 +158,28 @@ class FakeRuntime:
         if self.mode == "fail_create":
             raise ContainerStartFailed("Docker refused to create the container")
         cid = f"fake{next(self._ids):012d}"
-        self.containers[cid] = FakeContainer(spec=spec, id=cid)
+        delivery = (await self.gpu_path()).delivery if spec.device_request else DEVICE_REQUEST
+        body = container_config(spec, delivery)
+        self.containers[cid] = FakeContainer(spec=spec, id=cid, body=body)
         await self._step("created")  # made, but its id not yet back with the caller
         return cid
+
+    def _resolve_devices(self, container: FakeContainer) -> None:
+        """As Docker ≥ 29.2 does on the CDI path: a requested device its CDI specs don't
+        list fails the start (the runtime path and the toolkit's hook find any device)."""
+        path = gpu_path(self.daemon_info)
+        for request in container.body["HostConfig"].get("DeviceRequests", ()):
+            for device in request["DeviceIDs"]:
+                if path.through_cdi and f"nvidia.com/gpu={device}" not in path.cdi_gpu_devices:
+                    raise ContainerStartFailed(
+                        "Docker refused to start container: failed to create task for "
+                        f"container: unresolvable CDI devices nvidia.com/gpu={device}"
+                    )
 
     async def start(self, container_id: str, network: str) -> ContainerInfo:
         await self._step("start")
         container = self.containers[container_id]
+        self._resolve_devices(container)
         container.running = self.mode != "crash"
         if self.mode in ("ok", "wrong_host_key") and container.server is None:
             host_key = container.host_key() if self.mode == "ok" else _stranger_host_key()

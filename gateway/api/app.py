@@ -160,6 +160,8 @@ def create_app(
                 backend, default_profile=config.default_mig_profile, dynamic=config.mig_dynamic
             )
             await allocator.check_default_profile()
+            if backend.needs_device_request:
+                await _log_gpu_path(app[keys.RUNTIME], dynamic=config.mig_dynamic)
             await allocator.reclaim(await app[keys.STORE].allocated_gpus())
             app[keys.GPUS] = allocator
             yield
@@ -203,6 +205,7 @@ def create_app(
                 await asyncio.sleep(config.reap_interval)
                 try:
                     await manager.sweep()
+                    await app[keys.GPUS].destroy_released()
                 except Exception:
                     log.exception("TTL sweep failed")
 
@@ -224,3 +227,14 @@ def create_app(
     app.on_shutdown.append(stop_starting)
     app.cleanup_ctx.extend([store_ctx, audit_ctx, runtime_ctx, gpu_ctx, sessions_ctx, sweeper_ctx])
     return app
+
+
+async def _log_gpu_path(runtime: Runtime, *, dynamic: bool) -> None:
+    """Say at start how Docker hands GPUs to session containers, and what fails on it."""
+    path = await runtime.gpu_path()
+    log.info(
+        "GPUs reach session containers by %s (Docker %s, CDI %s)",
+        path.delivery, path.docker_version, "on" if path.through_cdi else "off",
+    )  # fmt: skip
+    if path.warning is not None:
+        log.log(logging.ERROR if dynamic else logging.WARNING, "%s", path.warning)

@@ -75,6 +75,11 @@ SCHEMAS: dict[str, Any] = {
             "service": {"type": "string"},
             "failing": {"type": "object", "additionalProperties": {"type": "string"}},
             "unhealthy_gpus": {"type": "array", "items": {"type": "object"}},
+            "gpu_path": {
+                "type": "object",
+                "description": "with GPUs: whether Docker hands them over through CDI, and "
+                "whether MIG instances made after its CDI spec can start",
+            },
         },
         required=("status", "service"),
     ),
@@ -241,6 +246,7 @@ SCHEMAS: dict[str, Any] = {
             "power_limit": _NULLABLE_NUM,
             "mig_enabled": {"type": "boolean"},
             "mig_pending": {"type": "boolean"},
+            "mig_change": _NULLABLE_STR,
             "allocated": {"type": "boolean"},
             "healthy": {"type": "boolean"},
             "error": _NULLABLE_STR,
@@ -256,8 +262,13 @@ SCHEMAS: dict[str, Any] = {
                         "compute_instance_id": {"type": "integer"},
                         "split": {"type": "boolean"},
                         "allocated": {"type": "boolean"},
+                        "to_destroy": {"type": "boolean"},
                     }
                 ),
+            },
+            "to_destroy": {
+                "type": "array",
+                "items": _object({"uuid": {"type": "string"}, "gpu_instance_id": _NULLABLE_INT}),
             },
         }
     ),
@@ -371,7 +382,6 @@ PATHS: dict[str, dict[str, Any]] = {
                     _object({"message": {"type": "string"}, "deleted": {"type": "integer"}}),
                     "how many ended",
                 ),
-                "409": _error("a MIG instance is held on the host"),
                 "503": _UNAVAILABLE,
             },
         ),
@@ -399,7 +409,6 @@ PATHS: dict[str, dict[str, Any]] = {
             {
                 "200": _json(_object({"message": {"type": "string"}}), "ended"),
                 "404": _NOT_FOUND,
-                "409": _error("a MIG instance is held on the host"),
                 "503": _UNAVAILABLE,
             },
         ),

@@ -37,12 +37,23 @@ async def healthz(request: web.Request) -> web.Response:
     """200 healthy; 200 degraded with ``unhealthy_gpus`` when NVML fails on some GPUs (the
     others are served); 503 degraded when the database, Docker or NVML as a whole fails.
     The route is public: it names the failing dependency and whether it failed or timed
-    out; the exception's text (socket paths, SQL, driver messages) goes to the log only."""
+    out; the exception's text (socket paths, SQL, driver messages) goes to the log only.
+    With GPUs, ``gpu_path`` says whether Docker hands them over through CDI and whether MIG
+    instances made after its CDI spec can start (versions and paths: the log, the probe)."""
     failing: dict[str, str] = {}
     unhealthy: list[dict[str, object]] = []
+    details: dict[str, object] = {}
 
     async def gpus() -> None:
-        inventory = await request.app[GPUS].inventory()
+        allocator = request.app[GPUS]
+        if allocator.needs_device_request:  # how Docker hands GPUs over (CDI or the hook)
+            path = await request.app[RUNTIME].gpu_path()
+            details["gpu_path"] = {
+                "through_cdi": path.through_cdi,
+                "delivery": path.delivery,
+                "late_instances_start": path.warning is None,
+            }
+        inventory = await allocator.health_inventory()
         unhealthy.extend(unhealthy_gpu_view(gpu) for gpu in inventory if not gpu.healthy)
 
     for name, check in (
@@ -62,13 +73,13 @@ async def healthz(request: web.Request) -> web.Response:
             failing[name] = "unavailable"
     if failing:
         return web.json_response(
-            {"status": "degraded", "service": SERVICE, "failing": failing}, status=503
+            {"status": "degraded", "service": SERVICE, "failing": failing, **details}, status=503
         )
     if unhealthy:
         return web.json_response(
-            {"status": "degraded", "service": SERVICE, "unhealthy_gpus": unhealthy}
+            {"status": "degraded", "service": SERVICE, "unhealthy_gpus": unhealthy, **details}
         )
-    return web.json_response({"status": "healthy", "service": SERVICE})
+    return web.json_response({"status": "healthy", "service": SERVICE, **details})
 
 
 @routes.get("/ssh/known_hosts")
@@ -201,7 +212,9 @@ async def delete_all_sessions(request: web.Request) -> web.Response:
 @routes.get("/gpus")
 async def list_gpus(request: web.Request) -> web.Response:
     allocated = await request.app[STORE].allocated_gpus()
-    gpus = [gpu_view(gpu, allocated) for gpu in await request.app[GPUS].inventory()]
+    allocator = request.app[GPUS]
+    to_destroy = allocator.to_destroy()
+    gpus = [gpu_view(gpu, allocated, to_destroy) for gpu in await allocator.inventory()]
     return web.json_response({"gpus": gpus, "count": len(gpus)})
 
 

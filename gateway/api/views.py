@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.config import Config
 from gateway.core.gpu_select import AvailableInstance
-from gateway.core.gpu_types import GpuInfo, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigProfile
 from gateway.core.ssh import ssh_command
 from gateway.core.ttl import ttl_minutes_view
 from gateway.models import CreatedSession, Session, rfc3339
@@ -74,8 +75,17 @@ def created_view(created: CreatedSession, config: Config, identity: HostIdentity
 GIB = 1024**3
 
 
-def gpu_view(gpu: GpuInfo, allocated: set[str]) -> dict[str, Any]:
-    """One entry of ``GET /gpus``: a GPU, its MIG instances and what is allocated."""
+MIG_CHANGE_NOTE = (
+    "the MIG mode change waits for a GPU reset: stop the gateway and any DCGM or monitoring "
+    "daemon (they hold the GPU), reset the GPU (nvidia-smi -r) or reboot, start them again"
+)
+
+
+def gpu_view(gpu: GpuInfo, allocated: set[str], to_destroy: Sequence[Leftover]) -> dict[str, Any]:
+    """One entry of ``GET /gpus``: a GPU, its MIG instances, what is allocated, and what
+    is kept to destroy (released while a host process held it)."""
+    doomed = [t for t in to_destroy if t.gpu_uuid == gpu.uuid]
+    doomed_uuids = {t.mig_uuid for t in doomed}
     return {
         "uuid": gpu.uuid,
         "index": gpu.index,
@@ -89,6 +99,7 @@ def gpu_view(gpu: GpuInfo, allocated: set[str]) -> dict[str, Any]:
         "power_limit": gpu.power_limit,
         "mig_enabled": gpu.mig_enabled,
         "mig_pending": gpu.mig_pending,
+        "mig_change": MIG_CHANGE_NOTE if gpu.mig_pending != gpu.mig_enabled else None,
         "allocated": gpu.uuid in allocated,
         "healthy": gpu.healthy,
         "error": gpu.error,
@@ -102,9 +113,11 @@ def gpu_view(gpu: GpuInfo, allocated: set[str]) -> dict[str, Any]:
                 "compute_instance_id": device.ci_id,
                 "split": device.split,
                 "allocated": device.uuid in allocated,
+                "to_destroy": device.uuid in doomed_uuids,
             }
             for device in gpu.mig_devices
         ],
+        "to_destroy": [{"uuid": t.mig_uuid, "gpu_instance_id": t.gi_id} for t in doomed],
     }
 
 

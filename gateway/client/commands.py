@@ -381,13 +381,14 @@ async def gpus(api: Api, args: argparse.Namespace, io: Io) -> int:
                 ]
             )
         for mig in gpu["mig_instances"]:
+            idle = "to destroy" if mig.get("to_destroy") else "free"  # a host process holds it
             rows.append(
                 [
                     gpu["index"],
                     gpu["name"],
                     mig["profile"],
                     mig["uuid"],
-                    holders.get(mig["uuid"], "free"),
+                    holders.get(mig["uuid"], idle),
                 ]
             )
         if gpu["mig_enabled"] and not gpu["mig_instances"]:

@@ -10,9 +10,13 @@ The rules, in order (``allocated`` is every GPU/MIG UUID the database holds):
    ``dynamic``, :class:`CreateInstance` on the MIG-enabled GPUs whose model has the
    profile (lowest index first; the backend refuses a full GPU); else
    :class:`NoGpuAvailable`. A GPU with MIG disabled is never given for a profile.
-3. Neither: on a host where some GPU has MIG enabled, the default profile as in 2
-   (with no default, any free existing device); when that finds nothing, a whole free
-   MIG-disabled GPU is the fallback (also after a failed dynamic create). A default
+3. Neither: on a host where some GPU has MIG enabled, the default profile as in 2.
+   Unset (None), each MIG GPU's default is its model's slice with
+   :data:`DEFAULT_COMPUTE_SLICES` compute slices (``3g.20gb`` on an A100-40GB,
+   ``3g.40gb`` on an A100-80GB or H100, ``3g.71gb`` on an H200, as NVML names them), so
+   mixed hosts work; where no model here has one, any free instance. :data:`ANY_PROFILE`
+   gives any free existing device. When that finds nothing, a whole free MIG-disabled
+   GPU is the fallback (also after a failed dynamic create). An explicit default
    profile that no GPU here offers is a configuration error (:class:`GpuError`), not
    the caller's. Without MIG, the lowest free whole GPU (profile ``full``).
 4. No GPUs: :class:`NoGpu` on a GPU-less backend (``--gpus none``), otherwise
@@ -29,7 +33,7 @@ stored, so two requests never pick the same device.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
@@ -43,6 +47,10 @@ from gateway.errors import (
 )
 
 FULL_GPU = "full"
+#: ``--default-mig-profile any``: hand out any free MIG instance
+ANY_PROFILE = "any"
+#: with ``--default-mig-profile`` unset, each model's slice with this many compute slices
+DEFAULT_COMPUTE_SLICES = 3
 
 _LEGACY_MIG_UUID = re.compile(r"^MIG-(GPU-[^/]+)/(\d+)/(\d+)$")
 
@@ -75,13 +83,12 @@ class UseDevice:
 
 @dataclass(frozen=True, slots=True)
 class CreateInstance:
-    """Create a MIG instance of ``profile`` on the first of ``gpu_uuids`` with room.
+    """Create a MIG instance on the first of ``targets`` (GPU UUID, profile) with room.
 
     ``fallback``, when set, is the whole GPU to use if every candidate is full.
     """
 
-    gpu_uuids: tuple[str, ...]
-    profile: str
+    targets: tuple[tuple[str, str], ...]
     fallback: UseDevice | None = None
 
 
@@ -148,26 +155,66 @@ def select_gpu(
         if whole is None:
             raise NoGpuAvailable("every GPU is allocated")
         return whole
-    if default_profile is None:
+    wanted = _default_wanted(default_profile, gpus, profiles)
+    if wanted is None:
         device = next(_free_devices(gpus, allocated), None)
         chosen = _use(device) if device is not None else whole
     else:
-        problem = default_profile_problem(default_profile, gpus, profiles)
-        if problem is not None:
-            raise GpuError(
-                "the gateway's default MIG profile is not offered by this host",
-                log_message=problem,
-            )
         try:
-            chosen = _by_profile(default_profile, gpus, profiles, allocated, dynamic)
+            chosen = _by_profile(wanted, gpus, profiles, allocated, dynamic)
         except NoGpuAvailable:
             chosen = whole
         else:
             if isinstance(chosen, CreateInstance) and whole is not None:
-                chosen = CreateInstance(chosen.gpu_uuids, chosen.profile, fallback=whole)
+                chosen = CreateInstance(chosen.targets, fallback=whole)
     if chosen is None:
-        raise NoGpuAvailable(f"no free MIG instance ({default_profile or 'any profile'})")
+        raise NoGpuAvailable(f"no free MIG instance ({_describe_default(default_profile)})")
     return chosen
+
+
+def default_profiles(
+    inventory: Sequence[GpuInfo], profiles: Sequence[MigProfile]
+) -> dict[str, str]:
+    """GPU model → the profile an unset ``--default-mig-profile`` gives on it: the plain
+    (no ``+me``/``+gfx`` variant) profile with :data:`DEFAULT_COMPUTE_SLICES` compute
+    slices, for the models of this host's MIG GPUs that have one."""
+    models = {g.name for g in _healthy(inventory) if g.mig_enabled}
+    return {
+        p.gpu_name: p.name
+        for p in profiles
+        if p.gpu_name in models and p.compute_slices == DEFAULT_COMPUTE_SLICES and _is_plain(p.name)
+    }
+
+
+def _is_plain(name: str) -> bool:
+    return re.fullmatch(r"\d+g\.\d+gb", name) is not None
+
+
+def _default_wanted(
+    default_profile: str | None, gpus: Sequence[GpuInfo], profiles: Sequence[MigProfile]
+) -> Mapping[str, str] | str | None:
+    """What a profile-less request asks for on a MIG host: a profile name, a per-model
+    map (unset default), or None (any free instance).
+
+    Raises:
+        GpuError: an explicit default profile that no GPU here offers.
+    """
+    if default_profile == ANY_PROFILE:
+        return None
+    if default_profile is None:
+        return default_profiles(gpus, profiles) or None
+    problem = default_profile_problem(default_profile, gpus, profiles)
+    if problem is not None:
+        raise GpuError(
+            "the gateway's default MIG profile is not offered by this host", log_message=problem
+        )
+    return default_profile
+
+
+def _describe_default(default_profile: str | None) -> str:
+    if default_profile is None:
+        return f"the {DEFAULT_COMPUTE_SLICES}-slice profile of each model"
+    return "any profile" if default_profile == ANY_PROFILE else default_profile
 
 
 def default_profile_problem(
@@ -175,11 +222,12 @@ def default_profile_problem(
 ) -> str | None:
     """Why ``--default-mig-profile`` can't work on this host, or None if it can.
 
-    It can when it is None (any free instance), when no healthy GPU has MIG enabled (it
-    never applies), or when some GPU here offers it.
+    It can when it is unset (None: each model's 3-slice profile) or :data:`ANY_PROFILE`,
+    when no healthy GPU has MIG enabled (it never applies), or when some GPU here
+    offers it.
     """
     gpus = _healthy(inventory)
-    if default_profile is None or not any(g.mig_enabled for g in gpus):
+    if default_profile in (None, ANY_PROFILE) or not any(g.mig_enabled for g in gpus):
         return None
     offered = _known_profiles(gpus, profiles)
     if default_profile in offered:
@@ -244,20 +292,35 @@ def _named_device(uuid: str, gpus: Sequence[GpuInfo], allocated: Collection[str]
 
 
 def _by_profile(
-    profile: str,
+    wanted: str | Mapping[str, str],
     gpus: Sequence[GpuInfo],
     profiles: Sequence[MigProfile],
     allocated: Collection[str],
     dynamic: bool,
 ) -> UseDevice | CreateInstance:
-    device = next((d for d in _free_devices(gpus, allocated) if d.profile == profile), None)
+    """A free device of the wanted profile, else (``dynamic``) where to create one.
+
+    ``wanted`` is one profile name for every GPU, or GPU model → profile name."""
+
+    def want(gpu: GpuInfo) -> str | None:
+        return wanted if isinstance(wanted, str) else wanted.get(gpu.name or "")
+
+    by_gpu = {g.uuid: want(g) for g in gpus}
+    device = next(
+        (d for d in _free_devices(gpus, allocated) if d.profile == by_gpu.get(d.gpu_uuid)), None
+    )
     if device is not None:
         return _use(device)
-    offering = {p.gpu_name for p in profiles if p.name == profile}
-    candidates = tuple(g.uuid for g in gpus if g.mig_enabled and g.name in offering)
-    if dynamic and candidates:
-        return CreateInstance(candidates, profile)
-    raise NoGpuAvailable(f"no free MIG instance of profile {profile}")
+    offered = {(p.gpu_name, p.name) for p in profiles}
+    targets = tuple(
+        (g.uuid, name)
+        for g in gpus
+        if g.mig_enabled and (name := want(g)) is not None and (g.name, name) in offered
+    )
+    if dynamic and targets:
+        return CreateInstance(targets)
+    shown = wanted if isinstance(wanted, str) else ", ".join(sorted(set(wanted.values())))
+    raise NoGpuAvailable(f"no free MIG instance of profile {shown}")
 
 
 def _healthy(inventory: Sequence[GpuInfo]) -> list[GpuInfo]:

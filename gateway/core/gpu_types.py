@@ -69,3 +69,13 @@ class GpuInfo:
     @property
     def healthy(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """A MIG instance whose session ended while a host process (a monitoring daemon, say)
+    held it: kept to destroy, retried at every sweep, never handed out."""
+
+    mig_uuid: str
+    gpu_uuid: str
+    gi_id: int | None

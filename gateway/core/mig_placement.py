@@ -101,8 +101,9 @@ MODELS: dict[str, GpuModel] = {
         ),
         _model(
             "H200-141GB", "NVIDIA H200", 143771, 700.0,
-            [("1g.18gb", 16384), ("1g.18gb+me", 16384), ("1g.35gb", 33280), ("2g.35gb", 33280),
-             ("3g.71gb", 71424), ("4g.71gb", 71424), ("7g.141gb", 143360)],
+            # NVML's names; sizes fitted to them (GiB rounded up), no H200 reading at hand
+            [("1g.18gb", 17920), ("1g.18gb+me", 17920), ("1g.35gb", 35328), ("2g.35gb", 35328),
+             ("3g.71gb", 72192), ("4g.71gb", 72192), ("7g.141gb", 143616)],
         ),
     )
 }  # fmt: skip

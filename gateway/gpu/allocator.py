@@ -18,13 +18,15 @@ from gateway.core.gpu_select import (
     UseDevice,
     available_instances,
     default_profile_problem,
+    default_profiles,
     select_gpu,
 )
-from gateway.core.gpu_types import GpuInfo, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigProfile
 from gateway.core.idle import Reading
-from gateway.errors import GpuError, NoGpuAvailable
+from gateway.errors import GpuError, GpuInstanceInUse, NoGpuAvailable
 from gateway.gpu import create_on_first
 from gateway.gpu.base import GpuBackend
+from gateway.gpu.failed import FailedBackend
 from gateway.gpu.none import NoneBackend
 from gateway.models import CreateRequest, Session
 
@@ -40,7 +42,8 @@ class Allocation:
 
 class GpuAllocator:
     def __init__(self, backend: GpuBackend, *, default_profile: str | None, dynamic: bool) -> None:
-        """``default_profile`` None hands out any free MIG instance to requests naming none."""
+        """``default_profile``: what requests naming none get on a MIG host (None: each
+        model's 3-slice profile; ``any``: any free MIG instance; see :func:`select_gpu`)."""
         self.backend = backend
         self._default_profile = default_profile
         self._dynamic = dynamic
@@ -50,16 +53,25 @@ class GpuAllocator:
         return self.backend.needs_device_request
 
     async def check_default_profile(self) -> None:
-        """At start-up: refuse a default profile that no MIG GPU of this host offers.
+        """At start-up: refuse an explicit default profile that no MIG GPU here offers,
+        and log what an unset one gives on each model.
 
         Raises:
             GpuError: it is not offered; the log message names the valid profiles.
         """
-        problem = default_profile_problem(
-            self._default_profile, await self.backend.inventory(), await self.backend.profiles()
-        )
+        if isinstance(self.backend, FailedBackend):
+            return  # nothing to check against; /healthz names the failure
+        inventory, profiles = await self.backend.inventory(), await self.backend.profiles()
+        problem = default_profile_problem(self._default_profile, inventory, profiles)
         if problem is not None:
             raise GpuError("the default MIG profile does not exist here", log_message=problem)
+        if self._default_profile is None and any(g.mig_enabled for g in inventory):
+            by_model = default_profiles(inventory, profiles)
+            log.info(
+                "requests naming no MIG profile get %s",
+                ", ".join(f"{name} on {model}" for model, name in sorted(by_model.items()))
+                or "any free MIG instance (no model here has a 3-slice profile)",
+            )
 
     async def reclaim(self, held: set[str]) -> None:
         """Destroy MIG instances this gateway created that no session holds (``held``:
@@ -77,7 +89,7 @@ class GpuAllocator:
             mig_instance_uuid=request.mig_instance_uuid,
             inventory=await self.backend.inventory(),
             profiles=await self.backend.profiles(),
-            allocated=allocated,
+            allocated=allocated | self._to_destroy(),
             default_profile=self._default_profile,
             dynamic=self._dynamic,
             gpu_less=isinstance(self.backend, NoneBackend),
@@ -87,23 +99,49 @@ class GpuAllocator:
                 return Allocation()
             case UseDevice(uuid=uuid, profile=profile):
                 return Allocation(uuid=uuid, profile=profile)
-            case CreateInstance(gpu_uuids=gpu_uuids, profile=profile, fallback=fallback):
+            case CreateInstance(targets=targets, fallback=fallback):
                 await self.backend.reclaim(allocated)  # frees what a failed rollback left
                 try:
-                    device = await create_on_first(self.backend, gpu_uuids, profile)
+                    device = await create_on_first(self.backend, targets)
                 except NoGpuAvailable:
                     if fallback is None:
                         raise
                     return Allocation(uuid=fallback.uuid, profile=fallback.profile)
-                log.info("created MIG instance %s (%s)", device.uuid, profile)
-                return Allocation(uuid=device.uuid, profile=profile, created=True)
+                log.info("created MIG instance %s (%s)", device.uuid, device.profile)
+                return Allocation(uuid=device.uuid, profile=device.profile, created=True)
         raise AssertionError(f"unhandled GPU decision {decision!r}")
 
     async def release(self, allocation: Allocation) -> None:
-        """Give the GPU back; a MIG instance created for the session is destroyed."""
+        """Give the GPU back; a MIG instance created for the session is destroyed.
+
+        One a host process holds (a monitoring daemon) is kept to destroy: never handed
+        out, retried by :meth:`destroy_released`; the session may end meanwhile.
+
+        Raises:
+            GpuError: NVML refused otherwise (the caller retries the release).
+        """
         if allocation.created and allocation.uuid:
-            await self.backend.destroy_instance(allocation.uuid)
+            try:
+                await self.backend.destroy_instance(allocation.uuid)
+            except GpuInstanceInUse as exc:
+                log.warning(
+                    "MIG instance %s is held by a host process; kept to destroy, retried at "
+                    "every sweep: %s",
+                    allocation.uuid, exc.log_message,
+                )  # fmt: skip
+                return
             log.info("destroyed MIG instance %s", allocation.uuid)
+
+    async def destroy_released(self) -> None:
+        """Retry destroying the instances released while a host process held them."""
+        await self.backend.destroy_released()
+
+    def to_destroy(self) -> list[Leftover]:
+        """Released instances not destroyed yet (shown in ``GET /gpus``)."""
+        return self.backend.to_destroy()
+
+    def _to_destroy(self) -> set[str]:
+        return {leftover.mig_uuid for leftover in self.backend.to_destroy()}
 
     async def release_session(self, session: Session) -> None:
         await self.release(
@@ -128,6 +166,10 @@ class GpuAllocator:
         """Every GPU with its MIG devices, as the backend sees it now."""
         return await self.backend.inventory()
 
+    async def health_inventory(self) -> list[GpuInfo]:
+        """The inventory ``/healthz`` judges by (:meth:`GpuBackend.health_inventory`)."""
+        return await self.backend.health_inventory()
+
     async def profiles(self) -> list[MigProfile]:
         """The MIG profiles of the GPU models present."""
         return await self.backend.profiles()
@@ -135,5 +177,7 @@ class GpuAllocator:
     async def available(self, allocated: set[str]) -> list[AvailableInstance]:
         """Free MIG instances, then free whole GPUs (``full``)."""
         return available_instances(
-            await self.backend.inventory(), await self.backend.profiles(), allocated
+            await self.backend.inventory(),
+            await self.backend.profiles(),
+            allocated | self._to_destroy(),
         )

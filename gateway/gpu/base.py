@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Protocol
 
-from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
 from gateway.core.idle import Reading
 
 
@@ -21,6 +21,11 @@ class GpuBackend(Protocol):
 
     async def inventory(self) -> list[GpuInfo]:
         """Every GPU with its current MIG devices."""
+        ...
+
+    async def health_inventory(self) -> list[GpuInfo]:
+        """The inventory ``/healthz`` judges by; may be the last one read while MIG
+        instances are being created or destroyed."""
         ...
 
     async def profiles(self) -> list[MigProfile]:
@@ -41,9 +46,19 @@ class GpuBackend(Protocol):
         """Destroy a MIG device this gateway created; already gone is success.
 
         Raises:
-            GpuInstanceInUse: another process holds it; calling again later retries.
+            GpuInstanceInUse: another process holds it; it is kept in :meth:`to_destroy`
+                and :meth:`destroy_released` retries it.
             GpuError: NVML refused otherwise.
         """
+        ...
+
+    async def destroy_released(self) -> None:
+        """Retry what :meth:`to_destroy` lists; failures are logged, never raised."""
+        ...
+
+    def to_destroy(self) -> list[Leftover]:
+        """Instances released while a host process held them: kept to destroy, never
+        handed out."""
         ...
 
     async def reclaim(self, held: Collection[str]) -> None:
@@ -64,3 +79,21 @@ class GpuBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class NothingLeftBehind:
+    """The reclaim half of :class:`GpuBackend` for backends that never leave an instance
+    half destroyed (no GPUs, a simulator, an NVML that did not start): nothing to reclaim,
+    retry or close."""
+
+    async def reclaim(self, held: Collection[str]) -> None:
+        return None
+
+    async def destroy_released(self) -> None:
+        return None
+
+    def to_destroy(self) -> list[Leftover]:
+        return []
+
+    async def close(self) -> None:
+        return None

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
 from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
 from gateway.core.idle import Reading
 from gateway.errors import NoGpuAvailable
+from gateway.gpu.base import NothingLeftBehind
 
 
-class NoneBackend:
+class NoneBackend(NothingLeftBehind):
     """A host without GPUs: sessions run with ``NVIDIA_VISIBLE_DEVICES=void``."""
 
     needs_device_request = False
 
     async def inventory(self) -> list[GpuInfo]:
+        return []
+
+    async def health_inventory(self) -> list[GpuInfo]:
         return []
 
     async def profiles(self) -> list[MigProfile]:
@@ -29,12 +31,6 @@ class NoneBackend:
     async def destroy_instance(self, mig_uuid: str) -> None:
         """Nothing exists here, so there is nothing to destroy."""
 
-    async def reclaim(self, held: Collection[str]) -> None:
-        """Nothing exists here, so there is nothing to reclaim."""
-
     async def utilization(self, uuid: str) -> Reading:
         """No GPU here says nothing (a GPU-less session is judged by its CPU)."""
         return Reading(None)
-
-    async def close(self) -> None:
-        return None

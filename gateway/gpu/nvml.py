@@ -1,7 +1,10 @@
 """The NVML backend (nvidia-ml-py): real GPUs, their MIG devices and profiles, create/destroy.
 
-Every NVML call runs in a worker thread (``asyncio.to_thread``) under one lock, so calls
-never overlap and never block the event loop. The ``pynvml`` module is a parameter, so
+Every NVML call runs on the backend's own single worker thread, so calls never overlap,
+never block the event loop, and waiting callers wait as coroutines, not as threads of the
+shared pool (password hashing and workspace preparation use that one). A call that has
+not returned after ``call_timeout`` (a GPU hang, Xid 79) marks NVML failed: callers get a
+503 at once until it returns. The ``pynvml`` module is a parameter, so
 tests pass a fake that behaves as NVML documents.
 
 What this relies on from NVML:
@@ -38,9 +41,16 @@ What this relies on from NVML:
   ``nvmlGpmQueryDeviceSupport`` says so (Hopper and newer); otherwise (Ampere) only whether
   compute processes run on its MIG device handle is known.
 - One GPU failing (GPU is lost, Unknown) makes that GPU unhealthy, not the inventory.
-- Destroying a GPU instance a process holds is InUse: :class:`GpuInstanceInUse`. Created
-  instances are destroyed by their ids from the :mod:`~gateway.gpu.ledger`, so a retry
-  finds a GPU instance whose compute instance is already gone.
+  GPUs are looked up by index and UUID compare: ``nvmlDeviceGetHandleByUUID`` fails with
+  GPU_IS_LOST while *any* GPU is lost.
+- Destroying a GPU instance a process holds is InUse: :class:`GpuInstanceInUse`; the
+  ledger keeps it marked to destroy. Created instances are destroyed by their ids from the
+  :mod:`~gateway.gpu.ledger`, so a retry finds a GPU instance whose compute instance is
+  already gone, but only while the instance found by those ids is still the one made
+  (ids are reused; instances vanish at a reset). NotSupported there means MIG was turned
+  off: gone.
+- Telemetry calls a driver lacks (FunctionNotFound) or withholds are unknown (None), and
+  a MIG device that vanishes while it is read is left out.
 """
 
 from __future__ import annotations
@@ -48,12 +58,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import math
 import re
-import threading
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -61,7 +73,7 @@ from typing import Any, TypeVar
 import pynvml
 
 from gateway.core.gpu_select import parse_mig_uuid
-from gateway.core.gpu_types import GpuInfo, MigDevice, MigProfile
+from gateway.core.gpu_types import GpuInfo, Leftover, MigDevice, MigProfile
 from gateway.core.idle import Reading
 from gateway.core.mig_placement import Placement, choose_placement, unoccupied
 from gateway.errors import (
@@ -77,6 +89,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 T = TypeVar("T")
+#: seconds an NVML call may take before NVML is marked failed (creates take a few seconds)
+CALL_TIMEOUT = 60.0
 
 # The NVIDIA Container Toolkit refuses either variable in a container without CAP_SYS_ADMIN.
 _MONITOR_HINT = (
@@ -111,11 +125,17 @@ class NvmlBackend:
 
     needs_device_request = True
 
-    def __init__(self, nv: ModuleType, ledger: Ledger | None = None) -> None:
+    def __init__(
+        self, nv: ModuleType, ledger: Ledger | None = None, *, call_timeout: float = CALL_TIMEOUT
+    ) -> None:
         """Wrap an initialised ``pynvml``; use :meth:`open` to initialise it."""
         self._nv = nv
         self._ledger = ledger or Ledger()
-        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        self._call_timeout = call_timeout
+        self._hung: str | None = None  # the call that has not returned, while it hasn't
+        self._changing = 0  # creates and destroys queued or running on the worker
+        self._last_inventory: list[GpuInfo] | None = None
         self._closed = False
         self._faults: dict[int, str] = {}  # GPU index → its last NVML error, to log changes
         self._gpm: dict[str, Any] = {}  # MIG UUID → its last GPM sample (Hopper and newer)
@@ -123,11 +143,16 @@ class NvmlBackend:
 
     @classmethod
     async def open(
-        cls, nv: ModuleType | None = None, *, ledger_path: Path | None = None
+        cls,
+        nv: ModuleType | None = None,
+        *,
+        ledger_path: Path | None = None,
+        boot_id: str | None = None,
     ) -> NvmlBackend:
         """Initialise NVML (``nvmlInit``) and return the backend.
 
-        ``ledger_path`` keeps the ids of the MIG instances it creates (memory only if None).
+        ``ledger_path`` keeps the ids of the MIG instances it creates (memory only if None);
+        entries made in another boot than ``boot_id`` are dropped (the instances are gone).
 
         Raises:
             NvmlLibraryMissing: no ``libnvidia-ml.so.1`` (a host without the driver).
@@ -135,7 +160,7 @@ class NvmlBackend:
                 library versions differ, ...), or the ledger is unreadable.
         """
         nv = nv or pynvml
-        ledger = await asyncio.to_thread(Ledger, ledger_path)
+        ledger = await asyncio.to_thread(partial(Ledger, ledger_path, boot_id=boot_id))
         try:
             await asyncio.to_thread(nv.nvmlInit)
         except nv.NVMLError_LibraryNotFound as exc:
@@ -154,7 +179,16 @@ class NvmlBackend:
     async def inventory(self) -> list[GpuInfo]:
         gpus = await self._call("reading the GPU inventory", _inventory, self._nv)
         self._log_fault_changes(gpus)
+        self._last_inventory = gpus
         return gpus
+
+    async def health_inventory(self) -> list[GpuInfo]:
+        """The inventory ``/healthz`` judges by: while MIG instances are being created or
+        destroyed (seconds each on hardware, and NVML calls run one at a time), the last
+        one read, so health does not flap with every dynamic session."""
+        if self._changing and self._last_inventory is not None:
+            return self._last_inventory
+        return await self.inventory()
 
     async def profiles(self) -> list[MigProfile]:
         return await self._call("reading MIG profiles", _all_profiles, self._nv)
@@ -245,27 +279,74 @@ class NvmlBackend:
         return await self._call(f"reading the utilisation of {uuid}", _reading, self._nv,
                                 uuid, self._gpm)  # fmt: skip
 
+    async def destroy_released(self) -> None:
+        """Retry destroying the instances whose sessions ended while a host process held
+        them (see :meth:`to_destroy`); what fails again is logged and kept."""
+        if not self._ledger.to_destroy():
+            return
+        try:
+            await self._call(
+                "destroying released MIG instances",
+                _reclaim,
+                self._nv,
+                self._ledger,
+                None,
+                changes=True,
+            )
+        except GatewayError as exc:
+            log.warning("destroying released MIG instances failed: %s", exc.log_message)
+
+    def to_destroy(self) -> list[Leftover]:
+        """Instances released but not destroyed yet: never handed out, retried."""
+        return [Leftover(e.mig_uuid or "", e.gpu_uuid, e.gi_id) for e in self._ledger.to_destroy()]
+
     async def close(self) -> None:
         """Shut NVML down (``nvmlShutdown``); idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            await asyncio.to_thread(self._locked, self._nv.nvmlShutdown)
-        except self._nv.NVMLError as exc:
-            log.warning("nvmlShutdown failed: %s", exc)
+            await self._call("shutting NVML down", self._nv.nvmlShutdown)
+        except GatewayError as exc:
+            log.warning("nvmlShutdown failed: %s", exc.log_message)
+        self._worker.shutdown(wait=False)
+
+    @property
+    def hung(self) -> str | None:
+        """The NVML call that has not returned in time, or None."""
+        return self._hung
 
     async def _call(
         self, action: str, fn: Callable[..., T], *args: Any, changes: bool = False
     ) -> T:
+        """``fn(*args)`` on the NVML worker, NVML errors translated.
+
+        Raises:
+            GpuError: NVML hangs (this call, or an earlier one that has not returned).
+        """
+        if self._hung is not None:
+            raise GpuError(f"NVML is not answering ({self._hung})", log_message=self._hung)
+        work = asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        self._changing += changes
         try:
-            return await asyncio.to_thread(self._locked, fn, *args)
+            return await asyncio.wait_for(asyncio.shield(work), self._call_timeout)
+        except TimeoutError:
+            self._hung = f"{action} has not returned after {self._call_timeout:g} s"
+            log.error("NVML marked failed until the call returns: %s", self._hung)
+            work.add_done_callback(self._answered)
+            raise GpuError(
+                f"NVML is not answering ({self._hung})", log_message=self._hung
+            ) from None
         except self._nv.NVMLError as exc:
             raise _translate(self._nv, exc, action, changes=changes) from exc
+        finally:
+            self._changing -= changes
 
-    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
-        with self._lock:
-            return fn(*args)
+    def _answered(self, work: asyncio.Future[Any]) -> None:
+        if not work.cancelled():
+            work.exception()  # retrieved: whatever it was, its caller has given up
+        log.warning("NVML answers again (%s)", self._hung)
+        self._hung = None
 
     def _log_fault_changes(self, gpus: list[GpuInfo]) -> None:
         for gpu in gpus:
@@ -331,9 +412,7 @@ def _gpu_info(nv: ModuleType, index: int, handle: Any) -> GpuInfo:
     current, pending = _mig_mode(nv, handle)
     memory = _optional(nv, lambda: nv.nvmlDeviceGetMemoryInfo(handle))
     utilization = _optional(nv, lambda: nv.nvmlDeviceGetUtilizationRates(handle).gpu)
-    temperature = _optional(
-        nv, lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
-    )
+    temperature = _optional(nv, lambda: _temperature(nv, handle))
     power = _optional(nv, lambda: nv.nvmlDeviceGetPowerUsage(handle))
     limit = _optional(nv, lambda: nv.nvmlDeviceGetEnforcedPowerLimit(handle))
     return GpuInfo(
@@ -354,12 +433,22 @@ def _gpu_info(nv: ModuleType, index: int, handle: Any) -> GpuInfo:
 
 
 def _optional(nv: ModuleType, read: Callable[[], T]) -> T | None:
-    """A value, or None where the GPU doesn't report it (utilization under MIG) or NVML
-    withholds it (a MIG-mode GPU's memory without monitor rights)."""
+    """A value, or None where the GPU doesn't report it (utilization under MIG), NVML
+    withholds it (a MIG-mode GPU's memory without monitor rights), or the driver lacks
+    the call (FunctionNotFound)."""
     try:
         return read()
-    except (nv.NVMLError_NotSupported, nv.NVMLError_NoPermission):
+    except (nv.NVMLError_NotSupported, nv.NVMLError_NoPermission, nv.NVMLError_FunctionNotFound):
         return None
+
+
+def _temperature(nv: ModuleType, handle: Any) -> int:
+    """The GPU's temperature: ``nvmlDeviceGetTemperatureV``, or the call it replaces
+    (deprecated in NVML 13, to be removed) on drivers that lack it."""
+    try:
+        return nv.nvmlDeviceGetTemperatureV(handle, nv.NVML_TEMPERATURE_GPU)
+    except nv.NVMLError_FunctionNotFound:
+        return nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)
 
 
 def _mig_mode(nv: ModuleType, handle: Any) -> tuple[bool, bool]:
@@ -380,42 +469,51 @@ def _mig_handles(nv: ModuleType, handle: Any) -> Iterator[Any]:
 
 
 def _mig_devices(nv: ModuleType, handle: Any, gpu_uuid: str) -> list[MigDevice]:
+    """The GPU's MIG devices. One that vanishes while it is read (an outside ``nvidia-smi
+    mig -dci``) is left out; one whose telemetry NVML withholds is listed without it."""
+    profiles = _profiles(nv, handle)
     try:
         gi_profiles = {
-            gi_id: spot.profile
-            for gi_id, spot in _gpu_instances(nv, handle, _profiles(nv, handle)).items()
+            gi_id: spot.profile for gi_id, spot in _gpu_instances(nv, handle, profiles).items()
         }
     except nv.NVMLError_NoPermission:
         gi_profiles = {}  # no monitor rights: name each device from its device name instead
+    memory_mb = {p.name: p.memory_mb for p in profiles}
     devices = []
     for mig in _mig_handles(nv, handle):
-        gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
-        name = _profile_from_name(nv.nvmlDeviceGetName(mig))
-        profile = gi_profiles.get(gi_id) or _SPLIT_NAME.sub("", name)
-        slices = _split_slices(nv, mig, name)
-        memory = nv.nvmlDeviceGetMemoryInfo(mig)
-        devices.append(
-            MigDevice(
-                uuid=nv.nvmlDeviceGetUUID(mig),
-                gpu_uuid=gpu_uuid,
-                profile=profile if slices is None else f"{slices}c.{profile}",
-                gi_id=gi_id,
-                ci_id=nv.nvmlDeviceGetComputeInstanceId(mig),
-                memory_bytes=memory.total,
-                memory_used=memory.used,
-                split=slices is not None,
-            )
-        )
+        try:
+            devices.append(_mig_device(nv, mig, gpu_uuid, gi_profiles, memory_mb))
+        except (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument) as exc:
+            log.debug("a MIG device of GPU %s vanished while it was read: %s", gpu_uuid, exc)
     return devices
+
+
+def _mig_device(
+    nv: ModuleType, mig: Any, gpu_uuid: str, gi_profiles: dict[int, str], memory_mb: dict[str, int]
+) -> MigDevice:
+    gi_id = nv.nvmlDeviceGetGpuInstanceId(mig)
+    name = _profile_from_name(nv.nvmlDeviceGetName(mig))
+    profile = gi_profiles.get(gi_id) or _SPLIT_NAME.sub("", name)
+    slices = _split_slices(nv, mig, name)
+    memory = _optional(nv, lambda: nv.nvmlDeviceGetMemoryInfo(mig))
+    return MigDevice(
+        uuid=nv.nvmlDeviceGetUUID(mig),
+        gpu_uuid=gpu_uuid,
+        profile=profile if slices is None else f"{slices}c.{profile}",
+        gi_id=gi_id,
+        ci_id=nv.nvmlDeviceGetComputeInstanceId(mig),
+        memory_bytes=memory.total if memory is not None else memory_mb.get(profile, 0) * MIB,
+        memory_used=memory.used if memory is not None else None,
+        split=slices is not None,
+    )
 
 
 def _split_slices(nv: ModuleType, mig: Any, name: str) -> int | None:
     """The compute slices of a MIG device whose compute instance is smaller than its GPU
     instance; None when it spans the GPU instance. ``name`` is its profile part of the
     device name, the fallback where NVML lacks ``nvmlDeviceGetAttributes``."""
-    try:
-        attributes = nv.nvmlDeviceGetAttributes(mig)
-    except (nv.NVMLError_NotSupported, nv.NVMLError_FunctionNotFound):
+    attributes = _optional(nv, lambda: nv.nvmlDeviceGetAttributes(mig))
+    if attributes is None:
         match = _SPLIT_NAME.match(name)
         return int(match[1]) if match else None
     ci, gi = attributes.computeInstanceSliceCount, attributes.gpuInstanceSliceCount
@@ -534,11 +632,58 @@ def _gpu_instances(nv: ModuleType, handle: Any, profiles: list[_Profile]) -> dic
     return found
 
 
+def _find_gpu(nv: ModuleType, gpu_uuid: str) -> Any | None:
+    """The handle of GPU ``gpu_uuid``, or None if no answering GPU here has that UUID.
+
+    Found by index and UUID compare: ``nvmlDeviceGetHandleByUUID`` fails with GPU_IS_LOST
+    while *any* GPU is lost (``nvml.h``), which would stop work on the healthy ones. A
+    GPU NVML fails on is skipped: a lost GPU needs a reset, which clears its MIG state.
+    """
+    return _on_any_gpu(nv, gpu_uuid, lambda h: h if nv.nvmlDeviceGetUUID(h) == gpu_uuid else None)
+
+
+def _on_any_gpu(nv: ModuleType, what: str, find: Callable[[Any], T | None]) -> T | None:
+    """``find(handle)`` for each GPU by index until one answers (not None); GPUs NVML
+    fails on are skipped."""
+    for index in range(nv.nvmlDeviceGetCount()):
+        try:
+            found = find(nv.nvmlDeviceGetHandleByIndex(index))
+        except nv.NVMLError as exc:
+            log.debug("looking for %s: GPU %d skipped: %s", what, index, exc)
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def _device_handle(nv: ModuleType, uuid: str) -> Any:
+    """The handle of a GPU or MIG device, found by index as :func:`_find_gpu` does.
+
+    Raises:
+        NVMLError: NotFound, where no answering GPU has that device.
+    """
+    handle = _find_gpu(nv, uuid) if not uuid.startswith("MIG-") else _find_mig(nv, uuid)
+    if handle is None:
+        raise nv.NVMLError(nv.NVML_ERROR_NOT_FOUND)
+    return handle
+
+
+def _find_mig(nv: ModuleType, mig_uuid: str) -> Any | None:
+    def on(handle: Any) -> Any | None:
+        if not _mig_mode(nv, handle)[0]:
+            return None
+        return next(
+            (m for m in _mig_handles(nv, handle) if nv.nvmlDeviceGetUUID(m) == mig_uuid), None
+        )
+
+    return _on_any_gpu(nv, mig_uuid, on)
+
+
 def _gpu_handle(nv: ModuleType, gpu_uuid: str) -> Any:
-    try:
-        return nv.nvmlDeviceGetHandleByUUID(gpu_uuid)
-    except nv.NVMLError_NotFound as exc:
-        raise GpuError(f"no GPU {gpu_uuid} on this host") from exc
+    handle = _find_gpu(nv, gpu_uuid)
+    if handle is None:
+        raise GpuError(f"no GPU {gpu_uuid} answers on this host")
+    return handle
 
 
 def _create(nv: ModuleType, ledger: Ledger, gpu_uuid: str, profile_name: str) -> MigDevice:
@@ -557,12 +702,14 @@ def _create(nv: ModuleType, ledger: Ledger, gpu_uuid: str, profile_name: str) ->
     spot = choose_placement(unoccupied(_possible_placements(nv, handle, profile), occupied))
     if spot is None:
         raise NoGpuAvailable(f"no free placement for a {profile_name} instance on GPU {gpu_uuid}")
+    intent = Created(None, gpu_uuid, None, None, profile.profile_id, spot.start, ledger.boot_id)
+    ledger.add(intent)  # before creating: a crash from here on leaves something to reclaim
     placement = nv.c_nvmlGpuInstancePlacement_t(spot.start, spot.size)
-    gi = nv.nvmlDeviceCreateGpuInstanceWithPlacement(
-        handle, profile.profile_id, ctypes.pointer(placement)
-    )
-    ci = None
+    gi = ci = None
     try:
+        gi = nv.nvmlDeviceCreateGpuInstanceWithPlacement(
+            handle, profile.profile_id, ctypes.pointer(placement)
+        )
         ci_profile = nv.nvmlGpuInstanceGetComputeInstanceProfileInfo(
             gi,
             _compute_profile_enum(nv, profile.compute_slices),
@@ -578,9 +725,12 @@ def _create(nv: ModuleType, ledger: Ledger, gpu_uuid: str, profile_name: str) ->
                 "the new MIG instance did not appear",
                 log_message=f"no MIG device for GI {ids[0]} CI {ids[1]} on {gpu_uuid}",
             )
-        ledger.add(Created(device.uuid, gpu_uuid, device.gi_id, device.ci_id))
+        created = dataclasses.replace(intent, mig_uuid=device.uuid, gi_id=ids[0], ci_id=ids[1])
+        ledger.add(created, replacing=intent)
     except Exception:
         _rollback(nv, gi, ci)
+        with contextlib.suppress(GpuError):  # if kept, reclaim finds no GI there and drops it
+            ledger.remove(intent.key)
         raise
     return device
 
@@ -603,56 +753,122 @@ def _rollback(nv: ModuleType, gi: Any, ci: Any) -> None:
             log.error("rollback: %s failed (%s); a MIG instance may be left", destroy.__name__, exc)
 
 
+def _gone(nv: ModuleType) -> tuple[type[Exception], ...]:
+    """What NVML answers for an instance that no longer exists: NotFound, InvalidArgument
+    (a stale id), NotSupported (MIG turned off on that GPU since)."""
+    return (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument, nv.NVMLError_NotSupported)
+
+
 def _destroy(nv: ModuleType, ledger: Ledger, mig_uuid: str) -> None:
     created = ledger.get(mig_uuid)
     if created is not None:
-        _destroy_created(nv, ledger, created)
+        try:
+            _destroy_created(nv, ledger, created)
+        except nv.NVMLError_InUse:
+            ledger.mark_to_destroy(created)
+            raise
         return
     located = _locate(nv, mig_uuid)
     if located is None:
         log.info("MIG instance %s is already gone", mig_uuid)
         return
-    _destroy_ids(nv, *located)
+    handle, gi_id, ci_id = located
+    try:
+        gi = nv.nvmlDeviceGetGpuInstanceById(handle, gi_id)
+    except _gone(nv):
+        return
+    _destroy_gi(nv, gi, ci_id)
 
 
 def _destroy_created(nv: ModuleType, ledger: Ledger, created: Created) -> None:
-    """Destroy an instance from the ledger by its ids, then forget it."""
-    try:
-        handle = nv.nvmlDeviceGetHandleByUUID(created.gpu_uuid)
-    except nv.NVMLError_NotFound:
-        log.warning("GPU %s of MIG instance %s is gone", created.gpu_uuid, created.mig_uuid)
-    else:
-        _destroy_ids(nv, handle, created.gi_id, created.ci_id)
-    ledger.remove(created.mig_uuid)
+    """Destroy an instance from the ledger if it is still the one this gateway made,
+    then forget it.
+
+    Its GPU instance id may since name another instance (ids are reused, instances
+    vanish at a GPU reset), so it is destroyed only if the GPU instance has the recorded
+    profile and placement and either still holds the recorded MIG device, or holds no
+    compute instance at all (a destroy that stopped half way). An intent's GPU instance
+    is destroyed only while it has no compute instance.
+    """
+    found = _find_created(nv, created)
+    if found is not None:
+        gi, ci_id = found
+        _destroy_gi(nv, gi, ci_id)
+    ledger.remove(created.key)
 
 
-def _destroy_ids(nv: ModuleType, handle: Any, gi_id: int, ci_id: int) -> None:
-    """Destroy compute instance ``ci_id`` (if still there), then GPU instance ``gi_id``."""
-    gone = (nv.NVMLError_NotFound, nv.NVMLError_InvalidArgument)
+def _find_created(nv: ModuleType, created: Created) -> tuple[Any, int | None] | None:
+    """The GPU instance handle and compute instance id to destroy for ``created``, or
+    None when it is gone or is no longer this gateway's (logged)."""
+    what = created.mig_uuid or f"being created at start {created.start}"
+    handle = _find_gpu(nv, created.gpu_uuid)
+    if handle is None:
+        log.warning("GPU %s of MIG instance %s is gone or lost", created.gpu_uuid, what)
+        return None
+    gi_id = created.gi_id if created.gi_id is not None else _gi_at(nv, handle, created)
+    if gi_id is None:
+        return None
     try:
         gi = nv.nvmlDeviceGetGpuInstanceById(handle, gi_id)
-    except gone:
-        return
-    with contextlib.suppress(*gone):
-        nv.nvmlComputeInstanceDestroy(nv.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id))
-    with contextlib.suppress(*gone):
+        info = nv.nvmlGpuInstanceGetInfo(gi)
+    except _gone(nv):
+        return None
+    if created.start is not None and (info.profileId, info.placement.start) != (
+        created.profile_id,
+        created.start,
+    ):
+        log.warning("MIG instance %s is gone; GPU instance %d is another now", what, gi_id)
+        return None
+    devices = {
+        nv.nvmlDeviceGetComputeInstanceId(mig): nv.nvmlDeviceGetUUID(mig)
+        for mig in _mig_handles(nv, handle)
+        if nv.nvmlDeviceGetGpuInstanceId(mig) == gi_id
+    }
+    if not devices and created.start is not None:
+        return gi, None  # its compute instance is gone: only the GPU instance is left
+    if created.ci_id is not None and devices.get(created.ci_id) == created.mig_uuid:
+        return gi, created.ci_id
+    log.warning(
+        "MIG instance %s is gone; GPU instance %d holds another (%s)",
+        what, gi_id, ", ".join(devices.values()) or "none",
+    )  # fmt: skip
+    return None
+
+
+def _gi_at(nv: ModuleType, handle: Any, intent: Created) -> int | None:
+    """The id of the GPU instance of the intent's profile at its placement, if any."""
+    profiles = [p for p in _profiles(nv, handle) if p.profile_id == intent.profile_id]
+    for gi_id, spot in _gpu_instances(nv, handle, profiles).items():
+        if spot.start == intent.start:
+            return gi_id
+    return None
+
+
+def _destroy_gi(nv: ModuleType, gi: Any, ci_id: int | None) -> None:
+    """Destroy compute instance ``ci_id`` (if given and still there), then the GPU instance."""
+    if ci_id is not None:
+        with contextlib.suppress(*_gone(nv)):
+            nv.nvmlComputeInstanceDestroy(nv.nvmlGpuInstanceGetComputeInstanceById(gi, ci_id))
+    with contextlib.suppress(*_gone(nv)):
         nv.nvmlGpuInstanceDestroy(gi)
 
 
-def _reclaim(nv: ModuleType, ledger: Ledger, held: frozenset[str]) -> None:
+def _reclaim(nv: ModuleType, ledger: Ledger, held: frozenset[str] | None) -> None:
+    """Destroy the ledger's instances that no session holds (``held``), or, with None,
+    only those marked to destroy; what fails is logged and kept for the next attempt."""
     for created in ledger:
-        if created.mig_uuid in held:
+        if created.mig_uuid in (held or ()) or (held is None and not created.to_destroy):
             continue
         try:
             _destroy_created(nv, ledger, created)
-        except nv.NVMLError as exc:
+        except (nv.NVMLError, GpuError) as exc:
             log.warning(
-                "MIG instance %s (GPU %s, GPU instance %d) that no session holds is left "
+                "MIG instance %s (GPU %s, GPU instance %s) that no session holds is left "
                 "for now: %s",
-                created.mig_uuid, created.gpu_uuid, created.gi_id, exc,
+                created.key, created.gpu_uuid, created.gi_id, exc,
             )  # fmt: skip
             continue
-        log.info("reclaimed MIG instance %s that no session holds", created.mig_uuid)
+        log.info("reclaimed MIG instance %s that no session holds", created.key)
 
 
 def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
@@ -661,20 +877,9 @@ def _locate(nv: ModuleType, mig_uuid: str) -> tuple[Any, int, int] | None:
     GPUs NVML fails on are skipped."""
     legacy = parse_mig_uuid(mig_uuid)
     if legacy is not None:
-        try:
-            handle = nv.nvmlDeviceGetHandleByUUID(legacy.gpu_uuid)
-        except nv.NVMLError_NotFound:
-            return None
-        return handle, legacy.gi_id, legacy.ci_id
-    for index in range(nv.nvmlDeviceGetCount()):
-        try:
-            found = _locate_on(nv, nv.nvmlDeviceGetHandleByIndex(index), mig_uuid)
-        except nv.NVMLError as exc:
-            log.debug("looking for %s: GPU %d skipped: %s", mig_uuid, index, exc)
-            continue
-        if found is not None:
-            return found
-    return None
+        handle = _find_gpu(nv, legacy.gpu_uuid)
+        return None if handle is None else (handle, legacy.gi_id, legacy.ci_id)
+    return _on_any_gpu(nv, mig_uuid, lambda handle: _locate_on(nv, handle, mig_uuid))
 
 
 def _locate_on(nv: ModuleType, handle: Any, mig_uuid: str) -> tuple[Any, int, int] | None:
@@ -688,7 +893,7 @@ def _locate_on(nv: ModuleType, handle: Any, mig_uuid: str) -> tuple[Any, int, in
 
 
 def _reading(nv: ModuleType, uuid: str, gpm: dict[str, Any]) -> Reading:
-    handle = nv.nvmlDeviceGetHandleByUUID(uuid)
+    handle = _device_handle(nv, uuid)
     if not uuid.startswith("MIG-"):
         return Reading(float(nv.nvmlDeviceGetUtilizationRates(handle).gpu))
     parent = nv.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
@@ -779,12 +984,7 @@ def _probe_gpu(nv: ModuleType, ask: Callable[..., Any], index: int) -> dict[str,
         "name": ask("nvmlDeviceGetName" + at, nv.nvmlDeviceGetName, handle),
         "memory": _memory_dict(memory),
         "utilization_gpu": utilization.gpu if utilization is not None else None,
-        "temperature_c": ask(
-            "nvmlDeviceGetTemperature" + at,
-            nv.nvmlDeviceGetTemperature,
-            handle,
-            nv.NVML_TEMPERATURE_GPU,
-        ),
+        "temperature_c": ask("nvmlDeviceGetTemperatureV" + at, _temperature, nv, handle),
         "power_usage_mw": ask("nvmlDeviceGetPowerUsage" + at, nv.nvmlDeviceGetPowerUsage, handle),
         "power_limit_mw": ask(
             "nvmlDeviceGetEnforcedPowerLimit" + at, nv.nvmlDeviceGetEnforcedPowerLimit, handle

@@ -34,7 +34,7 @@ async def verify_pin(runtime: Runtime, container_id: str, gpu_uuid: str) -> None
     if problem is not None:
         raise ContainerStartFailed(
             f"GPU isolation failed: {problem}; the NVIDIA Container Toolkit's settings "
-            "override the gateway's pin (see the README, 'Real GPU hosts')",
+            "override the gateway's pin (see docs/gpu-hosts.md)",
             log_message=f"container {container_id[:12]}: {problem}; `nvidia-smi -L`:\n"
             f"{result.output.strip()}",
         )

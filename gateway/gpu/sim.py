@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import uuid as uuidlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from gateway.core.mig_placement import (
     pack,
 )
 from gateway.errors import GpuError, NoGpuAvailable, UnknownMigProfile
+from gateway.gpu.base import NothingLeftBehind
 
 MIB = 1 << 20
 _NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://sandman.invalid/gpu-sim")
@@ -112,7 +113,7 @@ class _Gpu:
         return Placement(instance.profile, instance.start, spec.memory_slices)
 
 
-class SimBackend:
+class SimBackend(NothingLeftBehind):
     """GPUs and MIG devices from a topology file; see the module docstring."""
 
     needs_device_request = False
@@ -148,6 +149,9 @@ class SimBackend:
             )
             for gpu in self._gpus
         ]
+
+    async def health_inventory(self) -> list[GpuInfo]:
+        return await self.inventory()
 
     async def profiles(self) -> list[MigProfile]:
         models = {gpu.model.key: gpu.model for gpu in self._gpus if gpu.mig}
@@ -203,15 +207,9 @@ class SimBackend:
                     self._save(undo=lambda g=gpu, p=position, i=instance: g.instances.insert(p, i))
                     return
 
-    async def reclaim(self, held: Collection[str]) -> None:
-        """Nothing to do: a simulated destroy never stops half way."""
-
     async def utilization(self, uuid: str) -> Reading:
         """A simulated GPU computes nothing: no utilisation and no processes."""
         return Reading(None)
-
-    async def close(self) -> None:
-        return None
 
     def _gpu(self, gpu_uuid: str) -> _Gpu:
         for gpu in self._gpus:

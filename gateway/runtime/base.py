@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from gateway.core.gpu_delivery import GpuPath
+
 LABEL_SESSION = "sandman.session_id"
 LABEL_USER = "sandman.user_id"
 LABEL_INSTANCE = "sandman.instance"
@@ -68,6 +70,11 @@ class Runtime(Protocol):
     """
 
     async def ping(self) -> None: ...
+
+    async def gpu_path(self) -> GpuPath:
+        """How the engine hands GPUs to containers (:mod:`gateway.core.gpu_delivery`);
+        ``create`` asks for a spec's GPU that way."""
+        ...
 
     async def ensure_network(self, name: str, *, egress: bool) -> None: ...
 

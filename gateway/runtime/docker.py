@@ -24,6 +24,7 @@ import aiohttp
 from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
+from gateway.core.gpu_delivery import DEVICE_REQUEST, GpuPath, gpu_host_config, gpu_path
 from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
@@ -51,8 +52,9 @@ def _translate(exc: DockerError, doing: str) -> Exception:
     return ContainerStartFailed(f"Docker refused to {doing}: {exc.message}")
 
 
-def container_config(spec: ContainerSpec) -> dict[str, Any]:
-    """The Docker ``containers/create`` body for ``spec``."""
+def container_config(spec: ContainerSpec, delivery: str = DEVICE_REQUEST) -> dict[str, Any]:
+    """The Docker ``containers/create`` body for ``spec``; a GPU is handed over as
+    ``delivery`` says (:mod:`gateway.core.gpu_delivery`)."""
     host_config: dict[str, Any] = {
         "Binds": [f"{spec.workspace}:{spec.home}:rw"],
         "CapDrop": ["ALL"],
@@ -68,9 +70,7 @@ def container_config(spec: ContainerSpec) -> dict[str, Any]:
     if spec.memory_limit is not None:  # swap counts against the same limit
         host_config["Memory"] = host_config["MemorySwap"] = spec.memory_limit
     if spec.device_request and spec.gpu_uuid:
-        host_config["DeviceRequests"] = [
-            {"Driver": "nvidia", "DeviceIDs": [spec.gpu_uuid], "Capabilities": [["gpu"]]}
-        ]
+        host_config.update(gpu_host_config(delivery, spec.gpu_uuid))
     return {
         "Image": spec.image,
         "Hostname": spec.hostname,
@@ -114,6 +114,15 @@ class DockerRuntime:
     ) -> None:
         self._docker = docker or aiodocker.Docker()
         self._timeout = timeout
+        self._gpu_path: GpuPath | None = None
+
+    async def gpu_path(self) -> GpuPath:
+        """How this daemon hands GPUs to containers (``docker info``, read once)."""
+        if self._gpu_path is None:
+            self._gpu_path = gpu_path(
+                await self._call("report its state", self._docker.system.info)
+            )
+        return self._gpu_path
 
     async def close(self) -> None:
         await self._docker.close()
@@ -168,9 +177,11 @@ class DockerRuntime:
                 raise _translate(exc, f"create network {name}") from exc
 
     async def create(self, spec: ContainerSpec) -> str:
+        delivery = (await self.gpu_path()).delivery if spec.device_request else DEVICE_REQUEST
+        config = container_config(spec, delivery)
         container = await self._call(
             f"create container {spec.name}",
-            lambda: self._docker.containers.create(container_config(spec), name=spec.name),
+            lambda: self._docker.containers.create(config, name=spec.name),
         )
         return container.id
 
@@ -292,3 +303,14 @@ class DockerRuntime:
             return CommandResult(exit_code, b"".join(chunks).decode(errors="replace"))
 
         return await self._call(f"run {argv[0]} in container {container_id[:12]}", go)
+
+
+async def probe_gpu_path() -> dict[str, Any]:
+    """For ``sandman gpus --probe``: how the local daemon hands GPUs over, read-only."""
+    runtime = DockerRuntime()
+    try:
+        return (await runtime.gpu_path()).view()
+    except DockerUnavailable as exc:
+        return {"error": exc.log_message}
+    finally:
+        await runtime.close()

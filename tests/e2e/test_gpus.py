@@ -160,9 +160,14 @@ def test_image_saying_all_gpus_still_gets_only_its_uuid(gateway_factory, topolog
         docker("rmi", "-f", tag, check=False)
 
 
-def test_a_default_profile_the_host_lacks_refuses_to_start(gateway_factory, topology):
-    h100 = {"host": "e2e", "gpus": [{"model": "H100-80GB", "mig": True}]}
-    gateway = gateway_factory("--gpus", topology(h100), start=False)  # default 3g.20gb
+def test_the_default_slice_follows_the_host(gateway_factory, topology):
+    h100 = topology({"host": "e2e", "gpus": [{"model": "H100-80GB", "mig": True}]})
+    gateway = gateway_factory("--gpus", h100, "--mig-dynamic")  # no --default-mig-profile
+    created = gateway.create(user_id="hal")
+    assert created.status == 201, created.body
+    assert created.body["mig_profile"] == "3g.40gb"  # the H100's 3-slice profile
+    gateway.cleanup()
+    gateway = gateway_factory("--gpus", h100, "--default-mig-profile", "3g.20gb", start=False)
     with pytest.raises(AssertionError, match="exited early") as caught:
         gateway.start()
     assert "sandman: --default-mig-profile 3g.20gb is not offered" in str(caught.value)

@@ -14,12 +14,15 @@ on the parent) and ``privileged`` (creating and destroying); without them NVML a
 NoPermission. A GPU instance is refused with InsufficientResources when no placement is
 free; destroying a GPU instance that still has compute instances, or that a process holds
 (``held``, e.g. a monitoring daemon), is InUse, as is destroying a compute instance a
-process runs on. ``nvmlDeviceGetGpuInstances`` refuses a NULL buffer. GI ids follow the
-placement (not creation order) and MIG slots are reused lowest-first, so slot order differs
-from GI order. A GPU instance may be split into several compute instances; their MIG
-devices are named ``<slices>c.<profile>`` and ``nvmlDeviceGetAttributes`` (MIG handles
-only) reports both slice counts. A GPU with ``fault`` set answers every call on its handle
-with that error (GPU is lost: already when its handle is looked up).
+process runs on. ``nvmlDeviceGetGpuInstances`` refuses a NULL buffer. GI ids come from a
+pool, the lowest free one first, and are reused once destroyed (so an id says nothing about
+the instance that holds it); MIG slots are reused lowest-first. ``reset`` makes every
+instance vanish, as a reboot, driver reload or GPU reset does. A GPU instance may be split
+into several compute instances; their MIG devices are named ``<slices>c.<profile>`` and
+``nvmlDeviceGetAttributes`` (MIG handles only) reports both slice counts. A GPU with
+``fault`` set answers every call on its handle with that error (GPU is lost: already when
+its handle is looked up by index, and any lost GPU makes every lookup by UUID fail, as
+``nvml.h`` says).
 
 Utilisation, as NVML gives it: a whole GPU's from ``nvmlDeviceGetUtilizationRates``
 (NotSupported in MIG mode); a MIG device's handle (also found by its UUID) lists compute
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import threading
 import types
 import uuid as uuidlib
 from collections.abc import Callable
@@ -88,9 +92,11 @@ H100_80GB = _seven_slice(
     [("1g.10gb", 9984), ("1g.10gb+me", 9984), ("1g.20gb", 20096), ("2g.20gb", 20096),
      ("3g.40gb", 40448), ("4g.40gb", 40448), ("7g.80gb", 81152)]
 )  # fmt: skip
+#: The names are NVML's; no H200 reading was at hand, so the sizes are chosen to fit them
+#: (NVML names a profile by its memory in GiB rounded up) and the 143771 MiB of the GPU.
 H200_141GB = _seven_slice(
-    [("1g.18gb", 16384), ("1g.18gb+me", 16384), ("1g.35gb", 33280), ("2g.35gb", 33280),
-     ("3g.71gb", 71424), ("4g.71gb", 71424), ("7g.141gb", 143360)]
+    [("1g.18gb", 17920), ("1g.18gb+me", 17920), ("1g.35gb", 35328), ("2g.35gb", 35328),
+     ("3g.71gb", 72192), ("4g.71gb", 72192), ("7g.141gb", 143616)]
 )  # fmt: skip
 
 
@@ -231,6 +237,26 @@ class FakeNvml(types.ModuleType):
         cis = [self._add_ci(gpu, gi, slices) for slices in split or (spec.slices,)]
         return cis[0]
 
+    def block(self, name: str) -> tuple[threading.Event, threading.Event]:
+        """Make ``name`` take as long as the test wants, as creates and destroys take
+        seconds on hardware: it waits until released. Returns (reached, release)."""
+        reached, release = threading.Event(), threading.Event()
+        real = getattr(self, name)
+
+        def wait(*args: Any) -> Any:
+            reached.set()
+            release.wait(timeout=30)
+            return real(*args)
+
+        setattr(self, name, wait)
+        return reached, release
+
+    def reset(self, *gpus: FakeGpu) -> None:
+        """A reboot, driver reload or GPU reset: MIG instances do not survive it (every
+        GPU if none is named)."""
+        for gpu in gpus or self.gpus:
+            gpu.gis.clear()
+
     def mig_uuids(self, gpu: FakeGpu) -> list[str]:
         return [ci.uuid for gi in gpu.gis.values() for ci in gi.cis.values()]
 
@@ -276,6 +302,9 @@ class FakeNvml(types.ModuleType):
 
     @_nvml()
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeGpu | MigHandle:
+        # nvml.h: GPU_IS_LOST "if any GPU has fallen off the bus" (the search touches them all)
+        if any(gpu.fault == pynvml.NVML_ERROR_GPU_IS_LOST for gpu in self.gpus):
+            raise _err(pynvml.NVML_ERROR_GPU_IS_LOST)
         for gpu in self.gpus:
             if gpu.uuid == uuid:
                 return gpu
@@ -380,6 +409,13 @@ class FakeNvml(types.ModuleType):
 
     @_nvml()
     def nvmlDeviceGetTemperature(self, gpu: FakeGpu, sensor: int) -> int:
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return gpu.temperature
+
+    @_nvml()
+    def nvmlDeviceGetTemperatureV(self, gpu: FakeGpu, sensor: int) -> int:
+        """nvidia-ml-py 12.535+; drivers before it answer FunctionNotFound (``failures``)."""
         if sensor != pynvml.NVML_TEMPERATURE_GPU:
             raise _err(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.temperature
@@ -625,7 +661,8 @@ class FakeNvml(types.ModuleType):
         return mine < spec.instance_count and not clash
 
     def _add_gi(self, gpu: FakeGpu, spec: FakeProfile, start: int) -> FakeGi:
-        gi = FakeGi(id=start + 1 + 8 * (spec.size == 1), profile=spec, start=start)
+        gi_id = next(n for n in itertools.count(1) if n not in gpu.gis)  # a pool: reused
+        gi = FakeGi(id=gi_id, profile=spec, start=start)
         gpu.gis[gi.id] = gi
         return gi
 

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from gateway.core.gpu_select import FULL_GPU
 from gateway.core.ports import PortRange
-from gateway.errors import GpuInstanceBusy, NoGpuAvailable
+from gateway.errors import GpuInstanceBusy, NoGpuAvailable, UnknownMigProfile
 from gateway.gpu.allocator import Allocation, GpuAllocator
 from gateway.gpu.sim import SimBackend
 from gateway.models import CreateRequest
@@ -101,6 +101,7 @@ TOPOLOGY = {
     ],
 }
 PROFILES = st.sampled_from([None, "1g.10gb", "2g.20gb", "3g.40gb", "7g.80gb"])
+DEFAULT_PROFILE = "3g.40gb"
 
 
 @MACHINE_SETTINGS
@@ -116,7 +117,9 @@ class GpuSlices(RuleBasedStateMachine):
         topology.write_text(json.dumps(TOPOLOGY))
         self.loop = asyncio.new_event_loop()
         self.backend = SimBackend(topology)
-        self.gpus = GpuAllocator(self.backend, default_profile="3g.40gb", dynamic=self.dynamic)
+        self.gpus = GpuAllocator(
+            self.backend, default_profile=DEFAULT_PROFILE, dynamic=self.dynamic
+        )
         self.live: dict[str, Allocation] = {}
         self.initial = {d.uuid for d in self._devices()}
 
@@ -142,10 +145,7 @@ class GpuSlices(RuleBasedStateMachine):
         try:
             allocation = self._run(self.gpus.allocate(request, self._allocated()))
         except NoGpuAvailable:
-            profile = selector.get("mig_profile")
-            if not self.dynamic:  # refused only when nothing fitting was free
-                fitting = [f for f in free_before if profile in (None, f.profile)]
-                assert profile is None or not fitting
+            self._assert_refusal_justified(selector.get("mig_profile"), free_before)
             return None
         assert allocation.uuid not in self._allocated(), "a slice given twice"
         assert allocation.created == (allocation.uuid not in {f.uuid for f in free_before})
@@ -153,6 +153,23 @@ class GpuSlices(RuleBasedStateMachine):
             assert allocation.profile == selector["mig_profile"]
         self.live[user] = allocation
         return allocation
+
+    def _assert_refusal_justified(self, profile: str | None, free_before: list) -> None:
+        """Refused only when nothing fitting was free and, with ``dynamic``, no MIG GPU
+        has room for one more: the simulator is asked to make one, which must fail too."""
+        wanted = profile or DEFAULT_PROFILE
+        fitting = {wanted, FULL_GPU} if profile is None else {wanted}
+        assert not [f for f in free_before if f.profile in fitting]
+        if not self.dynamic:
+            return
+        for gpu in self._run(self.backend.inventory()):
+            if not gpu.mig_enabled:
+                continue
+            try:
+                made = self._run(self.backend.create_instance(gpu.uuid, wanted))
+            except (NoGpuAvailable, UnknownMigProfile):
+                continue
+            raise AssertionError(f"refused {wanted}, but {gpu.uuid} had room ({made.uuid})")
 
     @rule(user=USERS, profile=PROFILES)
     def create(self, user: str, profile: str | None) -> None:

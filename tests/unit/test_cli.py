@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from gateway.core.gpu_delivery import gpu_path
+from gateway.gpu import nvml
+from gateway.gpu.nvml import NvmlBackend
 from gateway.gpu.sim import SimBackend
+from gateway.runtime import docker as docker_runtime
+from tests.fakes import CDI_DOCKER
 from tests.unit.conftest import TOKEN
+from tests.unit.fake_pynvml import FakeGpu, FakeNvml
 from tests.unit.test_relay import packet
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -411,15 +417,39 @@ async def test_gpus_shows_slices_holders_and_free(make_server, tmp_path):
     assert data["count"] == 3 and {"gpus", "available_instances"} <= set(data)
 
 
+async def test_gpus_shows_a_released_instance_a_host_process_holds(make_server, tmp_path):
+    nv = FakeNvml([FakeGpu("GPU-a80-0000")])
+    nv.nvmlInit()
+    server = await make_server(gpu_factory=lambda: NvmlBackend(nv), mig_dynamic=True)
+    cli = Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
+    created = await cli.json("session", "create", "alice", "--profile", "1g.10gb")
+    (gi,) = nv.gpus[0].gis.values()
+    gi.cis[0].held = True  # DCGM, say, on its compute instance
+    assert (await cli("session", "delete", "alice"))[0] == 0
+    rc, out, _ = await cli("gpus")
+    (row,) = [line for line in out.splitlines() if created["gpu_uuid"] in line]
+    assert rc == 0 and row.endswith("to destroy")
+
+
 async def test_gpus_on_a_host_without_gpus_says_so(cli):
     rc, out, _ = await cli("gpus")
     assert (rc, out) == (0, "this host has no GPUs: sessions get none\n")
 
 
-async def test_gpus_probe_needs_no_gateway(tmp_path):
+async def test_gpus_probe_needs_no_gateway(monkeypatch):
+    nv = FakeNvml([FakeGpu("GPU-probe-0")])
+    monkeypatch.setattr(nvml, "pynvml", nv)  # this machine's GPUs, if any, stay out of it
+
+    async def daemon() -> dict:
+        return gpu_path(CDI_DOCKER).view()
+
+    monkeypatch.setattr(docker_runtime, "probe_gpu_path", daemon)
     out, err = io.StringIO(), io.StringIO()
     rc = await asyncio.to_thread(main, ["gpus", "--probe"], env={}, out=out, err=err)
-    assert rc == 0 and isinstance(json.loads(out.getvalue()), dict)
+    report = json.loads(out.getvalue())
+    assert rc == 0 and report["nvml"] is True and nv.initialised == 0
+    assert [g["uuid"] for g in report["gpus"]] == ["GPU-probe-0"]
+    assert report["docker"]["through_cdi"] and report["docker"]["delivery"] == "nvidia-runtime"
 
 
 async def test_create_with_limits_and_show_them(cli):

@@ -1,6 +1,7 @@
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 
@@ -9,9 +10,10 @@ import pytest
 
 from gateway.errors import GpuError, GpuInstanceInUse, NoGpuAvailable, UnknownMigProfile
 from gateway.gpu import create_on_first, open_backend
+from gateway.gpu.failed import FailedBackend
 from gateway.gpu.none import NoneBackend
 from gateway.gpu.nvml import NvmlBackend, probe
-from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml, h100, h200
+from tests.unit.fake_pynvml import A100_40GB, MIB, FakeGpu, FakeNvml, MigHandle, h100, h200
 
 GIB = 1 << 30
 
@@ -92,11 +94,15 @@ async def test_auto_uses_nvml_when_it_starts(tmp_path, nv):
         pynvml.NVML_ERROR_NO_PERMISSION,
     ],
 )
-async def test_auto_refuses_to_start_when_nvml_is_there_but_broken(tmp_path, code):
-    with pytest.raises(GpuError) as caught:
-        await open_backend("auto", state_dir=tmp_path, nv=host(init_error=code))
-    assert str(pynvml.NVMLError(code)) in caught.value.log_message
-    assert "nvidia-smi" in caught.value.log_message
+@pytest.mark.parametrize("spec", ["auto", "nvml"])
+async def test_nvml_there_but_broken_gives_a_failed_backend(tmp_path, code, spec):
+    backend = await open_backend(spec, state_dir=tmp_path, nv=host(init_error=code))
+    assert isinstance(backend, FailedBackend)
+    assert str(pynvml.NVMLError(code)) in backend.reason and "nvidia-smi" in backend.reason
+    with pytest.raises(GpuError, match="NVML is unavailable") as caught:
+        await backend.inventory()
+    assert caught.value.status == 503
+    await backend.reclaim(set())  # waits for a restart with a working NVML
 
 
 async def test_explicit_nvml_does_not_fall_back(tmp_path):
@@ -133,12 +139,15 @@ async def test_mig_devices_skip_empty_slots_and_match_gi_ids(nv, backend):
     gone = nv.precreate(a80, "1g.10gb", 0)  # slot 0
     big = nv.precreate(a80, "3g.40gb", 4)  # slot 1
     small = nv.precreate(a80, "1g.20gb", 2)  # slot 2
-    del a80.gis[9].cis[0]  # the 1g.10gb's compute instance is destroyed: slot 0 empty
+    del a80.gis[1].cis[0]  # the 1g.10gb's compute instance is destroyed: slot 0 empty
+    del a80.gis[2]  # and the 3g.40gb's GPU instance: its id goes back to the pool
+    bigger = nv.precreate(a80, "3g.40gb", 4)  # slot 1 again, GI id 2 again
     devices = (await backend.inventory())[0].mig_devices
     assert [(d.uuid, d.profile, d.gi_id, d.ci_id) for d in devices] == [
-        (big.uuid, "3g.40gb", 5, 0),
+        (bigger.uuid, "3g.40gb", 2, 0),
         (small.uuid, "1g.20gb", 3, 0),
     ]
+    assert big.uuid != bigger.uuid  # a reused id, a new MIG device
     assert devices[0].memory_bytes == 40192 * MIB
     assert gone.uuid not in {d.uuid for d in devices}
     assert nv.calls.count("nvmlDeviceGetMigDeviceHandleByIndex") == 7  # every slot tried
@@ -150,7 +159,7 @@ async def test_unprivileged_inventory_names_devices_from_their_name():
     backend = await NvmlBackend.open(nv)
     a80, a40, _ = await backend.inventory()
     (device,) = a80.mig_devices
-    assert (device.profile, device.gi_id) == ("2g.20gb", 5)
+    assert (device.profile, device.gi_id) == ("2g.20gb", 1)
     assert "nvmlDeviceGetGpuInstances" in nv.calls  # tried, refused, fell back
     # nvml.h: a MIG-mode GPU's own memory info needs privileges; unknown, not a failure
     assert a80.healthy and (a80.memory_total, a80.memory_used) == (None, None)
@@ -172,7 +181,7 @@ async def test_monitor_rights_read_everything_but_change_nothing():
 
 async def test_mig_devices_report_their_used_memory(nv, backend):
     nv.precreate(nv.gpus[0], "3g.40gb", 4)
-    nv.gpus[0].gis[5].memory_used = 5 * GIB
+    nv.gpus[0].gis[1].memory_used = 5 * GIB
     (device,) = (await backend.inventory())[0].mig_devices
     assert (device.memory_bytes, device.memory_used) == (40192 * MIB, 5 * GIB)
 
@@ -187,7 +196,7 @@ async def test_a_split_gpu_instance_is_reported_by_compute_instance(privileged):
     assert [(d.profile, d.gi_id, d.ci_id, d.split) for d in devices] == [
         ("1c.3g.40gb", 1, 0, True),
         ("2c.3g.40gb", 1, 1, True),
-        ("3g.40gb", 5, 0, False),
+        ("3g.40gb", 2, 0, False),
     ]
     assert devices[0].memory_bytes == devices[1].memory_bytes == 40192 * MIB  # shared
     await backend.close()
@@ -212,7 +221,7 @@ async def test_old_style_mig_uuids_are_reported_as_nvml_gives_them():
     nv.precreate(nv.gpus[0], "1g.10gb", 6)
     backend = await NvmlBackend.open(nv)
     (device,) = (await backend.inventory())[0].mig_devices
-    assert device.uuid == f"MIG-{A80}/15/0"
+    assert device.uuid == f"MIG-{A80}/1/0"
     await backend.destroy_instance(device.uuid)
     assert (await backend.inventory())[0].mig_devices == ()
     await backend.close()
@@ -248,6 +257,60 @@ async def test_destroy_skips_a_failing_gpu_when_looking_up_by_uuid(nv, backend):
     assert nv.gpus[1].gis == {}
 
 
+async def test_one_lost_gpu_does_not_stop_create_and_destroy_on_the_others(tmp_path):
+    nv = FakeNvml([FakeGpu("GPU-lost-0"), FakeGpu(A80)])
+    backend = await NvmlBackend.open(nv, ledger_path=tmp_path / "ledger.json")
+    on_lost = await backend.create_instance("GPU-lost-0", "1g.10gb")
+    nv.gpus[0].fault = pynvml.NVML_ERROR_GPU_IS_LOST  # Xid 79: off the bus
+    device = await backend.create_instance(A80, "1g.10gb")
+    await backend.destroy_instance(device.uuid)
+    assert nv.gpus[1].gis == {}
+    await backend.destroy_instance(on_lost.uuid)  # its GPU needs a reset anyway: gone
+    assert json.loads((tmp_path / "ledger.json").read_text())["instances"] == []
+    await backend.close()
+
+
+@pytest.mark.parametrize(
+    ("removed", "temperature"),
+    [
+        (["nvmlDeviceGetTemperature"], 34),  # NVML 13 deprecates it; CUDA 14 removes it
+        (["nvmlDeviceGetTemperatureV"], 34),  # a driver older than the versioned call
+        (["nvmlDeviceGetTemperature", "nvmlDeviceGetTemperatureV"], None),
+    ],
+)
+async def test_a_missing_telemetry_call_is_unknown_not_unhealthy(nv, backend, removed, temperature):
+    for name in removed:
+        nv.failures[name] = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+    a80, _, l4 = await backend.inventory()
+    assert a80.healthy and l4.healthy and l4.temperature == temperature
+
+
+async def test_a_mig_device_failing_mid_walk_degrades_only_that_device(nv, backend):
+    a80 = nv.gpus[0]
+    vanishing = nv.precreate(a80, "1g.10gb", 0)  # slot 0
+    kept = nv.precreate(a80, "3g.40gb", 4)  # slot 1
+    real_handle, real_memory = nv.nvmlDeviceGetMigDeviceHandleByIndex, nv.nvmlDeviceGetMemoryInfo
+
+    def handle_then_dci(gpu, slot):  # an outside nvidia-smi mig -dci, right after the lookup
+        mig = real_handle(gpu, slot)
+        if slot == 0:
+            gpu.gis[mig.gi_id].cis.clear()
+        return mig
+
+    def memory(handle):
+        if isinstance(handle, MigHandle):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+        return real_memory(handle)
+
+    nv.nvmlDeviceGetMigDeviceHandleByIndex = handle_then_dci
+    nv.nvmlDeviceGetMemoryInfo = memory
+    gpu = (await backend.inventory())[0]
+    assert gpu.healthy
+    (device,) = gpu.mig_devices
+    assert device.uuid == kept.uuid and device.uuid != vanishing.uuid
+    assert (device.memory_bytes, device.memory_used) == (40192 * MIB, None)  # the profile's
+
+
 # --- profiles --------------------------------------------------------------------------
 
 
@@ -278,11 +341,13 @@ async def test_h100_and_h200_profiles_as_nvml_names_them():
     }
     assert table[("NVIDIA H100 80GB HBM3", "3g.40gb")] == (9, 40448)
     assert table[("NVIDIA H100 80GB HBM3", "7g.80gb")] == (0, 81152)
-    assert table[("NVIDIA H200", "1g.18gb")] == (19, 16384)
-    assert table[("NVIDIA H200", "3g.71gb")] == (9, 71424)
+    assert table[("NVIDIA H200", "3g.71gb")][0] == 9
+    for (model, name), (_, mib) in table.items():  # NVML's naming rule fits the sizes
+        assert name.split("+")[0].endswith(f".{math.ceil(mib / 1024)}gb"), (model, name)
     assert not any(name == "3g.20gb" for _, name in table)  # the seed default is A100-40GB's
     device = await backend.create_instance("GPU-h200", "2g.35gb")
-    assert (device.profile, device.memory_bytes) == ("2g.35gb", 33280 * MIB)
+    mib = table[("NVIDIA H200", "2g.35gb")][1]
+    assert (device.profile, device.memory_bytes) == ("2g.35gb", mib * MIB)
     await backend.close()
 
 
@@ -312,10 +377,10 @@ async def test_unprivileged_profiles_have_unknown_memory_slices():
 
 async def test_create_places_and_returns_the_mig_device(nv, backend):
     device = await backend.create_instance(A80, "3g.40gb")
-    assert (device.gpu_uuid, device.profile, device.gi_id, device.ci_id) == (A80, "3g.40gb", 5, 0)
+    assert (device.gpu_uuid, device.profile, device.gi_id, device.ci_id) == (A80, "3g.40gb", 1, 0)
     assert device.memory_bytes == 40192 * MIB
     assert nv.mig_uuids(nv.gpus[0]) == [device.uuid]
-    gi = nv.gpus[0].gis[5]
+    gi = nv.gpus[0].gis[1]
     assert (gi.profile.id, gi.start) == (9, 4)  # info.id 9 (enum index 2), highest start
     assert (await backend.inventory())[0].mig_devices == (device,)
 
@@ -384,30 +449,47 @@ async def test_create_on_a_gpu_without_mig_or_unknown_gpu(backend):
 
 
 async def test_cancelled_create_destroys_what_it_made(nv, backend):
-    real = nv.nvmlGpuInstanceCreateComputeInstance
-
-    def slow(gi, profile_id):
-        time.sleep(0.2)
-        return real(gi, profile_id)
-
-    nv.nvmlGpuInstanceCreateComputeInstance = slow
+    reached, release = nv.block("nvmlGpuInstanceCreateComputeInstance")
     task = asyncio.create_task(backend.create_instance(A80, "1g.10gb"))
-    await asyncio.sleep(0.05)
+    await asyncio.to_thread(reached.wait, 30)  # its GPU instance exists now
+    assert len(nv.gpus[0].gis) == 1
     task.cancel()
+    release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert nv.gpus[0].gis == {}
+
+
+async def test_a_hung_nvml_call_marks_nvml_failed_until_it_returns(nv):
+    nv.nvmlInit()
+    backend = NvmlBackend(nv, call_timeout=0.2)
+    reached, release = nv.block("nvmlDeviceGetCount")
+    with pytest.raises(GpuError, match="reading the GPU inventory has not returned"):
+        await backend.inventory()
+    assert reached.is_set() and backend.hung is not None
+    for _ in range(40):  # later callers fail at once and hold no thread of the shared pool
+        with pytest.raises(GpuError, match="NVML is not answering"):
+            await backend.profiles()
+    assert await asyncio.to_thread(lambda: "the shared pool works") == "the shared pool works"
+    release.set()
+    for _ in range(100):  # the hung call returns on the worker thread
+        if backend.hung is None:
+            break
+        await asyncio.sleep(0.05)
+    assert len(await backend.inventory()) == 3
+    await backend.close()
 
 
 async def test_create_on_first_skips_full_gpus():
     nv = FakeNvml([FakeGpu("GPU-1"), FakeGpu("GPU-2")])
     backend = await NvmlBackend.open(nv)
     nv.precreate(nv.gpus[0], "7g.80gb", 0)
-    device = await create_on_first(backend, ["GPU-1", "GPU-2"], "3g.40gb")
+    targets = [("GPU-1", "3g.40gb"), ("GPU-2", "3g.40gb")]
+    device = await create_on_first(backend, targets)
     assert device.gpu_uuid == "GPU-2"
-    await create_on_first(backend, ["GPU-1", "GPU-2"], "3g.40gb")
+    await create_on_first(backend, targets)
     with pytest.raises(NoGpuAvailable):
-        await create_on_first(backend, ["GPU-1", "GPU-2"], "3g.40gb")
+        await create_on_first(backend, targets)
     await backend.close()
 
 
@@ -503,12 +585,12 @@ async def test_probe_reports_everything_and_changes_nothing(nv):
     assert report["driver_version"] == "550.54.15"
     a80, a40, l4 = report["gpus"]
     assert a80["power_usage_mw"] == 61_500
-    assert [d["gi_id"] for d in a80["mig_devices"]] == [5]
+    assert [d["gi_id"] for d in a80["mig_devices"]] == [1]
     assert a80["mig_devices"][0]["slices"] == {"gpu_instance": 3, "compute_instance": 3}
     three = next(p for p in a80["profiles"] if p.get("name") == "3g.40gb")
     assert (three["enum_index"], three["id"], three["remaining_capacity"]) == (2, 9, 1)
     assert three["placements"] == [{"start": 0, "size": 4}, {"start": 4, "size": 4}]
-    assert three["gpu_instances"] == [{"id": 5, "start": 4, "size": 4}]
+    assert three["gpu_instances"] == [{"id": 1, "start": 4, "size": 4}]
     assert "profiles" not in a40 and l4["mig_mode"] is None
     failed = {e["call"] for e in report["errors"]}
     assert "nvmlDeviceGetUtilizationRates(0)" in failed
@@ -555,6 +637,13 @@ async def test_hopper_mig_slice_reads_gpm_sm_utilisation():
     await backend.destroy_instance(ci.uuid)
     assert nv.gpm_samples == {}  # and the last one with its slice
     await backend.close()
+
+
+async def test_utilisation_of_the_others_is_read_while_one_gpu_is_lost(nv, backend):
+    ci = nv.precreate(nv.gpus[0], "3g.40gb", 0)
+    nv.gpus[1].fault = pynvml.NVML_ERROR_GPU_IS_LOST  # lookups by UUID fail for every GPU
+    assert (await backend.utilization(ci.uuid)).processes is False
+    assert (await backend.utilization(L4)).utilization is not None
 
 
 async def test_utilisation_of_a_lost_gpu_is_an_error(nv, backend):

@@ -8,6 +8,7 @@ from gateway.core.gpu_select import (
     UseDevice,
     available_instances,
     default_profile_problem,
+    default_profiles,
     parse_mig_uuid,
     select_gpu,
 )
@@ -61,7 +62,9 @@ def lost(index):
 
 
 def profiles_of(model, *names):
-    shapes = {"1g.10gb": (1, 1), "1g.20gb": (1, 2), "2g.20gb": (2, 2), "3g.40gb": (3, 4)}
+    shapes = {"1g.10gb": (1, 1), "1g.20gb": (1, 2), "2g.20gb": (2, 2), "3g.40gb": (3, 4),
+              "3g.20gb": (3, 4), "3g.71gb": (3, 4), "3g.40gb+gfx": (3, 4),
+              "4g.24gb": (4, 4)}  # fmt: skip
     return [MigProfile(n, 0, shapes[n][0], shapes[n][1], 10 * GIB, 7, model) for n in names]
 
 
@@ -142,7 +145,7 @@ def test_profile_exhausted_creates_when_dynamic():
     ]
     decision = select(inventory, profile="1g.10gb", allocated={"MIG-2-1"}, dynamic=True)
     # only MIG-enabled GPUs whose model has the profile, lowest index first
-    assert decision == CreateInstance(("GPU-0", "GPU-2"), "1g.10gb")
+    assert decision == CreateInstance((("GPU-0", "1g.10gb"), ("GPU-2", "1g.10gb")))
 
 
 def test_profile_exhausted_without_dynamic_is_503():
@@ -196,7 +199,7 @@ def test_mig_host_applies_the_default_profile():
 def test_default_profile_exhausted_creates_when_dynamic():
     inventory = [gpu(0, devices=[dev(0, 2, "3g.40gb")])]
     decision = select(inventory, allocated={"MIG-0-2"}, dynamic=True)
-    assert decision == CreateInstance(("GPU-0",), "3g.40gb")
+    assert decision == CreateInstance((("GPU-0", "3g.40gb"),))
 
 
 def test_default_profile_exhausted_falls_back_to_a_whole_non_mig_gpu():
@@ -204,7 +207,7 @@ def test_default_profile_exhausted_falls_back_to_a_whole_non_mig_gpu():
     assert select(inventory, allocated={"MIG-0-2"}) == UseDevice("GPU-1", "GPU-1", "full")
     decision = select(inventory, allocated={"MIG-0-2"}, dynamic=True)
     assert decision == CreateInstance(
-        ("GPU-0",), "3g.40gb", fallback=UseDevice("GPU-1", "GPU-1", "full")
+        (("GPU-0", "3g.40gb"),), fallback=UseDevice("GPU-1", "GPU-1", "full")
     )
 
 
@@ -221,17 +224,17 @@ def test_default_profile_unknown_here_is_a_configuration_error():
     assert caught.value.status == 503
 
 
-def test_no_default_profile_takes_any_free_instance_then_a_whole_gpu():
+def test_default_any_takes_any_free_instance_then_a_whole_gpu():
     inventory = [gpu(0, devices=[dev(0, 3, "1g.10gb"), dev(0, 1, "3g.40gb")]), gpu(1, mig=False)]
-    assert select(inventory, default=None).uuid == "MIG-0-1"
-    assert select(inventory, default=None, allocated={"MIG-0-1", "MIG-0-3"}).uuid == "GPU-1"
+    assert select(inventory, default="any").uuid == "MIG-0-1"
+    assert select(inventory, default="any", allocated={"MIG-0-1", "MIG-0-3"}).uuid == "GPU-1"
     with pytest.raises(NoGpuAvailable):
-        select(inventory, default=None, allocated={"MIG-0-1", "MIG-0-3", "GPU-1"})
+        select(inventory, default="any", allocated={"MIG-0-1", "MIG-0-3", "GPU-1"})
 
 
 def test_mig_enabled_gpu_is_never_given_whole():
     with pytest.raises(NoGpuAvailable):
-        select([gpu(0)], default=None)
+        select([gpu(0)], default="any")
 
 
 # --- no GPUs ---------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def test_parse_mig_uuid(uuid, parsed):
 def test_an_unhealthy_gpu_is_never_given_nor_listed():
     broken = GpuInfo(uuid="GPU-0", index=0, name=A100, error="Unknown Error")
     inventory = [lost(1), broken, gpu(2, mig=False)]
-    assert select(inventory, default=None) == UseDevice("GPU-2", "GPU-2", "full")
+    assert select(inventory, default="any") == UseDevice("GPU-2", "GPU-2", "full")
     assert [a.uuid for a in available_instances(inventory, PROFILES, set())] == ["GPU-2"]
     with pytest.raises(NoGpuAvailable, match="no healthy GPU"):
         select([lost(0)])
@@ -316,9 +319,9 @@ SPLIT = [
 def test_split_gpu_instances_are_never_handed_out():
     inventory = [gpu(0, devices=SPLIT)]
     assert select(inventory).uuid == "MIG-0-5"
-    assert select(inventory, default=None).uuid == "MIG-0-5"
+    assert select(inventory, default="any").uuid == "MIG-0-5"
     with pytest.raises(NoGpuAvailable):
-        select(inventory, allocated={"MIG-0-5"}, default=None)
+        select(inventory, allocated={"MIG-0-5"}, default="any")
     with pytest.raises(UnknownMigProfile):
         select(inventory, profile="1c.3g.40gb")
     with pytest.raises(InvalidRequest, match="sharing"):
@@ -335,3 +338,57 @@ def test_default_profile_problem_names_the_valid_profiles():
     assert default_profile_problem(None, h100, []) is None  # any free instance
     assert default_profile_problem("3g.20gb", [gpu(0, mig=False)], []) is None  # never applies
     assert default_profile_problem("3g.20gb", [], []) is None
+    assert default_profile_problem(None, h100, profiles_of(H100, "1g.10gb")) is None  # unset
+
+
+# --- no --default-mig-profile: each model's 3-slice profile --------------------------------
+
+A100_40 = "NVIDIA A100-SXM4-40GB"
+H200 = "NVIDIA H200"
+A30 = "NVIDIA A30"
+MIXED = (
+    profiles_of(A100_40, "1g.10gb", "3g.20gb")
+    + profiles_of(H200, "3g.40gb+gfx", "3g.71gb", "1g.10gb")
+    + profiles_of(A30, "1g.10gb", "4g.24gb")
+)
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        ([A100_40], {A100_40: "3g.20gb"}),
+        ([A100], {}),  # a model MIXED lists no profiles for
+        ([H200], {H200: "3g.71gb"}),  # the plain profile, never a +gfx variant
+        ([A30], {}),  # no 3-slice profile at all
+        ([A100_40, H200, A30], {A100_40: "3g.20gb", H200: "3g.71gb"}),
+    ],
+)
+def test_default_profiles_follow_each_model(models, expected):
+    inventory = [gpu(i, name=model) for i, model in enumerate(models)]
+    assert default_profiles(inventory, MIXED) == expected
+
+
+def test_unset_default_gives_the_3_slice_profile_of_each_model():
+    inventory = [
+        gpu(0, name=A100_40, devices=[dev(0, 1, "1g.10gb"), dev(0, 2, "3g.20gb")]),
+        gpu(1, name=H200, devices=[dev(1, 5, "1g.10gb"), dev(1, 2, "3g.71gb")]),
+    ]
+    chosen = select(inventory, default=None, profiles=MIXED)
+    assert chosen == UseDevice("MIG-0-2", "GPU-0", "3g.20gb")
+    chosen = select(inventory, default=None, profiles=MIXED, allocated={"MIG-0-2"})
+    assert chosen == UseDevice("MIG-1-2", "GPU-1", "3g.71gb")
+    with pytest.raises(NoGpuAvailable, match="3-slice"):
+        select(inventory, default=None, profiles=MIXED, allocated={"MIG-0-2", "MIG-1-2"})
+
+
+def test_unset_default_creates_each_models_profile_when_dynamic():
+    inventory = [gpu(0, name=A100_40), gpu(1, name=A30), gpu(2, name=H200), gpu(3, mig=False)]
+    decision = select(inventory, default=None, profiles=MIXED, dynamic=True)
+    assert decision == CreateInstance(
+        (("GPU-0", "3g.20gb"), ("GPU-2", "3g.71gb")), fallback=UseDevice("GPU-3", "GPU-3", "full")
+    )
+
+
+def test_unset_default_without_any_3_slice_model_takes_any_free_instance():
+    inventory = [gpu(0, name=A30, devices=[dev(0, 3, "4g.24gb")])]
+    assert select(inventory, default=None, profiles=MIXED).uuid == "MIG-0-3"
