@@ -17,6 +17,7 @@ from gateway.core.validation import LimitPolicy, parse_duration, parse_size
 
 DEFAULT_IMAGE = "gpu-workspace"
 DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
+RUNTIMES = ("docker", "swarm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class Config:
     api_token: str | None = None
     api_token_file: Path | None = None
     cors_origins: tuple[str, ...] = ()
+    runtime: str = "docker"  # or "swarm": each session one Swarm service
     docker_network: str = "worknet"
     network_egress: bool = True
     gpus: str = "auto"
@@ -225,6 +227,12 @@ def build_parser(
         shown="<state-dir>/api-token, generated on first start",
     )
     multi("--cors-origin", "origin allowed by CORS (default: any origin, echoed)")
+    opt(
+        "--runtime",
+        "docker (containers on this engine) or swarm (one service per session on the Swarm "
+        "this engine manages; docs/scale-out.md)",
+        default=d.runtime,
+    )
     opt(
         "--docker-network", "Docker bridge network for session containers", default=d.docker_network
     )
@@ -447,6 +455,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
     preauth = parse_duration(args.preauth_timeout)
     if preauth <= 0:
         raise ValueError("--preauth-timeout must be positive")
+    if args.runtime not in RUNTIMES:
+        raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
     http_timeout = parse_duration(args.http_timeout)
     if http_timeout <= 0:
         raise ValueError("--http-timeout must be positive")
@@ -469,6 +479,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         api_token=env.get("SANDMAN_API_TOKEN") or None,
         api_token_file=args.api_token_file,
         cors_origins=tuple(args.cors_origin),
+        runtime=args.runtime,
         docker_network=args.docker_network,
         network_egress=not args.no_egress,
         gpus=args.gpus,

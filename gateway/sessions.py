@@ -374,7 +374,9 @@ class SessionManager:
         await self._provision.wait_ready(session, container_id, (info.ip, info.ssh_port))
         self._step_done(session, "sshd_ready")
         assert live.listener is not None
-        live.listener.set_upstream(info.ip, info.ssh_port)
+        network = self._config.docker_network
+        lookup = self._runtime.address_lookup(container_id, network)
+        live.listener.set_upstream(info.ip, info.ssh_port, lookup)
         async with live.lock:
             if not await self._store.mark_running(session.id, container_id, info.ip):
                 raise SessionDeleted("the session was ended while it was starting")
@@ -691,7 +693,8 @@ class SessionManager:
             listener = await self._move_port(session, exc)
         # the owner from here: if a step below fails, an end closes this listener
         live = self._live[session.id] = LiveSession(session, listener=listener, files_written=True)
-        listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port)
+        lookup = self._runtime.address_lookup(info.id, self._config.docker_network)
+        listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port, lookup)
         if info.ip and info.ip != session.container_ip:
             await self._store.mark_running(session.id, info.id, info.ip)
         if listener.port != session.ssh_port:

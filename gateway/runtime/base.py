@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -12,6 +12,9 @@ from gateway.core.gpu_delivery import GpuPath
 LABEL_SESSION = "sandman.session_id"
 LABEL_USER = "sandman.user_id"
 LABEL_INSTANCE = "sandman.instance"
+
+#: Where a session's sshd answers now (None: nowhere yet).
+AddressLookup = Callable[[], Awaitable[tuple[str, int] | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,12 @@ class Runtime(Protocol):
         ...
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]: ...
+
+    def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
+        """How the relay finds the container at each new connection, for runtimes whose
+        containers can move or be replaced while the session lives; None when the address
+        :meth:`start` returned holds for the container's life."""
+        ...
 
     def container_exits(self, instance: str) -> AsyncIterator[str]:
         """The session ids (label) of ``instance``'s containers as each dies or is removed,

@@ -29,6 +29,7 @@ from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
+    AddressLookup,
     CommandResult,
     ContainerFile,
     ContainerInfo,
@@ -46,7 +47,7 @@ _UNREACHABLE = 900
 CALL_TIMEOUT_SECONDS = 60.0
 
 
-def _translate(exc: DockerError, doing: str) -> Exception:
+def translate_error(exc: DockerError, doing: str) -> Exception:
     if exc.status == _UNREACHABLE:
         return DockerUnavailable("the Docker engine is unreachable", log_message=f"{doing}: {exc}")
     return ContainerStartFailed(f"Docker refused to {doing}: {exc.message}")
@@ -146,7 +147,7 @@ class DockerRuntime:
         try:
             return await self._bounded(doing, call)
         except DockerError as exc:
-            raise _translate(exc, doing) from exc
+            raise translate_error(exc, doing) from exc
 
     async def ping(self) -> None:
         await self._call("answer a ping", self._docker.version)
@@ -158,7 +159,7 @@ class DockerRuntime:
             return
         except DockerError as exc:
             if exc.status != 404:
-                raise _translate(exc, f"look up network {name}") from exc
+                raise translate_error(exc, f"look up network {name}") from exc
         config = {
             "Name": name,
             "Driver": "bridge",
@@ -174,7 +175,7 @@ class DockerRuntime:
             log.info("created Docker network %s (icc off, egress %s)", name, egress)
         except DockerError as exc:
             if exc.status != 409:  # created concurrently
-                raise _translate(exc, f"create network {name}") from exc
+                raise translate_error(exc, f"create network {name}") from exc
 
     async def create(self, spec: ContainerSpec) -> str:
         delivery = (await self.gpu_path()).delivery if spec.device_request else DEVICE_REQUEST
@@ -199,7 +200,7 @@ class DockerRuntime:
         except DockerError as exc:
             if exc.status == 404:
                 return None
-            raise _translate(exc, doing) from exc
+            raise translate_error(exc, doing) from exc
 
     async def remove(self, container_id: str) -> None:
         container = self._docker.containers.container(container_id)
@@ -209,7 +210,7 @@ class DockerRuntime:
         except DockerError as exc:
             if exc.status in (404, 409):  # gone, or removal already in progress
                 return
-            raise _translate(exc, doing) from exc
+            raise translate_error(exc, doing) from exc
 
     async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
         container = self._docker.containers.container(container_id)
@@ -231,6 +232,9 @@ class DockerRuntime:
                 infos.append(info)
         return infos
 
+    def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
+        return None  # a container keeps its address on its network until it is removed
+
     async def container_exits(self, instance: str) -> AsyncIterator[str]:
         filters = json.dumps(
             {
@@ -248,7 +252,7 @@ class DockerRuntime:
                     yield session_id
             (ended,) = await asyncio.gather(events.task, return_exceptions=True)
             if isinstance(ended, DockerError):
-                raise _translate(ended, "follow container events") from ended
+                raise translate_error(ended, "follow container events") from ended
             if isinstance(ended, aiohttp.ClientError):  # the engine went away mid-stream
                 raise DockerUnavailable(
                     "the Docker engine is unreachable", log_message=f"container events: {ended}"
@@ -285,7 +289,7 @@ class DockerRuntime:
         except DockerError as exc:
             if exc.status == 404:
                 return None
-            raise _translate(exc, f"read the stats of container {container_id[:12]}") from exc
+            raise translate_error(exc, f"read the stats of container {container_id[:12]}") from exc
         usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
         total = usage.get("total_usage")
         return None if not isinstance(total, int) else total / 1e9

@@ -1,0 +1,446 @@
+"""The Docker Swarm implementation of :class:`~gateway.runtime.base.Runtime`, via aiodocker.
+
+Each session is one replicated service (1 replica) with the same image, capabilities,
+limits, labels and workspace mount as a plain container. What the plain runtime copies
+into a container before it starts (host key, certificate, authorized keys, password hash,
+session facts) becomes Swarm secrets (mode 0600 files) and configs (the rest), mounted
+under :data:`FILES_ROOT`, so every task Swarm starts for the service, on any node, gets
+them again; the service's command installs them in place and runs the image's entrypoint
+under ``setpriv --no-new-privs`` (Docker 20.10's service spec has no no-new-privileges).
+
+The task publishes its sshd in host mode (no routing mesh or overlay is needed); the relay
+finds it at each connection from the task status: the node's address and the published
+port (:meth:`SwarmRuntime.address_lookup`). A service's "container id" is its name.
+
+Placement: every task runs on the gateway's own node (where the workspace root is), until
+the gateway places sessions by node slices (docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import aiodocker
+import aiohttp
+from aiodocker.events import DockerEvents
+from aiodocker.exceptions import DockerError
+
+from gateway.errors import ContainerStartFailed, DockerUnavailable, GatewayError
+from gateway.runtime.base import (
+    LABEL_INSTANCE,
+    LABEL_SESSION,
+    AddressLookup,
+    CommandResult,
+    ContainerFile,
+    ContainerInfo,
+    ContainerSpec,
+)
+from gateway.runtime.docker import DockerRuntime, translate_error
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Where a task finds the gateway's files (secrets and configs), mirroring their paths.
+FILES_ROOT = "/run/sandman-files"
+#: The workspace image's entrypoint (workspace-image/Dockerfile).
+IMAGE_ENTRYPOINT = "/usr/local/sbin/sandman-entrypoint"
+#: Labels the secrets and configs of a service carry, to find and remove them with it.
+LABEL_SERVICE = "sandman.service"
+#: How often a start looks at its task, and how long a connection waits for a task that
+#: Swarm is replacing.
+TASK_POLL_SECONDS = 0.1
+REPLACEMENT_WAIT_SECONDS = 4.0
+#: Task states that will never run (the start fails with the engine's reason).
+_FAILED = {"failed", "rejected", "orphaned"}
+
+#: The service's command: install the files where the image expects them (root-owned,
+#: modes kept), then run the image's entrypoint with no-new-privileges.
+INSTALL_AND_RUN = f"""set -eu
+cd {FILES_ROOT}
+find . -type f | while IFS= read -r f; do
+  install -D -o 0 -g 0 -m "$(stat -Lc %a "$f")" "$f" "/${{f#./}}"
+done
+exec setpriv --no-new-privs -- "$@"
+"""
+
+
+def file_object_name(service: str, file: ContainerFile) -> str:
+    """A secret's or config's name: the service's, plus a hash of path, content and mode
+    (objects are immutable, so a retried start finds the same one)."""
+    digest = hashlib.sha256(f"{file.path}\0{file.mode}\0".encode() + file.content).hexdigest()
+    return f"{service}.{digest[:16]}"
+
+
+def is_secret(file: ContainerFile) -> bool:
+    """Files only root may read travel as secrets (encrypted at rest in the Raft log)."""
+    return file.mode & 0o077 == 0
+
+
+def file_reference(file: ContainerFile, object_id: str, name: str) -> dict[str, Any]:
+    """The service's reference to the secret or config holding ``file``."""
+    id_key = "SecretID" if is_secret(file) else "ConfigID"
+    name_key = "SecretName" if is_secret(file) else "ConfigName"
+    target = {"Name": f"{FILES_ROOT}{file.path}", "UID": "0", "GID": "0", "Mode": file.mode}
+    return {id_key: object_id, name_key: name, "File": target}
+
+
+def service_spec(spec: ContainerSpec, references: Sequence[dict[str, Any]], node_id: str) -> dict:
+    """The ``services/create`` body for ``spec`` (aiodocker turns ``Env`` into a list)."""
+    limits: dict[str, Any] = {"Pids": spec.pids_limit}
+    if spec.cpu_limit is not None:
+        limits["NanoCPUs"] = round(spec.cpu_limit * 1e9)
+    if spec.memory_limit is not None:
+        limits["MemoryBytes"] = spec.memory_limit
+    container: dict[str, Any] = {
+        "Image": spec.image,
+        "Hostname": spec.hostname,
+        "Env": dict(spec.env),
+        "Labels": dict(spec.labels),
+        "Command": ["/bin/sh", "-c", INSTALL_AND_RUN, "sandman-install", IMAGE_ENTRYPOINT],
+        "Mounts": [{"Type": "bind", "Source": str(spec.workspace), "Target": spec.home}],
+        "CapabilityDrop": ["ALL"],
+        "CapabilityAdd": list(spec.cap_add),
+        "Init": False,
+        "Secrets": [r for r in references if "SecretID" in r],
+        "Configs": [r for r in references if "ConfigID" in r],
+    }
+    return {
+        "name": spec.name,
+        "labels": dict(spec.labels),
+        "task_template": {
+            "ContainerSpec": container,
+            "Resources": {"Limits": limits},
+            # a task that dies is started again (fresh, files again); a task that keeps
+            # dying ends the session (no task left wants to run)
+            "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 3},
+            "Placement": {"Constraints": [f"node.id=={node_id}"]},
+        },
+        "mode": {"Replicated": {"Replicas": 1}},
+        "endpoint_spec": {
+            "Mode": "dnsrr",  # no virtual IP: this kernel may lack ip_vs
+            "Ports": [{"Protocol": "tcp", "TargetPort": 22, "PublishMode": "host"}],
+        },
+    }
+
+
+def task_address(
+    task: Mapping[str, Any], node_addresses: Mapping[str, str]
+) -> tuple[str, int] | None:
+    """Where a running task's sshd answers: its node's address and its published port."""
+    status = task.get("Status") or {}
+    if status.get("State") != "running":
+        return None
+    address = node_addresses.get(task.get("NodeID", ""))
+    ports = (status.get("PortStatus") or {}).get("Ports") or []
+    port = next((p.get("PublishedPort") for p in ports if p.get("TargetPort") == 22), None)
+    if not address or not port:
+        return None
+    return address, int(port)
+
+
+def wants_to_run(tasks: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether Swarm still means to run the service: some task is desired running (or
+    ready, mid-update). A service whose tasks all failed past the restart limit has none."""
+    return any(t.get("DesiredState") in ("running", "ready") for t in tasks)
+
+
+class SwarmRuntime:
+    """Session services on the Swarm this engine manages."""
+
+    def __init__(self, docker: aiodocker.Docker | None = None) -> None:
+        self._docker = docker or aiodocker.Docker()
+        self._local = DockerRuntime(self._docker)  # tasks on this node: exec, files, logs
+        self._pending: dict[str, ContainerSpec] = {}  # created, not yet started
+        self._files: dict[str, list[ContainerFile]] = {}  # for the start
+        self._node_id: str | None = None
+        self._sessions: dict[str, str] = {}  # service name -> session id (for removals)
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def _call(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except DockerError as exc:
+            raise translate_error(exc, doing) from exc
+
+    async def ping(self) -> None:
+        """Raises: DockerUnavailable: no engine, or this engine is not a Swarm manager."""
+        info = await self._call("answer a ping", self._docker.system.info)
+        swarm = info.get("Swarm") or {}
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            raise DockerUnavailable(
+                "the Docker engine is not a Swarm manager (run `docker swarm init`)",
+                log_message=f"swarm state {swarm.get('LocalNodeState')!r}",
+            )
+        self._node_id = swarm.get("NodeID")
+
+    async def ensure_network(self, name: str, *, egress: bool) -> None:
+        """Check the engine is a Swarm manager; tasks publish their sshd in host mode and
+        need no network of ours."""
+        await self.ping()
+
+    async def _own_node(self) -> str:
+        if self._node_id is None:
+            await self.ping()
+        assert self._node_id is not None
+        return self._node_id
+
+    async def create(self, spec: ContainerSpec) -> str:
+        """Remember ``spec``; the service is made by :meth:`start`, once its files are known
+        (secrets and configs cannot be added to a task later without replacing it)."""
+        self._pending[spec.name] = spec
+        self._sessions[spec.name] = spec.labels.get(LABEL_SESSION, "")
+        return spec.name
+
+    async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
+        """Before the start: kept for it. Once running: written into the task if it runs
+        on this node, never by updating the service (that would replace the task and kill
+        the user's processes)."""
+        if container_id in self._pending:
+            kept = {f.path: f for f in self._files.get(container_id, [])}
+            kept.update({f.path: f for f in files})
+            self._files[container_id] = list(kept.values())
+            return
+        task_container = await self._local_container(container_id)
+        if task_container is None:
+            log.warning(
+                "service %s: its task is not on this node; its files stay as they were made",
+                container_id,
+            )
+            return
+        await self._local.put_files(task_container, files)
+
+    async def start(self, container_id: str, network: str) -> ContainerInfo:
+        """Create the service (and its secrets and configs) unless it exists, then return
+        once its task runs.
+
+        Raises:
+            ContainerStartFailed: the engine refused, or the task failed or was rejected
+                (with the engine's reason). The caller bounds the time.
+        """
+        spec = self._pending.get(container_id)
+        if spec is not None and await self._service(container_id) is None:
+            references = await self._file_references(spec, self._files.get(container_id, []))
+            body = service_spec(spec, references, await self._own_node())
+            await self._call(
+                f"create service {spec.name}", lambda: self._docker.services.create(**body)
+            )
+        self._pending.pop(container_id, None)
+        self._files.pop(container_id, None)
+        while True:
+            info = await self.inspect(container_id, network)
+            if info is None:
+                raise ContainerStartFailed(f"the service {container_id} vanished while starting")
+            if info.ip is not None:
+                return info
+            await self._check_not_failed(container_id)
+            await asyncio.sleep(TASK_POLL_SECONDS)
+
+    async def _check_not_failed(self, service: str) -> None:
+        tasks = await self._tasks(service)
+        if tasks and not wants_to_run(tasks):
+            latest = max(tasks, key=lambda t: t.get("UpdatedAt", ""))
+            status = latest.get("Status") or {}
+            if status.get("State") in _FAILED or latest.get("DesiredState") == "shutdown":
+                reason = status.get("Err") or status.get("Message") or status.get("State")
+                raise ContainerStartFailed(f"Swarm could not run the session: {reason}")
+
+    async def _file_references(
+        self, spec: ContainerSpec, files: Sequence[ContainerFile]
+    ) -> list[dict[str, Any]]:
+        labels = {
+            LABEL_SERVICE: spec.name,
+            LABEL_SESSION: spec.labels.get(LABEL_SESSION, ""),
+            LABEL_INSTANCE: spec.labels.get(LABEL_INSTANCE, ""),
+        }
+        references = []
+        for file in files:
+            name = file_object_name(spec.name, file)
+            objects = self._docker.secrets if is_secret(file) else self._docker.configs
+            object_id = await self._create_object(objects, name, file.content, labels)
+            references.append(file_reference(file, object_id, name))
+        return references
+
+    async def _create_object(
+        self, objects: Any, name: str, content: bytes, labels: dict[str, str]
+    ) -> str:
+        """The id of the secret or config ``name``, created unless a retry made it."""
+        data = base64.b64encode(content).decode()
+        try:
+            created = await objects.create(name, data, b64=True, labels=labels)
+            return created["ID"]
+        except DockerError as exc:
+            if exc.status != 409:
+                raise translate_error(exc, f"store {name}") from exc
+        found = await self._call(f"inspect {name}", lambda: objects.inspect(name))
+        return found["ID"]
+
+    async def _service(self, name: str) -> Mapping[str, Any] | None:
+        try:
+            return await self._docker.services.inspect(name)
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise translate_error(exc, f"inspect service {name}") from exc
+
+    async def _tasks(self, service: str) -> list[Mapping[str, Any]]:
+        return await self._call(
+            f"list the tasks of {service}",
+            lambda: self._docker.tasks.list(filters={"service": service}),
+        )
+
+    async def _node_addresses(self) -> dict[str, str]:
+        nodes = await self._call("list nodes", self._docker.nodes.list)
+        return {n["ID"]: (n.get("Status") or {}).get("Addr", "") for n in nodes}
+
+    async def _address(self, tasks: Sequence[Mapping[str, Any]]) -> tuple[str, int] | None:
+        running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running"]
+        if not running:
+            return None
+        nodes = await self._node_addresses()
+        return next((a for t in running if (a := task_address(t, nodes))), None)
+
+    async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
+        """The service as a container: running while Swarm means to run a task for it;
+        ``ip`` and ``ssh_port`` are its running task's node address and published port."""
+        service = await self._service(container_id)
+        if service is None:
+            if container_id in self._pending:  # created, not started: like a made container
+                spec = self._pending[container_id]
+                return ContainerInfo(container_id, spec.name, False, None, dict(spec.labels))
+            return None
+        tasks = await self._tasks(container_id)
+        labels = dict((service.get("Spec") or {}).get("Labels") or {})
+        self._sessions[container_id] = labels.get(LABEL_SESSION, "")
+        address = await self._address(tasks)
+        return ContainerInfo(
+            id=container_id,
+            name=container_id,
+            running=wants_to_run(tasks),
+            ip=address[0] if address else None,
+            labels=labels,
+            ssh_port=address[1] if address else 22,
+        )
+
+    def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
+        async def lookup() -> tuple[str, int] | None:
+            """The running task's address; while Swarm replaces the task, wait a little
+            for the new one."""
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + REPLACEMENT_WAIT_SECONDS
+            while True:
+                tasks = await self._tasks(container_id)
+                address = await self._address(tasks)
+                if address is not None or not wants_to_run(tasks) or loop.time() > deadline:
+                    return address
+                await asyncio.sleep(TASK_POLL_SECONDS)
+
+        return lookup
+
+    async def remove(self, container_id: str) -> None:
+        """Remove the service, then its secrets and configs (idempotent)."""
+        self._pending.pop(container_id, None)
+        self._files.pop(container_id, None)
+        try:
+            await self._docker.services.delete(container_id)
+        except DockerError as exc:
+            if exc.status != 404:
+                raise translate_error(exc, f"remove service {container_id}") from exc
+        filters = {"label": f"{LABEL_SERVICE}={container_id}"}
+        for objects in (self._docker.secrets, self._docker.configs):
+            for found in await self._call(
+                "list secrets", lambda o=objects: o.list(filters=filters)
+            ):
+                try:
+                    await objects.delete(found["ID"])
+                except DockerError as exc:
+                    if exc.status != 404:
+                        raise translate_error(exc, f"remove {found['ID']}") from exc
+
+    async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
+        """``instance``'s services, and the services whose secrets or configs were made by a
+        start that never made the service (as not running), so orphans of both go."""
+        label = f"{LABEL_INSTANCE}={instance}"
+        services = await self._call(
+            "list services", lambda: self._docker.services.list(filters={"label": label})
+        )
+        infos = []
+        for service in services:
+            info = await self.inspect(service["Spec"]["Name"], network)
+            if info is not None:
+                infos.append(info)
+        known = {i.id for i in infos} | set(self._pending)
+        for objects in (self._docker.secrets, self._docker.configs):
+            for found in await self._call(
+                "list secrets", lambda o=objects: o.list(filters={"label": label})
+            ):
+                labels = (found.get("Spec") or {}).get("Labels") or {}
+                name = labels.get(LABEL_SERVICE, "")
+                if name and name not in known:
+                    known.add(name)
+                    infos.append(ContainerInfo(name, name, False, None, labels))
+        return infos
+
+    async def container_exits(self, instance: str) -> AsyncIterator[str]:
+        """Session ids whose service was removed behind the gateway's back. A task that
+        dies is Swarm's to replace; the sweep ends a service that gave up."""
+        filters = json.dumps({"type": ["service"], "event": ["remove"]})
+        events = DockerEvents(self._docker)
+        subscriber = events.subscribe(filters=filters)
+        try:
+            while (event := await subscriber.get()) is not None:
+                name = event.get("Actor", {}).get("Attributes", {}).get("name", "")
+                if session_id := self._sessions.pop(name, ""):
+                    yield session_id
+            (ended,) = await asyncio.gather(events.task, return_exceptions=True)
+            if isinstance(ended, DockerError):
+                raise translate_error(ended, "follow service events") from ended
+            if isinstance(ended, aiohttp.ClientError):
+                raise DockerUnavailable(
+                    "the Docker engine is unreachable", log_message=f"service events: {ended}"
+                ) from ended
+        finally:
+            with contextlib.suppress(DockerError, aiohttp.ClientError):
+                await events.stop()
+
+    async def _local_container(self, service: str) -> str | None:
+        """The container of the service's running task, if that task runs on this node."""
+        node = await self._own_node()
+        for task in await self._tasks(service):
+            status = task.get("Status") or {}
+            if status.get("State") == "running" and task.get("NodeID") == node:
+                return (status.get("ContainerStatus") or {}).get("ContainerID")
+        return None
+
+    async def _on_task(self, service: str) -> str:
+        task_container = await self._local_container(service)
+        if task_container is None:
+            raise ContainerStartFailed(
+                f"the task of service {service} does not run on this node",
+                log_message=f"service {service}: no running task on node {self._node_id}",
+            )
+        return task_container
+
+    async def logs(self, container_id: str, tail: int = 20) -> str:
+        try:
+            lines = await self._docker.services.logs(
+                container_id, stdout=True, stderr=True, tail=tail
+            )
+        except (DockerError, GatewayError):
+            return ""
+        return "".join(lines).strip()
+
+    async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
+        await self._local.exec(await self._on_task(container_id), argv, user=user)
+
+    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+        return await self._local.run(await self._on_task(container_id), argv, user=user)
