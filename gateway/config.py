@@ -457,6 +457,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         raise ValueError("--preauth-timeout must be positive")
     if args.runtime not in RUNTIMES:
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
+    if args.runtime == "swarm" and args.no_egress:
+        raise ValueError("--no-egress does not work with --runtime swarm yet (docs/scale-out.md)")
     http_timeout = parse_duration(args.http_timeout)
     if http_timeout <= 0:
         raise ValueError("--http-timeout must be positive")

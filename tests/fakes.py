@@ -22,6 +22,7 @@ from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
+    AddressLookup,
     CommandResult,
     ContainerFile,
     ContainerInfo,
@@ -261,6 +262,9 @@ class FakeRuntime:
         self._check()
         infos = [self._info(c) for c in self.containers.values()]
         return [i for i in infos if i.labels.get(LABEL_INSTANCE) == instance]
+
+    def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
+        return None  # like Docker's: a container keeps its address
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         return "fake log"

@@ -154,25 +154,31 @@ class DockerRuntime:
 
     async def ensure_network(self, name: str, *, egress: bool) -> None:
         """Create the bridge ``name`` (inter-container traffic off) unless it exists."""
+        await self.create_network(
+            {
+                "Name": name,
+                "Driver": "bridge",
+                "Internal": not egress,
+                "Labels": {"sandman.network": "1"},
+                "Options": {"com.docker.network.bridge.enable_icc": "false"},
+            }
+        )
+
+    async def create_network(self, config: dict[str, Any]) -> None:
+        """Create the network ``config`` describes unless one of its name exists."""
+        name = config["Name"]
         try:
             await self._bounded(f"look up network {name}", lambda: self._docker.networks.get(name))
             return
         except DockerError as exc:
             if exc.status != 404:
                 raise translate_error(exc, f"look up network {name}") from exc
-        config = {
-            "Name": name,
-            "Driver": "bridge",
-            "CheckDuplicate": True,
-            "Internal": not egress,
-            "Labels": {"sandman.network": "1"},
-            "Options": {"com.docker.network.bridge.enable_icc": "false"},
-        }
         try:
             await self._bounded(
-                f"create network {name}", lambda: self._docker.networks.create(config)
+                f"create network {name}",
+                lambda: self._docker.networks.create({**config, "CheckDuplicate": True}),
             )
-            log.info("created Docker network %s (icc off, egress %s)", name, egress)
+            log.info("created Docker network %s: %s", name, config)
         except DockerError as exc:
             if exc.status != 409:  # created concurrently
                 raise translate_error(exc, f"create network {name}") from exc

@@ -72,6 +72,11 @@ exec setpriv --no-new-privs -- "$@"
 """
 
 
+def network_config_name(network: str) -> str:
+    """The config-only network holding ``network``'s options, one on every node."""
+    return f"{network}-config"
+
+
 def file_object_name(service: str, file: ContainerFile) -> str:
     """A secret's or config's name: the service's, plus a hash of path, content and mode
     (objects are immutable, so a retried start finds the same one)."""
@@ -122,6 +127,7 @@ def service_spec(spec: ContainerSpec, references: Sequence[dict[str, Any]], node
             # dying ends the session (no task left wants to run)
             "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 3},
             "Placement": {"Constraints": [f"node.id=={node_id}"]},
+            "Networks": [{"Target": spec.network}],
         },
         "mode": {"Replicated": {"Replicas": 1}},
         "endpoint_spec": {
@@ -184,9 +190,35 @@ class SwarmRuntime:
         self._node_id = swarm.get("NodeID")
 
     async def ensure_network(self, name: str, *, egress: bool) -> None:
-        """Check the engine is a Swarm manager; tasks publish their sshd in host mode and
-        need no network of ours."""
+        """Check the engine is a Swarm manager, and make the session network unless it
+        exists: a Swarm-scoped bridge (on each node, a local bridge; no overlay, so no
+        VXLAN and no per-node constraint trouble) whose options (inter-container traffic
+        off) come from the config-only network ``<name>-config``, which every node needs.
+
+        ``egress`` must be on (the configuration refuses ``--no-egress`` with Swarm: an
+        internal network publishes no ports, and the relay reaches tasks by one).
+
+        Raises:
+            DockerUnavailable: not a manager.
+        """
         await self.ping()
+        config = network_config_name(name)
+        await self._local.create_network(
+            {
+                "Name": config,
+                "ConfigOnly": True,
+                "Labels": {"sandman.network": "1"},
+                "Options": {"com.docker.network.bridge.enable_icc": "false"},
+            }
+        )
+        await self._local.create_network(
+            {
+                "Name": name,
+                "Driver": "bridge",
+                "Scope": "swarm",
+                "ConfigFrom": {"Network": config},  # and nothing else: the engine refuses it
+            }
+        )
 
     async def _own_node(self) -> str:
         if self._node_id is None:

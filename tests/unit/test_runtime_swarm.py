@@ -1,0 +1,142 @@
+"""The Swarm runtime's pure parts: the service it asks for, where a task answers, when
+Swarm still means to run one, and ``--runtime`` (the engine itself is in tests/e2e)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.config import config_from_args, parse
+from gateway.runtime.base import SSHD_CAPABILITIES, ContainerFile, ContainerSpec
+from gateway.runtime.swarm import (
+    FILES_ROOT,
+    IMAGE_ENTRYPOINT,
+    file_object_name,
+    file_reference,
+    is_secret,
+    service_spec,
+    task_address,
+    wants_to_run,
+)
+
+SPEC = ContainerSpec(
+    name="sandman-alice-12345678",
+    image="gpu-workspace",
+    hostname="alice-12345678",
+    env={"SANDMAN_USER": "alice"},
+    labels={"sandman.session_id": "s1", "sandman.instance": "i1"},
+    workspace=Path("/srv/workspaces/alice"),
+    home="/home/alice",
+    network="worknet",
+    pids_limit=512,
+    cap_add=SSHD_CAPABILITIES,
+    cpu_limit=1.5,
+    memory_limit=2**30,
+)
+KEY = ContainerFile("/etc/ssh/ssh_host_ed25519_key", b"private", 0o600)
+FACTS = ContainerFile("/etc/sandman/session.json", b"{}")
+
+
+def test_service_keeps_the_containers_confinement_and_runs_the_entrypoint_without_new_privs():
+    body = service_spec(SPEC, [file_reference(KEY, "sec1", "n1")], node_id="node1")
+    template = body["task_template"]
+    container = template["ContainerSpec"]
+    assert body["name"] == SPEC.name and body["labels"] == SPEC.labels
+    assert container["CapabilityDrop"] == ["ALL"]
+    assert container["CapabilityAdd"] == list(SSHD_CAPABILITIES)
+    assert container["Mounts"] == [
+        {"Type": "bind", "Source": "/srv/workspaces/alice", "Target": "/home/alice"}
+    ]
+    assert container["Command"][-1] == IMAGE_ENTRYPOINT
+    assert "setpriv --no-new-privs" in container["Command"][2]
+    assert template["Resources"]["Limits"] == {
+        "Pids": 512,
+        "NanoCPUs": 1_500_000_000,
+        "MemoryBytes": 2**30,
+    }
+    assert template["Placement"]["Constraints"] == ["node.id==node1"]
+    assert template["Networks"] == [{"Target": "worknet"}]
+    assert container["Secrets"][0]["SecretID"] == "sec1" and container["Configs"] == []
+    ports = body["endpoint_spec"]["Ports"]
+    assert ports == [{"Protocol": "tcp", "TargetPort": 22, "PublishMode": "host"}]
+
+
+def test_no_limits_means_only_the_process_limit():
+    spec = replace(SPEC, cpu_limit=None, memory_limit=None)
+    assert service_spec(spec, [], "n")["task_template"]["Resources"]["Limits"] == {"Pids": 512}
+
+
+@pytest.mark.parametrize(
+    ("file", "secret"),
+    [(KEY, True), (FACTS, False), (ContainerFile("/etc/sandman/password-hash", b"h", 0o600), True)],
+)
+def test_root_only_files_travel_as_secrets_and_land_under_the_files_root(file, secret):
+    assert is_secret(file) is secret
+    reference = file_reference(file, "id1", "name1")
+    assert ("SecretID" in reference) is secret and ("ConfigID" in reference) is not secret
+    assert reference["File"] == {
+        "Name": FILES_ROOT + file.path,
+        "UID": "0",
+        "GID": "0",
+        "Mode": file.mode,
+    }
+
+
+def test_object_names_are_stable_per_content_and_differ_otherwise():
+    """A retried start finds the objects the first try made; changed content is a new one."""
+    assert file_object_name("svc", KEY) == file_object_name("svc", KEY)
+    changed = ContainerFile(KEY.path, b"other", KEY.mode)
+    assert file_object_name("svc", changed) != file_object_name("svc", KEY)
+    assert file_object_name("svc", KEY).startswith("svc.")
+
+
+NODES = {"n1": "172.17.0.1", "n2": "172.17.0.3"}
+
+
+def _task(state: str, node: str = "n1", port: int | None = 30001, desired: str = "running"):
+    ports = [] if port is None else [{"TargetPort": 22, "PublishedPort": port}]
+    return {
+        "NodeID": node,
+        "DesiredState": desired,
+        "Status": {"State": state, "PortStatus": {"Ports": ports}},
+    }
+
+
+@pytest.mark.parametrize(
+    ("task", "address"),
+    [
+        (_task("running"), ("172.17.0.1", 30001)),
+        (_task("running", node="n2", port=30002), ("172.17.0.3", 30002)),
+        (_task("starting"), None),
+        (_task("running", port=None), None),  # no published port yet
+        (_task("running", node="gone"), None),  # its node left
+    ],
+)
+def test_task_address(task, address):
+    assert task_address(task, NODES) == address
+
+
+@pytest.mark.parametrize(
+    ("tasks", "alive"),
+    [
+        ([_task("running")], True),
+        ([_task("shutdown", desired="shutdown"), _task("starting")], True),  # replaced
+        ([_task("shutdown", desired="shutdown"), _task("pending", desired="ready")], True),
+        ([_task("failed", desired="shutdown")] * 3, False),  # gave up
+        ([], False),
+    ],
+)
+def test_swarm_means_to_run_the_service(tasks, alive):
+    assert wants_to_run(tasks) is alive
+
+
+def test_runtime_option():
+    assert config_from_args(parse(["serve"], env={}), {}).runtime == "docker"
+    args = parse(["serve"], env={"SANDMAN_RUNTIME": "swarm"})
+    assert config_from_args(args, {}).runtime == "swarm"
+    with pytest.raises(ValueError, match="--runtime"):
+        config_from_args(parse(["serve", "--runtime", "kubernetes"], env={}), {})
+    with pytest.raises(ValueError, match="--no-egress"):
+        config_from_args(parse(["serve", "--runtime", "swarm", "--no-egress"], env={}), {})
