@@ -58,6 +58,7 @@ LABEL_SERVICE = "sandman.service"
 #: Swarm is replacing.
 TASK_POLL_SECONDS = 0.1
 REPLACEMENT_WAIT_SECONDS = 4.0
+BANNER_WAIT_SECONDS = 1.0
 #: Task states that will never run (the start fails with the engine's reason).
 _FAILED = {"failed", "rejected", "orphaned"}
 
@@ -158,6 +159,20 @@ def wants_to_run(tasks: Sequence[Mapping[str, Any]]) -> bool:
     return any(t.get("DesiredState") in ("running", "ready") for t in tasks)
 
 
+async def sshd_answers(address: tuple[str, int]) -> bool:
+    """Whether an SSH server sends its identification line at ``address`` within
+    :data:`BANNER_WAIT_SECONDS` (the connection is then closed)."""
+    try:
+        async with asyncio.timeout(BANNER_WAIT_SECONDS):
+            reader, writer = await asyncio.open_connection(*address)
+            try:
+                return (await reader.readline()).startswith(b"SSH-")
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+
+
 class SwarmRuntime:
     """Session services on the Swarm this engine manages."""
 
@@ -168,6 +183,7 @@ class SwarmRuntime:
         self._files: dict[str, list[ContainerFile]] = {}  # for the start
         self._node_id: str | None = None
         self._sessions: dict[str, str] = {}  # service name -> session id (for removals)
+        self._answering: dict[str, str] = {}  # service name -> the task seen answering SSH
 
     async def close(self) -> None:
         await self._docker.close()
@@ -334,12 +350,15 @@ class SwarmRuntime:
         nodes = await self._call("list nodes", self._docker.nodes.list)
         return {n["ID"]: (n.get("Status") or {}).get("Addr", "") for n in nodes}
 
-    async def _address(self, tasks: Sequence[Mapping[str, Any]]) -> tuple[str, int] | None:
+    async def _address(
+        self, tasks: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, tuple[str, int]] | None:
+        """The id and address of a running task that has one."""
         running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running"]
         if not running:
             return None
         nodes = await self._node_addresses()
-        return next((a for t in running if (a := task_address(t, nodes))), None)
+        return next(((t["ID"], a) for t in running if (a := task_address(t, nodes))), None)
 
     async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
         """The service as a container: running while Swarm means to run a task for it;
@@ -353,7 +372,8 @@ class SwarmRuntime:
         tasks = await self._tasks(container_id)
         labels = dict((service.get("Spec") or {}).get("Labels") or {})
         self._sessions[container_id] = labels.get(LABEL_SESSION, "")
-        address = await self._address(tasks)
+        found = await self._address(tasks)
+        address = found[1] if found else None
         return ContainerInfo(
             id=container_id,
             name=container_id,
@@ -365,15 +385,25 @@ class SwarmRuntime:
 
     def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
         async def lookup() -> tuple[str, int] | None:
-            """The running task's address; while Swarm replaces the task, wait a little
-            for the new one."""
+            """The running task's address, once its sshd has answered (a task is
+            "running" a moment before its sshd listens); while Swarm replaces the task,
+            wait up to :data:`REPLACEMENT_WAIT_SECONDS` for the new one."""
             loop = asyncio.get_running_loop()
             deadline = loop.time() + REPLACEMENT_WAIT_SECONDS
             while True:
                 tasks = await self._tasks(container_id)
-                address = await self._address(tasks)
-                if address is not None or not wants_to_run(tasks) or loop.time() > deadline:
-                    return address
+                found = await self._address(tasks)
+                if found is not None:
+                    task_id, address = found
+                    if self._answering.get(container_id) == task_id:
+                        return address
+                    if await sshd_answers(address):
+                        self._answering[container_id] = task_id
+                        return address
+                if not wants_to_run(tasks):
+                    return None
+                if loop.time() > deadline:
+                    return found[1] if found else None
                 await asyncio.sleep(TASK_POLL_SECONDS)
 
         return lookup
@@ -381,6 +411,7 @@ class SwarmRuntime:
     async def remove(self, container_id: str) -> None:
         """Remove the service, then its secrets and configs (idempotent)."""
         self._pending.pop(container_id, None)
+        self._answering.pop(container_id, None)
         self._files.pop(container_id, None)
         try:
             await self._docker.services.delete(container_id)

@@ -1,0 +1,106 @@
+"""``--runtime swarm`` on a real single-node Swarm: this engine, made a manager if it is not
+one yet (and left so: other tests' plain containers and networks are unaffected).
+
+A session is a service; the user logs in through the gateway and writes to the workspace;
+Swarm replaces the task (``docker service update --force``) and the user logs in again,
+with no gateway restart; DELETE leaves no service, secret or config behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Gateway, docker, wait_for
+
+
+def ensure_swarm() -> None:
+    """Make this engine a single-node Swarm manager unless it is in a Swarm already,
+    advertising its docker0 address (reachable by nested nodes, never the outside)."""
+    if docker("info", "--format", "{{.Swarm.LocalNodeState}}") == "active":
+        return
+    gateway_ip = docker(
+        "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"
+    )
+    docker("swarm", "init", "--advertise-addr", gateway_ip)
+
+
+def owned(kind: str, instance: str) -> list[str]:
+    """The names of the services, secrets or configs labelled with ``instance``."""
+    label = f"label=sandman.instance={instance}"
+    return docker(kind, "ls", "--filter", label, "--format", "{{.Name}}").split()
+
+
+def remove_swarm_leftovers(gw: Gateway, instance: str | None) -> None:
+    """Services, secrets, configs and both networks of this gateway (the Swarm removes a
+    network a moment after its last task: bounded retries)."""
+    if instance is not None:
+        for kind in ("service", "secret", "config"):
+            ids = owned(kind, instance)
+            if ids:
+                docker(kind, "rm", *ids, check=False)
+    for network in (gw.network, f"{gw.network}-config"):
+        for _ in range(20):
+            if not docker("network", "ls", "-q", "--filter", f"name=^{network}$"):
+                break
+            docker("network", "rm", network, check=False)
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def swarm_gateway(gateway_factory: Any) -> Iterator[Gateway]:
+    ensure_swarm()
+    gw = gateway_factory("--runtime", "swarm", "--reap-interval", "1")
+    instance = gw.instance_id()
+    yield gw
+    gw.stop()
+    remove_swarm_leftovers(gw, instance)
+
+
+def running_task(service: str) -> str:
+    """The id of the service's task that runs now ('' while none does)."""
+    lines = docker(
+        "service", "ps", service, "-q", "--filter", "desired-state=running", "--no-trunc"
+    ).split()
+    for task in lines:
+        state = docker("inspect", task, "--format", "{{.Status.State}}")
+        if state == "running":
+            return task
+    return ""
+
+
+def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway, ssh):
+    gw = swarm_gateway
+    created = gw.create(user_id="swarmuser")
+    assert created.status == 201, created.body
+    session = created.body
+    service = session["container_id"]
+    instance = gw.instance_id()
+    assert owned("service", instance) == [service]
+
+    done = ssh.with_key(session, "echo from-swarm > ~/note.txt; grep NoNewPrivs /proc/1/status")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["NoNewPrivs:", "1"]
+    assert (gw.workspaces / "swarmuser" / "note.txt").read_text() == "from-swarm\n"
+
+    first = running_task(service)
+    docker("service", "update", "--force", "--detach", "--quiet", service)
+    wait_for(lambda: running_task(service) not in ("", first), timeout=30, what="a replaced task")
+    again = ssh.with_key(session, "cat ~/note.txt; cat /etc/sandman/session.json")
+    assert again.returncode == 0, again.stderr
+    note, facts = again.stdout.split("\n", 1)
+    assert note == "from-swarm"
+    assert json.loads(facts)["session_id"] == session["session_id"]  # the files came again
+    assert gw.request("GET", f"/sessions/{session['session_id']}").body["state"] == "running"
+
+    deleted = gw.request("DELETE", f"/sessions/{session['session_id']}")
+    assert deleted.status in (200, 204)
+    assert (owned("service", instance), owned("secret", instance), owned("config", instance)) == (
+        [],
+        [],
+        [],
+    )
