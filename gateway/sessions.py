@@ -94,6 +94,7 @@ _CONNECTION_REASON = {
     "ttl_expired": CloseReason.TTL_EXPIRED,
     "session_deleted": CloseReason.SESSION_DELETED,
     "container_gone": CloseReason.SERVER_CLOSED,
+    "backend_gone": CloseReason.SERVER_CLOSED,
 }
 #: The audit event of a session ending, by why it ends.
 _END_EVENT = {
@@ -616,7 +617,7 @@ class SessionManager:
         if session.container_id:
             info = await self._runtime.inspect(session.container_id, self._config.docker_network)
             if info is None or not info.running:
-                return "container_gone"
+                return self._runtime.gone_reason
         return None
 
     async def _remove_orphans(self, owned: list[ContainerInfo]) -> None:
@@ -638,7 +639,7 @@ class SessionManager:
                     running = live is not None and live.session.state is SessionState.RUNNING
                     if running and live.ending is None:
                         log.info("session %s: its container is gone", session_id)
-                        ending = self.end(live.session, "container_gone")
+                        ending = self.end(live.session, self._runtime.gone_reason)
                         what = "end (the sweep retries)"
                         self._spawn(_quietly(ending, what), f"gone:{session_id}")
             except GatewayError as exc:

@@ -108,6 +108,7 @@ class FakeRuntime:
 
     mode: str = "ok"
     reachable: bool = True
+    gone_reason: str = "container_gone"
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     execs: list[tuple[str, list[str], str]] = field(default_factory=list)

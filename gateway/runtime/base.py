@@ -72,6 +72,9 @@ class Runtime(Protocol):
     cannot be reached.
     """
 
+    #: The end reason of a session whose container (or service) vanished.
+    gone_reason: str
+
     async def ping(self) -> None: ...
 
     async def gpu_path(self) -> GpuPath:

@@ -110,6 +110,8 @@ def _info(data: dict[str, Any], network: str) -> ContainerInfo:
 class DockerRuntime:
     """Session containers on the local Docker engine."""
 
+    gone_reason = "container_gone"
+
     def __init__(
         self, docker: aiodocker.Docker | None = None, *, timeout: float = CALL_TIMEOUT_SECONDS
     ) -> None:

@@ -176,6 +176,8 @@ async def sshd_answers(address: tuple[str, int]) -> bool:
 class SwarmRuntime:
     """Session services on the Swarm this engine manages."""
 
+    gone_reason = "backend_gone"  # the service was removed, or all its tasks failed
+
     def __init__(self, docker: aiodocker.Docker | None = None) -> None:
         self._docker = docker or aiodocker.Docker()
         self._local = DockerRuntime(self._docker)  # tasks on this node: exec, files, logs

@@ -104,3 +104,16 @@ def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway
         [],
         [],
     )
+
+
+def test_a_service_removed_behind_the_gateways_back_ends_as_backend_gone(swarm_gateway, ssh):
+    gw = swarm_gateway
+    session = gw.create(user_id="swarmgone").body
+    assert ssh.with_key(session, "true").returncode == 0
+    docker("service", "rm", session["container_id"])
+    url = f"/sessions/{session['session_id']}"
+    wait_for(lambda: gw.request("GET", url).status == 404, timeout=10, what="the cleanup")
+    events = gw.request("GET", f"/audit?session_id={session['session_id']}").body["events"]
+    (ended,) = [e for e in events if "ended" in e["event"]]
+    assert (ended["event"], ended["reason"]) == ("session_ended", "backend_gone")
+    assert (owned("secret", gw.instance_id()), owned("config", gw.instance_id())) == ([], [])
