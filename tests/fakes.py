@@ -27,6 +27,7 @@ from gateway.runtime.base import (
     ContainerFile,
     ContainerInfo,
     ContainerSpec,
+    NodeInfo,
 )
 from gateway.runtime.docker import container_config
 from gateway.session_files import HOST_KEY
@@ -266,6 +267,11 @@ class FakeRuntime:
 
     def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
         return None  # like Docker's: a container keeps its address
+
+    async def nodes(self) -> list[NodeInfo]:
+        self._check()
+        return [NodeInfo("fake-node", "fakehost", "standalone", "ready", "active", None, 2.0,
+                         2**30, "0.0-fake", gateway=True)]  # fmt: skip
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         return "fake log"

@@ -283,6 +283,26 @@ SCHEMAS: dict[str, Any] = {
             "description": {"type": "string"},
         }
     ),
+    "Node": _object(
+        {
+            "id": {"type": "string"},
+            "hostname": {"type": "string"},
+            "role": {"enum": ["manager", "worker", "standalone"]},
+            "state": {"type": "string", "description": "ready, down, unknown, disconnected"},
+            "availability": {"type": "string", "description": "active, pause, drain"},
+            "address": _NULLABLE_STR,
+            "cpus": {"type": "number"},
+            "memory": {"type": "integer"},
+            "engine_version": {"type": "string"},
+            "gateway": {"type": "boolean", "description": "the node this gateway runs on"},
+            "resources": {
+                "type": "array",
+                "description": "generic resources (GPU slices): a named resource's value "
+                "(e.g. a MIG UUID) or a discrete resource's count",
+                "items": _object({"kind": {"type": "string"}, "value": {"type": "string"}}),
+            },
+        }
+    ),
     "Available": _object(
         {
             "uuid": {"type": "string"},
@@ -450,6 +470,15 @@ PATHS: dict[str, dict[str, Any]] = {
             "MIG profiles of these GPUs",
             {
                 "200": _list_of("profiles", "Profile", "profiles"),
+                "503": _UNAVAILABLE,
+            },
+        )
+    },
+    "/nodes": {
+        "get": _op(
+            "machines sessions can run on (--runtime swarm: the Swarm's nodes)",
+            {
+                "200": _list_of("nodes", "Node", "nodes", **_COUNT),
                 "503": _UNAVAILABLE,
             },
         )

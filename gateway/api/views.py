@@ -11,6 +11,7 @@ from gateway.core.gpu_types import GpuInfo, Leftover, MigProfile
 from gateway.core.ssh import ssh_command
 from gateway.core.ttl import ttl_minutes_view
 from gateway.models import CreatedSession, Session, rfc3339
+from gateway.runtime.base import NodeInfo
 from gateway.ssh.identity import HostIdentity
 
 
@@ -150,4 +151,20 @@ def available_view(item: AvailableInstance) -> dict[str, Any]:
         "memory": item.memory,
         "compute_slices": item.compute_slices,
         "memory_slices": item.memory_slices,
+    }
+
+
+def node_view(node: NodeInfo) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "hostname": node.hostname,
+        "role": node.role,
+        "state": node.state,
+        "availability": node.availability,
+        "address": node.address,
+        "cpus": node.cpus,
+        "memory": node.memory,
+        "engine_version": node.engine_version,
+        "gateway": node.gateway,
+        "resources": [{"kind": kind, "value": value} for kind, value in node.resources],
     }

@@ -64,6 +64,25 @@ class CommandResult:
     output: str
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A machine sessions can run on, as its engine reports it."""
+
+    id: str
+    hostname: str
+    role: str  # "manager", "worker", or "standalone" (plain Docker)
+    state: str  # "ready", "down", "unknown", "disconnected"
+    availability: str  # "active", "pause", "drain"
+    address: str | None
+    cpus: float
+    memory: int  # bytes
+    engine_version: str
+    #: the node's generic resources (GPU slices), as (kind, value): a named resource's
+    #: value (e.g. a MIG UUID), or a discrete resource's count
+    resources: tuple[tuple[str, str], ...] = ()
+    gateway: bool = False  # the node this gateway runs on
+
+
 class Runtime(Protocol):
     """Create, start, inspect and remove session containers.
 
@@ -111,6 +130,10 @@ class Runtime(Protocol):
     def container_exits(self, instance: str) -> AsyncIterator[str]:
         """The session ids (label) of ``instance``'s containers as each dies or is removed,
         until the engine's event stream ends."""
+        ...
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The machines sessions can run on (plain Docker: this one)."""
         ...
 
     async def logs(self, container_id: str, tail: int = 20) -> str: ...

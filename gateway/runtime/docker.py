@@ -34,6 +34,7 @@ from gateway.runtime.base import (
     ContainerFile,
     ContainerInfo,
     ContainerSpec,
+    NodeInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,22 @@ class DockerRuntime:
         finally:
             with contextlib.suppress(DockerError, aiohttp.ClientError):  # reported above
                 await events.stop()
+
+    async def nodes(self) -> list[NodeInfo]:
+        info = await self._call("describe the engine", self._docker.system.info)
+        node = NodeInfo(
+            id=info.get("ID", ""),
+            hostname=info.get("Name", ""),
+            role="standalone",
+            state="ready",
+            availability="active",
+            address=None,
+            cpus=float(info.get("NCPU", 0)),
+            memory=int(info.get("MemTotal", 0)),
+            engine_version=info.get("ServerVersion", ""),
+            gateway=True,
+        )
+        return [node]
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         container = self._docker.containers.container(container_id)

@@ -41,6 +41,7 @@ from gateway.runtime.base import (
     ContainerFile,
     ContainerInfo,
     ContainerSpec,
+    NodeInfo,
 )
 from gateway.runtime.docker import DockerRuntime, translate_error
 
@@ -171,6 +172,34 @@ async def sshd_answers(address: tuple[str, int]) -> bool:
                 writer.close()
     except (OSError, TimeoutError):
         return False
+
+
+def node_info(node: Mapping[str, Any], gateway_node: str | None) -> NodeInfo:
+    """Our view of a ``GET /nodes`` entry."""
+    description = node.get("Description") or {}
+    resources = description.get("Resources") or {}
+    status = node.get("Status") or {}
+    spec = node.get("Spec") or {}
+    generic = []
+    for item in resources.get("GenericResources") or []:
+        named, discrete = item.get("NamedResourceSpec"), item.get("DiscreteResourceSpec")
+        if named:
+            generic.append((named.get("Kind", ""), str(named.get("Value", ""))))
+        elif discrete:
+            generic.append((discrete.get("Kind", ""), str(discrete.get("Value", 0))))
+    return NodeInfo(
+        id=node.get("ID", ""),
+        hostname=description.get("Hostname", ""),
+        role=spec.get("Role", ""),
+        state=status.get("State", "unknown"),
+        availability=spec.get("Availability", ""),
+        address=status.get("Addr") or None,
+        cpus=resources.get("NanoCPUs", 0) / 1e9,
+        memory=int(resources.get("MemoryBytes", 0)),
+        engine_version=(description.get("Engine") or {}).get("EngineVersion", ""),
+        resources=tuple(sorted(generic)),
+        gateway=node.get("ID") == gateway_node,
+    )
 
 
 class SwarmRuntime:
@@ -347,6 +376,11 @@ class SwarmRuntime:
             f"list the tasks of {service}",
             lambda: self._docker.tasks.list(filters={"service": service}),
         )
+
+    async def nodes(self) -> list[NodeInfo]:
+        gateway_node = await self._own_node()
+        found = await self._call("list nodes", self._docker.nodes.list)
+        return [node_info(node, gateway_node) for node in found]
 
     async def _node_addresses(self) -> dict[str, str]:
         nodes = await self._call("list nodes", self._docker.nodes.list)

@@ -81,6 +81,9 @@ def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway
     service = session["container_id"]
     instance = gw.instance_id()
     assert owned("service", instance) == [service]
+    nodes = gw.request("GET", "/nodes").body["nodes"]
+    (own,) = [n for n in nodes if n["gateway"]]
+    assert (own["role"], own["state"], own["availability"]) == ("manager", "ready", "active")
 
     done = ssh.with_key(session, "echo from-swarm > ~/note.txt; grep NoNewPrivs /proc/1/status")
     assert done.returncode == 0, done.stderr

@@ -16,6 +16,7 @@ from gateway.runtime.swarm import (
     file_object_name,
     file_reference,
     is_secret,
+    node_info,
     service_spec,
     task_address,
     wants_to_run,
@@ -140,3 +141,65 @@ def test_runtime_option():
         config_from_args(parse(["serve", "--runtime", "kubernetes"], env={}), {})
     with pytest.raises(ValueError, match="--no-egress"):
         config_from_args(parse(["serve", "--runtime", "swarm", "--no-egress"], env={}), {})
+
+
+WORKER = {
+    "ID": "w1",
+    "Description": {
+        "Hostname": "gpu-node-1",
+        "Engine": {"EngineVersion": "20.10.24"},
+        "Resources": {
+            "NanoCPUs": 16_000_000_000,
+            "MemoryBytes": 2**37,
+            "GenericResources": [
+                {"NamedResourceSpec": {"Kind": "MIG-1g.10gb", "Value": "MIG-b"}},
+                {"NamedResourceSpec": {"Kind": "MIG-1g.10gb", "Value": "MIG-a"}},
+                {"DiscreteResourceSpec": {"Kind": "NVIDIA-GPU", "Value": 2}},
+            ],
+        },
+    },
+    "Spec": {"Role": "worker", "Availability": "active"},
+    "Status": {"State": "ready", "Addr": "172.17.0.3"},
+}
+
+
+def test_a_node_as_the_engine_describes_it():
+    node = node_info(WORKER, gateway_node="m1")
+    assert (node.id, node.hostname, node.role, node.state, node.availability) == (
+        "w1",
+        "gpu-node-1",
+        "worker",
+        "ready",
+        "active",
+    )
+    assert (node.address, node.cpus, node.memory, node.gateway) == (
+        "172.17.0.3",
+        16.0,
+        2**37,
+        False,
+    )
+    assert node.resources == (
+        ("MIG-1g.10gb", "MIG-a"),
+        ("MIG-1g.10gb", "MIG-b"),
+        ("NVIDIA-GPU", "2"),
+    )
+    assert node_info(WORKER, gateway_node="w1").gateway is True
+
+
+def test_a_node_that_left_says_so_with_no_address():
+    gone = {"ID": "w2", "Spec": {"Role": "worker"}, "Status": {"State": "down"}}
+    node = node_info(gone, None)
+    assert (node.state, node.address, node.resources, node.hostname) == ("down", None, (), "")
+
+
+async def test_nodes_route_lists_what_the_runtime_reports(make_client):
+    client = await make_client()
+    body = await (await client.get("/nodes")).json()
+    assert body["count"] == 1
+    (node,) = body["nodes"]
+    assert (node["hostname"], node["role"], node["gateway"], node["resources"]) == (
+        "fakehost",
+        "standalone",
+        True,
+        [],
+    )
