@@ -215,6 +215,7 @@ class SwarmRuntime:
         self._node_id: str | None = None
         self._sessions: dict[str, str] = {}  # service name -> session id (for removals)
         self._answering: dict[str, str] = {}  # service name -> the task seen answering SSH
+        self._rewritten: dict[str, list[ContainerFile]] = {}  # files changed since the start
 
     async def close(self) -> None:
         await self._docker.close()
@@ -289,12 +290,29 @@ class SwarmRuntime:
             kept.update({f.path: f for f in files})
             self._files[container_id] = list(kept.values())
             return
-        task_container = await self._local_container(container_id)
+        kept = {f.path: f for f in self._rewritten.get(container_id, [])}
+        kept.update({f.path: f for f in files})
+        self._rewritten[container_id] = list(kept.values())  # for a task Swarm replaces
+        await self._rewrite(container_id)
+
+    async def _rewrite_quietly(self, service: str) -> None:
+        """:meth:`_rewrite` for a task Swarm replaced: a failure is logged, and the user
+        still gets in (with the session facts of the start)."""
+        try:
+            await self._rewrite(service)
+        except GatewayError as exc:
+            log.warning("service %s: rewriting files failed: %s", service, exc.log_message)
+
+    async def _rewrite(self, service: str) -> None:
+        """Write the files rewritten since the start into the service's running task, if
+        it runs on this node (elsewhere the facts stay as made until the control channel
+        of docs/scale-out.md exists; the keys hold anyway, see session_files.key_expiry)."""
+        files = self._rewritten.get(service)
+        if not files:
+            return
+        task_container = await self._local_container(service)
         if task_container is None:
-            log.warning(
-                "service %s: its task is not on this node; its files stay as they were made",
-                container_id,
-            )
+            log.warning("service %s: its task is not on this node; files not rewritten", service)
             return
         await self._local.put_files(task_container, files)
 
@@ -435,6 +453,7 @@ class SwarmRuntime:
                         return address
                     if await sshd_answers(address):
                         self._answering[container_id] = task_id
+                        await self._rewrite_quietly(container_id)  # a new task
                         return address
                 if not wants_to_run(tasks):
                     return None
@@ -448,6 +467,7 @@ class SwarmRuntime:
         """Remove the service, then its secrets and configs (idempotent)."""
         self._pending.pop(container_id, None)
         self._answering.pop(container_id, None)
+        self._rewritten.pop(container_id, None)
         self._files.pop(container_id, None)
         try:
             await self._docker.services.delete(container_id)

@@ -2,8 +2,9 @@
 one yet (and left so: other tests' plain containers and networks are unaffected).
 
 A session is a service; the user logs in through the gateway and writes to the workspace;
-Swarm replaces the task (``docker service update --force``) and the user logs in again,
-with no gateway restart; DELETE leaves no service, secret or config behind.
+a PATCH leaves the service as it is (an update would replace the task); Swarm replaces the
+task (``docker service update --force``) and the user logs in again, with no gateway
+restart, and finds the PATCHed session facts; DELETE leaves no service, secret or config behind.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway
     service = session["container_id"]
     instance = gw.instance_id()
     assert owned("service", instance) == [service]
+    version = docker("service", "inspect", service, "-f", "{{.Version.Index}}")
     nodes = gw.request("GET", "/nodes").body["nodes"]
     (own,) = [n for n in nodes if n["gateway"]]
     assert (own["role"], own["state"], own["availability"]) == ("manager", "ready", "active")
@@ -90,6 +92,11 @@ def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway
     assert done.stdout.split() == ["NoNewPrivs:", "1"]
     assert (gw.workspaces / "swarmuser" / "note.txt").read_text() == "from-swarm\n"
 
+    url = f"/sessions/{session['session_id']}"
+    patched = gw.request("PATCH", url, {"extend_minutes": 30})
+    assert patched.status == 200, patched.body
+    assert docker("service", "inspect", service, "-f", "{{.Version.Index}}") == version
+
     first = running_task(service)
     docker("service", "update", "--force", "--detach", "--quiet", service)
     wait_for(lambda: running_task(service) not in ("", first), timeout=30, what="a replaced task")
@@ -97,10 +104,11 @@ def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway
     assert again.returncode == 0, again.stderr
     note, facts = again.stdout.split("\n", 1)
     assert note == "from-swarm"
-    assert json.loads(facts)["session_id"] == session["session_id"]  # the files came again
-    assert gw.request("GET", f"/sessions/{session['session_id']}").body["state"] == "running"
+    # the new task got its files again, the PATCHed facts included
+    assert json.loads(facts)["expires_at"] == patched.body["expires_at"]
+    assert gw.request("GET", url).body["state"] == "running"
 
-    deleted = gw.request("DELETE", f"/sessions/{session['session_id']}")
+    deleted = gw.request("DELETE", url)
     assert deleted.status in (200, 204)
     assert (owned("service", instance), owned("secret", instance), owned("config", instance)) == (
         [],

@@ -4,11 +4,13 @@ Swarm still means to run one, and ``--runtime`` (the engine itself is in tests/e
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from gateway.config import config_from_args, parse
+from gateway.config import Config, config_from_args, parse
+from gateway.models import Session
 from gateway.runtime.base import SSHD_CAPABILITIES, ContainerFile, ContainerSpec
 from gateway.runtime.swarm import (
     FILES_ROOT,
@@ -21,6 +23,7 @@ from gateway.runtime.swarm import (
     task_address,
     wants_to_run,
 )
+from gateway.session_files import AUTHORIZED_KEYS_DIR, expiring_files
 
 SPEC = ContainerSpec(
     name="sandman-alice-12345678",
@@ -202,4 +205,32 @@ async def test_nodes_route_lists_what_the_runtime_reports(make_client):
         "standalone",
         True,
         [],
+    )
+
+
+@pytest.mark.parametrize(
+    ("runtime", "valid_until"),
+    [("docker", "20261206110000Z"), ("swarm", "20261206120000Z")],
+)
+def test_with_swarm_the_keys_outlast_any_patch(runtime, valid_until):
+    """A task Swarm restarts after a PATCH gets the keys written at the start again, so
+    they must hold until the latest expiry a PATCH can set (the gateway ends the session on
+    time itself); plain Docker keys expire with the session."""
+    created = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
+    session = Session(
+        id="s1",
+        user_id="alice",
+        uid=10000,
+        ssh_port=10000,
+        image="gpu-workspace",
+        workspace="/srv/workspaces/alice",
+        ttl_seconds=3600,
+        created_at=created,
+        expires_at=created + timedelta(hours=1),
+        authorized_keys=("ssh-ed25519 AAAAkey",),
+    )
+    config = Config(runtime=runtime, max_ttl_minutes=120)
+    files = {f.path: f.content.decode() for f in expiring_files(session, config)}
+    assert files[f"{AUTHORIZED_KEYS_DIR}/alice"] == (
+        f'expiry-time="{valid_until}" ssh-ed25519 AAAAkey\n'
     )
