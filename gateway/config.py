@@ -40,6 +40,7 @@ class Config:
     api_token_file: Path | None = None
     cors_origins: tuple[str, ...] = ()
     runtime: str = "docker"  # or "swarm": each session one Swarm service
+    place_timeout: float = 10.0  # swarm: seconds a task may wait for a node (503 no_capacity)
     docker_network: str = "worknet"
     network_egress: bool = True
     gpus: str = "auto"
@@ -232,6 +233,12 @@ def build_parser(
         "docker (containers on this engine) or swarm (one service per session on the Swarm "
         "this engine manages; docs/scale-out.md)",
         default=d.runtime,
+    )
+    opt(
+        "--place-timeout",
+        "with --runtime swarm, a create whose task no node takes within this long fails with "
+        "503 no_capacity and the engine's reason",
+        default="10s",
     )
     opt(
         "--docker-network", "Docker bridge network for session containers", default=d.docker_network
@@ -459,6 +466,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
     if args.runtime == "swarm" and args.no_egress:
         raise ValueError("--no-egress does not work with --runtime swarm yet (docs/scale-out.md)")
+    place_timeout = parse_duration(args.place_timeout)
+    if place_timeout <= 0:
+        raise ValueError("--place-timeout must be positive")
     http_timeout = parse_duration(args.http_timeout)
     if http_timeout <= 0:
         raise ValueError("--http-timeout must be positive")
@@ -482,6 +492,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         api_token_file=args.api_token_file,
         cors_origins=tuple(args.cors_origin),
         runtime=args.runtime,
+        place_timeout=place_timeout,
         docker_network=args.docker_network,
         network_egress=not args.no_egress,
         gpus=args.gpus,

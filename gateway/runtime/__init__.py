@@ -1,14 +1,15 @@
 """Container runtime: the :class:`Runtime` protocol and its Docker and Swarm implementations."""
 
+from gateway.config import Config
 from gateway.runtime.base import ContainerInfo, ContainerSpec, Runtime
 
 
-def open_runtime(kind: str) -> Runtime:
+def open_runtime(config: Config) -> Runtime:
     """The runtime ``--runtime`` names: ``docker`` or ``swarm``."""
-    if kind == "swarm":
+    if config.runtime == "swarm":
         from gateway.runtime.swarm import SwarmRuntime
 
-        return SwarmRuntime()
+        return SwarmRuntime(place_timeout=config.place_timeout)
     from gateway.runtime.docker import DockerRuntime
 
     return DockerRuntime()

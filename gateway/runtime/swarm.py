@@ -32,7 +32,7 @@ import aiohttp
 from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
-from gateway.errors import ContainerStartFailed, DockerUnavailable, GatewayError
+from gateway.errors import ContainerStartFailed, DockerUnavailable, GatewayError, NoCapacity
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
@@ -154,6 +154,28 @@ def task_address(
     return address, int(port)
 
 
+def _check_not_failed(tasks: Sequence[Mapping[str, Any]]) -> None:
+    """Raises: ContainerStartFailed: Swarm gave the service up (its reason)."""
+    if tasks and not wants_to_run(tasks):
+        latest = max(tasks, key=lambda t: t.get("UpdatedAt", ""))
+        status = latest.get("Status") or {}
+        if status.get("State") in _FAILED or latest.get("DesiredState") == "shutdown":
+            reason = status.get("Err") or status.get("Message") or status.get("State")
+            raise ContainerStartFailed(f"Swarm could not run the session: {reason}")
+
+
+def unplaced_reason(tasks: Sequence[Mapping[str, Any]]) -> str | None:
+    """The engine's reason while the service's newest task waits for a node that can run
+    it (state new or pending), else None."""
+    if not tasks:
+        return None
+    latest = max(tasks, key=lambda t: t.get("CreatedAt", ""))
+    status = latest.get("Status") or {}
+    if status.get("State") not in ("new", "pending"):
+        return None
+    return status.get("Err") or status.get("Message") or "no node can run it"
+
+
 def wants_to_run(tasks: Sequence[Mapping[str, Any]]) -> bool:
     """Whether Swarm still means to run the service: some task is desired running (or
     ready, mid-update). A service whose tasks all failed past the restart limit has none."""
@@ -207,8 +229,11 @@ class SwarmRuntime:
 
     gone_reason = "backend_gone"  # the service was removed, or all its tasks failed
 
-    def __init__(self, docker: aiodocker.Docker | None = None) -> None:
+    def __init__(
+        self, docker: aiodocker.Docker | None = None, *, place_timeout: float = 10.0
+    ) -> None:
         self._docker = docker or aiodocker.Docker()
+        self._place_timeout = place_timeout
         self._local = DockerRuntime(self._docker)  # tasks on this node: exec, files, logs
         self._pending: dict[str, ContainerSpec] = {}  # created, not yet started
         self._files: dict[str, list[ContainerFile]] = {}  # for the start
@@ -321,6 +346,8 @@ class SwarmRuntime:
         once its task runs.
 
         Raises:
+            NoCapacity: no node took the task within ``place_timeout`` (the engine's
+                reason, e.g. "no suitable node (insufficient resources on 2 nodes)").
             ContainerStartFailed: the engine refused, or the task failed or was rejected
                 (with the engine's reason). The caller bounds the time.
         """
@@ -333,23 +360,19 @@ class SwarmRuntime:
             )
         self._pending.pop(container_id, None)
         self._files.pop(container_id, None)
+        placed_by = asyncio.get_running_loop().time() + self._place_timeout
         while True:
             info = await self.inspect(container_id, network)
             if info is None:
                 raise ContainerStartFailed(f"the service {container_id} vanished while starting")
             if info.ip is not None:
                 return info
-            await self._check_not_failed(container_id)
+            tasks = await self._tasks(container_id)
+            reason = unplaced_reason(tasks)
+            if reason is not None and asyncio.get_running_loop().time() > placed_by:
+                raise NoCapacity(f"no node can run the session now: {reason}")
+            _check_not_failed(tasks)
             await asyncio.sleep(TASK_POLL_SECONDS)
-
-    async def _check_not_failed(self, service: str) -> None:
-        tasks = await self._tasks(service)
-        if tasks and not wants_to_run(tasks):
-            latest = max(tasks, key=lambda t: t.get("UpdatedAt", ""))
-            status = latest.get("Status") or {}
-            if status.get("State") in _FAILED or latest.get("DesiredState") == "shutdown":
-                reason = status.get("Err") or status.get("Message") or status.get("State")
-                raise ContainerStartFailed(f"Swarm could not run the session: {reason}")
 
     async def _file_references(
         self, spec: ContainerSpec, files: Sequence[ContainerFile]

@@ -22,12 +22,18 @@ from tests.e2e.conftest import Gateway, docker, wait_for
 def ensure_swarm() -> None:
     """Make this engine a single-node Swarm manager unless it is in a Swarm already,
     advertising its docker0 address (reachable by nested nodes, never the outside)."""
-    if docker("info", "--format", "{{.Swarm.LocalNodeState}}") == "active":
-        return
-    gateway_ip = docker(
-        "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"
-    )
-    docker("swarm", "init", "--advertise-addr", gateway_ip)
+    if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active":
+        gateway_ip = docker(
+            "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"
+        )
+        docker("swarm", "init", "--advertise-addr", gateway_ip)
+    set_availability("active")  # a run killed mid-test may have paused it
+
+
+def set_availability(availability: str) -> None:
+    """Pause or activate this engine's node."""
+    node = docker("info", "--format", "{{.Swarm.NodeID}}")
+    docker("node", "update", "--availability", availability, node)
 
 
 def owned(kind: str, instance: str) -> list[str]:
@@ -55,7 +61,7 @@ def remove_swarm_leftovers(gw: Gateway, instance: str | None) -> None:
 @pytest.fixture
 def swarm_gateway(gateway_factory: Any) -> Iterator[Gateway]:
     ensure_swarm()
-    gw = gateway_factory("--runtime", "swarm", "--reap-interval", "1")
+    gw = gateway_factory("--runtime", "swarm", "--reap-interval", "1", "--place-timeout", "2s")
     instance = gw.instance_id()
     yield gw
     gw.stop()
@@ -128,3 +134,22 @@ def test_a_service_removed_behind_the_gateways_back_ends_as_backend_gone(swarm_g
     (ended,) = [e for e in events if "ended" in e["event"]]
     assert (ended["event"], ended["reason"]) == ("session_ended", "backend_gone")
     assert (owned("secret", gw.instance_id()), owned("config", gw.instance_id())) == ([], [])
+
+
+def test_a_session_no_node_can_take_is_503_no_capacity_in_time(swarm_gateway):
+    """With this (only) node paused, the task waits for a node: the create ends at
+    --place-timeout (2 s here) with the engine's reason, and leaves nothing behind."""
+    gw = swarm_gateway
+    set_availability("pause")
+    try:
+        began = time.monotonic()
+        refused = gw.create(user_id="nocapacity")
+        waited = time.monotonic() - began
+    finally:
+        set_availability("active")
+    assert (refused.status, refused.body["code"]) == (503, "no_capacity")
+    assert "no suitable node" in refused.body["error"]
+    assert waited < 10
+    instance = gw.instance_id()
+    assert (owned("service", instance), owned("secret", instance)) == ([], [])
+    assert gw.request("GET", "/sessions").body == []

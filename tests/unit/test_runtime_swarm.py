@@ -21,6 +21,7 @@ from gateway.runtime.swarm import (
     node_info,
     service_spec,
     task_address,
+    unplaced_reason,
     wants_to_run,
 )
 from gateway.session_files import AUTHORIZED_KEYS_DIR, expiring_files
@@ -234,3 +235,30 @@ def test_with_swarm_the_keys_outlast_any_patch(runtime, valid_until):
     assert files[f"{AUTHORIZED_KEYS_DIR}/alice"] == (
         f'expiry-time="{valid_until}" ssh-ed25519 AAAAkey\n'
     )
+
+
+def _placed(state: str, created: str, err: str = ""):
+    return {"CreatedAt": created, "Status": {"State": state, "Err": err}}
+
+
+@pytest.mark.parametrize(
+    ("tasks", "reason"),
+    [
+        ([], None),
+        ([_placed("pending", "1", "no suitable node (1 node not available)")],
+         "no suitable node (1 node not available)"),
+        ([_placed("pending", "1")], "no node can run it"),
+        ([_placed("assigned", "1")], None),  # a node took it
+        ([_placed("pending", "1", "old"), _placed("running", "2")], None),  # newest counts
+    ],
+)  # fmt: skip
+def test_a_task_waiting_for_a_node_gives_the_engines_reason(tasks, reason):
+    assert unplaced_reason(tasks) == reason
+
+
+def test_place_timeout_option():
+    assert config_from_args(parse(["serve"], env={}), {}).place_timeout == 10.0
+    args = parse(["serve", "--place-timeout", "3s"], env={})
+    assert config_from_args(args, {}).place_timeout == 3.0
+    with pytest.raises(ValueError, match="--place-timeout"):
+        config_from_args(parse(["serve", "--place-timeout", "0"], env={}), {})
