@@ -41,6 +41,7 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     runtime: str = "docker"  # or "swarm": each session one Swarm service
     place_timeout: float = 10.0  # swarm: seconds a task may wait for a node (503 no_capacity)
+    shared_workspaces: bool = False  # swarm: the workspace root is shared by every node
     docker_network: str = "worknet"
     network_egress: bool = True
     gpus: str = "auto"
@@ -239,6 +240,11 @@ def build_parser(
         "with --runtime swarm, a create whose task no node takes within this long fails with "
         "503 no_capacity and the engine's reason",
         default="10s",
+    )
+    flag(
+        "--shared-workspaces",
+        "with --runtime swarm: the workspace root is the same shared storage (e.g. NFS) on "
+        "every node, so sessions may run on any node (else on the gateway's node only)",
     )
     opt(
         "--docker-network", "Docker bridge network for session containers", default=d.docker_network
@@ -466,6 +472,8 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
     if args.runtime == "swarm" and args.no_egress:
         raise ValueError("--no-egress does not work with --runtime swarm yet (docs/scale-out.md)")
+    if args.shared_workspaces and args.runtime != "swarm":
+        raise ValueError("--shared-workspaces needs --runtime swarm")
     place_timeout = parse_duration(args.place_timeout)
     if place_timeout <= 0:
         raise ValueError("--place-timeout must be positive")
@@ -493,6 +501,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         cors_origins=tuple(args.cors_origin),
         runtime=args.runtime,
         place_timeout=place_timeout,
+        shared_workspaces=args.shared_workspaces,
         docker_network=args.docker_network,
         network_egress=not args.no_egress,
         gpus=args.gpus,

@@ -9,7 +9,8 @@ def open_runtime(config: Config) -> Runtime:
     if config.runtime == "swarm":
         from gateway.runtime.swarm import SwarmRuntime
 
-        return SwarmRuntime(place_timeout=config.place_timeout)
+        shared = config.workspace_root if config.shared_workspaces else None
+        return SwarmRuntime(place_timeout=config.place_timeout, shared_root=shared)
     from gateway.runtime.docker import DockerRuntime
 
     return DockerRuntime()

@@ -24,7 +24,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiodocker
@@ -33,6 +38,7 @@ from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
 from gateway.errors import ContainerStartFailed, DockerUnavailable, GatewayError, NoCapacity
+from gateway.models import utcnow
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
@@ -51,6 +57,9 @@ T = TypeVar("T")
 
 #: Where a task finds the gateway's files (secrets and configs), mirroring their paths.
 FILES_ROOT = "/run/sandman-files"
+#: With shared workspaces: the sentinel file in the workspace root, and where tasks see it.
+SHARED_SENTINEL = ".sandman-shared"
+SHARED_SENTINEL_TARGET = "/run/sandman-shared"
 #: The workspace image's entrypoint (workspace-image/Dockerfile).
 IMAGE_ENTRYPOINT = "/usr/local/sbin/sandman-entrypoint"
 #: Labels the secrets and configs of a service carry, to find and remove them with it.
@@ -66,6 +75,11 @@ _FAILED = {"failed", "rejected", "orphaned"}
 #: The service's command: install the files where the image expects them (root-owned,
 #: modes kept), then run the image's entrypoint with no-new-privileges.
 INSTALL_AND_RUN = f"""set -eu
+if [ -n "${{SANDMAN_SHARED_TOKEN:-}}" ] \\
+   && [ "$(cat {SHARED_SENTINEL_TARGET} 2>/dev/null)" != "$SANDMAN_SHARED_TOKEN" ]; then
+  echo "sandman: this node's workspace root is not the gateway's shared one" >&2
+  exit 65
+fi
 cd {FILES_ROOT}
 find . -type f | while IFS= read -r f; do
   install -D -o 0 -g 0 -m "$(stat -Lc %a "$f")" "$f" "/${{f#./}}"
@@ -99,26 +113,44 @@ def file_reference(file: ContainerFile, object_id: str, name: str) -> dict[str, 
     return {id_key: object_id, name_key: name, "File": target}
 
 
-def service_spec(spec: ContainerSpec, references: Sequence[dict[str, Any]], node_id: str) -> dict:
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a session's task may run: pinned to the gateway's node (``node_id``), or, with
+    shared workspaces, on any node whose workspace root holds the sentinel ``token``."""
+
+    node_id: str | None = None
+    sentinel: str | None = None  # the sentinel file's path (the same on every node)
+    token: str | None = None
+
+
+def service_spec(
+    spec: ContainerSpec, references: Sequence[dict[str, Any]], placement: Placement
+) -> dict:
     """The ``services/create`` body for ``spec`` (aiodocker turns ``Env`` into a list)."""
     limits: dict[str, Any] = {"Pids": spec.pids_limit}
     if spec.cpu_limit is not None:
         limits["NanoCPUs"] = round(spec.cpu_limit * 1e9)
     if spec.memory_limit is not None:
         limits["MemoryBytes"] = spec.memory_limit
+    workspace = {"Type": "bind", "Source": str(spec.workspace), "Target": spec.home}
     container: dict[str, Any] = {
         "Image": spec.image,
         "Hostname": spec.hostname,
         "Env": dict(spec.env),
         "Labels": dict(spec.labels),
         "Command": ["/bin/sh", "-c", INSTALL_AND_RUN, "sandman-install", IMAGE_ENTRYPOINT],
-        "Mounts": [{"Type": "bind", "Source": str(spec.workspace), "Target": spec.home}],
+        "Mounts": [workspace],
         "CapabilityDrop": ["ALL"],
         "CapabilityAdd": list(spec.cap_add),
         "Init": False,
         "Secrets": [r for r in references if "SecretID" in r],
         "Configs": [r for r in references if "ConfigID" in r],
     }
+    constraints = [] if placement.node_id is None else [f"node.id=={placement.node_id}"]
+    if placement.sentinel is not None and placement.token is not None:
+        container["Env"]["SANDMAN_SHARED_TOKEN"] = placement.token
+        sentinel = {"Source": placement.sentinel, "Target": SHARED_SENTINEL_TARGET}
+        container["Mounts"].append({"Type": "bind", **sentinel, "ReadOnly": True})
     return {
         "name": spec.name,
         "labels": dict(spec.labels),
@@ -128,7 +160,7 @@ def service_spec(spec: ContainerSpec, references: Sequence[dict[str, Any]], node
             # a task that dies is started again (fresh, files again); a task that keeps
             # dying ends the session (no task left wants to run)
             "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 3},
-            "Placement": {"Constraints": [f"node.id=={node_id}"]},
+            "Placement": {"Constraints": constraints},
             "Networks": [{"Target": spec.network}],
         },
         "mode": {"Replicated": {"Replicas": 1}},
@@ -142,9 +174,11 @@ def service_spec(spec: ContainerSpec, references: Sequence[dict[str, Any]], node
 def task_address(
     task: Mapping[str, Any], node_addresses: Mapping[str, str]
 ) -> tuple[str, int] | None:
-    """Where a running task's sshd answers: its node's address and its published port."""
+    """Where a running task's sshd answers: its node's address and its published port.
+    ``node_addresses`` holds the nodes that are up; a task Swarm is stopping (or gave up
+    on, its node being down) gets no new connections."""
     status = task.get("Status") or {}
-    if status.get("State") != "running":
+    if status.get("State") != "running" or task.get("DesiredState") != "running":
         return None
     address = node_addresses.get(task.get("NodeID", ""))
     ports = (status.get("PortStatus") or {}).get("Ports") or []
@@ -152,6 +186,15 @@ def task_address(
     if not address or not port:
         return None
     return address, int(port)
+
+
+def _sentinel_token(path: Path) -> str:
+    """The token in the shared workspace root's sentinel file, written first if absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(secrets.token_hex(16) + "\n")
+        path.chmod(0o644)
+    return path.read_text().strip()
 
 
 def _check_not_failed(tasks: Sequence[Mapping[str, Any]]) -> None:
@@ -174,6 +217,27 @@ def unplaced_reason(tasks: Sequence[Mapping[str, Any]]) -> str | None:
     if status.get("State") not in ("new", "pending"):
         return None
     return status.get("Err") or status.get("Message") or "no node can run it"
+
+
+def stranded(tasks: Sequence[Mapping[str, Any]], now: datetime, timeout: float) -> bool:
+    """Whether the service lost its task for good: none runs, and the newest has waited
+    for a node longer than ``timeout`` (its node left and no other can take it)."""
+    if any((t.get("Status") or {}).get("State") == "running" for t in tasks):
+        return False
+    if unplaced_reason(tasks) is None:
+        return False
+    latest = max(tasks, key=lambda t: t.get("CreatedAt", ""))
+    since = parse_time((latest.get("Status") or {}).get("Timestamp", ""))
+    return since is not None and (now - since).total_seconds() > timeout
+
+
+def parse_time(text: str) -> datetime | None:
+    """An Engine API time (RFC 3339 with nanoseconds), aware UTC; None if malformed."""
+    found = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z$", text)
+    if found is None:
+        return None
+    fraction = (found[2] or ".0")[:7]
+    return datetime.fromisoformat(found[1] + fraction + "+00:00")
 
 
 def wants_to_run(tasks: Sequence[Mapping[str, Any]]) -> bool:
@@ -230,10 +294,18 @@ class SwarmRuntime:
     gone_reason = "backend_gone"  # the service was removed, or all its tasks failed
 
     def __init__(
-        self, docker: aiodocker.Docker | None = None, *, place_timeout: float = 10.0
+        self,
+        docker: aiodocker.Docker | None = None,
+        *,
+        place_timeout: float = 10.0,
+        shared_root: Path | None = None,
     ) -> None:
+        """``shared_root``: the workspace root is the same shared storage on every node, so
+        tasks may run on any node; None pins them to the gateway's node."""
         self._docker = docker or aiodocker.Docker()
         self._place_timeout = place_timeout
+        self._shared_root = shared_root
+        self._placement: Placement | None = None
         self._local = DockerRuntime(self._docker)  # tasks on this node: exec, files, logs
         self._pending: dict[str, ContainerSpec] = {}  # created, not yet started
         self._files: dict[str, list[ContainerFile]] = {}  # for the start
@@ -292,6 +364,17 @@ class SwarmRuntime:
                 "ConfigFrom": {"Network": config},  # and nothing else: the engine refuses it
             }
         )
+        await self._placement_of_tasks()  # the shared workspaces' sentinel, made now
+
+    async def _placement_of_tasks(self) -> Placement:
+        if self._placement is None:
+            if self._shared_root is None:
+                self._placement = Placement(node_id=await self._own_node())
+            else:
+                sentinel = self._shared_root / SHARED_SENTINEL
+                token = await asyncio.to_thread(_sentinel_token, sentinel)
+                self._placement = Placement(sentinel=str(sentinel), token=token)
+        return self._placement
 
     async def _own_node(self) -> str:
         if self._node_id is None:
@@ -354,7 +437,7 @@ class SwarmRuntime:
         spec = self._pending.get(container_id)
         if spec is not None and await self._service(container_id) is None:
             references = await self._file_references(spec, self._files.get(container_id, []))
-            body = service_spec(spec, references, await self._own_node())
+            body = service_spec(spec, references, await self._placement_of_tasks())
             await self._call(
                 f"create service {spec.name}", lambda: self._docker.services.create(**body)
             )
@@ -425,17 +508,20 @@ class SwarmRuntime:
 
     async def _node_addresses(self) -> dict[str, str]:
         nodes = await self._call("list nodes", self._docker.nodes.list)
-        return {n["ID"]: (n.get("Status") or {}).get("Addr", "") for n in nodes}
+        return {
+            n["ID"]: status.get("Addr", "")
+            for n in nodes
+            if (status := n.get("Status") or {}).get("State") == "ready"
+        }
 
     async def _address(
         self, tasks: Sequence[Mapping[str, Any]]
     ) -> tuple[str, tuple[str, int]] | None:
         """The id and address of a running task that has one."""
-        running = [t for t in tasks if (t.get("Status") or {}).get("State") == "running"]
-        if not running:
+        if not any((t.get("Status") or {}).get("State") == "running" for t in tasks):
             return None
         nodes = await self._node_addresses()
-        return next(((t["ID"], a) for t in running if (a := task_address(t, nodes))), None)
+        return next(((t["ID"], a) for t in tasks if (a := task_address(t, nodes))), None)
 
     async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
         """The service as a container: running while Swarm means to run a task for it;
@@ -454,7 +540,7 @@ class SwarmRuntime:
         return ContainerInfo(
             id=container_id,
             name=container_id,
-            running=wants_to_run(tasks),
+            running=wants_to_run(tasks) and not stranded(tasks, utcnow(), self._place_timeout),
             ip=address[0] if address else None,
             labels=labels,
             ssh_port=address[1] if address else 22,

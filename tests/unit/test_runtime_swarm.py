@@ -15,11 +15,15 @@ from gateway.runtime.base import SSHD_CAPABILITIES, ContainerFile, ContainerSpec
 from gateway.runtime.swarm import (
     FILES_ROOT,
     IMAGE_ENTRYPOINT,
+    SHARED_SENTINEL_TARGET,
+    Placement,
     file_object_name,
     file_reference,
     is_secret,
     node_info,
+    parse_time,
     service_spec,
+    stranded,
     task_address,
     unplaced_reason,
     wants_to_run,
@@ -45,7 +49,7 @@ FACTS = ContainerFile("/etc/sandman/session.json", b"{}")
 
 
 def test_service_keeps_the_containers_confinement_and_runs_the_entrypoint_without_new_privs():
-    body = service_spec(SPEC, [file_reference(KEY, "sec1", "n1")], node_id="node1")
+    body = service_spec(SPEC, [file_reference(KEY, "sec1", "n1")], Placement(node_id="node1"))
     template = body["task_template"]
     container = template["ContainerSpec"]
     assert body["name"] == SPEC.name and body["labels"] == SPEC.labels
@@ -70,7 +74,25 @@ def test_service_keeps_the_containers_confinement_and_runs_the_entrypoint_withou
 
 def test_no_limits_means_only_the_process_limit():
     spec = replace(SPEC, cpu_limit=None, memory_limit=None)
-    assert service_spec(spec, [], "n")["task_template"]["Resources"]["Limits"] == {"Pids": 512}
+    body = service_spec(spec, [], Placement(node_id="n"))
+    assert body["task_template"]["Resources"]["Limits"] == {"Pids": 512}
+
+
+def test_shared_workspaces_place_anywhere_and_check_the_share():
+    """With shared workspaces no node is pinned; the task mounts the root's sentinel and
+    refuses to start where it does not hold the gateway's token."""
+    placement = Placement(sentinel="/srv/workspaces/.sandman-shared", token="t0k")
+    body = service_spec(SPEC, [], placement)
+    container = body["task_template"]["ContainerSpec"]
+    assert body["task_template"]["Placement"]["Constraints"] == []
+    assert container["Env"]["SANDMAN_SHARED_TOKEN"] == "t0k"
+    assert container["Mounts"][1] == {
+        "Type": "bind",
+        "Source": "/srv/workspaces/.sandman-shared",
+        "Target": SHARED_SENTINEL_TARGET,
+        "ReadOnly": True,
+    }
+    assert "SANDMAN_SHARED_TOKEN" not in SPEC.env  # the spec itself is left alone
 
 
 @pytest.mark.parametrize(
@@ -116,7 +138,8 @@ def _task(state: str, node: str = "n1", port: int | None = 30001, desired: str =
         (_task("running", node="n2", port=30002), ("172.17.0.3", 30002)),
         (_task("starting"), None),
         (_task("running", port=None), None),  # no published port yet
-        (_task("running", node="gone"), None),  # its node left
+        (_task("running", node="gone"), None),  # its node left (or is down)
+        (_task("running", desired="shutdown"), None),  # being stopped: no new connections
     ],
 )
 def test_task_address(task, address):
@@ -143,6 +166,8 @@ def test_runtime_option():
     assert config_from_args(args, {}).runtime == "swarm"
     with pytest.raises(ValueError, match="--runtime"):
         config_from_args(parse(["serve", "--runtime", "kubernetes"], env={}), {})
+    with pytest.raises(ValueError, match="--shared-workspaces"):
+        config_from_args(parse(["serve", "--shared-workspaces"], env={}), {})
     with pytest.raises(ValueError, match="--no-egress"):
         config_from_args(parse(["serve", "--runtime", "swarm", "--no-egress"], env={}), {})
 
@@ -262,3 +287,34 @@ def test_place_timeout_option():
     assert config_from_args(args, {}).place_timeout == 3.0
     with pytest.raises(ValueError, match="--place-timeout"):
         config_from_args(parse(["serve", "--place-timeout", "0"], env={}), {})
+
+
+NOW = datetime(2026, 12, 6, 10, 0, 10, tzinfo=UTC)
+
+
+def _since(state: str, timestamp: str, created: str = "2"):
+    return {"CreatedAt": created, "DesiredState": "running",
+            "Status": {"State": state, "Timestamp": timestamp}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tasks", "lost"),
+    [
+        ([_since("pending", "2026-12-06T10:00:05.123456789Z")], False),  # 4.9 s: may come
+        ([_since("pending", "2026-12-06T10:00:04Z")], True),  # 6 s without a node
+        ([_since("pending", "2026-12-06T10:00:00Z"), _since("running", "x", created="1")],
+         False),  # still running elsewhere
+        ([_since("assigned", "2026-12-06T10:00:00Z")], False),  # placed, starting
+        ([_since("pending", "garbage")], False),
+    ],
+)  # fmt: skip
+def test_a_service_whose_task_found_no_node_for_long_is_lost(tasks, lost):
+    assert stranded(tasks, NOW, timeout=5) is lost
+
+
+def test_engine_times():
+    assert parse_time("2026-12-06T10:00:05.123456789Z") == datetime(
+        2026, 12, 6, 10, 0, 5, 123456, tzinfo=UTC
+    )
+    assert parse_time("2026-12-06T10:00:05Z") == datetime(2026, 12, 6, 10, 0, 5, tzinfo=UTC)
+    assert parse_time("yesterday") is None
