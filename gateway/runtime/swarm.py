@@ -177,9 +177,9 @@ def task_address(
     """Where a running task's sshd answers: its node's address and its published port.
     ``node_addresses`` holds the nodes that are up; a task Swarm is stopping (or gave up
     on, its node being down) gets no new connections."""
-    status = task.get("Status") or {}
-    if status.get("State") != "running" or task.get("DesiredState") != "running":
+    if not runs(task):
         return None
+    status = task.get("Status") or {}
     address = node_addresses.get(task.get("NodeID", ""))
     ports = (status.get("PortStatus") or {}).get("Ports") or []
     port = next((p.get("PublishedPort") for p in ports if p.get("TargetPort") == 22), None)
@@ -219,10 +219,17 @@ def unplaced_reason(tasks: Sequence[Mapping[str, Any]]) -> str | None:
     return status.get("Err") or status.get("Message") or "no node can run it"
 
 
+def runs(task: Mapping[str, Any]) -> bool:
+    """Whether the task runs and Swarm wants it to: a task on a node that went down keeps
+    its last state, "running", while Swarm has already given it up."""
+    state = (task.get("Status") or {}).get("State")
+    return state == "running" and task.get("DesiredState") == "running"
+
+
 def stranded(tasks: Sequence[Mapping[str, Any]], now: datetime, timeout: float) -> bool:
     """Whether the service lost its task for good: none runs, and the newest has waited
     for a node longer than ``timeout`` (its node left and no other can take it)."""
-    if any((t.get("Status") or {}).get("State") == "running" for t in tasks):
+    if any(runs(t) for t in tasks):
         return False
     if unplaced_reason(tasks) is None:
         return False

@@ -17,45 +17,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Gateway, docker, wait_for
-
-
-def ensure_swarm() -> None:
-    """Make this engine a single-node Swarm manager unless it is in a Swarm already,
-    advertising its docker0 address (reachable by nested nodes, never the outside)."""
-    if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active":
-        gateway_ip = docker(
-            "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"
-        )
-        docker("swarm", "init", "--advertise-addr", gateway_ip)
-    set_availability("active")  # a run killed mid-test may have paused it
-
-
-def set_availability(availability: str) -> None:
-    """Pause or activate this engine's node."""
-    node = docker("info", "--format", "{{.Swarm.NodeID}}")
-    docker("node", "update", "--availability", availability, node)
-
-
-def owned(kind: str, instance: str) -> list[str]:
-    """The names of the services, secrets or configs labelled with ``instance``."""
-    label = f"label=sandman.instance={instance}"
-    return docker(kind, "ls", "--filter", label, "--format", "{{.Name}}").split()
-
-
-def remove_swarm_leftovers(gw: Gateway, instance: str | None) -> None:
-    """Services, secrets, configs and both networks of this gateway (the Swarm removes a
-    network a moment after its last task: bounded retries)."""
-    if instance is not None:
-        for kind in ("service", "secret", "config"):
-            ids = owned(kind, instance)
-            if ids:
-                docker(kind, "rm", *ids, check=False)
-    for network in (gw.network, f"{gw.network}-config"):
-        for _ in range(20):
-            if not docker("network", "ls", "-q", "--filter", f"name=^{network}$"):
-                break
-            docker("network", "rm", network, check=False)
-            time.sleep(0.5)
+from tests.e2e.swarm import ensure_swarm, owned, remove_swarm_leftovers, set_availability
 
 
 @pytest.fixture

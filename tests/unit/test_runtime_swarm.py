@@ -305,6 +305,9 @@ def _since(state: str, timestamp: str, created: str = "2"):
         ([_since("pending", "2026-12-06T10:00:00Z"), _since("running", "x", created="1")],
          False),  # still running elsewhere
         ([_since("assigned", "2026-12-06T10:00:00Z")], False),  # placed, starting
+        ([_since("pending", "2026-12-06T10:00:00Z"),
+          {**_since("running", "x", created="1"), "DesiredState": "shutdown"}],
+         True),  # the old task on a node that went down still says "running"
         ([_since("pending", "garbage")], False),
     ],
 )  # fmt: skip
