@@ -54,6 +54,58 @@ def translate_error(exc: DockerError, doing: str) -> Exception:
     return ContainerStartFailed(f"Docker refused to {doing}: {exc.message}")
 
 
+async def bounded(doing: str, call: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """``call()``, given at most ``seconds``.
+
+    Raises:
+        DockerUnavailable: the engine did not answer in time.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            return await call()
+    except TimeoutError:
+        raise DockerUnavailable(
+            "the Docker engine did not answer in time",
+            log_message=f"{doing}: no answer within {seconds:g} s",
+        ) from None
+
+
+async def engine_call(
+    doing: str, call: Callable[[], Awaitable[T]], seconds: float = CALL_TIMEOUT_SECONDS
+) -> T:
+    """``call()``, bounded (:func:`bounded`), the engine's errors translated
+    (:func:`translate_error`)."""
+    try:
+        return await bounded(doing, call, seconds)
+    except DockerError as exc:
+        raise translate_error(exc, doing) from exc
+
+
+async def follow_events(
+    docker: aiodocker.Docker, filters: dict[str, list[str]], what: str
+) -> AsyncIterator[dict[str, Any]]:
+    """The engine's events matching ``filters``, until its stream ends.
+
+    Raises:
+        DockerUnavailable, ContainerStartFailed: the stream failed (as translated).
+    """
+    events = DockerEvents(docker)
+    subscriber = events.subscribe(filters=json.dumps(filters))
+    try:
+        while (event := await subscriber.get()) is not None:
+            yield event
+        (ended,) = await asyncio.gather(events.task, return_exceptions=True)
+        if isinstance(ended, DockerError):
+            raise translate_error(ended, f"follow {what}") from ended
+        if isinstance(ended, aiohttp.ClientError):  # the engine went away mid-stream
+            raise DockerUnavailable(
+                "the Docker engine is unreachable", log_message=f"{what}: {ended}"
+            ) from ended
+    finally:
+        with contextlib.suppress(DockerError, aiohttp.ClientError):  # reported above
+            await events.stop()
+
+
 def container_config(spec: ContainerSpec, delivery: str = DEVICE_REQUEST) -> dict[str, Any]:
     """The Docker ``containers/create`` body for ``spec``; a GPU is handed over as
     ``delivery`` says (:mod:`gateway.core.gpu_delivery`)."""
@@ -137,20 +189,10 @@ class DockerRuntime:
         Raises:
             DockerUnavailable: the engine did not answer in time.
         """
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await call()
-        except TimeoutError:
-            raise DockerUnavailable(
-                "the Docker engine did not answer in time",
-                log_message=f"{doing}: no answer within {self._timeout:g} s",
-            ) from None
+        return await bounded(doing, call, self._timeout)
 
     async def _call(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await self._bounded(doing, call)
-        except DockerError as exc:
-            raise translate_error(exc, doing) from exc
+        return await engine_call(doing, call, self._timeout)
 
     async def ping(self) -> None:
         await self._call("answer a ping", self._docker.version)
@@ -245,30 +287,15 @@ class DockerRuntime:
         return None  # a container keeps its address on its network until it is removed
 
     async def container_exits(self, instance: str) -> AsyncIterator[str]:
-        filters = json.dumps(
-            {
-                "type": ["container"],
-                "event": ["die", "destroy"],
-                "label": [f"{LABEL_INSTANCE}={instance}"],
-            }
-        )
-        events = DockerEvents(self._docker)
-        subscriber = events.subscribe(filters=filters)
-        try:
-            while (event := await subscriber.get()) is not None:
-                labels = event.get("Actor", {}).get("Attributes", {})
-                if session_id := labels.get(LABEL_SESSION):
-                    yield session_id
-            (ended,) = await asyncio.gather(events.task, return_exceptions=True)
-            if isinstance(ended, DockerError):
-                raise translate_error(ended, "follow container events") from ended
-            if isinstance(ended, aiohttp.ClientError):  # the engine went away mid-stream
-                raise DockerUnavailable(
-                    "the Docker engine is unreachable", log_message=f"container events: {ended}"
-                ) from ended
-        finally:
-            with contextlib.suppress(DockerError, aiohttp.ClientError):  # reported above
-                await events.stop()
+        filters = {
+            "type": ["container"],
+            "event": ["die", "destroy"],
+            "label": [f"{LABEL_INSTANCE}={instance}"],
+        }
+        async for event in follow_events(self._docker, filters, "container events"):
+            labels = event.get("Actor", {}).get("Attributes", {})
+            if session_id := labels.get(LABEL_SESSION):
+                yield session_id
 
     async def nodes(self) -> list[NodeInfo]:
         info = await self._call("describe the engine", self._docker.system.info)

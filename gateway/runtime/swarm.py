@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
-import json
 import logging
 import re
 import secrets
@@ -33,8 +31,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiodocker
-import aiohttp
-from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
 from gateway.errors import ContainerStartFailed, DockerUnavailable, GatewayError, NoCapacity
@@ -49,7 +45,7 @@ from gateway.runtime.base import (
     ContainerSpec,
     NodeInfo,
 )
-from gateway.runtime.docker import DockerRuntime, translate_error
+from gateway.runtime.docker import DockerRuntime, engine_call, follow_events, translate_error
 
 log = logging.getLogger(__name__)
 
@@ -325,10 +321,7 @@ class SwarmRuntime:
         await self._docker.close()
 
     async def _call(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await call()
-        except DockerError as exc:
-            raise translate_error(exc, doing) from exc
+        return await engine_call(doing, call)
 
     async def ping(self) -> None:
         """Raises: DockerUnavailable: no engine, or this engine is not a Swarm manager."""
@@ -628,24 +621,11 @@ class SwarmRuntime:
     async def container_exits(self, instance: str) -> AsyncIterator[str]:
         """Session ids whose service was removed behind the gateway's back. A task that
         dies is Swarm's to replace; the sweep ends a service that gave up."""
-        filters = json.dumps({"type": ["service"], "event": ["remove"]})
-        events = DockerEvents(self._docker)
-        subscriber = events.subscribe(filters=filters)
-        try:
-            while (event := await subscriber.get()) is not None:
-                name = event.get("Actor", {}).get("Attributes", {}).get("name", "")
-                if session_id := self._sessions.pop(name, ""):
-                    yield session_id
-            (ended,) = await asyncio.gather(events.task, return_exceptions=True)
-            if isinstance(ended, DockerError):
-                raise translate_error(ended, "follow service events") from ended
-            if isinstance(ended, aiohttp.ClientError):
-                raise DockerUnavailable(
-                    "the Docker engine is unreachable", log_message=f"service events: {ended}"
-                ) from ended
-        finally:
-            with contextlib.suppress(DockerError, aiohttp.ClientError):
-                await events.stop()
+        filters = {"type": ["service"], "event": ["remove"]}
+        async for event in follow_events(self._docker, filters, "service events"):
+            name = event.get("Actor", {}).get("Attributes", {}).get("name", "")
+            if session_id := self._sessions.pop(name, ""):
+                yield session_id
 
     async def _local_container(self, service: str) -> str | None:
         """The container of the service's running task, if that task runs on this node."""
