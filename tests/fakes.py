@@ -268,6 +268,9 @@ class FakeRuntime:
     def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
         return None  # like Docker's: a container keeps its address
 
+    def node_of(self, container_id: str) -> str | None:
+        return None
+
     async def nodes(self) -> list[NodeInfo]:
         self._check()
         return [NodeInfo("fake-node", "fakehost", "standalone", "ready", "active", None, 2.0,

@@ -173,6 +173,11 @@ SCHEMAS: dict[str, Any] = {
                 "oneOf": [{"type": "null"}, _ref("Idle")],
                 "description": "idle reclaim's view; null while --idle-reclaim is off",
             },
+            "node": {
+                **_NULLABLE_STR,
+                "description": "--runtime swarm: the host name of the node its task runs on; "
+                "null with plain Docker (this host) or while not known",
+            },
             "metadata": _object(
                 {
                     "image": {"type": "string"},

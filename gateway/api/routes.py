@@ -105,7 +105,8 @@ async def _body(request: web.Request) -> bytes:
 
 async def _view(request: web.Request, session: Session) -> dict[str, Any]:
     active = request.app[SESSIONS].active_connections(session.id)
-    view = session_view(session, active, request.app[CONFIG], request.app[IDENTITY])
+    node = request.app[RUNTIME].node_of(session.container_id or "")
+    view = session_view(session, active, request.app[CONFIG], request.app[IDENTITY], node=node)
     return {**view, "idle": await request.app[IDLE].view(session)}
 
 

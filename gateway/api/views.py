@@ -26,8 +26,14 @@ def ssh_access(session: Session, config: Config, identity: HostIdentity) -> dict
 
 
 def session_view(
-    session: Session, active_connections: int, config: Config, identity: HostIdentity
+    session: Session,
+    active_connections: int,
+    config: Config,
+    identity: HostIdentity,
+    *,
+    node: str | None = None,
 ) -> dict[str, Any]:
+    """``node``: where the session runs (Swarm), None on this host."""
     return {
         "id": session.id,
         "user_id": session.user_id,
@@ -42,6 +48,7 @@ def session_view(
         "created_at": rfc3339(session.created_at),
         "expires_at": rfc3339(session.expires_at),
         "active_connections": active_connections,
+        "node": node,
         "cpu_limit": session.cpu_limit,
         "memory_limit": session.memory_limit,
         "metadata": {

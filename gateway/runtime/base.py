@@ -132,6 +132,11 @@ class Runtime(Protocol):
         until the engine's event stream ends."""
         ...
 
+    def node_of(self, container_id: str) -> str | None:
+        """The host name of the node the container last ran on, as this runtime last saw
+        it (no engine call); None with plain Docker (this host) or when not known yet."""
+        ...
+
     async def nodes(self) -> list[NodeInfo]:
         """The machines sessions can run on (plain Docker: this one)."""
         ...

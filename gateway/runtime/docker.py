@@ -297,6 +297,9 @@ class DockerRuntime:
             if session_id := labels.get(LABEL_SESSION):
                 yield session_id
 
+    def node_of(self, container_id: str) -> str | None:
+        return None  # this host
+
     async def nodes(self) -> list[NodeInfo]:
         info = await self._call("describe the engine", self._docker.system.info)
         node = NodeInfo(

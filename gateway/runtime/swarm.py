@@ -316,6 +316,8 @@ class SwarmRuntime:
         self._sessions: dict[str, str] = {}  # service name -> session id (for removals)
         self._answering: dict[str, str] = {}  # service name -> the task seen answering SSH
         self._rewritten: dict[str, list[ContainerFile]] = {}  # files changed since the start
+        self._hostnames: dict[str, str] = {}  # node id -> host name
+        self._where: dict[str, str] = {}  # service name -> the host name of its task's node
 
     async def close(self) -> None:
         await self._docker.close()
@@ -507,7 +509,12 @@ class SwarmRuntime:
         return [node_info(node, gateway_node) for node in found]
 
     async def _node_addresses(self) -> dict[str, str]:
+        """The addresses of the nodes that are up (and every node's host name, kept)."""
         nodes = await self._call("list nodes", self._docker.nodes.list)
+        for node in nodes:
+            hostname = (node.get("Description") or {}).get("Hostname")
+            if hostname:
+                self._hostnames[node["ID"]] = hostname
         return {
             n["ID"]: status.get("Addr", "")
             for n in nodes
@@ -515,13 +522,20 @@ class SwarmRuntime:
         }
 
     async def _address(
-        self, tasks: Sequence[Mapping[str, Any]]
+        self, service: str, tasks: Sequence[Mapping[str, Any]]
     ) -> tuple[str, tuple[str, int]] | None:
-        """The id and address of a running task that has one."""
+        """The id and address of a running task that has one; notes the task's node."""
         if not any((t.get("Status") or {}).get("State") == "running" for t in tasks):
             return None
         nodes = await self._node_addresses()
-        return next(((t["ID"], a) for t in tasks if (a := task_address(t, nodes))), None)
+        for task in tasks:
+            if address := task_address(task, nodes):
+                self._where[service] = self._hostnames.get(task["NodeID"], task["NodeID"])
+                return task["ID"], address
+        return None
+
+    def node_of(self, container_id: str) -> str | None:
+        return self._where.get(container_id)
 
     async def inspect(self, container_id: str, network: str) -> ContainerInfo | None:
         """The service as a container: running while Swarm means to run a task for it;
@@ -535,7 +549,7 @@ class SwarmRuntime:
         tasks = await self._tasks(container_id)
         labels = dict((service.get("Spec") or {}).get("Labels") or {})
         self._sessions[container_id] = labels.get(LABEL_SESSION, "")
-        found = await self._address(tasks)
+        found = await self._address(container_id, tasks)
         address = found[1] if found else None
         return ContainerInfo(
             id=container_id,
@@ -555,7 +569,7 @@ class SwarmRuntime:
             deadline = loop.time() + REPLACEMENT_WAIT_SECONDS
             while True:
                 tasks = await self._tasks(container_id)
-                found = await self._address(tasks)
+                found = await self._address(container_id, tasks)
                 if found is not None:
                     task_id, address = found
                     if self._answering.get(container_id) == task_id:
@@ -577,6 +591,7 @@ class SwarmRuntime:
         self._pending.pop(container_id, None)
         self._answering.pop(container_id, None)
         self._rewritten.pop(container_id, None)
+        self._where.pop(container_id, None)
         self._files.pop(container_id, None)
         try:
             await self._docker.services.delete(container_id)

@@ -74,7 +74,8 @@ def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway
     assert note == "from-swarm"
     # the new task got its files again, the PATCHed facts included
     assert json.loads(facts)["expires_at"] == patched.body["expires_at"]
-    assert gw.request("GET", url).body["state"] == "running"
+    view = gw.request("GET", url).body
+    assert (view["state"], view["node"]) == ("running", own["hostname"])
 
     deleted = gw.request("DELETE", url)
     assert deleted.status in (200, 204)

@@ -44,12 +44,13 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
             where = docker("service", "ps", session["container_id"], "--format", "{{.Node}}",
                            "--filter", "desired-state=running")  # fmt: skip
             assert where == worker.name
+            url = f"/sessions/{session['session_id']}"
+            assert gw.request("GET", url).body["node"] == worker.name  # the view names it
             done = ssh.with_key(session, "echo from-worker > ~/w.txt")
             assert done.returncode == 0, done.stderr
             assert (gw.workspaces / "nested" / "w.txt").read_text() == "from-worker\n"
 
             docker("kill", worker.name)  # its engine dies; no other node may take the task
-            url = f"/sessions/{session['session_id']}"
             wait_for(lambda: gw.request("GET", url).status == 404, timeout=60, what="the end")
             events = gw.request("GET", f"/audit?session_id={session['session_id']}").body
             (ended,) = [e for e in events["events"] if "ended" in e["event"]]

@@ -222,7 +222,11 @@ def test_a_node_that_left_says_so_with_no_address():
 
 
 async def test_nodes_route_lists_what_the_runtime_reports(make_client):
+    """And a session view names no node on this (plain Docker) host."""
     client = await make_client()
+    created = await (await client.post("/sessions", json={"user_id": "ann"})).json()
+    view = await (await client.get(f"/sessions/{created['session_id']}")).json()
+    assert view["node"] is None
     body = await (await client.get("/nodes")).json()
     assert body["count"] == 1
     (node,) = body["nodes"]
