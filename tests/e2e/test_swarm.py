@@ -116,3 +116,21 @@ def test_a_session_no_node_can_take_is_503_no_capacity_in_time(swarm_gateway):
     instance = gw.instance_id()
     assert (owned("service", instance), owned("secret", instance)) == ([], [])
     assert gw.request("GET", "/sessions").body == []
+
+
+def test_a_node_without_the_shared_workspace_root_refuses_to_run_sessions(gateway_factory):
+    """--shared-workspaces: a task whose node's workspace root is not the gateway's (here:
+    the sentinel's token changed behind the gateway's back) never starts on an empty home."""
+    ensure_swarm()
+    gw = gateway_factory("--runtime", "swarm", "--shared-workspaces")
+    instance = gw.instance_id()
+    try:
+        (gw.workspaces / ".sandman-shared").write_text("another-share\n")
+        refused = gw.create(user_id="elsewhere")
+        assert (refused.status, refused.body["code"]) == (502, "container_start_failed")
+        assert "exit" in refused.body["error"]  # before its SSH server started, or (65)
+        assert "not the gateway's shared one" in gw.log_path.read_text()  # the task's log
+        assert owned("service", instance) == []
+    finally:
+        gw.stop()
+        remove_swarm_leftovers(gw, instance)
