@@ -138,7 +138,11 @@ def create_app(
             await audit.aclose()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-        runtime = open_runtime(config) if runtime_factory is None else runtime_factory()
+        runtime = (
+            open_runtime(config, app[keys.IDENTITY])
+            if runtime_factory is None
+            else runtime_factory()
+        )
         try:
             await runtime.ensure_network(config.docker_network, egress=config.network_egress)
             app[keys.RUNTIME] = runtime

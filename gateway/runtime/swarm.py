@@ -46,6 +46,7 @@ from gateway.runtime.base import (
     NodeInfo,
 )
 from gateway.runtime.docker import DockerRuntime, engine_call, follow_events, translate_error
+from gateway.ssh.control import ControlChannel
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,15 @@ class SwarmRuntime:
         *,
         place_timeout: float = 10.0,
         shared_root: Path | None = None,
+        channel: ControlChannel | None = None,
     ) -> None:
         """``shared_root``: the workspace root is the same shared storage on every node, so
-        tasks may run on any node; None pins them to the gateway's node."""
+        tasks may run on any node; None pins them to the gateway's node. ``channel``: how
+        files reach a running task (else only tasks on this node, through the Engine)."""
         self._docker = docker or aiodocker.Docker()
         self._place_timeout = place_timeout
         self._shared_root = shared_root
+        self._channel = channel
         self._placement: Placement | None = None
         self._local = DockerRuntime(self._docker)  # tasks on this node: exec, files, logs
         self._pending: dict[str, ContainerSpec] = {}  # created, not yet started
@@ -414,11 +418,19 @@ class SwarmRuntime:
             log.warning("service %s: rewriting files failed: %s", service, exc.log_message)
 
     async def _rewrite(self, service: str) -> None:
-        """Write the files rewritten since the start into the service's running task, if
-        it runs on this node (elsewhere the facts stay as made until the control channel
-        of docs/scale-out.md exists; the keys hold anyway, see session_files.key_expiry)."""
+        """Write the files rewritten since the start into the service's running task:
+        through the control channel (any node), else through the Engine if the task runs
+        on this node (elsewhere they stay as made; the keys hold anyway, see
+        session_files.key_expiry)."""
         files = self._rewritten.get(service)
         if not files:
+            return
+        if self._channel is not None:
+            found = await self._address(service, await self._tasks(service))
+            if found is None:
+                log.warning("service %s: no running task to write files into", service)
+                return
+            await self._channel.write_files(self._sessions.get(service, ""), found[1], files)
             return
         task_container = await self._local_container(service)
         if task_container is None:
@@ -438,7 +450,10 @@ class SwarmRuntime:
         """
         spec = self._pending.get(container_id)
         if spec is not None and await self._service(container_id) is None:
-            references = await self._file_references(spec, self._files.get(container_id, []))
+            files = self._files.get(container_id, [])
+            if self._channel is not None:
+                files = [*files, self._channel.authorized_keys_file()]
+            references = await self._file_references(spec, files)
             body = service_spec(spec, references, await self._placement_of_tasks())
             await self._call(
                 f"create service {spec.name}", lambda: self._docker.services.create(**body)

@@ -94,7 +94,7 @@ def test_a_service_removed_behind_the_gateways_back_ends_as_backend_gone(swarm_g
     url = f"/sessions/{session['session_id']}"
     wait_for(lambda: gw.request("GET", url).status == 404, timeout=10, what="the cleanup")
     events = gw.request("GET", f"/audit?session_id={session['session_id']}").body["events"]
-    (ended,) = [e for e in events if "ended" in e["event"]]
+    (ended,) = [e for e in events if e["event"] == "session_ended"]
     assert (ended["event"], ended["reason"]) == ("session_ended", "backend_gone")
     assert (owned("secret", gw.instance_id()), owned("config", gw.instance_id())) == ([], [])
 

@@ -4,13 +4,15 @@ engine's docker0, built offline: ``make images``) joins this engine's Swarm.
 With ``--shared-workspaces`` (the workspace root bound at the same path in the worker, as
 shared storage would be) a session lands on the worker while the manager takes no new
 tasks; the user logs in through the gateway, which finds the task at the worker's address,
-and the file reaches the shared workspace. ``GET /nodes`` shows the worker's GPU slice (a
+and the file reaches the shared workspace; a PATCH's new facts reach the task through the
+gateway's control channel. ``GET /nodes`` shows the worker's GPU slice (a
 node generic resource). When the worker's engine dies and no other node may take the task,
 the session ends as ``backend_gone`` and its port closes.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tests.e2e.conftest import IMAGE, docker, port_refuses, wait_for
@@ -46,6 +48,12 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
             assert where == worker.name
             url = f"/sessions/{session['session_id']}"
             assert gw.request("GET", url).body["node"] == worker.name  # the view names it
+            # a PATCH reaches the task on the worker through the control channel (the
+            # manager's Engine cannot exec there), and never updates the service
+            patched = gw.request("PATCH", url, {"extend_minutes": 45})
+            assert patched.status == 200, patched.body
+            facts = ssh.with_key(session, "cat /etc/sandman/session.json")
+            assert json.loads(facts.stdout)["expires_at"] == patched.body["expires_at"]
             done = ssh.with_key(session, "echo from-worker > ~/w.txt")
             assert done.returncode == 0, done.stderr
             assert (gw.workspaces / "nested" / "w.txt").read_text() == "from-worker\n"
@@ -53,7 +61,7 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
             docker("kill", worker.name)  # its engine dies; no other node may take the task
             wait_for(lambda: gw.request("GET", url).status == 404, timeout=60, what="the end")
             events = gw.request("GET", f"/audit?session_id={session['session_id']}").body
-            (ended,) = [e for e in events["events"] if "ended" in e["event"]]
+            (ended,) = [e for e in events["events"] if e["event"] == "session_ended"]
             assert ended["reason"] == "backend_gone"
             assert port_refuses(session["ssh_port"])
         finally:
