@@ -12,21 +12,19 @@ The task publishes its sshd in host mode (no routing mesh or overlay is needed);
 finds it at each connection from the task status: the node's address and the published
 port (:meth:`SwarmRuntime.address_lookup`). A service's "container id" is its name.
 
-Placement: every task runs on the gateway's own node (where the workspace root is), until
-the gateway places sessions by node slices (docs/scale-out.md).
+Placement: every task runs on the gateway's own node (where the workspace root is), or
+with shared workspaces on any node (docs/scale-out.md). What is asked of the engine is
+built in :mod:`gateway.runtime.swarm_spec`, its answers read in
+:mod:`gateway.runtime.swarm_tasks`; this module does the I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
-import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,143 +44,35 @@ from gateway.runtime.base import (
     NodeInfo,
 )
 from gateway.runtime.docker import DockerRuntime, engine_call, follow_events, translate_error
+from gateway.runtime.swarm_spec import (
+    LABEL_SERVICE,
+    SHARED_SENTINEL,
+    Placement,
+    file_object_name,
+    file_reference,
+    is_secret,
+    network_config_name,
+    service_spec,
+)
+from gateway.runtime.swarm_tasks import (
+    check_not_failed,
+    node_info,
+    stranded,
+    task_address,
+    unplaced_reason,
+    wants_to_run,
+)
 from gateway.ssh.control import ControlChannel
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Where a task finds the gateway's files (secrets and configs), mirroring their paths.
-FILES_ROOT = "/run/sandman-files"
-#: With shared workspaces: the sentinel file in the workspace root, and where tasks see it.
-SHARED_SENTINEL = ".sandman-shared"
-SHARED_SENTINEL_TARGET = "/run/sandman-shared"
-#: The workspace image's entrypoint (workspace-image/Dockerfile).
-IMAGE_ENTRYPOINT = "/usr/local/sbin/sandman-entrypoint"
-#: Labels the secrets and configs of a service carry, to find and remove them with it.
-LABEL_SERVICE = "sandman.service"
 #: How often a start looks at its task, and how long a connection waits for a task that
 #: Swarm is replacing.
 TASK_POLL_SECONDS = 0.1
 REPLACEMENT_WAIT_SECONDS = 4.0
 BANNER_WAIT_SECONDS = 1.0
-#: Task states that will never run (the start fails with the engine's reason).
-_FAILED = {"failed", "rejected", "orphaned"}
-
-#: The service's command: install the files where the image expects them (root-owned,
-#: modes kept), then run the image's entrypoint with no-new-privileges.
-INSTALL_AND_RUN = f"""set -eu
-if [ -n "${{SANDMAN_SHARED_TOKEN:-}}" ] \\
-   && [ "$(cat {SHARED_SENTINEL_TARGET} 2>/dev/null)" != "$SANDMAN_SHARED_TOKEN" ]; then
-  echo "sandman: this node's workspace root is not the gateway's shared one" >&2
-  exit 65
-fi
-cd {FILES_ROOT}
-find . -type f | while IFS= read -r f; do
-  install -D -o 0 -g 0 -m "$(stat -Lc %a "$f")" "$f" "/${{f#./}}"
-done
-exec setpriv --no-new-privs -- "$@"
-"""
-
-
-def network_config_name(network: str) -> str:
-    """The config-only network holding ``network``'s options, one on every node."""
-    return f"{network}-config"
-
-
-def file_object_name(service: str, file: ContainerFile) -> str:
-    """A secret's or config's name: the service's, plus a hash of path, content and mode
-    (objects are immutable, so a retried start finds the same one)."""
-    digest = hashlib.sha256(f"{file.path}\0{file.mode}\0".encode() + file.content).hexdigest()
-    return f"{service}.{digest[:16]}"
-
-
-def is_secret(file: ContainerFile) -> bool:
-    """Files only root may read travel as secrets (encrypted at rest in the Raft log)."""
-    return file.mode & 0o077 == 0
-
-
-def file_reference(file: ContainerFile, object_id: str, name: str) -> dict[str, Any]:
-    """The service's reference to the secret or config holding ``file``."""
-    id_key = "SecretID" if is_secret(file) else "ConfigID"
-    name_key = "SecretName" if is_secret(file) else "ConfigName"
-    target = {"Name": f"{FILES_ROOT}{file.path}", "UID": "0", "GID": "0", "Mode": file.mode}
-    return {id_key: object_id, name_key: name, "File": target}
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where a session's task may run: pinned to the gateway's node (``node_id``), or, with
-    shared workspaces, on any node whose workspace root holds the sentinel ``token``."""
-
-    node_id: str | None = None
-    sentinel: str | None = None  # the sentinel file's path (the same on every node)
-    token: str | None = None
-
-
-def service_spec(
-    spec: ContainerSpec, references: Sequence[dict[str, Any]], placement: Placement
-) -> dict:
-    """The ``services/create`` body for ``spec`` (aiodocker turns ``Env`` into a list)."""
-    limits: dict[str, Any] = {"Pids": spec.pids_limit}
-    if spec.cpu_limit is not None:
-        limits["NanoCPUs"] = round(spec.cpu_limit * 1e9)
-    if spec.memory_limit is not None:
-        limits["MemoryBytes"] = spec.memory_limit
-    workspace = {"Type": "bind", "Source": str(spec.workspace), "Target": spec.home}
-    container: dict[str, Any] = {
-        "Image": spec.image,
-        "Hostname": spec.hostname,
-        "Env": dict(spec.env),
-        "Labels": dict(spec.labels),
-        "Command": ["/bin/sh", "-c", INSTALL_AND_RUN, "sandman-install", IMAGE_ENTRYPOINT],
-        "Mounts": [workspace],
-        "CapabilityDrop": ["ALL"],
-        "CapabilityAdd": list(spec.cap_add),
-        "Init": False,
-        "Secrets": [r for r in references if "SecretID" in r],
-        "Configs": [r for r in references if "ConfigID" in r],
-    }
-    constraints = [] if placement.node_id is None else [f"node.id=={placement.node_id}"]
-    if placement.sentinel is not None and placement.token is not None:
-        container["Env"]["SANDMAN_SHARED_TOKEN"] = placement.token
-        sentinel = {"Source": placement.sentinel, "Target": SHARED_SENTINEL_TARGET}
-        container["Mounts"].append({"Type": "bind", **sentinel, "ReadOnly": True})
-    return {
-        "name": spec.name,
-        "labels": dict(spec.labels),
-        "task_template": {
-            "ContainerSpec": container,
-            "Resources": {"Limits": limits},
-            # a task that dies is started again (fresh, files again); a task that keeps
-            # dying ends the session (no task left wants to run)
-            "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 3},
-            "Placement": {"Constraints": constraints},
-            "Networks": [{"Target": spec.network}],
-        },
-        "mode": {"Replicated": {"Replicas": 1}},
-        "endpoint_spec": {
-            "Mode": "dnsrr",  # no virtual IP: this kernel may lack ip_vs
-            "Ports": [{"Protocol": "tcp", "TargetPort": 22, "PublishMode": "host"}],
-        },
-    }
-
-
-def task_address(
-    task: Mapping[str, Any], node_addresses: Mapping[str, str]
-) -> tuple[str, int] | None:
-    """Where a running task's sshd answers: its node's address and its published port.
-    ``node_addresses`` holds the nodes that are up; a task Swarm is stopping (or gave up
-    on, its node being down) gets no new connections."""
-    if not runs(task):
-        return None
-    status = task.get("Status") or {}
-    address = node_addresses.get(task.get("NodeID", ""))
-    ports = (status.get("PortStatus") or {}).get("Ports") or []
-    port = next((p.get("PublishedPort") for p in ports if p.get("TargetPort") == 22), None)
-    if not address or not port:
-        return None
-    return address, int(port)
 
 
 def _sentinel_token(path: Path) -> str:
@@ -192,62 +82,6 @@ def _sentinel_token(path: Path) -> str:
         path.write_text(secrets.token_hex(16) + "\n")
         path.chmod(0o644)
     return path.read_text().strip()
-
-
-def _check_not_failed(tasks: Sequence[Mapping[str, Any]]) -> None:
-    """Raises: ContainerStartFailed: Swarm gave the service up (its reason)."""
-    if tasks and not wants_to_run(tasks):
-        latest = max(tasks, key=lambda t: t.get("UpdatedAt", ""))
-        status = latest.get("Status") or {}
-        if status.get("State") in _FAILED or latest.get("DesiredState") == "shutdown":
-            reason = status.get("Err") or status.get("Message") or status.get("State")
-            raise ContainerStartFailed(f"Swarm could not run the session: {reason}")
-
-
-def unplaced_reason(tasks: Sequence[Mapping[str, Any]]) -> str | None:
-    """The engine's reason while the service's newest task waits for a node that can run
-    it (state new or pending), else None."""
-    if not tasks:
-        return None
-    latest = max(tasks, key=lambda t: t.get("CreatedAt", ""))
-    status = latest.get("Status") or {}
-    if status.get("State") not in ("new", "pending"):
-        return None
-    return status.get("Err") or status.get("Message") or "no node can run it"
-
-
-def runs(task: Mapping[str, Any]) -> bool:
-    """Whether the task runs and Swarm wants it to: a task on a node that went down keeps
-    its last state, "running", while Swarm has already given it up."""
-    state = (task.get("Status") or {}).get("State")
-    return state == "running" and task.get("DesiredState") == "running"
-
-
-def stranded(tasks: Sequence[Mapping[str, Any]], now: datetime, timeout: float) -> bool:
-    """Whether the service lost its task for good: none runs, and the newest has waited
-    for a node longer than ``timeout`` (its node left and no other can take it)."""
-    if any(runs(t) for t in tasks):
-        return False
-    if unplaced_reason(tasks) is None:
-        return False
-    latest = max(tasks, key=lambda t: t.get("CreatedAt", ""))
-    since = parse_time((latest.get("Status") or {}).get("Timestamp", ""))
-    return since is not None and (now - since).total_seconds() > timeout
-
-
-def parse_time(text: str) -> datetime | None:
-    """An Engine API time (RFC 3339 with nanoseconds), aware UTC; None if malformed."""
-    found = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z$", text)
-    if found is None:
-        return None
-    fraction = (found[2] or ".0")[:7]
-    return datetime.fromisoformat(found[1] + fraction + "+00:00")
-
-
-def wants_to_run(tasks: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether Swarm still means to run the service: some task is desired running (or
-    ready, mid-update). A service whose tasks all failed past the restart limit has none."""
-    return any(t.get("DesiredState") in ("running", "ready") for t in tasks)
 
 
 async def sshd_answers(address: tuple[str, int]) -> bool:
@@ -262,34 +96,6 @@ async def sshd_answers(address: tuple[str, int]) -> bool:
                 writer.close()
     except (OSError, TimeoutError):
         return False
-
-
-def node_info(node: Mapping[str, Any], gateway_node: str | None) -> NodeInfo:
-    """Our view of a ``GET /nodes`` entry."""
-    description = node.get("Description") or {}
-    resources = description.get("Resources") or {}
-    status = node.get("Status") or {}
-    spec = node.get("Spec") or {}
-    generic = []
-    for item in resources.get("GenericResources") or []:
-        named, discrete = item.get("NamedResourceSpec"), item.get("DiscreteResourceSpec")
-        if named:
-            generic.append((named.get("Kind", ""), str(named.get("Value", ""))))
-        elif discrete:
-            generic.append((discrete.get("Kind", ""), str(discrete.get("Value", 0))))
-    return NodeInfo(
-        id=node.get("ID", ""),
-        hostname=description.get("Hostname", ""),
-        role=spec.get("Role", ""),
-        state=status.get("State", "unknown"),
-        availability=spec.get("Availability", ""),
-        address=status.get("Addr") or None,
-        cpus=resources.get("NanoCPUs", 0) / 1e9,
-        memory=int(resources.get("MemoryBytes", 0)),
-        engine_version=(description.get("Engine") or {}).get("EngineVersion", ""),
-        resources=tuple(sorted(generic)),
-        gateway=node.get("ID") == gateway_node,
-    )
 
 
 class SwarmRuntime:
@@ -471,7 +277,7 @@ class SwarmRuntime:
             reason = unplaced_reason(tasks)
             if reason is not None and asyncio.get_running_loop().time() > placed_by:
                 raise NoCapacity(f"no node can run the session now: {reason}")
-            _check_not_failed(tasks)
+            check_not_failed(tasks)
             await asyncio.sleep(TASK_POLL_SECONDS)
 
     async def _file_references(

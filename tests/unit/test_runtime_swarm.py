@@ -1,5 +1,6 @@
-"""The Swarm runtime's pure parts: the service it asks for, where a task answers, when
-Swarm still means to run one, and ``--runtime`` (the engine itself is in tests/e2e)."""
+"""The Swarm runtime's pure parts (``swarm_spec``, ``swarm_tasks``): the service it asks for,
+where a task answers, when Swarm still means to run one, what a node offers; the options;
+``GET /nodes`` (the engine itself is in tests/e2e)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from gateway.config import Config, config_from_args, parse
 from gateway.models import Session
 from gateway.runtime.base import SSHD_CAPABILITIES, ContainerFile, ContainerSpec
-from gateway.runtime.swarm import (
+from gateway.runtime.swarm_spec import (
     FILES_ROOT,
     IMAGE_ENTRYPOINT,
     SHARED_SENTINEL_TARGET,
@@ -20,9 +21,11 @@ from gateway.runtime.swarm import (
     file_object_name,
     file_reference,
     is_secret,
+    service_spec,
+)
+from gateway.runtime.swarm_tasks import (
     node_info,
     parse_time,
-    service_spec,
     stranded,
     task_address,
     unplaced_reason,
