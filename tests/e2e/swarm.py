@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.conftest import Gateway, docker, wait_for
 
 NODE_IMAGE = os.environ.get("SANDMAN_SWARM_NODE_IMAGE", "sandman-swarm-node:bookworm")
@@ -86,6 +88,8 @@ def swarm_worker(shared: Path, image: str, resources: list[str]) -> Iterator[Wor
     """A worker joined to this engine's Swarm, with ``image`` loaded, ``shared`` bound at
     the same path (shared storage) and the node generic ``resources`` ("KIND=VALUE");
     killed and removed from the Swarm afterwards."""
+    if subprocess.run(["docker", "image", "inspect", NODE_IMAGE], capture_output=True).returncode:
+        pytest.fail(f"the multi-node test needs the image {NODE_IMAGE} (run: make images)")
     WORKER_CACHE.mkdir(parents=True, exist_ok=True)
     with (WORKER_CACHE / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
