@@ -481,6 +481,14 @@ class SwarmRuntime:
             )
         return task_container
 
+    async def cpu_seconds(self, container_id: str) -> float | None:
+        """The running task's CPU time if it runs on this node; None elsewhere (idle reclaim
+        then has no compute verdict, so it never reclaims for idle compute there)."""
+        task_container = await self._local_container(container_id)
+        if task_container is None:
+            return None
+        return await self._local.cpu_seconds(task_container)
+
     async def logs(self, container_id: str, tail: int = 20) -> str:
         try:
             lines = await self._docker.services.logs(
