@@ -43,7 +43,14 @@ from gateway.runtime.base import (
     ContainerSpec,
     NodeInfo,
 )
-from gateway.runtime.docker import DockerRuntime, engine_call, follow_events, translate_error
+from gateway.runtime.docker import (
+    CALL_TIMEOUT_SECONDS,
+    DockerRuntime,
+    bounded,
+    engine_call,
+    follow_events,
+    translate_error,
+)
 from gateway.runtime.swarm_spec import (
     LABEL_SERVICE,
     SHARED_SENTINEL,
@@ -302,7 +309,11 @@ class SwarmRuntime:
         """The id of the secret or config ``name``, created unless a retry made it."""
         data = base64.b64encode(content).decode()
         try:
-            created = await objects.create(name, data, b64=True, labels=labels)
+            created = await bounded(
+                f"store {name}",
+                lambda: objects.create(name, data, b64=True, labels=labels),
+                CALL_TIMEOUT_SECONDS,
+            )
             return created["ID"]
         except DockerError as exc:
             if exc.status != 409:
@@ -312,7 +323,11 @@ class SwarmRuntime:
 
     async def _service(self, name: str) -> Mapping[str, Any] | None:
         try:
-            return await self._docker.services.inspect(name)
+            return await bounded(
+                f"inspect service {name}",
+                lambda: self._docker.services.inspect(name),
+                CALL_TIMEOUT_SECONDS,
+            )
         except DockerError as exc:
             if exc.status == 404:
                 return None
@@ -415,7 +430,11 @@ class SwarmRuntime:
         self._where.pop(container_id, None)
         self._files.pop(container_id, None)
         try:
-            await self._docker.services.delete(container_id)
+            await bounded(
+                f"remove service {container_id}",
+                lambda: self._docker.services.delete(container_id),
+                CALL_TIMEOUT_SECONDS,
+            )
         except DockerError as exc:
             if exc.status != 404:
                 raise translate_error(exc, f"remove service {container_id}") from exc
@@ -425,7 +444,11 @@ class SwarmRuntime:
                 "list secrets", lambda o=objects: o.list(filters=filters)
             ):
                 try:
-                    await objects.delete(found["ID"])
+                    await bounded(
+                        f"remove {found['ID']}",
+                        lambda o=objects, f=found: o.delete(f["ID"]),
+                        CALL_TIMEOUT_SECONDS,
+                    )
                 except DockerError as exc:
                     if exc.status != 404:
                         raise translate_error(exc, f"remove {found['ID']}") from exc
@@ -491,8 +514,12 @@ class SwarmRuntime:
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         try:
-            lines = await self._docker.services.logs(
-                container_id, stdout=True, stderr=True, tail=tail
+            lines = await bounded(
+                f"the log of {container_id}",
+                lambda: self._docker.services.logs(
+                    container_id, stdout=True, stderr=True, tail=str(tail)
+                ),
+                CALL_TIMEOUT_SECONDS,
             )
         except (DockerError, GatewayError):
             return ""
