@@ -59,8 +59,10 @@ soak: setup images
 lint: venv
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
-	$(BIN)/ruff check --target-version py310 workspace-image/session/sandman-session
-	$(BIN)/ruff format --check workspace-image/session/sandman-session
+	$(BIN)/ruff check --target-version py310 workspace-image/session/sandman-session \
+	    workspace-image/session/sandman-control
+	$(BIN)/ruff format --check workspace-image/session/sandman-session \
+	    workspace-image/session/sandman-control
 
 bench: venv
 	$(BIN)/python -m bench

@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in one run; prints the tables and writes them as JSON.
 
-    .venv/bin/python -m bench [--quick] [--json bench-results.json] [--parts bulk,idle,live]
+    .venv/bin/python -m bench [--quick] [--json bench-results.json] [--parts bulk,idle,live,swarm]
 
 Read the ratios (same run, same machine), not the absolute numbers.
 """
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import bulk, idle, live
+from bench import bulk, idle, live, swarm
 from bench.tools import GiB, table
 
 
@@ -57,6 +57,14 @@ def show(results: dict[str, Any]) -> str:
         parts.append(table("5. idle relayed connections", ["data path", "connections",
                            "relay RSS MiB", "KiB/connection", "x reference", "fds/connection",
                            "x reference"], rows))  # fmt: skip
+    if "swarm" in results and "skipped" in results["swarm"]:
+        parts.append(f"6. --runtime docker vs swarm: skipped ({results['swarm']['skipped']})")
+    elif "swarm" in results:
+        rows = [[name, f"{r['p50_s']:.2f}", f"{r['p95_s']:.2f}",
+                 ", ".join(f"{k} {v:.2f}" for k, v in r["steps_p50_s"].items())]
+                for name, r in results["swarm"].items()]  # fmt: skip
+        head = ["runtime", "p50 s", "p95 s", "p50 s per create step"]
+        parts.append(table("6. POST to ready, --runtime docker vs swarm", head, rows))
     return "\n\n".join(parts)
 
 
@@ -64,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
-    parser.add_argument("--parts", default="bulk,idle,live")
+    parser.add_argument("--parts", default="bulk,idle,live,swarm")
     parser.add_argument("--image", default=os.environ.get("SANDMAN_IMAGE", "gpu-workspace:latest"))
     parser.add_argument("--sessions", type=int, default=200, help="live sessions to aim for")
     parser.add_argument("--budget", type=float, default=300.0,
@@ -89,6 +97,9 @@ def main() -> None:
                 ready_count=2 if args.quick else 10,
                 sessions=3 if args.quick else args.sessions, budget_s=args.budget,
             )  # fmt: skip
+    if "swarm" in parts:
+        with tempfile.TemporaryDirectory(prefix="sandman-bench-") as tmp:
+            results["swarm"] = swarm.run(Path(tmp), args.image, 2 if args.quick else 10)
     print(show(results))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n(also in {args.json})")

@@ -47,6 +47,7 @@ class Gateway:
     root: Path
     image: str
     network: str = field(default_factory=lambda: f"sandman-bench-{secrets.token_hex(4)}")
+    extra: tuple[str, ...] = ()  # further ``serve`` options
     api_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -59,6 +60,7 @@ class Gateway:
             "--workspace-root", str(self.root / "workspaces"),
             "--ssh-port-start", str(PORTS[0]), "--ssh-port-end", str(PORTS[1]),
             "--docker-network", self.network, "--image", self.image, "--gpus", "none",
+            *self.extra,
         ]  # fmt: skip
         env = {**os.environ, "SANDMAN_API_TOKEN": TOKEN}
         with (self.root / "gateway.log").open("ab") as log:
@@ -112,7 +114,12 @@ class Gateway:
         ids = _docker("ps", "-aq", "--filter", f"network={self.network}").split()
         if ids:
             _docker("rm", "-f", *ids)
-        _docker("network", "rm", self.network)
+        for network in (self.network, f"{self.network}-config"):  # -config: Swarm's options
+            for _ in range(20):  # Swarm removes a network a moment after its last task
+                if not _docker("network", "ls", "-q", "--filter", f"name=^{network}$"):
+                    break
+                _docker("network", "rm", network)
+                time.sleep(0.5)
 
 
 def _docker(*args: str) -> str:

@@ -17,6 +17,7 @@ from gateway.core.validation import LimitPolicy, parse_duration, parse_size
 
 DEFAULT_IMAGE = "gpu-workspace"
 DEFAULT_EXPIRY_WARNINGS = (600.0, 60.0)  # seconds before expiry
+RUNTIMES = ("docker", "swarm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,9 @@ class Config:
     api_token: str | None = None
     api_token_file: Path | None = None
     cors_origins: tuple[str, ...] = ()
+    runtime: str = "docker"  # or "swarm": each session one Swarm service
+    place_timeout: float = 10.0  # swarm: seconds a task may wait for a node (503 no_capacity)
+    shared_workspaces: bool = False  # swarm: the workspace root is shared by every node
     docker_network: str = "worknet"
     network_egress: bool = True
     gpus: str = "auto"
@@ -225,6 +229,23 @@ def build_parser(
         shown="<state-dir>/api-token, generated on first start",
     )
     multi("--cors-origin", "origin allowed by CORS (default: any origin, echoed)")
+    opt(
+        "--runtime",
+        "docker (containers on this engine) or swarm (one service per session on the Swarm "
+        "this engine manages; docs/scale-out.md)",
+        default=d.runtime,
+    )
+    opt(
+        "--place-timeout",
+        "with --runtime swarm, a create whose task no node takes within this long fails with "
+        "503 no_capacity and the engine's reason",
+        default="10s",
+    )
+    flag(
+        "--shared-workspaces",
+        "with --runtime swarm: the workspace root is the same shared storage (e.g. NFS) on "
+        "every node, so sessions may run on any node (else on the gateway's node only)",
+    )
     opt(
         "--docker-network", "Docker bridge network for session containers", default=d.docker_network
     )
@@ -447,6 +468,15 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
     preauth = parse_duration(args.preauth_timeout)
     if preauth <= 0:
         raise ValueError("--preauth-timeout must be positive")
+    if args.runtime not in RUNTIMES:
+        raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
+    if args.runtime == "swarm" and args.no_egress:
+        raise ValueError("--no-egress does not work with --runtime swarm yet (docs/scale-out.md)")
+    if args.shared_workspaces and args.runtime != "swarm":
+        raise ValueError("--shared-workspaces needs --runtime swarm")
+    place_timeout = parse_duration(args.place_timeout)
+    if place_timeout <= 0:
+        raise ValueError("--place-timeout must be positive")
     http_timeout = parse_duration(args.http_timeout)
     if http_timeout <= 0:
         raise ValueError("--http-timeout must be positive")
@@ -469,6 +499,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         api_token=env.get("SANDMAN_API_TOKEN") or None,
         api_token_file=args.api_token_file,
         cors_origins=tuple(args.cors_origin),
+        runtime=args.runtime,
+        place_timeout=place_timeout,
+        shared_workspaces=args.shared_workspaces,
         docker_network=args.docker_network,
         network_egress=not args.no_egress,
         gpus=args.gpus,

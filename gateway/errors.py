@@ -128,6 +128,14 @@ class NoGpuAvailable(GatewayError):
     status = 503
 
 
+class NoCapacity(GatewayError):
+    """No node can run the session now (``--runtime swarm``): the engine's reason is in the
+    message."""
+
+    code = "no_capacity"
+    status = 503
+
+
 class NoPortAvailable(GatewayError):
     code = "no_port_available"
     status = 503

@@ -6,7 +6,7 @@ environment; secrets are root-only (0600)."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from gateway.config import Config
 from gateway.core.ssh import authorized_keys, sshd_forwarding
@@ -70,13 +70,24 @@ def session_info(session: Session, config: Config) -> dict[str, object]:
     }
 
 
+def key_expiry(session: Session, config: Config) -> datetime:
+    """When the authorized keys stop working: the session's expiry. With Swarm, a task that
+    Swarm restarts gets its files again from immutable secrets made at the start, so its
+    keys must outlast any expiry a PATCH can set (created + ``--max-ttl-minutes``); there
+    the gateway is the expiry authority: at the end it cuts every relayed connection and
+    removes the service."""
+    if config.runtime == "swarm":
+        return session.created_at + timedelta(minutes=config.max_ttl_minutes)
+    return session.expires_at
+
+
 def expiring_files(session: Session, config: Config) -> list[ContainerFile]:
     """The files that change when the session's expiry moves: authorized keys (with
-    ``expiry-time``) and the session facts. A session from before keys were recorded keeps
-    the authorized keys it was created with."""
+    ``expiry-time``, see :func:`key_expiry`) and the session facts. A session from before
+    keys were recorded keeps the authorized keys it was created with."""
     info = json.dumps(session_info(session, config), indent=2).encode() + b"\n"
     files = [ContainerFile(SESSION_INFO, info)]
     if session.authorized_keys:
-        text = authorized_keys(session.authorized_keys, session.expires_at)
+        text = authorized_keys(session.authorized_keys, key_expiry(session, config))
         files.append(ContainerFile(f"{AUTHORIZED_KEYS_DIR}/{session.user_id}", text.encode()))
     return files

@@ -94,6 +94,7 @@ _CONNECTION_REASON = {
     "ttl_expired": CloseReason.TTL_EXPIRED,
     "session_deleted": CloseReason.SESSION_DELETED,
     "container_gone": CloseReason.SERVER_CLOSED,
+    "backend_gone": CloseReason.SERVER_CLOSED,
 }
 #: The audit event of a session ending, by why it ends.
 _END_EVENT = {
@@ -374,7 +375,9 @@ class SessionManager:
         await self._provision.wait_ready(session, container_id, (info.ip, info.ssh_port))
         self._step_done(session, "sshd_ready")
         assert live.listener is not None
-        live.listener.set_upstream(info.ip, info.ssh_port)
+        network = self._config.docker_network
+        lookup = self._runtime.address_lookup(container_id, network)
+        live.listener.set_upstream(info.ip, info.ssh_port, lookup)
         async with live.lock:
             if not await self._store.mark_running(session.id, container_id, info.ip):
                 raise SessionDeleted("the session was ended while it was starting")
@@ -614,7 +617,7 @@ class SessionManager:
         if session.container_id:
             info = await self._runtime.inspect(session.container_id, self._config.docker_network)
             if info is None or not info.running:
-                return "container_gone"
+                return self._runtime.gone_reason
         return None
 
     async def _remove_orphans(self, owned: list[ContainerInfo]) -> None:
@@ -636,7 +639,7 @@ class SessionManager:
                     running = live is not None and live.session.state is SessionState.RUNNING
                     if running and live.ending is None:
                         log.info("session %s: its container is gone", session_id)
-                        ending = self.end(live.session, "container_gone")
+                        ending = self.end(live.session, self._runtime.gone_reason)
                         what = "end (the sweep retries)"
                         self._spawn(_quietly(ending, what), f"gone:{session_id}")
             except GatewayError as exc:
@@ -691,7 +694,8 @@ class SessionManager:
             listener = await self._move_port(session, exc)
         # the owner from here: if a step below fails, an end closes this listener
         live = self._live[session.id] = LiveSession(session, listener=listener, files_written=True)
-        listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port)
+        lookup = self._runtime.address_lookup(info.id, self._config.docker_network)
+        listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port, lookup)
         if info.ip and info.ip != session.container_ip:
             await self._store.mark_running(session.id, info.id, info.ip)
         if listener.port != session.ssh_port:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the workspace image (gpu-workspace:latest) and the gateway image
-# (sandman-gateway:latest) with no registry access.
+# Build the workspace image (gpu-workspace:latest), the gateway image
+# (sandman-gateway:latest) and the tests' nested Swarm worker (sandman-swarm-node:bookworm)
+# with no registry access.
 # By default both build FROM Debian bases made by build-base-image.sh (debootstrap;
 # skipped when the image exists) with `--network none`: sandman-base:bookworm
 # (with sshd) plus the packages of workspace-image/packages.txt, added by
@@ -14,6 +15,7 @@
 #      SANDMAN_TIMEZONE            the workspace containers' local time zone (default Etc/UTC)
 #      SANDMAN_GATEWAY_BASE_IMAGE  gateway base instead (e.g. python:3.11-slim, pulled if missing)
 #      SANDMAN_GATEWAY_IMAGE       gateway tag to build (default sandman-gateway:latest)
+#      SANDMAN_SWARM_NODE_IMAGE    the e2e tests' nested Swarm worker (default sandman-swarm-node:bookworm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +32,10 @@ fi
 docker build "${net[@]}" --build-arg BASE_IMAGE="$base" \
   --build-arg TIMEZONE="${SANDMAN_TIMEZONE:-Etc/UTC}" -t "$tag" workspace-image/
 echo "built $tag from $base"
+
+# The nested Swarm worker of tests/e2e/test_swarm_nodes.py: Debian with dockerd.
+scripts/build-base-image.sh "${SANDMAN_SWARM_NODE_IMAGE:-sandman-swarm-node:bookworm}" \
+  docker.io,iptables,ca-certificates,procps,iproute2
 
 gateway_tag="${SANDMAN_GATEWAY_IMAGE:-sandman-gateway:latest}"
 gateway_base="${SANDMAN_GATEWAY_BASE_IMAGE:-sandman-python:bookworm}"

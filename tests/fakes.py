@@ -22,10 +22,12 @@ from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
+    AddressLookup,
     CommandResult,
     ContainerFile,
     ContainerInfo,
     ContainerSpec,
+    NodeInfo,
 )
 from gateway.runtime.docker import container_config
 from gateway.session_files import HOST_KEY
@@ -107,6 +109,7 @@ class FakeRuntime:
 
     mode: str = "ok"
     reachable: bool = True
+    gone_reason: str = "container_gone"
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     execs: list[tuple[str, list[str], str]] = field(default_factory=list)
@@ -261,6 +264,17 @@ class FakeRuntime:
         self._check()
         infos = [self._info(c) for c in self.containers.values()]
         return [i for i in infos if i.labels.get(LABEL_INSTANCE) == instance]
+
+    def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
+        return None  # like Docker's: a container keeps its address
+
+    def node_of(self, container_id: str) -> str | None:
+        return None
+
+    async def nodes(self) -> list[NodeInfo]:
+        self._check()
+        return [NodeInfo("fake-node", "fakehost", "standalone", "ready", "active", None, 2.0,
+                         2**30, "0.0-fake", gateway=True)]  # fmt: skip
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         return "fake log"

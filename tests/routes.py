@@ -13,4 +13,5 @@ PROTECTED_ROUTES = [
     ("GET", "/gpus"),
     ("GET", "/gpus/profiles"),
     ("GET", "/gpus/available"),
+    ("GET", "/nodes"),
 ]

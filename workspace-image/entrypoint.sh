@@ -18,6 +18,8 @@
 #   /etc/ssh/sandman_forwarding.conf  agent / Unix socket forwarding as the gateway's
 #                           settings say (sshd_config includes it; absent = its defaults)
 #   /etc/sandman/tmux-attach    present with --tmux-attach (/etc/profile.d reads it)
+#   /etc/ssh/authorized_keys/root  the gateway's control key, forced to run
+#                           sandman-control (--runtime swarm); absent = no root login at all
 # The home /home/$SANDMAN_USER is expected to be a bind mount already owned by
 # uid:gid; it is never chowned, and /etc/skel files are only added if absent.
 set -euo pipefail
@@ -96,9 +98,13 @@ setpriv --reuid="$uid" --regid="$gid" --clear-groups -- \
 # --- ssh: keys are the gateway's files (outside the workspace); config -------
 install -d -m 0755 -o root -g root /run/sshd
 
+# root may log in only with the gateway's control key, and then only runs sandman-control
+# (sshd_config: PermitRootLogin forced-commands-only; the key line says restrict,command=).
+allowed="$user"
+[[ -s /etc/ssh/authorized_keys/root ]] && allowed="$user root"
 cat >/etc/ssh/sandman_runtime.conf <<EOF
 # Written by sandman-entrypoint at container start.
-AllowUsers $user
+AllowUsers $allowed
 PasswordAuthentication $pwauth
 EOF
 chmod 0644 /etc/ssh/sandman_runtime.conf

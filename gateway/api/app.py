@@ -29,6 +29,7 @@ from gateway.gpu.base import GpuBackend
 from gateway.idle_reclaim import IdleReclaimer
 from gateway.metrics import Metrics
 from gateway.models import utcnow
+from gateway.runtime import open_runtime
 from gateway.runtime.base import Runtime
 from gateway.sessions import Clock, SessionManager
 from gateway.ssh.identity import HostIdentity
@@ -137,12 +138,11 @@ def create_app(
             await audit.aclose()
 
     async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-        if runtime_factory is None:
-            from gateway.runtime.docker import DockerRuntime
-
-            runtime: Runtime = DockerRuntime()
-        else:
-            runtime = runtime_factory()
+        runtime = (
+            open_runtime(config, app[keys.IDENTITY])
+            if runtime_factory is None
+            else runtime_factory()
+        )
         try:
             await runtime.ensure_network(config.docker_network, egress=config.network_egress)
             app[keys.RUNTIME] = runtime

@@ -173,6 +173,11 @@ SCHEMAS: dict[str, Any] = {
                 "oneOf": [{"type": "null"}, _ref("Idle")],
                 "description": "idle reclaim's view; null while --idle-reclaim is off",
             },
+            "node": {
+                **_NULLABLE_STR,
+                "description": "--runtime swarm: the host name of the node its task runs on; "
+                "null with plain Docker (this host) or while not known",
+            },
             "metadata": _object(
                 {
                     "image": {"type": "string"},
@@ -281,6 +286,26 @@ SCHEMAS: dict[str, Any] = {
             "max_instances": {"type": "integer"},
             "gpu_name": {"type": "string"},
             "description": {"type": "string"},
+        }
+    ),
+    "Node": _object(
+        {
+            "id": {"type": "string"},
+            "hostname": {"type": "string"},
+            "role": {"enum": ["manager", "worker", "standalone"]},
+            "state": {"type": "string", "description": "ready, down, unknown, disconnected"},
+            "availability": {"type": "string", "description": "active, pause, drain"},
+            "address": _NULLABLE_STR,
+            "cpus": {"type": "number"},
+            "memory": {"type": "integer"},
+            "engine_version": {"type": "string"},
+            "gateway": {"type": "boolean", "description": "the node this gateway runs on"},
+            "resources": {
+                "type": "array",
+                "description": "generic resources (GPU slices): a named resource's value "
+                "(e.g. a MIG UUID) or a discrete resource's count",
+                "items": _object({"kind": {"type": "string"}, "value": {"type": "string"}}),
+            },
         }
     ),
     "Available": _object(
@@ -450,6 +475,15 @@ PATHS: dict[str, dict[str, Any]] = {
             "MIG profiles of these GPUs",
             {
                 "200": _list_of("profiles", "Profile", "profiles"),
+                "503": _UNAVAILABLE,
+            },
+        )
+    },
+    "/nodes": {
+        "get": _op(
+            "machines sessions can run on (--runtime swarm: the Swarm's nodes)",
+            {
+                "200": _list_of("nodes", "Node", "nodes", **_COUNT),
                 "503": _UNAVAILABLE,
             },
         )

@@ -14,6 +14,7 @@ from gateway.api.views import (
     available_view,
     created_view,
     gpu_view,
+    node_view,
     profile_view,
     session_view,
     unhealthy_gpu_view,
@@ -104,7 +105,8 @@ async def _body(request: web.Request) -> bytes:
 
 async def _view(request: web.Request, session: Session) -> dict[str, Any]:
     active = request.app[SESSIONS].active_connections(session.id)
-    view = session_view(session, active, request.app[CONFIG], request.app[IDENTITY])
+    node = request.app[RUNTIME].node_of(session.container_id or "")
+    view = session_view(session, active, request.app[CONFIG], request.app[IDENTITY], node=node)
     return {**view, "idle": await request.app[IDLE].view(session)}
 
 
@@ -229,3 +231,11 @@ async def list_available(request: web.Request) -> web.Response:
     free = await request.app[GPUS].available(await request.app[STORE].allocated_gpus())
     available = [available_view(item) for item in free]
     return web.json_response({"available_instances": available, "count": len(available)})
+
+
+@routes.get("/nodes")
+async def list_nodes(request: web.Request) -> web.Response:
+    """The machines sessions can run on: this one with plain Docker; the Swarm's nodes,
+    with their state and GPU slices (generic resources), with ``--runtime swarm``."""
+    nodes = [node_view(node) for node in await request.app[RUNTIME].nodes()]
+    return web.json_response({"nodes": nodes, "count": len(nodes)})

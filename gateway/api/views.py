@@ -11,6 +11,7 @@ from gateway.core.gpu_types import GpuInfo, Leftover, MigProfile
 from gateway.core.ssh import ssh_command
 from gateway.core.ttl import ttl_minutes_view
 from gateway.models import CreatedSession, Session, rfc3339
+from gateway.runtime.base import NodeInfo
 from gateway.ssh.identity import HostIdentity
 
 
@@ -25,8 +26,14 @@ def ssh_access(session: Session, config: Config, identity: HostIdentity) -> dict
 
 
 def session_view(
-    session: Session, active_connections: int, config: Config, identity: HostIdentity
+    session: Session,
+    active_connections: int,
+    config: Config,
+    identity: HostIdentity,
+    *,
+    node: str | None = None,
 ) -> dict[str, Any]:
+    """``node``: where the session runs (Swarm), None on this host."""
     return {
         "id": session.id,
         "user_id": session.user_id,
@@ -41,6 +48,7 @@ def session_view(
         "created_at": rfc3339(session.created_at),
         "expires_at": rfc3339(session.expires_at),
         "active_connections": active_connections,
+        "node": node,
         "cpu_limit": session.cpu_limit,
         "memory_limit": session.memory_limit,
         "metadata": {
@@ -150,4 +158,20 @@ def available_view(item: AvailableInstance) -> dict[str, Any]:
         "memory": item.memory,
         "compute_slices": item.compute_slices,
         "memory_slices": item.memory_slices,
+    }
+
+
+def node_view(node: NodeInfo) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "hostname": node.hostname,
+        "role": node.role,
+        "state": node.state,
+        "availability": node.availability,
+        "address": node.address,
+        "cpus": node.cpus,
+        "memory": node.memory,
+        "engine_version": node.engine_version,
+        "gateway": node.gateway,
+        "resources": [{"kind": kind, "value": value} for kind, value in node.resources],
     }

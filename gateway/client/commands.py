@@ -402,6 +402,26 @@ async def gpus(api: Api, args: argparse.Namespace, io: Io) -> int:
     return 0
 
 
+async def nodes(api: Api, args: argparse.Namespace, io: Io) -> int:
+    listed = await api.call("GET", "/nodes")
+    if args.json:
+        fmt.dump(io.out, listed)
+        return 0
+    rows = [
+        [
+            node["hostname"] + (" (gateway)" if node["gateway"] else ""),
+            node["role"],
+            node["state"],
+            node["availability"],
+            node["address"] or "-",
+            ", ".join(f"{r['kind']}={r['value']}" for r in node["resources"]) or "-",
+        ]
+        for node in listed["nodes"]
+    ]
+    fmt.table(io.out, ["NODE", "ROLE", "STATE", "AVAILABILITY", "ADDRESS", "SLICES"], rows)
+    return 0
+
+
 async def login(args: argparse.Namespace, io: Io) -> int:
     """Check the URL and token against the gateway, then save them to the config file."""
     try:

@@ -1,4 +1,5 @@
-"""The client's command line: ``session ...``, ``audit``, ``gpus``, ``ssh-config``, ``login``."""
+"""The client's command line: ``session ...``, ``audit``, ``gpus``, ``nodes``, ``ssh-config``,
+``login``."""
 
 from __future__ import annotations
 
@@ -134,6 +135,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     gpus.add_argument(
         "--probe", action="store_true", help="read-only local NVML probe, printed as JSON"
     )
+    command(sub, "nodes", commands.nodes, "machines sessions run on, their state and GPU slices")
     config = command(
         sub, "ssh-config", commands.ssh_config_block, "a Host block for ~/.ssh/config", json=False
     )

@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -32,6 +32,23 @@ from gateway.relay.splice import PipePool, splice_pump
 log = logging.getLogger(__name__)
 
 UPSTREAM_CONNECT_TIMEOUT = 5.0
+
+#: Where a session's container answers now (None: nowhere yet), for runtimes whose
+#: containers can move or be replaced while the session lives (Swarm tasks).
+Resolver = Callable[[], Awaitable[tuple[str, int] | None]]
+
+
+async def resolved(
+    resolve: Resolver, known: tuple[str, int] | None, session_id: str
+) -> tuple[str, int] | None:
+    """Ask ``resolve`` where the session's sshd is now; if it fails or takes longer than
+    the connect timeout, the ``known`` address."""
+    try:
+        async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
+            return await resolve()
+    except Exception as exc:  # the engine is down or slow: the last address may do
+        log.warning("session %s: resolving the upstream failed: %r", session_id, exc)
+        return known
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +144,14 @@ class RelayedConnection:
         if self._task is not None:
             self._task.cancel()
 
-    async def run(self, upstream: tuple[str, int] | None) -> None:
+    async def run(self, upstream: tuple[str, int] | None, resolve: Resolver | None = None) -> None:
+        """Relay to ``upstream`` until the connection ends. With ``resolve``, the upstream
+        is looked up once more if connecting to it fails."""
         self._task = asyncio.current_task()
         reason, closed_by = CloseReason.ERROR, "gateway"
         try:
             if self._cut_reason is None:
-                reason, closed_by = await self._relay(upstream)
+                reason, closed_by = await self._relay(upstream, resolve)
             else:  # cut before it ran
                 reason = self._cut_reason
         except asyncio.CancelledError:
@@ -165,16 +184,32 @@ class RelayedConnection:
         else:
             self._observer.connection_ended_before_kex(self.record)
 
-    async def _relay(self, upstream: tuple[str, int] | None) -> tuple[CloseReason, str]:
-        if upstream is None:
-            return CloseReason.UPSTREAM_UNREACHABLE, "gateway"
-        try:
-            async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
-                server = await connect(upstream)
-        except (OSError, TimeoutError) as exc:
-            log.info(
-                "session %s: upstream %s unreachable: %s", self.record.session_id, upstream, exc
-            )
+    async def _connect(
+        self, upstream: tuple[str, int] | None, resolve: Resolver | None
+    ) -> socket.socket | None:
+        """A socket connected to ``upstream``; if that fails and there is a ``resolve``,
+        to the address it gives when asked once more (a task being replaced). None: no
+        answer from either."""
+        for attempt in range(2 if resolve is not None else 1):
+            if attempt and resolve is not None:
+                upstream = await resolved(resolve, upstream, self.record.session_id)
+            if upstream is None:
+                continue
+            try:
+                async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
+                    return await connect(upstream)
+            except (OSError, TimeoutError) as exc:
+                log.info(
+                    "session %s: upstream %s unreachable (try %d): %s",
+                    self.record.session_id, upstream, attempt + 1, exc,
+                )  # fmt: skip
+        return None
+
+    async def _relay(
+        self, upstream: tuple[str, int] | None, resolve: Resolver | None
+    ) -> tuple[CloseReason, str]:
+        server = await self._connect(upstream, resolve)
+        if server is None:
             return CloseReason.UPSTREAM_UNREACHABLE, "gateway"
         with server:
             set_nodelay(self._client)

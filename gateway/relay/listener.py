@@ -24,7 +24,13 @@ from gateway.core.admission import Slot, admit
 from gateway.core.ssh_transport import disconnect_message
 from gateway.models import CloseReason
 from gateway.relay import splice as splice_module
-from gateway.relay.connection import ConnectionObserver, RelayedConnection, RelayLimits
+from gateway.relay.connection import (
+    ConnectionObserver,
+    RelayedConnection,
+    RelayLimits,
+    Resolver,
+    resolved,
+)
 from gateway.relay.splice import PipePool
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ class SessionListener:
         self.user_id = user_id
         self.port = port
         self.upstream: tuple[str, int] | None = None
+        self.resolve: Resolver | None = None
         self._limits = limits
         self._observer = observer
         self._clock = clock
@@ -86,14 +93,19 @@ class SessionListener:
         does not keep a session."""
         return self._clock() if self.established else self._last_seen
 
-    def set_upstream(self, host: str, port: int) -> None:
+    def set_upstream(self, host: str, port: int, resolve: Resolver | None = None) -> None:
+        """Relay to ``(host, port)``; with ``resolve``, ask it where to connect at each new
+        connection and once more if that address fails (a container that can move)."""
         self.upstream = (host, port)
+        self.resolve = resolve
 
     async def where_to_connect(self) -> tuple[str, int] | None:
         """The container's sshd for a new connection (None: not known yet). The one place
-        that decides it, asked once per connection: a runtime whose backends move can
-        replace this."""
-        return self.upstream
+        that decides it, asked once per connection: with a ``resolve`` (a runtime whose
+        backends move), its answer, or the last address when it fails."""
+        if self.resolve is None:
+            return self.upstream
+        return await resolved(self.resolve, self.upstream, self.session_id)
 
     async def bind(self, host: str) -> None:
         """Listen on ``host`` (its first address) and :attr:`port`; port 0 picks one and
@@ -149,7 +161,7 @@ class SessionListener:
         if self._closing is not None:
             connection.cut(self._closing)
         try:
-            await connection.run(await self.where_to_connect())
+            await connection.run(await self.where_to_connect(), self.resolve)
         finally:
             self._live.discard(connection)
             if connection.kex_done:

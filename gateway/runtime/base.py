@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -12,6 +12,9 @@ from gateway.core.gpu_delivery import GpuPath
 LABEL_SESSION = "sandman.session_id"
 LABEL_USER = "sandman.user_id"
 LABEL_INSTANCE = "sandman.instance"
+
+#: Where a session's sshd answers now (None: nowhere yet).
+AddressLookup = Callable[[], Awaitable[tuple[str, int] | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,25 @@ class CommandResult:
     output: str
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A machine sessions can run on, as its engine reports it."""
+
+    id: str
+    hostname: str
+    role: str  # "manager", "worker", or "standalone" (plain Docker)
+    state: str  # "ready", "down", "unknown", "disconnected"
+    availability: str  # "active", "pause", "drain"
+    address: str | None
+    cpus: float
+    memory: int  # bytes
+    engine_version: str
+    #: the node's generic resources (GPU slices), as (kind, value): a named resource's
+    #: value (e.g. a MIG UUID), or a discrete resource's count
+    resources: tuple[tuple[str, str], ...] = ()
+    gateway: bool = False  # the node this gateway runs on
+
+
 class Runtime(Protocol):
     """Create, start, inspect and remove session containers.
 
@@ -68,6 +90,9 @@ class Runtime(Protocol):
     Every method raises :class:`gateway.errors.DockerUnavailable` when the engine
     cannot be reached.
     """
+
+    #: The end reason of a session whose container (or service) vanished.
+    gone_reason: str
 
     async def ping(self) -> None: ...
 
@@ -96,9 +121,24 @@ class Runtime(Protocol):
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]: ...
 
+    def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
+        """How the relay finds the container at each new connection, for runtimes whose
+        containers can move or be replaced while the session lives; None when the address
+        :meth:`start` returned holds for the container's life."""
+        ...
+
     def container_exits(self, instance: str) -> AsyncIterator[str]:
         """The session ids (label) of ``instance``'s containers as each dies or is removed,
         until the engine's event stream ends."""
+        ...
+
+    def node_of(self, container_id: str) -> str | None:
+        """The host name of the node the container last ran on, as this runtime last saw
+        it (no engine call); None with plain Docker (this host) or when not known yet."""
+        ...
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The machines sessions can run on (plain Docker: this one)."""
         ...
 
     async def logs(self, container_id: str, tail: int = 20) -> str: ...

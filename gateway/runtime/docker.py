@@ -29,10 +29,12 @@ from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
+    AddressLookup,
     CommandResult,
     ContainerFile,
     ContainerInfo,
     ContainerSpec,
+    NodeInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -46,10 +48,62 @@ _UNREACHABLE = 900
 CALL_TIMEOUT_SECONDS = 60.0
 
 
-def _translate(exc: DockerError, doing: str) -> Exception:
+def translate_error(exc: DockerError, doing: str) -> Exception:
     if exc.status == _UNREACHABLE:
         return DockerUnavailable("the Docker engine is unreachable", log_message=f"{doing}: {exc}")
     return ContainerStartFailed(f"Docker refused to {doing}: {exc.message}")
+
+
+async def bounded(doing: str, call: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """``call()``, given at most ``seconds``.
+
+    Raises:
+        DockerUnavailable: the engine did not answer in time.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            return await call()
+    except TimeoutError:
+        raise DockerUnavailable(
+            "the Docker engine did not answer in time",
+            log_message=f"{doing}: no answer within {seconds:g} s",
+        ) from None
+
+
+async def engine_call(
+    doing: str, call: Callable[[], Awaitable[T]], seconds: float = CALL_TIMEOUT_SECONDS
+) -> T:
+    """``call()``, bounded (:func:`bounded`), the engine's errors translated
+    (:func:`translate_error`)."""
+    try:
+        return await bounded(doing, call, seconds)
+    except DockerError as exc:
+        raise translate_error(exc, doing) from exc
+
+
+async def follow_events(
+    docker: aiodocker.Docker, filters: dict[str, list[str]], what: str
+) -> AsyncIterator[dict[str, Any]]:
+    """The engine's events matching ``filters``, until its stream ends.
+
+    Raises:
+        DockerUnavailable, ContainerStartFailed: the stream failed (as translated).
+    """
+    events = DockerEvents(docker)
+    subscriber = events.subscribe(filters=json.dumps(filters))
+    try:
+        while (event := await subscriber.get()) is not None:
+            yield event
+        (ended,) = await asyncio.gather(events.task, return_exceptions=True)
+        if isinstance(ended, DockerError):
+            raise translate_error(ended, f"follow {what}") from ended
+        if isinstance(ended, aiohttp.ClientError):  # the engine went away mid-stream
+            raise DockerUnavailable(
+                "the Docker engine is unreachable", log_message=f"{what}: {ended}"
+            ) from ended
+    finally:
+        with contextlib.suppress(DockerError, aiohttp.ClientError):  # reported above
+            await events.stop()
 
 
 def container_config(spec: ContainerSpec, delivery: str = DEVICE_REQUEST) -> dict[str, Any]:
@@ -109,6 +163,8 @@ def _info(data: dict[str, Any], network: str) -> ContainerInfo:
 class DockerRuntime:
     """Session containers on the local Docker engine."""
 
+    gone_reason = "container_gone"
+
     def __init__(
         self, docker: aiodocker.Docker | None = None, *, timeout: float = CALL_TIMEOUT_SECONDS
     ) -> None:
@@ -133,48 +189,44 @@ class DockerRuntime:
         Raises:
             DockerUnavailable: the engine did not answer in time.
         """
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await call()
-        except TimeoutError:
-            raise DockerUnavailable(
-                "the Docker engine did not answer in time",
-                log_message=f"{doing}: no answer within {self._timeout:g} s",
-            ) from None
+        return await bounded(doing, call, self._timeout)
 
     async def _call(self, doing: str, call: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await self._bounded(doing, call)
-        except DockerError as exc:
-            raise _translate(exc, doing) from exc
+        return await engine_call(doing, call, self._timeout)
 
     async def ping(self) -> None:
         await self._call("answer a ping", self._docker.version)
 
     async def ensure_network(self, name: str, *, egress: bool) -> None:
         """Create the bridge ``name`` (inter-container traffic off) unless it exists."""
+        await self.create_network(
+            {
+                "Name": name,
+                "Driver": "bridge",
+                "Internal": not egress,
+                "Labels": {"sandman.network": "1"},
+                "Options": {"com.docker.network.bridge.enable_icc": "false"},
+            }
+        )
+
+    async def create_network(self, config: dict[str, Any]) -> None:
+        """Create the network ``config`` describes unless one of its name exists."""
+        name = config["Name"]
         try:
             await self._bounded(f"look up network {name}", lambda: self._docker.networks.get(name))
             return
         except DockerError as exc:
             if exc.status != 404:
-                raise _translate(exc, f"look up network {name}") from exc
-        config = {
-            "Name": name,
-            "Driver": "bridge",
-            "CheckDuplicate": True,
-            "Internal": not egress,
-            "Labels": {"sandman.network": "1"},
-            "Options": {"com.docker.network.bridge.enable_icc": "false"},
-        }
+                raise translate_error(exc, f"look up network {name}") from exc
         try:
             await self._bounded(
-                f"create network {name}", lambda: self._docker.networks.create(config)
+                f"create network {name}",
+                lambda: self._docker.networks.create({**config, "CheckDuplicate": True}),
             )
-            log.info("created Docker network %s (icc off, egress %s)", name, egress)
+            log.info("created Docker network %s: %s", name, config)
         except DockerError as exc:
             if exc.status != 409:  # created concurrently
-                raise _translate(exc, f"create network {name}") from exc
+                raise translate_error(exc, f"create network {name}") from exc
 
     async def create(self, spec: ContainerSpec) -> str:
         delivery = (await self.gpu_path()).delivery if spec.device_request else DEVICE_REQUEST
@@ -199,7 +251,7 @@ class DockerRuntime:
         except DockerError as exc:
             if exc.status == 404:
                 return None
-            raise _translate(exc, doing) from exc
+            raise translate_error(exc, doing) from exc
 
     async def remove(self, container_id: str) -> None:
         container = self._docker.containers.container(container_id)
@@ -209,7 +261,7 @@ class DockerRuntime:
         except DockerError as exc:
             if exc.status in (404, 409):  # gone, or removal already in progress
                 return
-            raise _translate(exc, doing) from exc
+            raise translate_error(exc, doing) from exc
 
     async def put_files(self, container_id: str, files: Sequence[ContainerFile]) -> None:
         container = self._docker.containers.container(container_id)
@@ -231,31 +283,38 @@ class DockerRuntime:
                 infos.append(info)
         return infos
 
+    def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
+        return None  # a container keeps its address on its network until it is removed
+
     async def container_exits(self, instance: str) -> AsyncIterator[str]:
-        filters = json.dumps(
-            {
-                "type": ["container"],
-                "event": ["die", "destroy"],
-                "label": [f"{LABEL_INSTANCE}={instance}"],
-            }
+        filters = {
+            "type": ["container"],
+            "event": ["die", "destroy"],
+            "label": [f"{LABEL_INSTANCE}={instance}"],
+        }
+        async for event in follow_events(self._docker, filters, "container events"):
+            labels = event.get("Actor", {}).get("Attributes", {})
+            if session_id := labels.get(LABEL_SESSION):
+                yield session_id
+
+    def node_of(self, container_id: str) -> str | None:
+        return None  # this host
+
+    async def nodes(self) -> list[NodeInfo]:
+        info = await self._call("describe the engine", self._docker.system.info)
+        node = NodeInfo(
+            id=info.get("ID", ""),
+            hostname=info.get("Name", ""),
+            role="standalone",
+            state="ready",
+            availability="active",
+            address=None,
+            cpus=float(info.get("NCPU", 0)),
+            memory=int(info.get("MemTotal", 0)),
+            engine_version=info.get("ServerVersion", ""),
+            gateway=True,
         )
-        events = DockerEvents(self._docker)
-        subscriber = events.subscribe(filters=filters)
-        try:
-            while (event := await subscriber.get()) is not None:
-                labels = event.get("Actor", {}).get("Attributes", {})
-                if session_id := labels.get(LABEL_SESSION):
-                    yield session_id
-            (ended,) = await asyncio.gather(events.task, return_exceptions=True)
-            if isinstance(ended, DockerError):
-                raise _translate(ended, "follow container events") from ended
-            if isinstance(ended, aiohttp.ClientError):  # the engine went away mid-stream
-                raise DockerUnavailable(
-                    "the Docker engine is unreachable", log_message=f"container events: {ended}"
-                ) from ended
-        finally:
-            with contextlib.suppress(DockerError, aiohttp.ClientError):  # reported above
-                await events.stop()
+        return [node]
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         container = self._docker.containers.container(container_id)
@@ -285,7 +344,7 @@ class DockerRuntime:
         except DockerError as exc:
             if exc.status == 404:
                 return None
-            raise _translate(exc, f"read the stats of container {container_id[:12]}") from exc
+            raise translate_error(exc, f"read the stats of container {container_id[:12]}") from exc
         usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
         total = usage.get("total_usage")
         return None if not isinstance(total, int) else total / 1e9

@@ -43,7 +43,7 @@ class HostKeyFiles:
     certificate: bytes
 
 
-def _create_secret(path: Path, content: bytes) -> None:
+def create_secret(path: Path, content: bytes) -> None:
     """Write ``content`` to a new 0600 file, durably and all at once: a temporary file is
     written and fsynced, renamed into place, and the folder fsynced, so after a crash or
     power loss the file is either absent (and made again) or whole. An existing file is
@@ -103,8 +103,8 @@ class HostIdentity:
         ca_path, seed_path = state_dir / CA_FILE, state_dir / SEED_FILE
         if not ca_path.exists():
             ca = asyncssh.generate_private_key("ssh-ed25519", comment=CA_COMMENT)
-            _create_secret(ca_path, ca.export_private_key())
-        _create_secret(seed_path, secrets.token_bytes(SEED_BYTES))
+            create_secret(ca_path, ca.export_private_key())
+        create_secret(seed_path, secrets.token_bytes(SEED_BYTES))
         seed = seed_path.read_bytes()
         if len(seed) != SEED_BYTES:
             raise _damaged(seed_path, f"holds {len(seed)} bytes, not {SEED_BYTES}")

@@ -7,6 +7,7 @@ import socket
 import threading
 
 from bench import bulk
+from bench.swarm import step_seconds
 from bench.tools import cpu_seconds, open_fds, percentile, rss_bytes, table
 
 
@@ -43,3 +44,15 @@ def test_send_moves_every_byte_to_a_sink():
     thread.join()
     server.close()
     assert sum(received) == len(bulk.BANNER) + (3 << 20) and seconds > 0
+
+
+def test_create_steps_are_timed_from_the_gateway_log(tmp_path):
+    log = tmp_path / "gateway.log"
+    log.write_text(
+        "2026-12-06 10:00:00,000 DEBUG gateway.sessions: session a: create step port_bound done\n"
+        "2026-12-06 10:00:00,100 DEBUG gateway.sessions: session b: create step port_bound done\n"
+        "2026-12-06 10:00:00,500 INFO gateway.sessions: something else\n"
+        "2026-12-06 10:00:01,000 DEBUG gateway.sessions: session a: create step sshd_ready done\n"
+        "2026-12-06 10:00:00,400 DEBUG gateway.sessions: session b: create step sshd_ready done\n"
+    )
+    assert step_seconds(log) == {"sshd_ready": [1.0, 0.3]}

@@ -436,6 +436,15 @@ async def test_gpus_on_a_host_without_gpus_says_so(cli):
     assert (rc, out) == (0, "this host has no GPUs: sessions get none\n")
 
 
+async def test_nodes_lists_the_machines(cli):
+    rc, out, _ = await cli("nodes")
+    assert rc == 0
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0] == ["NODE", "ROLE", "STATE", "AVAILABILITY", "ADDRESS", "SLICES"]
+    assert rows[1] == ["fakehost", "(gateway)", "standalone", "ready", "active", "-", "-"]
+    assert (await cli.json("nodes"))["count"] == 1
+
+
 async def test_gpus_probe_needs_no_gateway(monkeypatch):
     nv = FakeNvml([FakeGpu("GPU-probe-0")])
     monkeypatch.setattr(nvml, "pynvml", nv)  # this machine's GPUs, if any, stay out of it

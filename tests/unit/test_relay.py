@@ -549,3 +549,66 @@ async def test_no_pipe_to_be_had_is_the_gateways_error_not_the_client_closing():
         await listener.close()
         upstream.close()
     assert (record.reason, record.closed_by) == (CloseReason.ERROR, "gateway")
+
+
+async def test_lookup_is_asked_at_each_connection(relay):
+    """A container that moved (a Swarm task replaced on another port) is reached at its
+    new address without re-setting the upstream."""
+    async with relay() as (listener, recorder):
+        moved = await asyncio.start_server(echo_upstream, "127.0.0.1", 0)
+        asked: list[int] = []
+
+        async def lookup() -> tuple[str, int]:
+            asked.append(1)
+            return "127.0.0.1", moved.sockets[0].getsockname()[1]
+
+        listener.set_upstream("127.0.0.1", 1, lookup)  # the old address: refused
+        for _ in range(2):
+            reader, writer = await connect(listener)
+            writer.write(CLIENT_BANNER)
+            assert await reader.readline() == SERVER_BANNER
+            writer.close()
+            assert (await recorder.next_closed()).reason is CloseReason.CLIENT_CLOSED
+        moved.close()
+    assert len(asked) == 2
+
+
+async def test_lookup_is_asked_again_once_when_its_answer_fails(relay):
+    async with relay() as (listener, recorder):
+        replacement = await asyncio.start_server(echo_upstream, "127.0.0.1", 0)
+        answers = [("127.0.0.1", 1), ("127.0.0.1", replacement.sockets[0].getsockname()[1])]
+        asked: list[tuple[str, int]] = []
+
+        async def lookup() -> tuple[str, int]:
+            asked.append(answers[len(asked)])
+            return asked[-1]
+
+        listener.set_upstream("127.0.0.1", 1, lookup)
+        reader, writer = await connect(listener)
+        writer.write(CLIENT_BANNER)
+        assert await reader.readline() == SERVER_BANNER
+        writer.close()
+        assert (await recorder.next_closed()).reason is CloseReason.CLIENT_CLOSED
+        replacement.close()
+    assert asked == answers
+
+
+@pytest.mark.parametrize("answer", ["nowhere", "fails"])
+async def test_lookup_with_no_answer_is_unreachable_after_two_tries(relay, answer):
+    """No running task (None) or an engine that fails: two lookups, then the client is
+    told the upstream is unreachable (a failing lookup falls back to the last address)."""
+    async with relay() as (listener, recorder):
+        asked = 0
+
+        async def lookup() -> tuple[str, int] | None:
+            nonlocal asked
+            asked += 1
+            if answer == "fails":
+                raise RuntimeError("engine down")
+            return None
+
+        listener.set_upstream("127.0.0.1", 1, lookup)
+        reader, _writer = await connect(listener)
+        assert await reader.read() == b""
+        assert (await recorder.next_closed()).reason is CloseReason.UPSTREAM_UNREACHABLE
+    assert asked == 2

@@ -1,0 +1,94 @@
+"""The gateway's control channel into a session: an SSH login as ``root`` with the gateway's
+own key, which the session's ``authorized_keys/root`` forces to run ``sandman-control``
+(no pty, no forwarding). It reaches a task on any Swarm node the way users do, where the
+Engine's ``exec`` and archive upload reach only the manager's own containers.
+
+The server must prove it holds the session's certified host key (as the readiness check
+does), so the gateway never sends a session's facts to another server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncssh
+
+from gateway.errors import ContainerStartFailed
+from gateway.runtime.base import ContainerFile
+from gateway.ssh.identity import HostIdentity, create_secret
+
+CONTROL_KEY = "control_ed25519"
+CONTROL_COMMAND = "/usr/local/sbin/sandman-control"
+#: The control key's file in a session (the entrypoint allows root only when it exists).
+ROOT_AUTHORIZED_KEYS = "/etc/ssh/authorized_keys/root"
+CONTROL_TIMEOUT = 10.0
+
+
+class ControlChannel:
+    """Writes files into running sessions through their sshd. Build with :meth:`open`."""
+
+    def __init__(self, key: asyncssh.SSHKey, identity: HostIdentity) -> None:
+        self._key = key
+        self._identity = identity
+
+    @classmethod
+    def open(cls, state_dir: Path, identity: HostIdentity) -> ControlChannel:
+        """Load the gateway's control key from ``state_dir``, made (0600) on first use."""
+        path = state_dir / CONTROL_KEY
+        if not path.exists():
+            create_secret(path, asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+        return cls(asyncssh.read_private_key(path), identity)
+
+    def authorized_keys_file(self) -> ContainerFile:
+        """The session's ``authorized_keys/root``: this key, forced to ``sandman-control``."""
+        public = self._key.export_public_key().decode().strip()
+        line = f'restrict,command="{CONTROL_COMMAND}" {public} sandman-control\n'
+        return ContainerFile(ROOT_AUTHORIZED_KEYS, line.encode())
+
+    async def write_files(
+        self, session_id: str, address: tuple[str, int], files: Sequence[ContainerFile]
+    ) -> None:
+        """Write ``files`` (session facts, authorized keys) into the session at ``address``.
+
+        Raises:
+            ContainerStartFailed: not reached in :data:`CONTROL_TIMEOUT`, not this
+                session's server, or ``sandman-control`` refused (its message logged).
+        """
+        request = {
+            "files": [
+                {"path": f.path, "content": base64.b64encode(f.content).decode(), "mode": f.mode}
+                for f in files
+            ]
+        }
+        try:
+            async with (
+                asyncio.timeout(CONTROL_TIMEOUT),
+                asyncssh.connect(
+                    *address,
+                    username="root",
+                    client_keys=[self._key],
+                    known_hosts=self._identity.session_known_hosts(session_id),
+                    host_key_alias=self._identity.session_principal(session_id),
+                    agent_path=None,
+                    password=None,
+                    kbdint_auth=False,
+                    gss_auth=False,
+                    config=None,
+                ) as conn,
+            ):
+                done = await conn.run(input=json.dumps(request))
+        except (OSError, TimeoutError, asyncssh.Error) as exc:
+            raise ContainerStartFailed(
+                "the session's control channel failed",
+                log_message=f"session {session_id} at {address}: {exc!r}",
+            ) from exc
+        if done.exit_status != 0:
+            raise ContainerStartFailed(
+                "the session refused the gateway's files",
+                log_message=f"session {session_id}: sandman-control exit {done.exit_status}: "
+                f"{str(done.stderr).strip()}",
+            )

@@ -1,0 +1,70 @@
+"""``--runtime swarm`` across real nodes: a nested worker (dockerd in a container on this
+engine's docker0, built offline: ``make images``) joins this engine's Swarm.
+
+With ``--shared-workspaces`` (the workspace root bound at the same path in the worker, as
+shared storage would be) a session lands on the worker while the manager takes no new
+tasks; the user logs in through the gateway, which finds the task at the worker's address,
+and the file reaches the shared workspace; a PATCH's new facts reach the task through the
+gateway's control channel. ``GET /nodes`` shows the worker's GPU slice (a
+node generic resource). When the worker's engine dies and no other node may take the task,
+the session ends as ``backend_gone`` and its port closes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.e2e.conftest import IMAGE, docker, port_refuses, wait_for
+from tests.e2e.swarm import ensure_swarm, remove_swarm_leftovers, set_availability, swarm_worker
+
+SLICE = "MIG-1g.10gb=MIG-e2e00000-0000-0000-0000-000000000001"
+
+
+def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_factory: Any, ssh):
+    ensure_swarm()
+    gw = gateway_factory("--runtime", "swarm", "--shared-workspaces", "--place-timeout", "3s",
+                         "--reap-interval", "1", start=False)  # fmt: skip
+    gw.workspaces.mkdir(parents=True)
+    with swarm_worker(gw.workspaces, IMAGE, [SLICE]) as worker:
+        worker.docker("network", "create", "--config-only",
+                      "-o", "com.docker.network.bridge.enable_icc=false",
+                      f"{gw.network}-config")  # fmt: skip
+        gw.start()
+        instance = gw.instance_id()
+        try:
+            nodes = {n["hostname"]: n for n in gw.request("GET", "/nodes").body["nodes"]}
+            kind, value = SLICE.split("=")
+            assert nodes[worker.name]["role"] == "worker"
+            assert nodes[worker.name]["resources"] == [{"kind": kind, "value": value}]
+            assert nodes[worker.name]["address"] == worker.address
+
+            set_availability("pause")  # this node takes no new task: the worker must
+            created = gw.create(user_id="nested")
+            assert created.status == 201, created.body
+            session = created.body
+            where = docker("service", "ps", session["container_id"], "--format", "{{.Node}}",
+                           "--filter", "desired-state=running")  # fmt: skip
+            assert where == worker.name
+            url = f"/sessions/{session['session_id']}"
+            assert gw.request("GET", url).body["node"] == worker.name  # the view names it
+            # a PATCH reaches the task on the worker through the control channel (the
+            # manager's Engine cannot exec there), and never updates the service
+            patched = gw.request("PATCH", url, {"extend_minutes": 45})
+            assert patched.status == 200, patched.body
+            facts = ssh.with_key(session, "cat /etc/sandman/session.json")
+            assert json.loads(facts.stdout)["expires_at"] == patched.body["expires_at"]
+            done = ssh.with_key(session, "echo from-worker > ~/w.txt")
+            assert done.returncode == 0, done.stderr
+            assert (gw.workspaces / "nested" / "w.txt").read_text() == "from-worker\n"
+
+            docker("kill", worker.name)  # its engine dies; no other node may take the task
+            wait_for(lambda: gw.request("GET", url).status == 404, timeout=60, what="the end")
+            events = gw.request("GET", f"/audit?session_id={session['session_id']}").body
+            (ended,) = [e for e in events["events"] if e["event"] == "session_ended"]
+            assert ended["reason"] == "backend_gone"
+            assert port_refuses(session["ssh_port"])
+        finally:
+            set_availability("active")
+            gw.stop()
+            remove_swarm_leftovers(gw, instance)

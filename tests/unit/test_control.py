@@ -1,0 +1,89 @@
+"""The control channel: the in-container ``sandman-control`` (run as sshd would, on a folder
+standing in for ``/``) and the key line the gateway gives each session."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from gateway.ssh.control import CONTROL_COMMAND, ROOT_AUTHORIZED_KEYS, ControlChannel
+from gateway.ssh.identity import HostIdentity
+
+SCRIPT = Path(__file__).parents[2] / "workspace-image" / "session" / "sandman-control"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for folder in ("etc/sandman", "etc/ssh/authorized_keys"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "etc/sandman/session.json").write_text("{}\n")
+    return tmp_path
+
+
+def control(root: Path, request: object) -> subprocess.CompletedProcess[str]:
+    text = request if isinstance(request, str) else json.dumps(request)
+    env = {**os.environ, "SANDMAN_CONTROL_ROOT": str(root)}
+    return subprocess.run([sys.executable, str(SCRIPT)], input=text, env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
+def entry(path: str, content: bytes, mode: int = 0o644) -> dict[str, object]:
+    return {"path": path, "content": base64.b64encode(content).decode(), "mode": mode}
+
+
+def test_writes_the_session_facts_and_a_users_keys_atomically(root):
+    request = {
+        "files": [
+            entry("/etc/sandman/session.json", b'{"expires_at": "later"}\n'),
+            entry("/etc/ssh/authorized_keys/alice", b"ssh-ed25519 AAAA\n"),
+        ]
+    }
+    done = control(root, request)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (root / "etc/sandman/session.json").read_text() == '{"expires_at": "later"}\n'
+    keys = root / "etc/ssh/authorized_keys/alice"
+    assert keys.read_text() == "ssh-ed25519 AAAA\n"
+    assert keys.stat().st_mode & 0o777 == 0o644
+    assert not [p for p in root.rglob(".sandman-control-*")]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        ({"files": [entry("/etc/ssh/authorized_keys/root", b"x")]}, "not a file"),
+        ({"files": [entry("/etc/passwd", b"x")]}, "not a file"),
+        ({"files": [entry("/etc/ssh/authorized_keys/../shadow", b"x")]}, "not a file"),
+        ({"files": [entry("/etc/sandman/session.json", b"x", 0o4755)]}, "mode"),
+        ({"files": [{"path": "/etc/sandman/session.json", "content": "!!", "mode": 420}]},
+         "malformed"),
+        ("not json", "malformed"),
+        ({"wall": "hello"}, "malformed"),
+    ],
+)  # fmt: skip
+def test_refuses_anything_else_and_writes_nothing(root, request_, says):
+    before = (root / "etc/sandman/session.json").read_text()
+    done = control(root, request_)
+    assert done.returncode == 2 and says in done.stderr
+    assert (root / "etc/sandman/session.json").read_text() == before
+    assert not (root / "etc/ssh/authorized_keys/root").exists()
+
+
+def test_the_sessions_root_key_line_forces_the_command_and_nothing_else(tmp_path):
+    identity = HostIdentity.load_or_create(tmp_path, ("gpu01.test",))
+    channel = ControlChannel.open(tmp_path, identity)
+    file = channel.authorized_keys_file()
+    assert file.path == ROOT_AUTHORIZED_KEYS and file.mode == 0o644
+    options, key_type, key, comment = file.content.decode().split()
+    assert options == f'restrict,command="{CONTROL_COMMAND}"'
+    assert (key_type, comment) == ("ssh-ed25519", "sandman-control")
+    assert (tmp_path / "control_ed25519").stat().st_mode & 0o777 == 0o600
+    again = ControlChannel.open(tmp_path, identity).authorized_keys_file()
+    assert again == file  # the same key after a restart
+    asyncssh.import_public_key(f"{key_type} {key}")
