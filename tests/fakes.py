@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from gateway.runtime.base import (
 )
 from gateway.runtime.docker import container_config
 from gateway.session_files import HOST_KEY
+from tests.net import free_tcp_port
 
 #: ``docker info`` of Docker 29.2 with CDI on, the toolkit's spec written at boot (two
 #: whole GPUs and one MIG instance made before it) and the nvidia runtime registered
@@ -94,12 +94,6 @@ class Gate:
 
     def open(self) -> None:
         self.opened.set()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -186,7 +180,7 @@ class FakeRuntime:
         container.running = self.mode != "crash"
         if self.mode in ("ok", "wrong_host_key") and container.server is None:
             host_key = container.host_key() if self.mode == "ok" else _stranger_host_key()
-            container.port = _free_port()
+            container.port = free_tcp_port()
             serve = self._serve(container, host_key)
             if "sshd" in self.gates:
                 self.tasks.append(asyncio.create_task(serve))

@@ -24,10 +24,13 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.net import free_tcp_port
 
 IMAGE = os.environ.get("SANDMAN_TEST_IMAGE", "gpu-workspace")
 DOCKER_SOCKET = "/var/run/docker.sock"
@@ -64,18 +67,17 @@ def port_block() -> tuple[int, int]:
     return base, base + 19
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def port_refuses(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except ConnectionRefusedError:
         return True
     return False
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time as the API writes it (``Z``)."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -362,6 +364,13 @@ class SshClient:
             command,
         ]
         return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+def logged_in(ssh: SshClient, session: dict[str, Any]) -> subprocess.Popen[str]:
+    """An ``ssh`` left running in the session, returned once it is logged in."""
+    proc = ssh.start_with_key(session, "echo ready; exec sleep 600")
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
 
 
 @pytest.fixture

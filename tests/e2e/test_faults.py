@@ -18,8 +18,15 @@ import pytest
 
 from gateway.sessions import CREATE_STEPS
 from gateway.store.migrations import MIGRATIONS, SCHEMA_VERSION
-from tests.e2e.conftest import Gateway, docker, holdings, port_refuses, wait_for
-from tests.e2e.test_connections import epoch, logged_in
+from tests.e2e.conftest import (
+    Gateway,
+    docker,
+    holdings,
+    logged_in,
+    parse_time,
+    port_refuses,
+    wait_for,
+)
 
 ONE_A100 = {"host": "e2e", "gpus": [{"model": "A100-80GB", "mig": True}]}
 KILLS_PER_STEP = 3  # 7 steps: 21 kills
@@ -170,7 +177,8 @@ def test_sigterm_cuts_connections_keeps_sessions_and_the_next_start_resumes(gate
         assert "session_recovered" in {e["event"] for e in events}
     url = f"/sessions/{short['session_id']}"
     wait_for(lambda: gateway.request("GET", url).status == 404, timeout=20, what="the TTL")
-    assert time.time() >= epoch(short["expires_at"])  # its own expiry, kept across the restart
+    # its own expiry, kept across the restart
+    assert time.time() >= parse_time(short["expires_at"]).timestamp()
     assert gateway.request("GET", f"/sessions/{long['session_id']}").status == 200
 
 

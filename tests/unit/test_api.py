@@ -6,13 +6,9 @@ import pytest
 
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.routes import PROTECTED_ROUTES
+from tests.unit.helpers import create
 
 NO_AUTH = {"Authorization": ""}
-
-
-async def create(client, **body):
-    body.setdefault("user_id", "alice")
-    return await client.post("/sessions", json=body)
 
 
 async def test_create_get_list_delete(make_client, runtime):

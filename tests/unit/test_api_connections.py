@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.unit.test_api import create
+from tests.unit.helpers import create
 from tests.unit.test_relay import packet
 
 CLIENT_BANNER = b"SSH-2.0-TestClient\r\n"

@@ -21,7 +21,7 @@ from gateway.store import Store
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.net import port_bindable
 from tests.unit.conftest import TOKEN
-from tests.unit.test_api import create
+from tests.unit.helpers import create
 from tests.unit.test_relay import CLIENT_KEX
 
 PORTS = range(FIRST_PORT, FIRST_PORT + 20)

@@ -29,7 +29,7 @@ from gateway.ssh.credentials import (
 )
 from gateway.ssh.identity import HostIdentity
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
-from tests.unit.test_api import create
+from tests.unit.helpers import create
 
 SK_KEY = (
     "sk-ssh-ed25519@openssh.com AAAAGnNrLXNzaC1lZDI1NTE5QG9wZW5zc2guY29tAAAAIEX/dQ0v4127bEo8eeG"
