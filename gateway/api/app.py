@@ -43,8 +43,13 @@ def resolve_api_token(config: Config) -> str:
     """The bearer token: from the environment, the token file, or generated once (0600).
 
     Raises:
-        ApiTokenUnavailable: ``--api-token-file`` names a missing, unreadable or empty file.
+        ApiTokenUnavailable: ``--api-token-file`` names a missing, unreadable or empty file,
+            or ``SANDMAN_API_TOKEN`` is set too (which one was meant is unknown).
     """
+    if config.api_token and config.api_token_file is not None:
+        raise ApiTokenUnavailable(
+            "SANDMAN_API_TOKEN and --api-token-file (SANDMAN_API_TOKEN_FILE) are both set; set one"
+        )
     if config.api_token:
         return config.api_token
     path = config.token_path

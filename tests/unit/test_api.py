@@ -4,6 +4,8 @@ import asyncio
 
 import pytest
 
+from gateway.api import keys
+from gateway.sessions import SessionManager
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.routes import PROTECTED_ROUTES
 from tests.unit.helpers import create
@@ -254,6 +256,32 @@ async def test_healthz_is_public_and_reports_docker(make_client, runtime, caplog
     assert resp.status == 503 and body["status"] == "degraded"
     assert body["failing"] == {"docker": "unavailable"}
     assert "the Docker engine is unreachable" in caplog.text
+
+
+async def test_healthz_reports_a_database_that_is_gone(make_client):
+    client = await make_client()
+    await client.app[keys.STORE].close()  # as a failed disk or a closed handle leaves it
+    resp = await client.get("/healthz", headers=NO_AUTH)
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "degraded"
+    assert list(body["failing"]) == ["database"]
+
+
+async def test_an_unexpected_failure_is_500_internal_logged_with_its_trace_never_sent(
+    make_client, monkeypatch, caplog
+):
+    async def broken(self):
+        raise RuntimeError("secret detail at /var/lib/orchestrator/sessions.db")
+
+    monkeypatch.setattr(SessionManager, "list", broken)
+    client = await make_client()
+    resp = await client.get("/sessions")
+    assert resp.status == 500
+    assert await resp.json() == {"error": "internal error", "code": "internal"}
+    (logged,) = [r for r in caplog.records if r.name == "gateway.api.middleware"]
+    assert logged.levelname == "ERROR" and logged.getMessage() == "GET /sessions failed"
+    assert isinstance(logged.exc_info[1], RuntimeError)  # the trace goes to the log
+    assert (await client.get("/healthz", headers=NO_AUTH)).status == 200  # and it serves on
 
 
 async def test_cors_echoes_origin_with_credentials(make_client):
