@@ -94,6 +94,20 @@ async def test_port_held_by_another_process_is_skipped(make_client):
         blocker.close()
 
 
+async def test_a_users_port_stays_theirs_when_a_lower_one_frees_up(make_client):
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", FIRST_PORT)
+    client = await make_client()
+    try:
+        first = await (await create(client)).json()
+        assert first["ssh_port"] == FIRST_PORT + 1
+    finally:
+        blocker.close()
+        await blocker.wait_closed()
+    await client.delete(f"/sessions/{first['session_id']}")
+    again = await (await create(client)).json()
+    assert again["ssh_port"] == FIRST_PORT + 1  # their own, not the lowest free
+
+
 async def test_no_port_left_is_503(make_client):
     from gateway.core.ports import PortRange
 
