@@ -139,14 +139,21 @@ async def test_stable_uid_across_sessions(make_client, runtime):
     assert uids == {"alice": "10000", "bob": "10001"}
 
 
-@pytest.mark.parametrize("mode", ["never_ready", "crash", "fail_create"])
-async def test_failed_start_rolls_everything_back(make_client, runtime, mode):
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("never_ready", "did not answer SSH within 1 s"),
+        ("crash", "exited before its SSH server started"),
+        ("fail_create", "Docker refused to create the container"),
+    ],
+)
+async def test_failed_start_rolls_everything_back(make_client, runtime, mode, why):
     runtime.mode = mode
     client = await make_client(start_timeout=1)
     resp = await create(client)
-    assert resp.status in (502, 503)
     body = await resp.json()
-    assert body["code"] == "container_start_failed"
+    assert (resp.status, body["code"]) == (502, "container_start_failed")
+    assert why in body["error"]
     assert "Traceback" not in body["error"]
     assert runtime.containers == {}
     assert await (await client.get("/sessions")).json() == []
