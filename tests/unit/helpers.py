@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from pathlib import Path
 
 from aiohttp import web
@@ -18,11 +19,23 @@ async def create(client, **body):
     return await client.post("/sessions", json=body)
 
 
+def packet(message: int, body: bytes = b"") -> bytes:
+    """A plaintext SSH binary packet (RFC 4253 6), padded to a multiple of 8."""
+    padding = 8 - (5 + 1 + len(body)) % 8
+    padding += 8 if padding < 4 else 0
+    payload = bytes([message]) + body
+    return struct.pack(">IB", 1 + len(payload) + padding, padding) + payload + b"\0" * padding
+
+
+#: NEWKEYS, the end of a key exchange: a connection that sends it is recorded in full.
+KEX_END = packet(21)
+
+
 async def hello(port: int, banner: bytes) -> None:
-    """One client connection through the session port that says ``banner``, reads the
-    server's identification line and leaves."""
+    """One client connection through the session port that says ``banner``, ends a key
+    exchange (so it is recorded), reads the server's identification line and leaves."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(banner + b"\r\n")
+    writer.write(banner + b"\r\n" + KEX_END)
     await reader.readline()
     writer.close()
     await writer.wait_closed()
