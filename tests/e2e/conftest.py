@@ -205,12 +205,13 @@ class Gateway:
     def create(self, **body: Any) -> Response:
         return self.request("POST", "/sessions", body)
 
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """The rows of one statement on the gateway's database (opened for it alone)."""
+        with contextlib.closing(sqlite3.connect(self.state_dir / "sessions.db")) as conn:
+            return conn.execute(sql).fetchall()
+
     def instance_id(self) -> str:
-        conn = sqlite3.connect(self.state_dir / "sessions.db")
-        try:
-            return conn.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()[0]
-        finally:
-            conn.close()
+        return self.query("SELECT value FROM meta WHERE key = 'instance_id'")[0][0]
 
     def containers(self, *filters: str) -> list[str]:
         args = ["ps", "-aq", "--filter", f"network={self.network}"]
@@ -466,12 +467,8 @@ class Holdings:
 
 
 def holdings(gateway: Gateway) -> Holdings:
-    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
-    try:
-        found = conn.execute("SELECT id, ssh_port, gpu_uuid FROM sessions").fetchall()
-        rows = {session_id: (port, gpu) for session_id, port, gpu in found}
-    finally:
-        conn.close()
+    found = gateway.query("SELECT id, ssh_port, gpu_uuid FROM sessions")
+    rows = {session_id: (port, gpu) for session_id, port, gpu in found}
     labels = docker(
         "ps", "-a", "--filter", f"label=sandman.instance={gateway.instance_id()}",
         "--format", '{{.Label "sandman.session_id"}}',

@@ -60,6 +60,37 @@ def assert_nothing_leaked(gateway: Gateway, *, sessions: int) -> None:
     assert mig_instances(gateway) == held.slices, held  # dynamic MIG: one instance per row
 
 
+def restart_and_check_what_the_kill_left(gateway: Gateway, *, stop_at: str) -> None:
+    """Start the gateway (to stop itself at ``stop_at`` this time). It must have recovered
+    what the last kill left: nothing leaked, and a session whose row said running adopted;
+    that one is then deleted, and ends cleanly."""
+    gateway.env["SANDMAN_TEST_STOP_AT"] = stop_at
+    gateway.start()
+    previous = gateway.request("GET", "/sessions").body
+    assert_nothing_leaked(gateway, sessions=len(previous))
+    if previous:
+        assert [s["state"] for s in previous] == ["running"]
+        gateway.request("DELETE", f"/sessions/{previous[0]['id']}")
+        assert_nothing_leaked(gateway, sessions=0)
+
+
+def kill_during_a_create_at(gateway: Gateway, step: str) -> None:
+    """POST a session for kim, wait until the gateway stops itself at ``step``, SIGKILL it
+    there: no 201 got out, and the row is in the state that step leaves it in."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(gateway.create, user_id="kim", ttl_minutes=5)
+        assert gateway.proc is not None
+        pid = gateway.proc.pid
+        wait_for(partial(_answered_or_stopped, answer, pid), timeout=60, what=step)
+        assert not answer.done(), answer.result()  # the same user got this far again
+        assert last_step_logged(gateway) == step
+        gateway.stop(signal.SIGKILL)
+        with pytest.raises(OSError):  # no answer: the process died before the 201
+            answer.result()
+    left = set(_row_states(gateway).values())  # the row was written at the first step
+    assert left == {"running" if step in RECOVERED_STEPS else "starting"}, (step, left)
+
+
 def test_sigkill_at_every_create_step_leaks_nothing(gateway_factory, topology, ssh):
     gateway = gateway_factory(
         "--gpus", topology(ONE_A100), "--mig-dynamic", "--default-mig-profile", "1g.10gb",
@@ -68,27 +99,11 @@ def test_sigkill_at_every_create_step_leaks_nothing(gateway_factory, topology, s
     started = time.monotonic()
     kills = 0
     for step in CREATE_STEPS * KILLS_PER_STEP:
-        gateway.env["SANDMAN_TEST_STOP_AT"] = step
-        gateway.start()  # recovers what the previous kill left
-        previous = gateway.request("GET", "/sessions").body
-        assert_nothing_leaked(gateway, sessions=len(previous))
-        if previous:  # killed once its row said running: adopted, and ends cleanly
-            assert [s["state"] for s in previous] == ["running"]
-            gateway.request("DELETE", f"/sessions/{previous[0]['id']}")
-            assert_nothing_leaked(gateway, sessions=0)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(gateway.create, user_id="kim", ttl_minutes=5)
-            assert gateway.proc is not None
-            pid = gateway.proc.pid
-            wait_for(partial(_answered_or_stopped, answer, pid), timeout=60, what=step)
-            assert not answer.done(), answer.result()  # the same user got this far again
-            assert last_step_logged(gateway) == step
-            gateway.stop(signal.SIGKILL)
-            kills += 1
-            with pytest.raises(OSError):  # no answer: the process died before the 201
-                answer.result()
-        left = set(_row_states(gateway).values())  # the row was written at the first step
-        assert left == {"running" if step in RECOVERED_STEPS else "starting"}, (step, left)
+        restart_and_check_what_the_kill_left(gateway, stop_at=step)
+        kill_during_a_create_at(gateway, step)
+        kills += 1
+
+    # the last restart, with no stop: everything left is ended, and kim logs in again
     del gateway.env["SANDMAN_TEST_STOP_AT"]
     gateway.start()
     left = gateway.request("GET", "/sessions").body
@@ -103,11 +118,7 @@ def test_sigkill_at_every_create_step_leaks_nothing(gateway_factory, topology, s
 
 
 def _row_states(gateway: Gateway) -> dict[str, str]:
-    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
-    try:
-        return dict(conn.execute("SELECT id, state FROM sessions").fetchall())
-    finally:
-        conn.close()
+    return dict(gateway.query("SELECT id, state FROM sessions"))
 
 
 def test_a_port_taken_during_a_restart_moves_the_session_and_its_job_goes_on(gateway, ssh):
@@ -246,19 +257,14 @@ def test_database_survives_sigkill_during_a_write_burst(gateway_factory):
             made += 1
         return made
 
-    db = gateway.state_dir / "sessions.db"
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         workers = [pool.submit(connect_and_leave) for _ in range(6)]
-        wait_for(lambda: _events(db) > 300, timeout=60, what="a burst of writes")
+        wait_for(lambda: _events(gateway) > 300, timeout=60, what="a burst of writes")
         gateway.stop(signal.SIGKILL)
         done.set()
         made = sum(w.result() for w in workers)
-    print(f"\nkilled after {made} connections, {_events(db)} events on disk")
-    conn = sqlite3.connect(db)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        conn.close()
+    print(f"\nkilled after {made} connections, {_events(gateway)} events on disk")
+    assert gateway.query("PRAGMA integrity_check") == [("ok",)]
     gateway.start()
     records = gateway.request("GET", f"/sessions/{session['session_id']}/connections").body
     assert records["count"] > 0
@@ -266,21 +272,14 @@ def test_database_survives_sigkill_during_a_write_burst(gateway_factory):
     assert gateway.request("GET", f"/sessions/{session['session_id']}").body["state"] == "running"
 
 
-def _events(db: Path) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0]
-    finally:
-        conn.close()
+def _events(gateway: Gateway) -> int:
+    return gateway.query("SELECT COUNT(*) FROM audit_events")[0][0]
 
 
 def test_a_database_from_a_newer_gateway_is_refused_in_one_line(gateway_factory):
     gateway = gateway_factory(start=False)
     gateway.state_dir.mkdir(mode=0o700)
-    db = gateway.state_dir / "sessions.db"
-    conn = sqlite3.connect(db)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    conn.close()
+    gateway.query(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(AssertionError, match="exited early"):
         gateway.start()
     assert gateway.proc is not None and gateway.proc.wait() != 0
@@ -288,12 +287,11 @@ def test_a_database_from_a_newer_gateway_is_refused_in_one_line(gateway_factory)
     assert "Traceback" not in output
     (line,) = [line for line in output.splitlines() if line.startswith("sandman:")]
     assert line == (
-        f"sandman: {db}: database schema version {SCHEMA_VERSION + 1} is newer than this"
+        f"sandman: {gateway.state_dir / 'sessions.db'}: database schema version "
+        f"{SCHEMA_VERSION + 1} is newer than this"
         f" gateway's {SCHEMA_VERSION}: run the newer gateway, or restore a backup made for this one"
     )
-    conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)  # untouched
-    conn.close()
+    assert gateway.query("PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]  # untouched
 
 
 def test_a_database_from_the_first_release_is_migrated(gateway_factory, ssh):
@@ -305,8 +303,6 @@ def test_a_database_from_the_first_release_is_migrated(gateway_factory, ssh):
     conn.execute("INSERT INTO users (user_id, uid, created_at) VALUES ('old', 23456, 0)")
     conn.close()
     gateway.start()
-    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    conn.close()
+    assert gateway.query("PRAGMA user_version") == [(SCHEMA_VERSION,)]
     session = gateway.create(user_id="old").body
     assert ssh.with_key(session, "id -u").stdout == "23456\n"  # the user kept their uid
