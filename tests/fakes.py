@@ -319,7 +319,7 @@ class FakeRuntime:
 
     async def cpu_seconds(self, container_id: str) -> float | None:
         """The container's ``cpu_seconds`` (a test raises it to look busy)."""
-        self._check()
+        await self._step("cpu_seconds")
         container = self.find(container_id)
         return None if container is None or not container.running else container.cpu_seconds
 
