@@ -213,7 +213,14 @@ def test_docker_engine_away_and_back(gateway_factory, ssh, docker_proxy):
     for _ in range(10):  # the live connection keeps flowing, new logins work
         assert ticker.stdout.readline() == "tick\n"
     assert ssh.with_key(session, "echo fine").stdout == "fine\n"
-    time.sleep(3)  # the sweep and the event watcher both fail meanwhile, and must survive it
+    # the sweep and the event watcher both fail meanwhile, and must survive it
+    log_before = gateway.log_path.read_text()
+    for failure in ("TTL sweep failed", "container events unavailable"):
+        wait_for(
+            lambda f=failure: gateway.log_path.read_text().count(f) > log_before.count(f),
+            timeout=15,
+            what=f"a fresh {failure!r} in the log",
+        )
 
     docker_proxy.start()
     wait_for(lambda: gateway.request("GET", "/healthz").status == 200, timeout=10, what="health")
