@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sessions import CREATE_STEPS
+from gateway.sessions import CREATE_STEPS, WATCH_RETRY_SECONDS
 from gateway.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from tests.e2e.conftest import (
     Gateway,
@@ -223,6 +223,7 @@ def test_docker_engine_away_and_back(gateway_factory, ssh, docker_proxy):
         )
 
     docker_proxy.start()
+    back = time.monotonic()
     wait_for(lambda: gateway.request("GET", "/healthz").status == 200, timeout=10, what="health")
     again = gateway.create(user_id="wes", ttl_minutes=10)
     assert again.status == 201, again.body
@@ -232,6 +233,9 @@ def test_docker_engine_away_and_back(gateway_factory, ssh, docker_proxy):
 
     wait_for(vic_creates, timeout=10, what="the failed create's cleanup")
     assert ticker.stdout.readline() == "tick\n" and ticker.poll() is None
+    # the event watcher tries again every WATCH_RETRY_SECONDS: a whole period after the
+    # engine came back, it follows the events again (Docker replays none it missed)
+    time.sleep(max(0.0, back + WATCH_RETRY_SECONDS + 1 - time.monotonic()))
     docker("rm", "-f", session["container_id"])  # the event watcher followed the engine back
     wait_for(lambda: gateway.request("GET", url).status == 404, timeout=10, what="the end")
     assert f"session {session['session_id']}: its container is gone" in (
