@@ -324,8 +324,12 @@ class FakeRuntime:
         return None if container is None or not container.running else container.cpu_seconds
 
     async def close(self) -> None:
+        """The gateway lets go of the engine; its containers keep running, as Docker's do."""
         for task in self.tasks:
             task.cancel()
+
+    def shut_down(self) -> None:
+        """The engine stops (a test's end): every container's sshd goes."""
         for container in self.containers.values():
             if container.server is not None:
                 container.server.close()

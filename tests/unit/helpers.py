@@ -31,14 +31,16 @@ def packet(message: int, body: bytes = b"") -> bytes:
 KEX_END = packet(21)
 
 
-async def hello(port: int, banner: bytes) -> None:
+async def hello(port: int, banner: bytes) -> bytes:
     """One client connection through the session port that says ``banner``, ends a key
-    exchange (so it is recorded), reads the server's identification line and leaves."""
+    exchange (so it is recorded), reads the server's identification line (returned) and
+    leaves."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(banner + b"\r\n" + KEX_END)
-    await reader.readline()
+    line = await reader.readline()
     writer.close()
     await writer.wait_closed()
+    return line
 
 
 async def connections_written(app: web.Application) -> None:

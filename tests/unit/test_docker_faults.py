@@ -14,7 +14,7 @@ from gateway.api import keys, routes
 from gateway.runtime.base import LABEL_SESSION, ContainerSpec
 from tests.fakes import FakeContainer
 from tests.net import UNIT_PORT_BASE, port_bindable
-from tests.unit.helpers import create
+from tests.unit.helpers import create, hello
 
 PORTS = range(UNIT_PORT_BASE, UNIT_PORT_BASE + 20)
 
@@ -158,3 +158,13 @@ async def test_a_name_in_use_by_another_container_is_refused_and_that_container_
     assert (resp.status, body["code"]) == (502, "container_start_failed")
     assert "is already in use" in body["error"]
     assert list(runtime.containers) == ["stranger"]  # not ours: left alone
+
+
+async def test_a_restart_leaves_the_containers_running_and_a_recovered_session_relays(
+    make_client, runtime
+):
+    client = await make_client()
+    session = await (await create(client)).json()
+    await client.close()  # the gateway stops; Docker's containers keep running
+    await make_client()  # the next start adopts the session
+    assert (await hello(session["ssh_port"], b"SSH-2.0-after-restart")).startswith(b"SSH-2.0-")
