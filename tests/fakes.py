@@ -107,7 +107,8 @@ class FakeRuntime:
     the gateway's own included, sends ``die`` (if it ran) and ``destroy`` to the event
     streams open at the time (none are kept for later); the stream can break
     (:meth:`break_events`); every call can be slowed (``delay``) or held for ever
-    (:meth:`pause` with a gate never opened)."""
+    (:meth:`pause` with a gate never opened); :meth:`close` (the gateway's shutdown) leaves
+    the containers running."""
 
     mode: str = "ok"
     reachable: bool = True
