@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.api import keys
-from tests.unit.helpers import connections_written, create, hello
+from tests.unit.helpers import KEX_END, connections_written, create, hello
 
 BANNER = b"SSH-2.0-retention-test"
 
@@ -22,10 +22,11 @@ async def test_the_sweep_prunes_what_is_past_the_retention(make_client, clock):
     await hello(alice["ssh_port"], BANNER)  # a connection, ended
     await connections_written(client.app)
     reader, writer = await asyncio.open_connection("127.0.0.1", alice["ssh_port"])
-    writer.write(BANNER + b"\r\n")  # and one that stays open across the sweep
-    await reader.readline()  # relayed: its record is queued
-    await client.app[keys.AUDIT].flush()
-    assert len(await audited(client)) == 4  # created, connect, disconnect, connect
+    writer.write(BANNER + b"\r\n" + KEX_END)  # and one that stays open across the sweep
+    await reader.readline()  # relayed; recorded once the relay has seen the key exchange end
+    async with asyncio.timeout(5):
+        while len(await audited(client)) < 4:  # noqa: ASYNC110 (created, connect, disconnect, connect)
+            await asyncio.sleep(0.01)
     clock.advance(5 * 60)  # alice's session (an hour) lives on
     await create(client, user_id="bob")
     sessions = client.app[keys.SESSIONS]
