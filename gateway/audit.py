@@ -160,6 +160,11 @@ class Audit:
             self._file.close()
             self._file = None
 
+    async def flush(self) -> None:
+        """Return once every record queued so far (and any queued meanwhile) is written, or
+        its failure logged. Records of connections still open are not queued yet."""
+        await self._queue.join()
+
     def _enqueue(
         self, work: Callable[[], Awaitable[None]], done: asyncio.Future[None] | None = None
     ) -> None:

@@ -19,7 +19,7 @@ from gateway.client.commands import Io, login
 from gateway.client.http import Api, ApiError
 from gateway.client.parser import COMMAND, add_client_commands
 from gateway.client.settings import Settings, SettingsError, resolve
-from gateway.config import Config, config_from_args, parse
+from gateway.config import Config, EnvError, config_from_args, parse
 from gateway.errors import GatewayError
 
 
@@ -35,7 +35,11 @@ def main(
     or 2 (bad usage or no settings)."""
     env = os.environ if env is None else env
     io = Io(out=out or sys.stdout, err=err or sys.stderr, env=env, inp=inp or sys.stdin)
-    args = parse(argv, env, add_client_commands)
+    try:
+        args = parse(argv, env, add_client_commands)
+    except EnvError as exc:  # a command line error exits through argparse, also with 2
+        io.err.write(f"sandman: {exc}\n")
+        return 2
     if args.command == "serve":
         return _serve(args, env, io)
     if args.command == "health":

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.core.idle import UNKNOWN_BUSY, UNKNOWN_IDLE, IdlePolicy
 from gateway.core.ports import PortRange
@@ -103,8 +104,69 @@ def _env_name(option: str) -> str:
     return "SANDMAN_" + option.lstrip("-").replace("-", "_").upper()
 
 
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+class EnvError(Exception):
+    """A ``SANDMAN_<NAME>`` variable holds a value its option cannot take. Not a
+    ``ValueError``, so argparse lets it through instead of blaming the command line."""
+
+
+class _FromEnv(str):
+    """An option's default as its environment variable spells it; argparse converts it
+    (only for the command being run) with the option's type, which knows where it came
+    from."""
+
+    def __new__(cls, value: str, name: str) -> _FromEnv:
+        text = super().__new__(cls, value)
+        text.name = name
+        return text
+
+    name: str
+
+
+_KINDS = {int: "whole number", float: "number"}
+
+
+def _typed(type_: Callable[[str], object]) -> Callable[[str], object]:
+    """``type_`` as an argparse type: a bad value on the command line is argparse's usage
+    error; one from the environment is an :class:`EnvError` naming the variable."""
+
+    def convert(text: str) -> object:
+        try:
+            return type_(text)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            if isinstance(text, _FromEnv):
+                what = _KINDS.get(type_)  # type: ignore[call-overload]
+                why = f"not a {what}" if what else str(exc)
+                raise EnvError(f"{text.name}={str(text)!r}: {why}") from None
+            raise
+
+    convert.__name__ = getattr(type_, "__name__", "value")  # argparse's "invalid int value"
+    return convert
+
+
+def _flag_value(text: str) -> bool:
+    """A flag's environment value: :func:`on_off`, or empty for off."""
+    return bool(text.strip()) and on_off(text)
+
+
+class _Flag(argparse.Action):
+    """``store_true`` whose default may come from the environment (converted lazily)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:  # fmt: skip
+        setattr(namespace, self.dest, True)
+
+
+class _Repeat(argparse._AppendAction):
+    """``append`` where the command line replaces the environment's list, not extends it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:  # fmt: skip
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _version() -> str:
@@ -138,7 +200,8 @@ def build_parser(
         prog="sandman",
         description="Sandman GPU SSH gateway. Every option can also be set as the "
         "environment variable SANDMAN_<OPTION> (dashes as underscores, upper case; "
-        "repeatable options as a comma-separated list; flags as 1/true/yes).",
+        "repeatable options as a comma-separated list; flags as 1/true/yes/on or "
+        "0/false/no/off); an option on the command line replaces its variable.",
     )
     parser.add_argument("--version", action="version", version=f"sandman {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,14 +216,10 @@ def build_parser(
         type_: Callable[[str], object] = str,
         shown: str = "",
     ) -> None:
-        # argparse converts a string default with type_, so a bad environment value is
-        # refused like a bad option, naming it.
-        raw = env.get(_env_name(name))
-        value = raw if raw is not None else default
         serve.add_argument(
             name,
-            type=type_,
-            default=value,
+            type=_typed(type_),
+            default=_env_default(env, name, default),
             help=f"{help_text} (default: {shown or default}; env {_env_name(name)})",
         )
 
@@ -169,17 +228,18 @@ def build_parser(
         value = [v.strip() for v in raw.split(",") if v.strip()]
         serve.add_argument(
             name,
-            action="append",
+            action=_Repeat,
             default=value,
-            help=f"{help_text} (repeatable; env {_env_name(name)}, comma-separated)",
+            help=f"{help_text} (repeatable, replacing the environment's list; "
+            f"env {_env_name(name)}, comma-separated)",
         )
 
     def flag(name: str, help_text: str) -> None:
-        raw = env.get(_env_name(name))
         serve.add_argument(
             name,
-            action="store_true",
-            default=_truthy(raw) if raw is not None else False,
+            action=_Flag,
+            type=_typed(_flag_value),
+            default=_env_default(env, name, False),
             help=f"{help_text} (env {_env_name(name)}=1)",
         )
 
@@ -353,13 +413,13 @@ def build_parser(
     health.add_argument("--url", help="the gateway's URL, e.g. http://gpu01.lab:8080")
     health.add_argument(
         "--host",
-        default=env.get("SANDMAN_HOST"),
+        default=_env_default(env, "--host", None),
         help="address its API binds (a wildcard is reached on loopback; env SANDMAN_HOST)",
     )
     health.add_argument(
         "--port",
-        type=int,
-        default=env.get("SANDMAN_PORT"),
+        type=_typed(int),
+        default=_env_default(env, "--port", None),
         help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
     )
     return parser
@@ -419,6 +479,14 @@ def _idle_policy(args: argparse.Namespace) -> tuple[bool, IdlePolicy, float]:
         hold_max=parse_duration(args.idle_hold_max),
     )
     return switch == "on", policy, sample
+
+
+def _env_default(env: Mapping[str, str], option: str, default: object) -> object:
+    """The option's default: its environment variable's text, if set (argparse converts it
+    only when the option's command runs), else ``default``."""
+    name = _env_name(option)
+    raw = env.get(name)
+    return default if raw is None else _FromEnv(raw, name)
 
 
 def _optional(text: str, parse: Callable[[str], float]) -> float | None:

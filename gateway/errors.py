@@ -178,3 +178,9 @@ class HostIdentityDamaged(GatewayError):
     (truncated by a crash, edited by hand): the gateway refuses to serve with it."""
 
     code = "host_identity_damaged"
+
+
+class ApiTokenUnavailable(GatewayError):
+    """At start-up: ``--api-token-file`` names a file that is missing, unreadable or empty."""
+
+    code = "api_token_unavailable"

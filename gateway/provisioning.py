@@ -183,6 +183,17 @@ class Provisioner:
                 )
             await asyncio.sleep(READY_POLL_SECONDS)
 
+    async def remove(self, session: Session) -> None:
+        """Remove the session's container (idempotent): by its stored id, else the one
+        under its name, but only if it carries this session's label: a create that failed
+        before storing an id may have met a name held by another container."""
+        if session.container_id:
+            await self._runtime.remove(session.container_id)
+            return
+        found = await self._runtime.inspect(container_name(session), self._config.docker_network)
+        if found is not None and found.labels.get(LABEL_SESSION) == session.id:
+            await self._runtime.remove(found.id)
+
     async def tell(self, session: Session, message: str) -> None:
         """Write ``message`` to every terminal open in the session's container (``wall``);
         best effort: a failure is logged."""

@@ -62,7 +62,7 @@ from gateway.models import (
     User,
     rfc3339,
 )
-from gateway.provisioning import Provisioner, container_name
+from gateway.provisioning import Provisioner
 from gateway.relay import PipePool, RelayLimits, SessionListener
 from gateway.runtime.base import LABEL_SESSION, ContainerInfo, Runtime
 from gateway.ssh.credentials import new_key_pair, new_password
@@ -527,7 +527,7 @@ class SessionManager:
                 cut = _CONNECTION_REASON.get(row.end_reason or reason, CloseReason.SESSION_DELETED)
                 await live.listener.close(cut)
                 live.listener = None
-            await self._runtime.remove(row.container_id or container_name(row))
+            await self._provision.remove(row)
             if row.gpu_uuid:
                 await self._gpus.release_session(row)
             why = row.end_reason or reason

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from gateway.runtime.base import (
 )
 from gateway.runtime.docker import container_config
 from gateway.session_files import HOST_KEY
+from tests.net import free_tcp_port
 
 #: ``docker info`` of Docker 29.2 with CDI on, the toolkit's spec written at boot (two
 #: whole GPUs and one MIG instance made before it) and the nvidia runtime registered
@@ -96,20 +96,25 @@ class Gate:
         self.opened.set()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class FakeRuntime:
-    """In-memory containers. ``mode``: "ok", "never_ready", "crash", "fail_create" or
-    "wrong_host_key" (an SSH server answers, but not with the session's host key)."""
+    """In-memory containers, as unkind as Docker by default. ``mode``: "ok", "never_ready",
+    "crash", "fail_create" or "wrong_host_key" (an SSH server answers, but not with the
+    session's host key).
+
+    Like Docker: a container that is not running has no address; a name in use is refused
+    (409, which the real runtime reports as :class:`ContainerStartFailed`); every removal,
+    the gateway's own included, sends ``die`` (if it ran) and ``destroy`` to the event
+    streams open at the time (none are kept for later); the stream can break
+    (:meth:`break_events`); every call can be slowed (``delay``) or held for ever
+    (:meth:`pause` with a gate never opened); :meth:`close` (the gateway's shutdown) leaves
+    the containers running."""
 
     mode: str = "ok"
     reachable: bool = True
     gone_reason: str = "container_gone"
+    no_address: bool = False  # running containers get no address on the network
+    delay: float = 0.0  # seconds every Docker call takes
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     execs: list[tuple[str, list[str], str]] = field(default_factory=list)
@@ -118,7 +123,8 @@ class FakeRuntime:
     #: own GPU, as a correctly configured NVIDIA Container Toolkit exposes it
     visible_gpus: tuple[str, ...] | None = None
     networks: set[str] = field(default_factory=set)
-    exits: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    #: the open event streams: each gets the session id of every event (None: it broke)
+    subscribers: list[asyncio.Queue[str | None]] = field(default_factory=list)
     gates: dict[str, Gate] = field(default_factory=dict)
     failing: set[str] = field(default_factory=set)  # steps that raise DockerUnavailable
     #: the daemon's ``docker info`` (ServerVersion, CDISpecDirs, DiscoveredDevices, Runtimes);
@@ -139,6 +145,8 @@ class FakeRuntime:
         return gate
 
     async def _step(self, step: str) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
         gate = self.gates.get(step)
         if gate is not None:
             gate.reached.set()
@@ -146,7 +154,7 @@ class FakeRuntime:
         self._check(step)
 
     async def ping(self) -> None:
-        self._check()
+        await self._step("ping")
 
     async def gpu_path(self) -> GpuPath:
         self._check()
@@ -160,6 +168,11 @@ class FakeRuntime:
         await self._step("create")
         if self.mode == "fail_create":
             raise ContainerStartFailed("Docker refused to create the container")
+        if self.find(spec.name) is not None:
+            raise ContainerStartFailed(
+                f"Docker refused to create container {spec.name}: Conflict. The container "
+                f'name "/{spec.name}" is already in use'
+            )
         cid = f"fake{next(self._ids):012d}"
         delivery = (await self.gpu_path()).delivery if spec.device_request else DEVICE_REQUEST
         body = container_config(spec, delivery)
@@ -181,12 +194,12 @@ class FakeRuntime:
 
     async def start(self, container_id: str, network: str) -> ContainerInfo:
         await self._step("start")
-        container = self.containers[container_id]
+        container = self._existing(container_id, "start the container")
         self._resolve_devices(container)
-        container.running = self.mode != "crash"
+        container.running = True
         if self.mode in ("ok", "wrong_host_key") and container.server is None:
             host_key = container.host_key() if self.mode == "ok" else _stranger_host_key()
-            container.port = _free_port()
+            container.port = free_tcp_port()
             serve = self._serve(container, host_key)
             if "sshd" in self.gates:
                 self.tasks.append(asyncio.create_task(serve))
@@ -194,6 +207,9 @@ class FakeRuntime:
                 await serve
         info = await self.inspect(container_id, network)
         assert info is not None
+        if self.mode == "crash":  # its entrypoint fails a moment after the start
+            container.running = False
+            self._emit(container, "die")
         return info
 
     async def _serve(
@@ -209,13 +225,12 @@ class FakeRuntime:
         c = self.find(container_id)
         return None if c is None else self._info(c)
 
-    @staticmethod
-    def _info(c: FakeContainer) -> ContainerInfo:
+    def _info(self, c: FakeContainer) -> ContainerInfo:
         return ContainerInfo(
             id=c.id,
             name=c.spec.name,
             running=c.running,
-            ip="127.0.0.1",
+            ip="127.0.0.1" if c.running and not self.no_address else None,
             labels=c.spec.labels,
             ssh_port=c.port or 1,
         )
@@ -224,10 +239,21 @@ class FakeRuntime:
         await self._step("remove")
         container = self.find(container_id)
         if container is not None:
-            del self.containers[container.id]
+            self._gone(container)
             self.removed.append(container.id)
-            if container.server is not None:
-                container.server.close()
+
+    def _gone(self, container: FakeContainer) -> None:
+        """Docker's side of a removal: the container and its sshd go, and every open
+        event stream hears ``die`` (if it ran) and ``destroy``."""
+        del self.containers[container.id]
+        if container.server is not None:
+            container.server.close()
+        self._emit(container, *(["die"] if container.running else []), "destroy")
+
+    def _emit(self, container: FakeContainer, *events: str) -> None:
+        for queue in self.subscribers:
+            for _ in events:
+                queue.put_nowait(container.spec.labels[LABEL_SESSION])
 
     def find(self, id_or_name: str) -> FakeContainer | None:
         """Docker takes an id or a name wherever it takes a container."""
@@ -238,19 +264,27 @@ class FakeRuntime:
 
     async def container_exits(self, instance: str) -> AsyncIterator[str]:
         self._check()
-        while (session_id := await self.exits.get()) is not None:
-            yield session_id
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.subscribers.append(queue)
+        try:
+            while (session_id := await queue.get()) is not None:
+                yield session_id
+        finally:
+            self.subscribers.remove(queue)
+        raise DockerUnavailable("the Docker engine is unreachable")  # the stream broke
+
+    def break_events(self) -> None:
+        """The engine drops its event streams (a restart, say): each ends with an error."""
+        for queue in self.subscribers:
+            queue.put_nowait(None)
 
     def kill(self, container_id: str) -> None:
-        """What ``docker rm -f`` does behind the gateway's back: gone, with an event."""
-        container = self.containers.pop(container_id)
-        if container.server is not None:
-            container.server.close()
-        self.exits.put_nowait(container.spec.labels[LABEL_SESSION])
+        """What ``docker rm -f`` does behind the gateway's back: gone, with its events."""
+        self._gone(self.containers[container_id])
 
     def _existing(self, container_id: str, doing: str) -> FakeContainer:
         """Docker answers 404 for a container that is gone (the runtime's translation)."""
-        container = self.containers.get(container_id)
+        container = self.find(container_id)
         if container is None:
             raise ContainerStartFailed(f"Docker refused to {doing}: No such container")
         return container
@@ -280,30 +314,34 @@ class FakeRuntime:
         return "fake log"
 
     async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
-        self._check()
+        await self._step("exec")
         self._existing(container_id, "exec in the container")
         self.execs.append((container_id, argv, user))
 
     async def cpu_seconds(self, container_id: str) -> float | None:
         """The container's ``cpu_seconds`` (a test raises it to look busy)."""
-        self._check()
+        await self._step("cpu_seconds")
         container = self.find(container_id)
         return None if container is None or not container.running else container.cpu_seconds
 
     async def close(self) -> None:
+        """The gateway lets go of the engine; its containers keep running, as Docker's do."""
         for task in self.tasks:
             task.cancel()
+
+    def shut_down(self) -> None:
+        """The engine stops (a test's end): every container's sshd goes."""
         for container in self.containers.values():
             if container.server is not None:
                 container.server.close()
 
     async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
         """Only ``nvidia-smi -L`` exists in these containers."""
-        self._check()
+        await self._step("run")
+        own = self._existing(container_id, f"run {argv[0]} in the container").spec.gpu_uuid
         self.runs.append((container_id, argv, user))
         if argv != ["nvidia-smi", "-L"]:
             return CommandResult(127, f"{argv[0]}: not found")
-        own = self.containers[container_id].spec.gpu_uuid
         visible = self.visible_gpus if self.visible_gpus is not None else (own,) if own else ()
         return nvidia_smi_list(visible)
 

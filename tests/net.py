@@ -19,3 +19,10 @@ def port_bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def free_tcp_port() -> int:
+    """A loopback port nothing listens on right now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

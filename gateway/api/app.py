@@ -23,6 +23,7 @@ from gateway.api.access_log import AccessLogger
 from gateway.api.routes import routes
 from gateway.audit import Audit
 from gateway.config import Config
+from gateway.errors import ApiTokenUnavailable
 from gateway.gpu import open_backend
 from gateway.gpu.allocator import GpuAllocator
 from gateway.gpu.base import GpuBackend
@@ -42,15 +43,23 @@ def resolve_api_token(config: Config) -> str:
     """The bearer token: from the environment, the token file, or generated once (0600).
 
     Raises:
-        ValueError: ``--api-token-file`` names a missing or empty file.
+        ApiTokenUnavailable: ``--api-token-file`` names a missing, unreadable or empty file,
+            or ``SANDMAN_API_TOKEN`` is set too (which one was meant is unknown).
     """
+    if config.api_token and config.api_token_file is not None:
+        raise ApiTokenUnavailable(
+            "SANDMAN_API_TOKEN and --api-token-file (SANDMAN_API_TOKEN_FILE) are both set; set one"
+        )
     if config.api_token:
         return config.api_token
     path = config.token_path
     if config.api_token_file is not None:
-        token = path.read_text().strip() if path.is_file() else ""
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ApiTokenUnavailable(f"cannot read the API token file {path}: {exc}") from exc
         if not token:
-            raise ValueError(f"API token file {path} is missing or empty")
+            raise ApiTokenUnavailable(f"the API token file {path} is empty")
         return token
     if path.is_file() and (token := path.read_text().strip()):
         return token

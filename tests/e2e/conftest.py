@@ -24,10 +24,13 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.net import free_tcp_port
 
 IMAGE = os.environ.get("SANDMAN_TEST_IMAGE", "gpu-workspace")
 DOCKER_SOCKET = "/var/run/docker.sock"
@@ -64,18 +67,17 @@ def port_block() -> tuple[int, int]:
     return base, base + 19
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def port_refuses(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except ConnectionRefusedError:
         return True
     return False
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time as the API writes it (``Z``)."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -203,12 +205,13 @@ class Gateway:
     def create(self, **body: Any) -> Response:
         return self.request("POST", "/sessions", body)
 
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """The rows of one statement on the gateway's database (opened for it alone)."""
+        with contextlib.closing(sqlite3.connect(self.state_dir / "sessions.db")) as conn:
+            return conn.execute(sql).fetchall()
+
     def instance_id(self) -> str:
-        conn = sqlite3.connect(self.state_dir / "sessions.db")
-        try:
-            return conn.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()[0]
-        finally:
-            conn.close()
+        return self.query("SELECT value FROM meta WHERE key = 'instance_id'")[0][0]
 
     def containers(self, *filters: str) -> list[str]:
         args = ["ps", "-aq", "--filter", f"network={self.network}"]
@@ -364,6 +367,13 @@ class SshClient:
         return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
+def logged_in(ssh: SshClient, session: dict[str, Any]) -> subprocess.Popen[str]:
+    """An ``ssh`` left running in the session, returned once it is logged in."""
+    proc = ssh.start_with_key(session, "echo ready; exec sleep 600")
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
 @pytest.fixture
 def ssh(tmp_path: Path) -> SshClient:
     key_dir = tmp_path / "keys"
@@ -457,12 +467,8 @@ class Holdings:
 
 
 def holdings(gateway: Gateway) -> Holdings:
-    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
-    try:
-        found = conn.execute("SELECT id, ssh_port, gpu_uuid FROM sessions").fetchall()
-        rows = {session_id: (port, gpu) for session_id, port, gpu in found}
-    finally:
-        conn.close()
+    found = gateway.query("SELECT id, ssh_port, gpu_uuid FROM sessions")
+    rows = {session_id: (port, gpu) for session_id, port, gpu in found}
     labels = docker(
         "ps", "-a", "--filter", f"label=sandman.instance={gateway.instance_id()}",
         "--format", '{{.Label "sandman.session_id"}}',

@@ -16,10 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sessions import CREATE_STEPS
+from gateway.sessions import CREATE_STEPS, WATCH_RETRY_SECONDS
 from gateway.store.migrations import MIGRATIONS, SCHEMA_VERSION
-from tests.e2e.conftest import Gateway, docker, holdings, port_refuses, wait_for
-from tests.e2e.test_connections import epoch, logged_in
+from tests.e2e.conftest import (
+    Gateway,
+    docker,
+    holdings,
+    logged_in,
+    parse_time,
+    port_refuses,
+    wait_for,
+)
 
 ONE_A100 = {"host": "e2e", "gpus": [{"model": "A100-80GB", "mig": True}]}
 KILLS_PER_STEP = 3  # 7 steps: 21 kills
@@ -53,6 +60,37 @@ def assert_nothing_leaked(gateway: Gateway, *, sessions: int) -> None:
     assert mig_instances(gateway) == held.slices, held  # dynamic MIG: one instance per row
 
 
+def restart_and_check_what_the_kill_left(gateway: Gateway, *, stop_at: str) -> None:
+    """Start the gateway (to stop itself at ``stop_at`` this time). It must have recovered
+    what the last kill left: nothing leaked, and a session whose row said running adopted;
+    that one is then deleted, and ends cleanly."""
+    gateway.env["SANDMAN_TEST_STOP_AT"] = stop_at
+    gateway.start()
+    previous = gateway.request("GET", "/sessions").body
+    assert_nothing_leaked(gateway, sessions=len(previous))
+    if previous:
+        assert [s["state"] for s in previous] == ["running"]
+        gateway.request("DELETE", f"/sessions/{previous[0]['id']}")
+        assert_nothing_leaked(gateway, sessions=0)
+
+
+def kill_during_a_create_at(gateway: Gateway, step: str) -> None:
+    """POST a session for kim, wait until the gateway stops itself at ``step``, SIGKILL it
+    there: no 201 got out, and the row is in the state that step leaves it in."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(gateway.create, user_id="kim", ttl_minutes=5)
+        assert gateway.proc is not None
+        pid = gateway.proc.pid
+        wait_for(partial(_answered_or_stopped, answer, pid), timeout=60, what=step)
+        assert not answer.done(), answer.result()  # the same user got this far again
+        assert last_step_logged(gateway) == step
+        gateway.stop(signal.SIGKILL)
+        with pytest.raises(OSError):  # no answer: the process died before the 201
+            answer.result()
+    left = set(_row_states(gateway).values())  # the row was written at the first step
+    assert left == {"running" if step in RECOVERED_STEPS else "starting"}, (step, left)
+
+
 def test_sigkill_at_every_create_step_leaks_nothing(gateway_factory, topology, ssh):
     gateway = gateway_factory(
         "--gpus", topology(ONE_A100), "--mig-dynamic", "--default-mig-profile", "1g.10gb",
@@ -61,27 +99,11 @@ def test_sigkill_at_every_create_step_leaks_nothing(gateway_factory, topology, s
     started = time.monotonic()
     kills = 0
     for step in CREATE_STEPS * KILLS_PER_STEP:
-        gateway.env["SANDMAN_TEST_STOP_AT"] = step
-        gateway.start()  # recovers what the previous kill left
-        previous = gateway.request("GET", "/sessions").body
-        assert_nothing_leaked(gateway, sessions=len(previous))
-        if previous:  # killed once its row said running: adopted, and ends cleanly
-            assert [s["state"] for s in previous] == ["running"]
-            gateway.request("DELETE", f"/sessions/{previous[0]['id']}")
-            assert_nothing_leaked(gateway, sessions=0)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(gateway.create, user_id="kim", ttl_minutes=5)
-            assert gateway.proc is not None
-            pid = gateway.proc.pid
-            wait_for(partial(_answered_or_stopped, answer, pid), timeout=60, what=step)
-            assert not answer.done(), answer.result()  # the same user got this far again
-            assert last_step_logged(gateway) == step
-            gateway.stop(signal.SIGKILL)
-            kills += 1
-            with pytest.raises(OSError):  # no answer: the process died before the 201
-                answer.result()
-        left = set(_row_states(gateway).values())  # the row was written at the first step
-        assert left == {"running" if step in RECOVERED_STEPS else "starting"}, (step, left)
+        restart_and_check_what_the_kill_left(gateway, stop_at=step)
+        kill_during_a_create_at(gateway, step)
+        kills += 1
+
+    # the last restart, with no stop: everything left is ended, and kim logs in again
     del gateway.env["SANDMAN_TEST_STOP_AT"]
     gateway.start()
     left = gateway.request("GET", "/sessions").body
@@ -96,11 +118,7 @@ def test_sigkill_at_every_create_step_leaks_nothing(gateway_factory, topology, s
 
 
 def _row_states(gateway: Gateway) -> dict[str, str]:
-    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
-    try:
-        return dict(conn.execute("SELECT id, state FROM sessions").fetchall())
-    finally:
-        conn.close()
+    return dict(gateway.query("SELECT id, state FROM sessions"))
 
 
 def test_a_port_taken_during_a_restart_moves_the_session_and_its_job_goes_on(gateway, ssh):
@@ -170,7 +188,8 @@ def test_sigterm_cuts_connections_keeps_sessions_and_the_next_start_resumes(gate
         assert "session_recovered" in {e["event"] for e in events}
     url = f"/sessions/{short['session_id']}"
     wait_for(lambda: gateway.request("GET", url).status == 404, timeout=20, what="the TTL")
-    assert time.time() >= epoch(short["expires_at"])  # its own expiry, kept across the restart
+    # its own expiry, kept across the restart
+    assert time.time() >= parse_time(short["expires_at"]).timestamp()
     assert gateway.request("GET", f"/sessions/{long['session_id']}").status == 200
 
 
@@ -194,9 +213,17 @@ def test_docker_engine_away_and_back(gateway_factory, ssh, docker_proxy):
     for _ in range(10):  # the live connection keeps flowing, new logins work
         assert ticker.stdout.readline() == "tick\n"
     assert ssh.with_key(session, "echo fine").stdout == "fine\n"
-    time.sleep(3)  # the sweep and the event watcher both fail meanwhile, and must survive it
+    # the sweep and the event watcher both fail meanwhile, and must survive it
+    log_before = gateway.log_path.read_text()
+    for failure in ("TTL sweep failed", "container events unavailable"):
+        wait_for(
+            lambda f=failure: gateway.log_path.read_text().count(f) > log_before.count(f),
+            timeout=15,
+            what=f"a fresh {failure!r} in the log",
+        )
 
     docker_proxy.start()
+    back = time.monotonic()
     wait_for(lambda: gateway.request("GET", "/healthz").status == 200, timeout=10, what="health")
     again = gateway.create(user_id="wes", ttl_minutes=10)
     assert again.status == 201, again.body
@@ -206,6 +233,9 @@ def test_docker_engine_away_and_back(gateway_factory, ssh, docker_proxy):
 
     wait_for(vic_creates, timeout=10, what="the failed create's cleanup")
     assert ticker.stdout.readline() == "tick\n" and ticker.poll() is None
+    # the event watcher tries again every WATCH_RETRY_SECONDS: a whole period after the
+    # engine came back, it follows the events again (Docker replays none it missed)
+    time.sleep(max(0.0, back + WATCH_RETRY_SECONDS + 1 - time.monotonic()))
     docker("rm", "-f", session["container_id"])  # the event watcher followed the engine back
     wait_for(lambda: gateway.request("GET", url).status == 404, timeout=10, what="the end")
     assert f"session {session['session_id']}: its container is gone" in (
@@ -238,19 +268,14 @@ def test_database_survives_sigkill_during_a_write_burst(gateway_factory):
             made += 1
         return made
 
-    db = gateway.state_dir / "sessions.db"
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         workers = [pool.submit(connect_and_leave) for _ in range(6)]
-        wait_for(lambda: _events(db) > 300, timeout=60, what="a burst of writes")
+        wait_for(lambda: _events(gateway) > 300, timeout=60, what="a burst of writes")
         gateway.stop(signal.SIGKILL)
         done.set()
         made = sum(w.result() for w in workers)
-    print(f"\nkilled after {made} connections, {_events(db)} events on disk")
-    conn = sqlite3.connect(db)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        conn.close()
+    print(f"\nkilled after {made} connections, {_events(gateway)} events on disk")
+    assert gateway.query("PRAGMA integrity_check") == [("ok",)]
     gateway.start()
     records = gateway.request("GET", f"/sessions/{session['session_id']}/connections").body
     assert records["count"] > 0
@@ -258,21 +283,14 @@ def test_database_survives_sigkill_during_a_write_burst(gateway_factory):
     assert gateway.request("GET", f"/sessions/{session['session_id']}").body["state"] == "running"
 
 
-def _events(db: Path) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0]
-    finally:
-        conn.close()
+def _events(gateway: Gateway) -> int:
+    return gateway.query("SELECT COUNT(*) FROM audit_events")[0][0]
 
 
 def test_a_database_from_a_newer_gateway_is_refused_in_one_line(gateway_factory):
     gateway = gateway_factory(start=False)
     gateway.state_dir.mkdir(mode=0o700)
-    db = gateway.state_dir / "sessions.db"
-    conn = sqlite3.connect(db)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    conn.close()
+    gateway.query(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(AssertionError, match="exited early"):
         gateway.start()
     assert gateway.proc is not None and gateway.proc.wait() != 0
@@ -280,12 +298,11 @@ def test_a_database_from_a_newer_gateway_is_refused_in_one_line(gateway_factory)
     assert "Traceback" not in output
     (line,) = [line for line in output.splitlines() if line.startswith("sandman:")]
     assert line == (
-        f"sandman: {db}: database schema version {SCHEMA_VERSION + 1} is newer than this"
+        f"sandman: {gateway.state_dir / 'sessions.db'}: database schema version "
+        f"{SCHEMA_VERSION + 1} is newer than this"
         f" gateway's {SCHEMA_VERSION}: run the newer gateway, or restore a backup made for this one"
     )
-    conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)  # untouched
-    conn.close()
+    assert gateway.query("PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]  # untouched
 
 
 def test_a_database_from_the_first_release_is_migrated(gateway_factory, ssh):
@@ -297,8 +314,6 @@ def test_a_database_from_the_first_release_is_migrated(gateway_factory, ssh):
     conn.execute("INSERT INTO users (user_id, uid, created_at) VALUES ('old', 23456, 0)")
     conn.close()
     gateway.start()
-    conn = sqlite3.connect(gateway.state_dir / "sessions.db")
-    assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    conn.close()
+    assert gateway.query("PRAGMA user_version") == [(SCHEMA_VERSION,)]
     session = gateway.create(user_id="old").body
     assert ssh.with_key(session, "id -u").stdout == "23456\n"  # the user kept their uid

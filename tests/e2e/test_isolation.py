@@ -5,6 +5,7 @@ secret at rest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import stat
@@ -158,11 +159,8 @@ def test_no_private_key_or_password_at_rest(gateway_factory, ssh, tmp_path):
     for path in state.iterdir():
         if path.suffix != ".pub":  # the CA's public half
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    conn = sqlite3.connect(state / "sessions.db")
-    try:
+    with contextlib.closing(sqlite3.connect(state / "sessions.db")) as conn:
         dump = "\n".join(conn.iterdump())
-    finally:
-        conn.close()
     audit = json.dumps(gateway.request("GET", "/audit", token=token).body)
     # state folder, database and WAL, audit log, the gateway's DEBUG log, workspaces
     files = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import signal
 
+from gateway.config import Config
 from gateway.runtime.base import SSHD_CAPABILITIES
 from tests.e2e.conftest import docker, port_refuses, wait_for
 from tests.net import port_bindable
@@ -53,6 +54,18 @@ def test_ssh_right_after_create_writes_workspace_as_stable_uid(gateway, ssh):
     result = ssh.with_key(again.body, "id -u; ls ~/made-here")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["10000", "/home/alice/made-here"]
+
+
+def test_without_password_auth_a_password_is_refused_and_the_key_works(gateway_factory, ssh):
+    gateway = gateway_factory("--no-ssh-password-auth")
+    session = gateway.create(user_id="olga").body
+    assert session["ssh_password"] is None  # none made up, none shown
+    by_key = ssh.with_key(session, "whoami; test -e /etc/sandman/password-hash || echo no-hash")
+    assert by_key.returncode == 0, by_key.stderr
+    assert by_key.stdout.split() == ["olga", "no-hash"]
+    guessed = ssh.with_password({**session, "ssh_password": "a-guess"}, "whoami")
+    assert guessed.returncode != 0
+    assert "Permission denied (publickey)." in guessed.stderr  # sshd offers no password
 
 
 def test_concurrent_creates_for_one_user_give_one_session(gateway):
@@ -181,7 +194,9 @@ def test_capabilities_are_minimal_and_login_shell_has_none(gateway, ssh):
         "{{json .HostConfig.SecurityOpt}} {{.HostConfig.PidsLimit}}",
         session["container_id"],
     )
-    assert "no-new-privileges" in inspect
+    security, pids_limit = inspect.split()
+    assert "no-new-privileges" in security
+    assert int(pids_limit) == Config().pids_limit  # the default --pids-limit reaches Docker
     mounts = docker(
         "inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", session["container_id"]
     )

@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.e2e.conftest import docker, wait_for
+from tests.e2e.conftest import docker, parse_time, wait_for
 
 
 def known_hosts_from_gateway(gateway, path: Path) -> Path:
@@ -121,10 +121,6 @@ def authorized_expiry(container_id: str, user: str) -> datetime:
     text = docker("exec", container_id, "cat", f"/etc/ssh/authorized_keys/{user}")
     (stamp,) = set(re.findall(r'expiry-time="(\d{14})Z"', text))
     return datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def test_keys_expire_with_the_session_and_follow_patch(gateway, ssh):

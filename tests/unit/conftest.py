@@ -33,8 +33,10 @@ def unit_config(tmp_path: Path, **overrides) -> Config:
 
 
 @pytest.fixture
-def runtime():
-    return FakeRuntime()
+async def runtime():
+    fake = FakeRuntime()
+    yield fake
+    fake.shut_down()  # the gateway's close leaves the "containers" running, as Docker does
 
 
 @pytest.fixture

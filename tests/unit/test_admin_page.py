@@ -10,12 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Page, async_playwright, expect
+from aiohttp import web
+from playwright.async_api import Locator, Page, async_playwright, expect
 
 from gateway.api.admin_page import UI_DIR
 from gateway.gpu.sim import SimBackend
 from tests.unit.conftest import TOKEN
-from tests.unit.test_relay import packet
+from tests.unit.helpers import EXAMPLES, connections_written, hello
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -27,7 +28,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-EXAMPLES = Path(__file__).parents[2] / "examples"
 XSS_BANNER = "SSH-2.0-<script>alert(1)</script>"
 
 
@@ -73,15 +73,6 @@ class Shots:
             await asyncio.to_thread(shutil.copy, path, Path(self.keep) / path.name)
 
 
-async def say_hello(port: int, banner: str) -> None:
-    """Connect with ``banner`` and a key exchange's end, so the connection is recorded."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(banner.encode() + b"\r\n" + packet(21))
-    await reader.readline()
-    writer.close()
-    await writer.wait_closed()
-
-
 async def sign_in(page: Page) -> None:
     await page.get_by_label("API token").fill(TOKEN)
     await page.get_by_label("API token").press("Enter")  # the keyboard is enough
@@ -106,45 +97,44 @@ async def browser_page(chromium):
             await browser.close()
 
 
-async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_path):
-    server = await make_server(
-        gpu_factory=lambda: SimBackend(EXAMPLES / "topology-mixed.json"),
-        default_mig_profile="1g.10gb",
-    )
-    page = browser_page
-    shots = Shots(page, tmp_path)
-    dialogs: list[str] = []
+class Watched:
+    """A page whose dialogs (accepted) and console errors are recorded."""
 
-    async def on_dialog(dialog) -> None:
-        dialogs.append(f"{dialog.type}: {dialog.message}")
-        await dialog.accept()
+    def __init__(self, page: Page) -> None:
+        self.dialogs: list[str] = []
+        self.console_errors: list[str] = []
 
-    page.on("dialog", on_dialog)
-    console_errors: list[str] = []
-    page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
+        async def on_dialog(dialog) -> None:
+            self.dialogs.append(f"{dialog.type}: {dialog.message}")
+            await dialog.accept()
 
-    await page.goto(str(server.make_url("/ui")))
+        page.on("dialog", on_dialog)
+        page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+
+
+async def step_a_wrong_token_is_refused_then_one_signs_in(page: Page, shots: Shots) -> None:
     await page.get_by_label("API token").fill("wrong")
     await page.get_by_role("button", name="Sign in").click()
     await expect(page.locator("#login-error")).to_have_text(re.compile("refused"))
     await shots("login")
     await sign_in(page)
-    console_errors.clear()  # the refused token's 401 was expected
     unlabelled = await page.evaluate(
         """[...document.querySelectorAll("input, select, textarea")]
              .filter((e) => e.labels.length === 0).map((e) => e.id)"""
     )
     assert unlabelled == []
 
-    # create through the form, with a profile chosen from what the GPUs offer
+
+async def step_create_through_the_form(page: Page, shots: Shots, folder: Path) -> int:
+    """With a profile chosen from what the GPUs offer; the private key is offered once.
+    Returns the session's port."""
     await page.get_by_label("User").fill("alice")
     await page.get_by_label("Time to live (minutes)").fill("30")
     profile = page.get_by_label("GPU slice")
     await expect(profile.locator("option", has_text="2g.20gb (1 free)")).to_have_count(1)
     await profile.select_option("2g.20gb")
     await page.get_by_role("button", name="Create session").click()
-    created = page.locator("#created")
-    await expect(created).to_be_visible()
+    await expect(page.locator("#created")).to_be_visible()
     command = page.locator("#created-ssh")
     await expect(command).to_have_text(re.compile(r"^ssh -i sandman-alice-\d+\.key -p \d+ "))
     port = int(re.search(r"-p (\d+)", await command.text_content()).group(1))
@@ -158,27 +148,35 @@ async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_p
         await page.get_by_role("button", name="Download private key").click()
     download = await download_info.value
     assert download.suggested_filename == f"sandman-alice-{port}.key"
-    key = tmp_path / download.suggested_filename
+    key = folder / download.suggested_filename
     await download.save_as(key)
     assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
-    await expect(page.locator("#created-key")).to_be_disabled()  # offered once
+    await expect(page.locator("#created-key")).to_be_disabled()
     await shots("created")
+    return port
 
-    # the list: slice, state, a countdown that runs, the GPU picture with its holder
+
+async def step_the_list_shows_slice_state_countdown_and_holder(page: Page) -> Locator:
+    """Returns alice's row."""
     row = page.locator("#sessions-body tr[data-user=alice]")
     await expect(row).to_contain_text("2g.20gb")
     await expect(row).to_contain_text("running")
     countdown = row.locator(".countdown")
     await expect(countdown).to_have_text(re.compile(r"^29m \d\ds$"))
     before = await countdown.text_content()
-    await expect(countdown).not_to_have_text(before)
+    await expect(countdown).not_to_have_text(before)  # it runs
     held = page.locator("#gpus-list .slice.held")
     await expect(held).to_have_count(1)
     await expect(held).to_contain_text("2g.20gb")
     await expect(held).to_contain_text("alice")
+    return row
 
-    # a stranger's banner is shown as text, never run or parsed
-    await say_hello(port, XSS_BANNER)
+
+async def step_a_strangers_banner_is_shown_as_text(
+    page: Page, shots: Shots, app: web.Application, port: int, row: Locator
+) -> None:
+    await hello(port, XSS_BANNER.encode())
+    await connections_written(app)
     await page.get_by_role("button", name="Connection history of session of alice").click()
     banner = page.locator("#connections-body code", has_text=XSS_BANNER)
     await expect(banner).to_have_count(1)
@@ -187,11 +185,12 @@ async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_p
     await expect(row).to_contain_text("running")
     await shots("connections")
 
-    # extend by the chosen minutes
+
+async def step_extend_by_the_chosen_minutes(page: Page, shots: Shots, row: Locator) -> None:
     await page.get_by_label("Extend by (minutes)").fill("15")
     await page.get_by_role("button", name="Extend session of alice").click()
     await expect(page.locator("#status")).to_have_text(re.compile("now ends"))
-    await expect(countdown).to_have_text(re.compile(r"^44m \d\ds$"))
+    await expect(row.locator(".countdown")).to_have_text(re.compile(r"^44m \d\ds$"))
     # the rows were redrawn; the keyboard focus stayed on the button
     await expect(page.get_by_role("button", name="Extend session of alice")).to_be_focused()
     await expect(page.locator("#audit-body tr").first).to_contain_text("session_extended")
@@ -199,16 +198,36 @@ async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_p
     await page.get_by_role("button", name="Close").click()
     await shots("admin")
 
+
+async def step_delete_after_confirming(page: Page, shots: Shots, row: Locator) -> None:
     await page.get_by_role("button", name="Delete session of alice").click()
     await expect(row).to_have_count(0)
     await expect(page.locator("#sessions-empty")).to_be_visible()
     await expect(page.locator("#gpus-list .slice.held")).to_have_count(0)
-    assert runtime.containers == {}
     await expect(page.locator("#audit-body tr").first).to_contain_text("session_deleted")
     await shots("deleted")
 
-    assert [d.split(":")[0] for d in dialogs] == ["confirm"]  # the delete, and no alert(1)
-    assert console_errors == [], console_errors
+
+async def test_admin_page_in_a_browser(make_server, runtime, browser_page, tmp_path):
+    """One admin's visit, step by step (each step starts where the last one left the page)."""
+    server = await make_server(
+        gpu_factory=lambda: SimBackend(EXAMPLES / "topology-mixed.json"),
+        default_mig_profile="1g.10gb",
+    )
+    page, shots, watched = browser_page, Shots(browser_page, tmp_path), Watched(browser_page)
+    await page.goto(str(server.make_url("/ui")))
+
+    await step_a_wrong_token_is_refused_then_one_signs_in(page, shots)
+    watched.console_errors.clear()  # the refused token's 401 was expected
+    port = await step_create_through_the_form(page, shots, tmp_path)
+    row = await step_the_list_shows_slice_state_countdown_and_holder(page)
+    await step_a_strangers_banner_is_shown_as_text(page, shots, server.app, port, row)
+    await step_extend_by_the_chosen_minutes(page, shots, row)
+    await step_delete_after_confirming(page, shots, row)
+    assert runtime.containers == {}
+
+    assert [d.split(":")[0] for d in watched.dialogs] == ["confirm"]  # the delete; no alert(1)
+    assert watched.console_errors == [], watched.console_errors
 
 
 async def test_create_with_a_public_key_offers_no_private_key(make_server, browser_page, tmp_path):

@@ -7,6 +7,7 @@ what is listed as available is exactly what is free.
 
 import asyncio
 import json
+import socket
 import tempfile
 from pathlib import Path
 
@@ -14,34 +15,73 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from gateway.audit import Audit
 from gateway.core.gpu_select import FULL_GPU
 from gateway.core.ports import PortRange
-from gateway.errors import GpuInstanceBusy, NoGpuAvailable, UnknownMigProfile
+from gateway.errors import GpuInstanceBusy, NoGpuAvailable, NoPortAvailable, UnknownMigProfile
 from gateway.gpu.allocator import Allocation, GpuAllocator
+from gateway.gpu.none import NoneBackend
 from gateway.gpu.sim import SimBackend
-from gateway.models import CreateRequest
+from gateway.metrics import Metrics
+from gateway.models import CreateRequest, Session
+from gateway.sessions import SessionManager
+from gateway.store import Store
+from tests.fakes import Clock, FakeRuntime
+from tests.net import UNIT_PORT_BASE as FIRST_PORT
+from tests.net import port_bindable
+from tests.unit.conftest import unit_config
 
 USERS = st.sampled_from(["ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal"])
-POOL = PortRange(10000, 10005)
+POOL = PortRange(FIRST_PORT, FIRST_PORT + 5)  # real loopback ports
 MACHINE_SETTINGS = settings(max_examples=50, stateful_step_count=40, deadline=None)
 
 
 @MACHINE_SETTINGS
 class PortPool(RuleBasedStateMachine):
-    """``PortRange.candidates`` plus the caller's bind loop and sticky bookkeeping (as in
-    ``SessionManager._bind_free_port`` and ``Store.insert_session``), against the rule:
-    your own port if free, else the lowest port nobody calls theirs, else the port
-    longest unused by its owner; a port another process holds is skipped."""
+    """The real reservation (``SessionManager._reserve``: the store's held and sticky
+    ports, ``PortRange.candidates`` and the bind loop on real loopback sockets) and the
+    real end path, against the rule: your own port if free, else the lowest port nobody
+    calls theirs, else the port longest unused by its owner; a port another process holds
+    is skipped. (Reserving stops short of the container: the rest of a create does not
+    touch ports.)"""
 
     def __init__(self) -> None:
         super().__init__()
-        self.live: dict[str, int] = {}  # user -> port of their live session
-        self.sticky: dict[str, tuple[int, int]] = {}  # user -> (port, last given at)
-        self.foreign: set[int] = set()  # ports some other process has bound
+        self.folder = tempfile.TemporaryDirectory()
+        self.loop = asyncio.new_event_loop()
+        self.clock = Clock()
+        config = unit_config(Path(self.folder.name), ssh_ports=POOL)
+        self.store = self._run(Store.open(config.db_path))
+        self.manager = SessionManager(
+            config,
+            store=self.store,
+            runtime=FakeRuntime(),
+            gpus=GpuAllocator(NoneBackend(), default_profile=None, dynamic=False),
+            audit=Audit(self.store, Metrics(), None, self.clock),
+            metrics=Metrics(),
+            identity=None,  # reserving and ending never certify a host key
+            instance_id="model",
+            clock=self.clock,
+        )
+        self.live: dict[str, Session] = {}  # user -> their live session
+        self.sticky: dict[str, tuple[int, int]] = {}  # model: user -> (port, last given at)
+        self.foreign: dict[int, socket.socket] = {}  # ports some other process listens on
         self.now = 0
 
+    def teardown(self) -> None:
+        self._run(self.manager.close())
+        self._run(self.store.close())
+        for sock in self.foreign.values():
+            sock.close()
+        self.loop.close()
+        self.folder.cleanup()
+
+    def _run(self, work):
+        return self.loop.run_until_complete(work)
+
     def _expected(self, user: str) -> int | None:
-        free = [p for p in range(POOL.start, POOL.end + 1) if p not in self.live.values()]
+        held = {s.ssh_port for s in self.live.values()}
+        free = [p for p in range(POOL.start, POOL.end + 1) if p not in held]
         free = [p for p in free if p not in self.foreign]
         own = self.sticky.get(user)
         if own is not None and own[0] in free:
@@ -57,38 +97,42 @@ class PortPool(RuleBasedStateMachine):
     def create(self, user: str) -> None:
         if user in self.live:
             return
-        held = set(self.live.values())
-        own = self.sticky.get(user)
-        claimed = [
-            port for u, (port, _) in sorted(self.sticky.items(), key=lambda i: i[1][1]) if u != user
-        ]
-        candidates = list(POOL.candidates(held, preferred=own[0] if own else None, claimed=claimed))
-        assert len(candidates) == len(set(candidates)), "a port offered twice"
-        assert not held & set(candidates), "a held port offered"
-        assert all(p in POOL for p in candidates)
-        port = next((p for p in candidates if p not in self.foreign), None)  # bind loop
-        assert port == self._expected(user)
-        if port is None:
-            return  # 503 no_port_available
+        self.clock.advance(1)  # a port's "last given at" is its session's creation
+        request = CreateRequest(user_id=user, ttl_seconds=60, image="i")
+        expected = self._expected(user)
+        try:
+            live = self._run(self.manager._reserve(request, ()))
+        except NoPortAvailable:
+            assert expected is None
+            return
+        port = live.session.ssh_port
+        assert port == expected
+        assert port_bindable(port) is False  # the listener holds it
         self.now += 1
-        self.live[user] = port
+        self.live[user] = live.session
         self.sticky = {u: v for u, v in self.sticky.items() if v[0] != port}
         self.sticky[user] = (port, self.now)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def end(self, data: st.DataObject) -> None:
-        del self.live[data.draw(st.sampled_from(sorted(self.live)))]
+        session = self.live.pop(data.draw(st.sampled_from(sorted(self.live))))
+        assert self._run(self.manager.end(session, "session_deleted"))
+        assert port_bindable(session.ssh_port)  # released with the session
 
     @rule(port=st.integers(POOL.start, POOL.end))
     def foreign_process_toggles(self, port: int) -> None:
-        if port not in self.live.values():
-            self.foreign ^= {port}
+        if port in self.foreign:
+            self.foreign.pop(port).close()
+        elif port not in {s.ssh_port for s in self.live.values()}:
+            self.foreign[port] = socket.create_server(("127.0.0.1", port))
 
     @invariant()
     def no_port_held_twice(self) -> None:
-        assert len(set(self.live.values())) == len(self.live)
-        assert not self.foreign & set(self.live.values())
+        ports = [s.ssh_port for s in self.live.values()]
+        assert len(set(ports)) == len(ports)
+        assert not set(self.foreign) & set(ports)
+        assert self._run(self.store.held_ports()) == set(ports)
 
 
 TOPOLOGY = {

@@ -4,15 +4,13 @@ import asyncio
 
 import pytest
 
+from gateway.api import keys
+from gateway.sessions import SessionManager
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.routes import PROTECTED_ROUTES
+from tests.unit.helpers import create
 
 NO_AUTH = {"Authorization": ""}
-
-
-async def create(client, **body):
-    body.setdefault("user_id", "alice")
-    return await client.post("/sessions", json=body)
 
 
 async def test_create_get_list_delete(make_client, runtime):
@@ -96,6 +94,20 @@ async def test_port_held_by_another_process_is_skipped(make_client):
         blocker.close()
 
 
+async def test_a_users_port_stays_theirs_when_a_lower_one_frees_up(make_client):
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", FIRST_PORT)
+    client = await make_client()
+    try:
+        first = await (await create(client)).json()
+        assert first["ssh_port"] == FIRST_PORT + 1
+    finally:
+        blocker.close()
+        await blocker.wait_closed()
+    await client.delete(f"/sessions/{first['session_id']}")
+    again = await (await create(client)).json()
+    assert again["ssh_port"] == FIRST_PORT + 1  # their own, not the lowest free
+
+
 async def test_no_port_left_is_503(make_client):
     from gateway.core.ports import PortRange
 
@@ -127,14 +139,21 @@ async def test_stable_uid_across_sessions(make_client, runtime):
     assert uids == {"alice": "10000", "bob": "10001"}
 
 
-@pytest.mark.parametrize("mode", ["never_ready", "crash", "fail_create"])
-async def test_failed_start_rolls_everything_back(make_client, runtime, mode):
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("never_ready", "did not answer SSH within 1 s"),
+        ("crash", "exited before its SSH server started"),
+        ("fail_create", "Docker refused to create the container"),
+    ],
+)
+async def test_failed_start_rolls_everything_back(make_client, runtime, mode, why):
     runtime.mode = mode
     client = await make_client(start_timeout=1)
     resp = await create(client)
-    assert resp.status in (502, 503)
     body = await resp.json()
-    assert body["code"] == "container_start_failed"
+    assert (resp.status, body["code"]) == (502, "container_start_failed")
+    assert why in body["error"]
     assert "Traceback" not in body["error"]
     assert runtime.containers == {}
     assert await (await client.get("/sessions")).json() == []
@@ -258,6 +277,32 @@ async def test_healthz_is_public_and_reports_docker(make_client, runtime, caplog
     assert resp.status == 503 and body["status"] == "degraded"
     assert body["failing"] == {"docker": "unavailable"}
     assert "the Docker engine is unreachable" in caplog.text
+
+
+async def test_healthz_reports_a_database_that_is_gone(make_client):
+    client = await make_client()
+    await client.app[keys.STORE].close()  # as a failed disk or a closed handle leaves it
+    resp = await client.get("/healthz", headers=NO_AUTH)
+    body = await resp.json()
+    assert resp.status == 503 and body["status"] == "degraded"
+    assert list(body["failing"]) == ["database"]
+
+
+async def test_an_unexpected_failure_is_500_internal_logged_with_its_trace_never_sent(
+    make_client, monkeypatch, caplog
+):
+    async def broken(self):
+        raise RuntimeError("secret detail at /var/lib/orchestrator/sessions.db")
+
+    monkeypatch.setattr(SessionManager, "list", broken)
+    client = await make_client()
+    resp = await client.get("/sessions")
+    assert resp.status == 500
+    assert await resp.json() == {"error": "internal error", "code": "internal"}
+    (logged,) = [r for r in caplog.records if r.name == "gateway.api.middleware"]
+    assert logged.levelname == "ERROR" and logged.getMessage() == "GET /sessions failed"
+    assert isinstance(logged.exc_info[1], RuntimeError)  # the trace goes to the log
+    assert (await client.get("/healthz", headers=NO_AUTH)).status == 200  # and it serves on
 
 
 async def test_cors_echoes_origin_with_credentials(make_client):

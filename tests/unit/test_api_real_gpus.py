@@ -17,6 +17,7 @@ from gateway.gpu.nvml import NvmlBackend
 from tests.fakes import CDI_DOCKER, CDI_DOCKER_NO_RUNTIME
 from tests.unit.conftest import unit_config
 from tests.unit.fake_pynvml import A100_40GB, FakeGpu, FakeNvml, h100, h200
+from tests.unit.helpers import create
 
 H100 = "GPU-h100-0000"
 WHOLE = "GPU-whole-0001"
@@ -26,11 +27,6 @@ def nvml(*gpus: FakeGpu) -> FakeNvml:
     nv = FakeNvml(list(gpus))
     nv.nvmlInit()
     return nv
-
-
-async def create(client, **body):
-    body.setdefault("user_id", "alice")
-    return await client.post("/sessions", json=body)
 
 
 # --- the default profile is checked at start-up ------------------------------------------

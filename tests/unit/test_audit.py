@@ -180,3 +180,26 @@ async def test_one_summary_per_source_per_interval(tmp_path):
         ("127.0.0.1", 1, (("preauth_timeout", 1),)),
     ]
     assert connections == []
+
+
+async def test_flush_returns_once_what_is_queued_is_written(tmp_path):
+    store = await Store.open(tmp_path / "db.sqlite")
+    gated = GatedStore(store)
+    audit = Audit(gated, Metrics(), None, utcnow)
+    try:
+        await audit.flush()  # nothing queued: at once
+        one = record(1)
+        await audit.connection_opened(one)
+        await audit.connection_closed(ended(one))
+        flushed = asyncio.create_task(audit.flush())
+        await asyncio.sleep(0.05)
+        assert not flushed.done()  # the database is stuck: so is the flush
+        gated.gate.set()
+        async with asyncio.timeout(5):
+            await flushed
+        (saved,) = await store.connections()
+        assert saved.ended_at is not None
+        assert [e.event for e in await store.events(session_id="s1")] == ["disconnect", "connect"]
+    finally:
+        await audit.aclose()
+        await store.close()

@@ -10,10 +10,12 @@ import stat
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from gateway.cli import main
 from gateway.core.gpu_delivery import gpu_path
@@ -24,14 +26,15 @@ from gateway.runtime import docker as docker_runtime
 from tests.fakes import CDI_DOCKER
 from tests.unit.conftest import TOKEN
 from tests.unit.fake_pynvml import FakeGpu, FakeNvml
-from tests.unit.test_relay import packet
+from tests.unit.helpers import EXAMPLES, connections_written, hello
 
-EXAMPLES = Path(__file__).parents[2] / "examples"
 HOSTILE_BANNER = b"SSH-2.0-evil\x1b[2J\x1b]0;owned\x07"
 
 
 class Cli:
     """Runs ``sandman`` in a thread (its own event loop) against the test's gateway."""
+
+    app: web.Application | None = None  # the gateway, when it runs in the test's loop
 
     def __init__(self, url: str, home: Path) -> None:
         self.url = url
@@ -71,26 +74,9 @@ class Cli:
 @pytest.fixture
 async def cli(make_server, tmp_path):
     server = await make_server()
-    return Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
-
-
-async def hello(port: int, banner: bytes) -> None:
-    """One client connection through the session port that says ``banner``, ends a key
-    exchange (so it is recorded) and leaves."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(banner + b"\r\n" + packet(21))
-    await reader.readline()
-    writer.close()
-    await writer.wait_closed()
-
-
-async def ended_connections(cli: Cli, ref: str, count: int) -> list[dict]:
-    async with asyncio.timeout(5):
-        while True:
-            records = (await cli.json("session", "connections", ref))["connections"]
-            if sum(r["ended_at"] is not None for r in records) >= count:
-                return records
-            await asyncio.sleep(0.05)  # the relay writes the record as the connection ends
+    cli = Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
+    cli.app = server.app
+    return cli
 
 
 async def test_login_saves_a_private_config_that_later_commands_use(cli, tmp_path):
@@ -127,24 +113,46 @@ async def test_login_saves_a_private_config_that_later_commands_use(cli, tmp_pat
     assert rc == 1 and "cannot read the token file" in err
 
 
-async def test_session_commands(cli, tmp_path):
+@dataclass(frozen=True)
+class Created:
+    """What ``sandman session create alice`` printed and saved."""
+
+    out: str
+    key: Path
+    known: Path  # the gateway's host CA, so ssh verifies the host
+    port: str
+
+    @property
+    def ssh(self) -> str:
+        return (
+            f"ssh -p {self.port} -i {self.key} -o IdentitiesOnly=yes "
+            f"-o UserKnownHostsFile={self.known}"
+        )
+
+
+@pytest.fixture
+async def alice(cli) -> Created:
     rc, out, err = await cli("session", "create", "alice", "--ttl", "30")
     assert rc == 0, err
     key = Path(cli.env["HOME"]) / ".ssh" / "sandman" / "alice"  # named by user, not session
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
-    assert key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
-    port = re.search(r"ssh -p (\d+) ", out).group(1)  # the lowest free port of the range
-    known = key.parent / "known_hosts"  # the gateway's host CA, so ssh verifies the host
-    ssh = f"ssh -p {port} -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile={known}"
-    assert f"{ssh} alice@gpu01.test" in out
-    assert "(shown this once)" in out and "expires:" in out and "(in 29m" in out
-    assert re.search(r"host key:    SHA256:\S+\n", out)
-    ca_line = (await cli.json("session", "show", "alice"))["ssh_known_hosts"]
-    assert known.read_text() == ca_line + "\n"
+    port = re.search(r"ssh -p (\d+) ", out).group(1)
+    return Created(out=out, key=key, known=key.parent / "known_hosts", port=port)
 
+
+async def test_create_saves_the_key_and_host_ca_and_prints_the_login(cli, alice):
+    assert stat.S_IMODE(alice.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(alice.key.parent.stat().st_mode) == 0o700
+    assert alice.key.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert f"{alice.ssh} alice@gpu01.test" in alice.out
+    assert "(shown this once)" in alice.out and "(in 29m" in alice.out
+    assert re.search(r"host key:    SHA256:\S+\n", alice.out)
+    ca_line = (await cli.json("session", "show", "alice"))["ssh_known_hosts"]
+    assert alice.known.read_text() == ca_line + "\n"
+
+
+async def test_list_and_show(cli, alice):
     bob = await cli.json("session", "create", "bob")
-    assert bob["ssh_private_key"] is None
+    assert bob["ssh_private_key"] is None  # saved, not printed
     assert await asyncio.to_thread(Path(bob["ssh_private_key_file"]).is_file)
 
     rc, out, _ = await cli("session", "list")
@@ -153,70 +161,73 @@ async def test_session_commands(cli, tmp_path):
         "ID", "USER", "PORT", "GPU/PROFILE", "STATE", "EXPIRES", "IN", "CONNECTIONS"
     ]  # fmt: skip
     assert [r.split()[1:5] for r in rows] == [
-        ["alice", port, "-", "running"],
+        ["alice", alice.port, "-", "running"],
         ["bob", str(bob["ssh_port"]), "-", "running"],
     ]
-    listed = await cli.json("session", "list")
-    assert [s["user_id"] for s in listed] == ["alice", "bob"]
+    assert [s["user_id"] for s in await cli.json("session", "list")] == ["alice", "bob"]
 
-    alice = await cli.json("session", "show", "alice")
-    assert alice == await cli.json("session", "show", alice["id"])
+    shown = await cli.json("session", "show", "alice")
+    assert shown == await cli.json("session", "show", shown["id"])  # by user or by id
     rc, out, _ = await cli("session", "show", "alice")
-    assert f"id:          {alice['id']}" in out and f"{ssh} alice@gpu01.test" in out
-    assert f"host key:    {alice['ssh_host_key_fingerprint']}" in out
+    assert rc == 0 and f"id:          {shown['id']}" in out
+    assert f"{alice.ssh} alice@gpu01.test" in out
+    assert f"host key:    {shown['ssh_host_key_fingerprint']}" in out
 
+
+async def test_extend_moves_the_expiry(cli, alice):
+    before = datetime.fromisoformat((await cli.json("session", "show", "alice"))["expires_at"])
     extended = await cli.json("session", "extend", "alice", "15")
-    moved = datetime.fromisoformat(extended["expires_at"]) - datetime.fromisoformat(
-        alice["expires_at"]
-    )
-    assert moved == timedelta(minutes=15)
-    rc, out, _ = await cli("session", "extend", alice["id"], "1")
+    assert datetime.fromisoformat(extended["expires_at"]) - before == timedelta(minutes=15)
+    rc, out, _ = await cli("session", "extend", extended["id"], "1")
     assert rc == 0 and "now expires at" in out
 
-    await hello(alice["ssh_port"], HOSTILE_BANNER)
-    records = await ended_connections(cli, "alice", 1)
-    assert HOSTILE_BANNER.decode() in [r["client_banner"] for r in records]
-    rc, out, _ = await cli("session", "connections", "alice")
-    assert "\x1b" not in out and "SSH-2.0-evil\\x1b[2J\\x1b]0;owned\\x07" in out
 
+async def test_connections_show_a_hostile_banner_as_inert_text(cli, alice):
+    await hello(int(alice.port), HOSTILE_BANNER)
+    await connections_written(cli.app)
+    records = (await cli.json("session", "connections", "alice"))["connections"]
+    assert [r["client_banner"] for r in records] == [HOSTILE_BANNER.decode()]
+    rc, out, _ = await cli("session", "connections", "alice")
+    assert rc == 0 and "\x1b" not in out and "SSH-2.0-evil\\x1b[2J\\x1b]0;owned\\x07" in out
+
+
+async def test_ssh_config_and_ssh_use_the_saved_key_and_host_ca(cli, alice, tmp_path):
     rc, out, _ = await cli("ssh-config", "alice")
-    assert out.splitlines()[:4] == [
+    assert out.splitlines() == [
         "Host sandman-alice",
         "    HostName gpu01.test",
-        f"    Port {port}",
+        f"    Port {alice.port}",
         "    User alice",
-    ]
-    assert out.splitlines()[4:] == [
-        f"    IdentityFile {key}",
+        f"    IdentityFile {alice.key}",
         "    IdentitiesOnly yes",
-        f"    UserKnownHostsFile {known}",
+        f"    UserKnownHostsFile {alice.known}",
     ]
 
-    stub = tmp_path / "bin"
-    stub.mkdir()
-    (stub / "ssh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nexit 3\n')
-    (stub / "ssh").chmod(0o755)
-    env = {**cli.env, "PATH": f"{stub}:{cli.env['PATH']}"}
+    env, argv_file = stub_ssh(tmp_path, cli.env)
     rc, _, _ = await cli("session", "ssh", "-o", "A=b", "alice", "--", "uname", "-a", env=env)
     assert rc == 3  # ssh's own exit status
-    argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv == [
-        "-p", port, "-o", "A=b", "-i", str(key), "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={known}", "alice@gpu01.test", "uname", "-a",
+    assert argv_file.read_text().splitlines() == [
+        "-p", alice.port, "-o", "A=b", "-i", str(alice.key), "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={alice.known}", "alice@gpu01.test", "uname", "-a",
     ]  # fmt: skip
     rc, _, err = await cli("session", "ssh", "alice", env={**env, "PATH": str(tmp_path / "no")})
     assert rc == 1 and "ssh is not installed" in err
 
+
+async def test_delete_keeps_the_connection_records(cli, alice):
+    await hello(int(alice.port), b"SSH-2.0-client")
+    await connections_written(cli.app)
+    session_id = (await cli.json("session", "show", "alice"))["id"]
     rc, out, _ = await cli("session", "delete", "alice")
-    assert rc == 0 and out == f"session {alice['id']} deleted\n"
+    assert rc == 0 and out == f"session {session_id} deleted\n"
     rc, _, err = await cli("session", "show", "alice")
     assert rc == 1 and "(session_not_found)" in err
-    kept = await cli.json("session", "connections", alice["id"])  # records outlive the session
-    assert kept["count"] == len(records)
+    assert (await cli.json("session", "connections", session_id))["count"] == 1
 
+    await cli.json("session", "create", "bob")
     assert (await cli.json("session", "delete", "--all", "--yes"))["deleted"] == 1
     rc, out, _ = await cli("session", "list")
-    assert out.splitlines() == [out.splitlines()[0]]
+    assert out.splitlines() == [out.splitlines()[0]]  # the header alone
 
 
 def stub_ssh(tmp_path: Path, env: dict) -> tuple[dict, Path]:

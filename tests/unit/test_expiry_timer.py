@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.unit.test_api import create
+from tests.unit.helpers import create
 
 
 @pytest.fixture

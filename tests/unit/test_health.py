@@ -10,7 +10,7 @@ from gateway.cli import main
 from gateway.client.settings import Settings, config_path, save
 from gateway.config import parse
 from gateway.health import health_url
-from tests.e2e.conftest import free_tcp_port
+from tests.net import free_tcp_port
 
 
 async def test_health_exits_zero_only_while_the_gateway_answers_200(make_client, runtime, capsys):

@@ -21,7 +21,7 @@ from gateway.store import Store
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.net import port_bindable
 from tests.unit.conftest import TOKEN
-from tests.unit.test_api import create
+from tests.unit.helpers import create
 from tests.unit.test_relay import CLIENT_KEX
 
 PORTS = range(FIRST_PORT, FIRST_PORT + 20)
@@ -335,6 +335,7 @@ async def test_a_port_taken_during_a_restart_moves_the_session_and_keeps_its_con
     body = await (await create(client)).json()
     await client.close()
     with socket.socket() as squatter:  # another process took the port meanwhile
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAITs
         squatter.bind(("127.0.0.1", body["ssh_port"]))
         squatter.listen()
         client = await make_client()

@@ -14,7 +14,7 @@ from gateway.core.validation import (
     session_limits,
 )
 from gateway.errors import InvalidLimit
-from gateway.runtime.base import ContainerSpec
+from gateway.runtime.base import SSHD_CAPABILITIES, ContainerSpec
 from gateway.runtime.docker import container_config
 
 GIB = 1024**3
@@ -117,6 +117,17 @@ def test_docker_gets_nano_cpus_and_memory_without_extra_swap(tmp_path):
     assert host["Memory"] == host["MemorySwap"] == GIB
     unlimited = container_config(replace(spec, cpu_limit=None, memory_limit=None))
     assert not {"NanoCpus", "Memory", "MemorySwap"} & set(unlimited["HostConfig"])
+
+
+async def test_docker_gets_the_pids_limit_and_the_hardening(make_client, runtime):
+    client = await make_client(pids_limit=77)
+    assert (await client.post("/sessions", json={"user_id": "alice"})).status == 201
+    (container,) = runtime.containers.values()
+    host = container_config(container.spec)["HostConfig"]
+    assert host["PidsLimit"] == 77  # --pids-limit, as given
+    assert host["CapDrop"] == ["ALL"] and host["CapAdd"] == list(SSHD_CAPABILITIES)
+    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert not host.get("Privileged") and host["RestartPolicy"] == {"Name": "no"}
 
 
 async def test_limits_are_stored_shown_and_applied(make_client, runtime):

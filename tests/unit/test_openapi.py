@@ -3,7 +3,6 @@ publicly, and Schemathesis finds no 5xx and no answer that breaks it on a live g
 
 import asyncio
 import re
-from pathlib import Path
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -20,8 +19,8 @@ from gateway.api.openapi import PATHS, SPEC
 from gateway.gpu.sim import SimBackend
 from tests.routes import PROTECTED_ROUTES
 from tests.unit.conftest import TOKEN, unit_config
+from tests.unit.helpers import EXAMPLES
 
-EXAMPLES = Path(__file__).parents[2] / "examples"
 EXAMPLES_PER_OPERATION = 40
 # A 5xx the spec names (503 no_port_available once the fuzzer's sessions fill the pool) is
 # an answer; any other status, 500 included, fails status_code_conformance.

@@ -15,17 +15,10 @@ import pytest
 
 from gateway.models import CloseReason, ConnectionRecord, utcnow
 from gateway.relay import RelayLimits, SessionListener, splice
+from tests.unit.helpers import packet
 
 SERVER_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
 CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
-
-
-def packet(message: int, body: bytes = b"") -> bytes:
-    """A plaintext SSH binary packet (RFC 4253 6), padded to a multiple of 8."""
-    padding = 8 - (5 + 1 + len(body)) % 8
-    padding += 8 if padding < 4 else 0
-    payload = bytes([message]) + body
-    return struct.pack(">IB", 1 + len(payload) + padding, padding) + payload + b"\0" * padding
 
 
 #: What a client sends up to the end of its key exchange (KEXINIT, ECDH_INIT, NEWKEYS).
