@@ -146,7 +146,8 @@ class SessionManager:
         budgets: Budgets,
         on_end: Callable[[], None] = lambda: None,
     ) -> None:
-        """``on_end`` is told whenever a session's row is gone (capacity may be free)."""
+        """``on_end`` is told whenever an ending session's GPU is released (under the
+        reserve lock) and again when its row (so its port) is gone: capacity may be free."""
         self._config = config
         self._budgets = budgets
         self._on_end = on_end
@@ -226,10 +227,13 @@ class SessionManager:
         *,
         queued: QueuedRequest | None = None,
         reserved: Callable[[Session], None] = lambda session: None,
+        guard: Callable[[], None] = lambda: None,
     ) -> CreatedSession:
         """Start a session and return it once its sshd answers with its host certificate.
         ``queued``: start that waiting request (its id and credentials), taking it off the
-        waiting list as its row is stored; ``reserved`` is called once GPU, port and row are.
+        waiting list as its row is stored; ``reserved`` is called once GPU, port and row are;
+        ``guard`` is called just before the GPU is chosen, under the lock that GPU releases
+        also take, and may refuse by raising.
 
         Raises:
             QuotaExceeded, SessionExists, NoPortAvailable, NoGpuAvailable, ...: nothing was
@@ -250,7 +254,7 @@ class SessionManager:
             keys = (None, queued.authorized_keys)
             creds = asyncio.ensure_future(_ready(Credentials(*keys, "", queued.password_hash)))
         try:
-            live = await self._reserve(request, keys[1], queued)
+            live = await self._reserve(request, keys[1], queued, guard)
         except BaseException:
             creds.cancel()
             raise
@@ -295,6 +299,7 @@ class SessionManager:
         request: CreateRequest,
         authorized_keys: tuple[str, ...],
         queued: QueuedRequest | None,
+        guard: Callable[[], None],
     ) -> LiveSession:
         """Reserve user uid, GPU, port and row atomically with respect to other creates;
         the TTL is capped to the user's GPU-hour budget.
@@ -309,6 +314,7 @@ class SessionManager:
                 raise SessionExists(f"user {request.user_id!r} already has a live session")
             await self._budgets.precheck(request.user_id)
             user = await self._store.ensure_user(request.user_id, now)
+            guard()
             allocation = await self._gpus.allocate(request, await self._store.allocated_gpus())
             listener: SessionListener | None = None
             try:
@@ -573,7 +579,9 @@ class SessionManager:
                 live.listener = None
             await self._runtime.remove(row.container_id or container_name(row))
             if row.gpu_uuid:
-                await self._gpus.release_session(row)
+                async with self._reserve_lock:  # a create's guard sees it before or after
+                    await self._gpus.release_session(row)
+                    self._on_end()
             why = row.end_reason or reason
             deleted = await self._delete_row(row, why)
         except BaseException:

@@ -82,6 +82,7 @@ class WaitingList:
         self._clock = clock
         self._manager: SessionManager | None = None
         self._wake = asyncio.Event()
+        self._freed = 0  # capacity freed this many times: a step's view of it is stale
         self._step_lock = asyncio.Lock()
         self._starts: set[asyncio.Task[object]] = set()
 
@@ -94,7 +95,9 @@ class WaitingList:
         return self._manager
 
     def wake(self) -> None:
-        """Capacity may have freed: run a step soon."""
+        """Capacity may have freed: run a step soon. Called right after a GPU release,
+        under the lock creates choose GPUs under, so a backfill's guard sees it."""
+        self._freed += 1
         self._wake.set()
 
     # -- requests --------------------------------------------------------------------------
@@ -123,7 +126,7 @@ class WaitingList:
             raise SessionExists(f"user {request.user_id!r} already has a live session")
         private_key, public_keys = new_key_pair(request.public_keys)
         password, password_hash = await asyncio.to_thread(new_password)
-        now = self._clock().replace(microsecond=0)
+        now = self._clock()
         await self._store.ensure_user(request.user_id, now)
         queued = QueuedRequest(
             id=str(uuid.uuid4()),
@@ -240,6 +243,7 @@ class WaitingList:
         holding = [s.expires_at for s in sessions if s.gpu_uuid is not None]
         head_blocked = False
         now = self._clock()
+        freed = self._freed
         for queued in await self.ordered():
             request = queued.request
             if request.user_id in busy_users:
@@ -248,15 +252,30 @@ class WaitingList:
                 end = ttl.expires_at(now, request.ttl_seconds)
                 if not fairshare.may_backfill(end, holding):
                     continue
-            started = await self._start(queued)
-            if started is _NO_ROOM_LEFT:
-                head_blocked = True
+                started = await self._start(queued, self._guard(freed))
+            else:
+                freed = self._freed  # what the head's attempt finds free
+                started = await self._start(queued, lambda: None)
+                head_blocked = started is _NO_ROOM_LEFT
+            if started is _NO_ROOM_LEFT and self._freed != freed:
+                self._wake.set()  # capacity freed meanwhile: start over from the head
+                return
             elif isinstance(started, Session):
                 busy_users.add(request.user_id)
                 if started.gpu_uuid is not None:
                     holding.append(started.expires_at)
 
-    async def _start(self, queued: QueuedRequest) -> Session | object:
+    def _guard(self, freed: int) -> Callable[[], None]:
+        """A backfill's guard: refuse if capacity freed since the head found none (the head
+        may fit now, and goes first)."""
+
+        def check() -> None:
+            if self._freed != freed:
+                raise NoGpuAvailable("capacity freed: the head of the waiting list goes first")
+
+        return check
+
+    async def _start(self, queued: QueuedRequest, guard: Callable[[], None]) -> Session | object:
         """Start ``queued`` in the background: the reserved session once GPU, port and row
         are, :data:`_NO_ROOM_LEFT` if nothing fits it (it stays queued), or None when it
         could not start for another reason (see :meth:`_create`)."""
@@ -265,7 +284,9 @@ class WaitingList:
         def on_reserved(session: Session) -> None:
             reserved.set_result(session)
 
-        task = asyncio.create_task(self._create(queued, on_reserved), name=f"dequeue:{queued.id}")
+        task = asyncio.create_task(
+            self._create(queued, on_reserved, guard), name=f"dequeue:{queued.id}"
+        )
         self._starts.add(task)
         task.add_done_callback(self._starts.discard)
         await asyncio.wait({reserved, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -273,13 +294,20 @@ class WaitingList:
             return reserved.result()
         return _NO_ROOM_LEFT if task.result() else None
 
-    async def _create(self, queued: QueuedRequest, reserved: Callable[[Session], None]) -> bool:
+    async def _create(
+        self,
+        queued: QueuedRequest,
+        reserved: Callable[[Session], None],
+        guard: Callable[[], None],
+    ) -> bool:
         """Create the session of ``queued``; True if nothing fits it. A budget now spent, or
         a start that failed, takes it off the list (audited); a user who has a session
         meanwhile leaves it waiting."""
         request = queued.request
         try:
-            created = await self.manager.create(request, queued=queued, reserved=reserved)
+            created = await self.manager.create(
+                request, queued=queued, reserved=reserved, guard=guard
+            )
         except _NO_ROOM:
             return True
         except SessionExists:

@@ -97,8 +97,8 @@ def decayed_usage(records: Iterable[UsageRecord], now: datetime, half_life: time
 
 def queue_order(waiting: Iterable[Waiting], usage: dict[str, float]) -> list[Waiting]:
     """The order a queue starts in: lowest decayed usage of the user first (none counts as
-    0), then earliest submission, then id (so the order is total and stable)."""
-    return sorted(waiting, key=lambda w: (usage.get(w.user_id, 0.0), w.submitted_at, w.id))
+    0), then earliest submission; ties keep the order given (pass arrival order)."""
+    return sorted(waiting, key=lambda w: (usage.get(w.user_id, 0.0), w.submitted_at))
 
 
 def may_backfill(candidate_end: datetime, holding_ends: Iterable[datetime]) -> bool:
@@ -133,7 +133,7 @@ def ttl_allowed(
     the request as is."""
     if budget is None or fraction <= 0:
         return requested_seconds
-    left = (budget - used) * 3600 / fraction
+    left = round((budget - used) * 3600 / fraction, 6)  # no 3599.9999 for an hour
     if left < MIN_SESSION_SECONDS:
         return None
     return min(requested_seconds, math.floor(left))

@@ -527,8 +527,8 @@ class Store:
             )
 
     async def queued(self) -> list[QueuedRequest]:
-        """The waiting list in submission order."""
-        sql = "SELECT * FROM queue ORDER BY submitted_at, id"
+        """The waiting list in arrival order."""
+        sql = "SELECT * FROM queue ORDER BY submitted_at, rowid"
         async with self._lock, self._conn.execute(sql) as cur:
             return [_queued(row) for row in await cur.fetchall()]
 

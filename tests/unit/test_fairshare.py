@@ -83,6 +83,8 @@ def test_queue_order_lowest_usage_then_submission():
     usage = {"alice": 5.0, "bob": 1.0}  # carol and dave: none
     assert fairshare.queue_order([a, b, c, d], usage) == [c, d, b, a]
     assert fairshare.queue_order([a, b], {}) == [a, b]
+    same = Waiting("z", "zoe", T0)  # submitted with a: arrival order stands
+    assert fairshare.queue_order([same, a], {}) == [same, a]
 
 
 @pytest.mark.parametrize(
