@@ -106,7 +106,7 @@ async def test_eighth_request_waits_and_starts_with_its_credentials(make_sim, ru
 
 async def test_waiting_users_start_in_usage_order_not_arrival(make_sim, clock):
     client = await make_sim()
-    status, heavy = await post(client, "heavy")  # an hour of a 1g slice
+    _, heavy = await post(client, "heavy")  # an hour of a 1g slice
     clock.advance(3600)
     assert (await client.delete(f"/sessions/{heavy['session_id']}")).status == 200
     ids = await fill(client)
