@@ -92,7 +92,7 @@ class Budgets:
         request queued).
 
         Raises:
-            QuotaExceeded: less than a GPU-minute is left (never on a GPU-less host).
+            QuotaExceeded: less than a minute of a 1g slice is left (never on a GPU-less host).
         """
         if self._gpus.gpu_less:
             return

@@ -154,7 +154,7 @@ SCHEMAS: dict[str, Any] = {
             "next_available_at": {
                 "type": ["string", "null"],
                 "format": "date-time",
-                "description": "when the spent budget has a GPU-minute again; null: not spent",
+                "description": "when a spent budget has a minute of a 1g slice; null: not spent",
             },
         }
     ),

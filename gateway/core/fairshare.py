@@ -30,8 +30,9 @@ WEEK = timedelta(days=7)
 FULL_GPU = "full"
 #: The least a create is worth: a budget that allows a shorter session refuses instead.
 MIN_SESSION_SECONDS = 60
-#: ``next_available_at`` is when at least this much of a budget is free again (one GPU-minute).
-MIN_AVAILABLE_GPU_HOURS = 1 / 60
+#: A budget with less than this left is spent: a minute of the smallest MIG slice (1 of 7).
+#: ``next_available_at`` is when this much is free again.
+MIN_AVAILABLE_GPU_HOURS = MIN_SESSION_SECONDS / 3600 / 7
 
 
 @dataclass(frozen=True, slots=True)

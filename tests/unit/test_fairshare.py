@@ -133,15 +133,15 @@ def test_next_available_when_old_usage_leaves_the_window():
     records = [UsageRecord(1.0, T0 - 7 * DAY, T0 - 7 * DAY + 10 * H)]  # 10 h, a week ago
     assert fairshare.usage_in_window(records, T0) == pytest.approx(10)
     at = fairshare.next_available(records, T0, budget=10.0)
-    # a GPU-minute has left the window a minute after now
-    assert T0 + timedelta(seconds=60) <= at <= T0 + timedelta(seconds=62)
+    # a minute of a 1g slice (1/420 GPU-hours) has left the window 8.6 s after now
+    assert T0 + timedelta(seconds=8) <= at <= T0 + timedelta(seconds=10)
 
 
 def test_next_available_counts_a_running_session_until_its_expiry():
     records = [UsageRecord(1.0, T0 - H, T0 + H)]  # the caller gives its expiry: 2 GPU-hours
     at = fairshare.next_available(records, T0, budget=1.0)
-    # free again once no more than 59 of its minutes are in the window
-    assert T0 + 7 * DAY + timedelta(seconds=60) <= at <= T0 + 7 * DAY + timedelta(seconds=62)
+    # free again once no more than an hour less 8.6 s of it is in the window
+    assert T0 + 7 * DAY + timedelta(seconds=8) <= at <= T0 + 7 * DAY + timedelta(seconds=10)
 
 
 def test_next_available_is_now_with_room():
