@@ -138,10 +138,19 @@ class Budgets:
         """Give the user a budget of their own (None: back to the default)."""
         await self._store.set_user_budget(user_id, hours, self._clock())
 
+    @property
+    def _half_life(self) -> timedelta:
+        return timedelta(seconds=self._config.fairshare_half_life)
+
+    @property
+    def memory(self) -> timedelta:
+        """How long usage counts anywhere (the budget's window, the order's decay)."""
+        return max(WEEK, DECAY_HORIZON * self._half_life)
+
     async def decayed(self) -> dict[str, float]:
         """Every user's decayed GPU usage (the waiting list's order)."""
         now = self._clock()
-        half_life = timedelta(seconds=self._config.fairshare_half_life)
+        half_life = self._half_life
         records = await self._store.usage(now - DECAY_HORIZON * half_life)
         return {
             user: fairshare.decayed_usage(held, now, half_life) for user, held in records.items()

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 #: What "nothing fits" means: a ``wait`` request queues on these instead of failing.
 _NO_ROOM = (NoGpuAvailable, NoPortAvailable)
 _NO_ROOM_LEFT = object()  # a start found nothing that fits
+MIN_STEP_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,16 +204,19 @@ class WaitingList:
         deadlines += [s.claim_by for s in await self._store.list_sessions() if s.claim_by]
         wait = self._config.reap_interval
         for deadline in deadlines:
-            wait = min(wait, max((deadline - now).total_seconds(), 0.0) + 0.05)
+            # a deadline a failed step left behind is retried, but never in a tight loop
+            wait = min(wait, max((deadline - now).total_seconds() + 0.05, MIN_STEP_SECONDS))
         return wait
 
     async def step(self) -> None:
-        """Time out waiting requests, end unclaimed sessions, start what fits."""
+        """Time out waiting requests, end unclaimed sessions, start what fits; forget usage
+        that no longer counts anywhere."""
         async with self._step_lock:
             await self._time_out()
             await self._check_claims()
             await self._dequeue()
             self._metrics.queue_length.set(len(await self._store.queued()))
+            await self._store.prune_usage(self._clock() - self._budgets.memory)
 
     async def _time_out(self) -> None:
         now = self._clock()

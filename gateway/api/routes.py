@@ -135,15 +135,22 @@ async def create_session(request: web.Request) -> web.Response:
     try:
         result = await request.app[WAITING].submit(create)
     except QuotaExceeded as exc:
-        request.app[METRICS].quota_refusals.inc()
-        await request.app[AUDIT].user_event(
-            "quota_exceeded", session_id=None, user_id=create.user_id, **exc.details
-        )
+        await _quota_refused(request, create.user_id, None, exc)
         raise
     identity = request.app[IDENTITY]
     if isinstance(result, CreatedSession):
         return web.json_response(created_view(result, config, identity), status=201)
     return web.json_response(enqueued_view(result, config, identity), status=202)
+
+
+async def _quota_refused(
+    request: web.Request, user_id: str, session_id: str | None, exc: QuotaExceeded
+) -> None:
+    """Count and audit a budget's refusal (``quota_exceeded``)."""
+    request.app[METRICS].quota_refusals.inc()
+    await request.app[AUDIT].user_event(
+        "quota_exceeded", session_id=session_id, user_id=user_id, **exc.details
+    )
 
 
 @routes.get("/queue")
@@ -196,16 +203,21 @@ async def get_session(request: web.Request) -> web.Response:
 @routes.patch("/sessions/{session_id}")
 async def extend_session(request: web.Request) -> web.Response:
     change = parse_patch(await _body(request))
-    session_id = request.match_info["session_id"]
+    manager, session_id = request.app[SESSIONS], request.match_info["session_id"]
     if change.idle_hold_minutes is not None:
         await request.app[IDLE].hold(session_id, change.idle_hold_minutes)
-        session = await request.app[SESSIONS].get(session_id)
+        session = await manager.get(session_id)
     else:
-        session = await request.app[SESSIONS].extend(
-            session_id,
-            new_total_seconds=change.new_total_seconds,
-            extend_seconds=change.extend_seconds,
-        )
+        try:
+            session = await manager.extend(
+                session_id,
+                new_total_seconds=change.new_total_seconds,
+                extend_seconds=change.extend_seconds,
+            )
+        except QuotaExceeded as exc:
+            user_id = (await manager.get(session_id)).user_id
+            await _quota_refused(request, user_id, session_id, exc)
+            raise
     return web.json_response(await _view(request, session))
 
 
@@ -248,6 +260,7 @@ async def metrics(request: web.Request) -> web.Response:
     manager = request.app[SESSIONS]
     app_metrics.sessions_live.set(manager.live_sessions)
     app_metrics.connections_live.set(manager.live_connections)
+    app_metrics.queue_length.set(len(await request.app[STORE].queued()))
     free, used = await _gpu_slices(request.app[GPUS], await request.app[STORE].allocated_gpus())
     app_metrics.gpu_slices.labels("free").set(free)
     app_metrics.gpu_slices.labels("used").set(used)

@@ -8,6 +8,7 @@ import bcrypt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from gateway.config import config_from_args, parse
 from gateway.gpu.sim import SimBackend
 from gateway.session_files import AUTHORIZED_KEYS_DIR, PASSWORD_HASH
 
@@ -209,7 +210,7 @@ async def test_budget_caps_the_ttl_then_refuses(make_sim, clock):
     assert refusal["next_available_at"] == usage["next_available_at"]
     status, refusal = await post(client, "ann", wait=True)  # never queued
     assert status == 403
-    assert len(await events(client, "quota_exceeded")) == 2
+    assert len(await events(client, "quota_exceeded")) == 3  # the PATCH's too
     status, other = await post(client, "bob", ttl_minutes=60)  # others untouched
     assert (status, other["ttl_capped"]) == (201, False)
     # back to the default (unlimited)
@@ -223,6 +224,29 @@ async def test_default_budget_applies_to_everyone(make_sim):
     assert (status, body["ttl_seconds"]) == (201, 3600)
     usage = await (await client.get("/users/ann/usage")).json()
     assert usage["budget_source"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--queue-timeout", "0"),
+        ("--claim-timeout", "0s"),
+        ("--fairshare-half-life", "0d"),
+        ("--max-queued-per-user", "-1"),
+        ("--gpu-hours-per-week", "-2"),
+        ("--queue-timeout", "soon"),
+    ],
+)
+def test_bad_fair_sharing_settings_are_refused(flag, value):
+    with pytest.raises(ValueError):
+        config_from_args(parse(["serve", flag, value], env={}), {})
+
+
+def test_fair_sharing_defaults():
+    config = config_from_args(parse(["serve"], env={}), {})
+    assert (config.queue_timeout, config.claim_timeout) == (7200, 900)
+    assert (config.fairshare_half_life, config.max_queued_per_user) == (7 * 86400, 1)
+    assert config.gpu_hours_per_week is None  # 0: unlimited
 
 
 @pytest.mark.parametrize(
