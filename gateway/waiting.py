@@ -141,7 +141,7 @@ class WaitingList:
         position = await self.position(queued.id)
         await self._event("session_queued", queued, queue_position=position)
         log.info("request %s of %s queued at %s", queued.id, request.user_id, position)
-        self.wake()  # it may fit ahead of a blocked head
+        self._wake.set()  # it may fit ahead of a blocked head (nothing freed: no wake())
         return Queued(queued, position or 1, private_key, password)
 
     async def ordered(self) -> list[QueuedRequest]:
@@ -156,10 +156,10 @@ class WaitingList:
 
     async def position(self, queued_id: str) -> int | None:
         """1 = next; None if it is not waiting (any more)."""
-        for index, queued in enumerate(await self.ordered(), start=1):
-            if queued.id == queued_id:
-                return index
-        return None
+        try:
+            return (await self.get(queued_id))[1]
+        except SessionNotFound:
+            return None
 
     async def get(self, queued_id: str) -> tuple[QueuedRequest, int]:
         """A waiting request and its position.

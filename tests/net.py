@@ -19,3 +19,9 @@ def port_bindable(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def bindable_unit_port() -> int:
+    """A port of this process's unit block that nothing listens on now (for a gateway with a
+    one-port pool: full after one session)."""
+    return next(p for p in range(UNIT_PORT_BASE, UNIT_PORT_BASE + 20) if port_bindable(p))

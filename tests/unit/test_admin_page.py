@@ -16,7 +16,7 @@ from playwright.async_api import Page, async_playwright, expect
 from gateway.api.admin_page import UI_DIR
 from gateway.core.ports import PortRange
 from gateway.gpu.sim import SimBackend
-from tests.net import UNIT_PORT_BASE
+from tests.net import bindable_unit_port
 from tests.unit.conftest import TOKEN
 from tests.unit.test_relay import packet
 
@@ -245,7 +245,8 @@ async def test_create_with_a_public_key_offers_no_private_key(make_server, brows
 
 
 async def test_admin_page_shows_the_waiting_list(make_server, browser_page):
-    server = await make_server(ssh_ports=PortRange(UNIT_PORT_BASE, UNIT_PORT_BASE))  # one port
+    port = bindable_unit_port()
+    server = await make_server(ssh_ports=PortRange(port, port))  # one port: full at once
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with ClientSession(headers=headers) as http:
         for user in ("ann", "bob"):

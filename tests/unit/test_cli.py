@@ -24,7 +24,7 @@ from gateway.gpu.nvml import NvmlBackend
 from gateway.gpu.sim import SimBackend
 from gateway.runtime import docker as docker_runtime
 from tests.fakes import CDI_DOCKER
-from tests.net import UNIT_PORT_BASE
+from tests.net import bindable_unit_port
 from tests.unit.conftest import TOKEN
 from tests.unit.fake_pynvml import FakeGpu, FakeNvml
 from tests.unit.test_relay import packet
@@ -531,7 +531,8 @@ def test_serve_refuses_a_damaged_host_key_seed_with_what_to_do(tmp_path):
 
 
 async def test_create_wait_follow_queues_then_prints_the_ssh_line(make_server, tmp_path):
-    server = await make_server(ssh_ports=PortRange(UNIT_PORT_BASE, UNIT_PORT_BASE))  # one port
+    port = bindable_unit_port()
+    server = await make_server(ssh_ports=PortRange(port, port))  # one port: full at once
     cli = Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
     assert (await cli("session", "create", "ann"))[0] == 0
     rc, out, err = await cli("session", "create", "bob", "--follow")
@@ -549,6 +550,6 @@ async def test_create_wait_follow_queues_then_prints_the_ssh_line(make_server, t
     rc, out, err = await asyncio.wait_for(following, 10)
     assert rc == 0, err
     assert "queued at position 1" in out and "password" in out
-    assert "is ready" in out and f"ssh -p {UNIT_PORT_BASE}" in out
+    assert "is ready" in out and f"ssh -p {port}" in out
     key = re.search(r"-i (\S+)", out)
     assert key is not None and Path(key[1]).name.startswith("bob-")
