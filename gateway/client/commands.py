@@ -228,9 +228,27 @@ def _limits(session: Mapping[str, Any]) -> str:
 
 
 async def session_show(api: Api, args: argparse.Namespace, io: Io) -> int:
-    session = await api.find_session(args.session)
+    """A live session by id or user, or a waiting request by its id."""
+    try:
+        session = await api.find_session(args.session)
+    except ApiError as exc:
+        if exc.code != "session_not_found" or "/" in args.session:
+            raise
+        session = await api.call("GET", f"/sessions/{args.session}")  # waiting, by id
     if args.json:
         fmt.dump(io.out, session)
+    elif session["state"] == "queued":
+        fmt.fields(
+            io.out,
+            [
+                ("id", session["id"]),
+                ("user", session["user_id"]),
+                ("state", f"queued at position {session['queue_position']}"),
+                ("since", fmt.local_time(session["submitted_at"])),
+                ("gives up", fmt.local_time(session["queue_expires_at"])),
+                ("profile", session.get("mig_profile") or "default"),
+            ],
+        )
     else:
         _show(api, session, io)
     return 0

@@ -543,9 +543,13 @@ async def test_create_wait_follow_queues_then_prints_the_ssh_line(make_server, t
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with ClientSession(headers=headers) as http, asyncio.timeout(10):
         while True:  # another process's state (the CLI's thread): polled
-            if (await (await http.get(server.make_url("/queue"))).json())["count"] == 1:
+            waiting = (await (await http.get(server.make_url("/queue"))).json())["queue"]
+            if waiting:
                 break
             await asyncio.sleep(0.05)
+    queued_id = waiting[0]["id"]
+    rc, shown, _ = await cli("session", "show", queued_id)
+    assert rc == 0 and "queued at position 1" in shown
     assert (await cli("session", "delete", "ann"))[0] == 0
     rc, out, err = await asyncio.wait_for(following, 10)
     assert rc == 0, err
