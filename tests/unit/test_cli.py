@@ -556,4 +556,4 @@ async def test_create_wait_follow_queues_then_prints_the_ssh_line(make_server, t
     assert "queued at position 1" in out and "password" in out
     assert "is ready" in out and f"ssh -p {port}" in out
     key = re.search(r"-i (\S+)", out)
-    assert key is not None and Path(key[1]).name.startswith("bob-")
+    assert key is not None and Path(key[1]).name == "bob"  # the key of bob's sessions
