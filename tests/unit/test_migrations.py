@@ -75,13 +75,13 @@ async def test_store_opens_in_wal_mode_with_stable_uids(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_version_six_sessions_survive_fair_sharing_with_no_usage_or_claim(tmp_path):
+async def test_version_seven_sessions_survive_fair_sharing_with_no_usage_or_claim(tmp_path):
     from datetime import UTC, datetime
 
     conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
-    for step in MIGRATIONS[:6]:
+    for step in MIGRATIONS[:7]:
         conn.executescript(step)
-    conn.execute("PRAGMA user_version = 6")
+    conn.execute("PRAGMA user_version = 7")
     conn.execute("INSERT INTO users (user_id, uid, created_at) VALUES ('alice', 10000, 0)")
     conn.execute(
         "INSERT INTO sessions (id, user_id, ssh_port, image, workspace, ttl_seconds, created_at,"
