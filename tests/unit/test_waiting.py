@@ -177,6 +177,22 @@ async def test_unclaimed_session_from_the_queue_ends(make_sim, clock):
     assert [e["reason"] for e in ended] == ["not_claimed"]
 
 
+async def test_a_connection_claims_a_session_from_the_queue(make_sim, clock):
+    client = await make_sim(claim_timeout=900)
+    ids = await fill(client)
+    _, queued = await post(client, "late", wait=True)
+    await client.delete(f"/sessions/{ids[0]}")
+    view = await running(client, queued["session_id"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", view["ssh_port"])
+    writer.write(b"SSH-2.0-test\r\n")
+    await reader.readline()  # relayed to the container's sshd: the user is there
+    writer.close()
+    await writer.wait_closed()
+    clock.advance(901)
+    await client.app[_waiting_key()].step()
+    assert (await state_of(client, queued["session_id"]))["state"] == "running"
+
+
 async def test_a_created_session_has_no_claim_deadline(make_sim, clock):
     client = await make_sim(claim_timeout=900)
     _, body = await post(client, "ann")
