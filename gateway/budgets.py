@@ -79,7 +79,7 @@ class Budgets:
             f"{what}: user {usage.user_id!r} has used {usage.used:.2f} of"
             f" {usage.budget:g} GPU-hours in the last 7 days",
             details={
-                "gpu_hours_used": round(usage.used, 4),
+                "gpu_hours_used": round(usage.used, 6),
                 "gpu_hours_budget": usage.budget,
                 "next_available_at": None
                 if usage.next_available_at is None

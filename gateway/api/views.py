@@ -126,7 +126,7 @@ def usage_view(usage: Usage) -> dict[str, Any]:
     """``GET /users/{user_id}/usage``: GPU-hours of the rolling 7-day window."""
     return {
         "user_id": usage.user_id,
-        "gpu_hours_used": round(usage.used, 4),
+        "gpu_hours_used": round(usage.used, 6),
         "gpu_hours_budget": usage.budget,
         "budget_source": "user" if usage.own else "default",
         "window_start": rfc3339(usage.window_start),

@@ -94,12 +94,12 @@ def test_queue_starts_in_usage_order_survives_a_restart_and_budgets_refuse(
     # 0.01 GPU-hours on 1/7 of a GPU: 252 seconds
     assert (capped.body["ttl_seconds"], capped.body["ttl_capped"]) == (252, True)
     assert gateway.request("DELETE", f"/sessions/{capped.body['session_id']}").status == 200
-    used_now = gateway.request("GET", "/users/bud/usage").body["gpu_hours_used"]
-    assert used_now > 0
-    gateway.request("PUT", "/users/bud/limits", {"gpu_hours_per_week": used_now})
+    assert gateway.request("GET", "/users/bud/usage").body["gpu_hours_used"] > 0
+    # less than a minute of a 1g slice (1/420 GPU-hours) left: spent
+    gateway.request("PUT", "/users/bud/limits", {"gpu_hours_per_week": 0.002})
     refused = gateway.create(user_id="bud")
     assert (refused.status, refused.body["code"]) == (403, "quota_exceeded")
-    assert refused.body["gpu_hours_budget"] == used_now
+    assert refused.body["gpu_hours_budget"] == 0.002
     assert refused.body["next_available_at"].endswith("Z")
     assert gateway.create(user_id="bud", wait=True).status == 403  # never queued
     other = gateway.create(user_id="olga", ttl_minutes=60)
