@@ -8,9 +8,11 @@ import bcrypt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from gateway.api.keys import SESSIONS, WAITING
 from gateway.config import config_from_args, parse
 from gateway.gpu.sim import SimBackend
 from gateway.session_files import AUTHORIZED_KEYS_DIR, PASSWORD_HASH
+from tests.unit.test_relay import CLIENT_KEX
 
 SLICES = 7
 
@@ -156,7 +158,7 @@ async def test_queue_timeout_ends_a_waiting_request(make_sim, clock):
     _, queued = await post(client, "late", wait=True)
     clock.advance(601)
     # the scheduler wakes at the deadline (it reads the settable clock once a step is due)
-    await client.app[_waiting_key()].step()
+    await client.app[WAITING].step()
     assert await state_of(client, queued["session_id"]) is None
     [timed_out] = await events(client, "session_queue_timeout")
     assert timed_out["reason"] == "queue_timeout"
@@ -168,10 +170,10 @@ async def test_unclaimed_session_from_the_queue_ends(make_sim, clock):
     _, queued = await post(client, "late", wait=True)
     await client.delete(f"/sessions/{ids[0]}")
     await running(client, queued["session_id"])
-    await client.app[_waiting_key()].step()  # not yet due
+    await client.app[WAITING].step()  # not yet due
     assert (await state_of(client, queued["session_id"]))["state"] == "running"
     clock.advance(901)
-    await client.app[_waiting_key()].step()
+    await client.app[WAITING].step()
     assert await state_of(client, queued["session_id"]) is None
     ended = await events(client, "session_ended")
     assert [e["reason"] for e in ended] == ["not_claimed"]
@@ -184,12 +186,17 @@ async def test_a_connection_claims_a_session_from_the_queue(make_sim, clock):
     await client.delete(f"/sessions/{ids[0]}")
     view = await running(client, queued["session_id"])
     reader, writer = await asyncio.open_connection("127.0.0.1", view["ssh_port"])
-    writer.write(b"SSH-2.0-test\r\n")
-    await reader.readline()  # relayed to the container's sshd: the user is there
+    writer.write(CLIENT_KEX)  # past the key exchange: a login, not a port scan
+    await reader.readline()  # the container's SSH banner: relayed
     writer.close()
     await writer.wait_closed()
+    sessions = client.app[SESSIONS]
+    for _ in range(100):  # the relay notices the close
+        if sessions.connection_activity(view["id"])[1] is not None:
+            break
+        await asyncio.sleep(0.02)
     clock.advance(901)
-    await client.app[_waiting_key()].step()
+    await client.app[WAITING].step()
     assert (await state_of(client, queued["session_id"]))["state"] == "running"
 
 
@@ -197,7 +204,7 @@ async def test_a_created_session_has_no_claim_deadline(make_sim, clock):
     client = await make_sim(claim_timeout=900)
     _, body = await post(client, "ann")
     clock.advance(901)
-    await client.app[_waiting_key()].step()
+    await client.app[WAITING].step()
     assert (await state_of(client, body["session_id"]))["state"] == "running"
 
 
@@ -288,9 +295,3 @@ async def test_restart_keeps_the_queue_in_order(make_sim):
     await client.delete(f"/sessions/{ids[0]}")
     await running(client, first["session_id"])
     assert (await state_of(client, second["session_id"]))["queue_position"] == 1
-
-
-def _waiting_key():
-    from gateway.api.keys import WAITING
-
-    return WAITING
