@@ -194,7 +194,7 @@ class Audit:
         event: str,
         data: dict[str, Any],
         *,
-        session_id: str,
+        session_id: str | None,
         user_id: str,
         connection_id: str | None = None,
     ) -> None:
@@ -297,11 +297,17 @@ class Audit:
     async def session_event(self, event: str, session: Session, **data: Any) -> None:
         """``session_created``, ``session_deleted``, ``session_expired``, ``session_extended``,
         ``session_recovered``, ... with the session's port, GPU and expiry."""
+        await self.user_event(
+            event, session_id=session.id, user_id=session.user_id, **session_data(session, **data)
+        )
+
+    async def user_event(
+        self, event: str, *, session_id: str | None, user_id: str, **data: Any
+    ) -> None:
+        """An event of a user's request: ``session_queued``, ``session_dequeued``,
+        ``session_queue_timeout``, ``quota_exceeded``, ..."""
         done = asyncio.get_running_loop().create_future()
         self._enqueue(
-            lambda: self._event(
-                event, session_data(session, **data), session_id=session.id, user_id=session.user_id
-            ),
-            done,
+            lambda: self._event(event, data, session_id=session_id, user_id=user_id), done
         )
         await done

@@ -71,6 +71,12 @@ class Config:
     idle_reclaim: bool = True
     idle: IdlePolicy = field(default_factory=IdlePolicy)
     idle_sample: float = 60.0
+    # fair sharing (seconds; gpu_hours_per_week None: unlimited)
+    fairshare_half_life: float = 7 * 86400.0
+    queue_timeout: float = 2 * 3600.0
+    max_queued_per_user: int = 1
+    claim_timeout: float = 15 * 60.0
+    gpu_hours_per_week: float | None = None
 
     @property
     def db_path(self) -> Path:
@@ -400,6 +406,35 @@ def build_parser(
             default="none",
         )
     _idle_options(opt)
+    opt(
+        "--fairshare-half-life",
+        "GPU usage counts half as much in the waiting list's order after this long",
+        default="7d",
+    )
+    opt(
+        "--queue-timeout",
+        "a request waiting this long for capacity ends (queue_timeout)",
+        default="2h",
+    )
+    opt(
+        "--max-queued-per-user",
+        "requests one user may have waiting",
+        default=d.max_queued_per_user,
+        type_=int,
+    )
+    opt(
+        "--claim-timeout",
+        "a session started from the waiting list that sees no connection within this long "
+        "ends (not_claimed)",
+        default="15m",
+    )
+    opt(
+        "--gpu-hours-per-week",
+        "each user's GPU-hours in any 7 days (a 1g slice of 7 for an hour is 1/7); "
+        "0: unlimited; PUT /users/{id}/limits sets one user's",
+        default=0.0,
+        type_=float,
+    )
     if add_commands is not None:
         add_commands(sub)
 
@@ -549,6 +584,16 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
     if http_timeout <= 0:
         raise ValueError("--http-timeout must be positive")
     idle_reclaim, idle_policy, idle_sample = _idle_policy(args)
+    fair = {
+        name: parse_duration(getattr(args, name))
+        for name in ("fairshare_half_life", "queue_timeout", "claim_timeout")
+    }
+    if min(fair.values()) <= 0:
+        raise ValueError(
+            "--fairshare-half-life, --queue-timeout and --claim-timeout must be positive"
+        )
+    if args.max_queued_per_user < 0 or args.gpu_hours_per_week < 0:
+        raise ValueError("--max-queued-per-user and --gpu-hours-per-week cannot be negative")
     return Config(
         host=args.host,
         port=args.port,
@@ -595,6 +640,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Config
         idle_reclaim=idle_reclaim,
         idle=idle_policy,
         idle_sample=idle_sample,
+        max_queued_per_user=args.max_queued_per_user,
+        gpu_hours_per_week=args.gpu_hours_per_week or None,
+        **fair,
     )
 
 

@@ -15,10 +15,17 @@ class GatewayError(Exception):
     code = "internal"
     status = 500
 
-    def __init__(self, message: str, *, log_message: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        log_message: str | None = None,
+        details: dict[str, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.log_message = log_message or message
+        self.details = details or {}  # further fields of the error body
 
 
 class InvalidRequest(GatewayError):
@@ -74,6 +81,21 @@ class SessionNotFound(GatewayError):
 class GpuInstanceNotFound(GatewayError):
     code = "gpu_instance_not_found"
     status = 404
+
+
+class QuotaExceeded(GatewayError):
+    """The user's GPU-hour budget has less than a minute of this request left; the body
+    names ``gpu_hours_used``, ``gpu_hours_budget`` and ``next_available_at``."""
+
+    code = "quota_exceeded"
+    status = 403
+
+
+class TooManyQueued(GatewayError):
+    """The user already has ``--max-queued-per-user`` requests waiting."""
+
+    code = "too_many_queued"
+    status = 409
 
 
 class SessionExists(GatewayError):

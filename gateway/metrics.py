@@ -8,6 +8,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from gateway.models import CloseReason, ConnectionRecord
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+QUEUE_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 CREATE_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 
 
@@ -68,6 +69,18 @@ class Metrics:
         )
         for reason in ("idle", "ttl_expired", "session_deleted"):
             self.sessions_ended.labels(reason)
+        self.queue_length = Gauge(
+            "sandman_queue_length", "Requests on the waiting list", registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "sandman_queue_wait_seconds",
+            "Time a request waited on the waiting list before its session was reserved",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.quota_refusals = Counter(
+            "sandman_quota_refusals", "Requests refused by a GPU-hour budget", registry=r
+        )
         for reason in CloseReason:
             self.connections_ended.labels(reason.value)
             self.connections_before_kex.labels(reason.value)

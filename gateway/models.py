@@ -62,6 +62,8 @@ class Session:
     end_reason: str | None = None  # set with state ENDING
     cpu_limit: float | None = None  # CPUs; None: unlimited
     memory_limit: int | None = None  # bytes; None: unlimited
+    #: started from the waiting list: ended (``not_claimed``) unless a connection comes by then
+    claim_by: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,20 @@ class CreateRequest:
     cpu_limit: float | None = None  # CPUs; None: unlimited
     memory_limit: int | None = None  # bytes; None: unlimited
     idle_reclaim: bool = True  # False: exempt from idle reclaim
+    wait: bool = False  # queue when nothing fits, instead of a 503
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """A request on the waiting list: what it asked for, until when it waits, and the
+    public parts of the credentials its 202 gave (the private key was shown once)."""
+
+    id: str  # becomes the session's id when it starts
+    request: CreateRequest
+    submitted_at: datetime
+    expires_at: datetime  # --queue-timeout after submission
+    authorized_keys: tuple[str, ...]
+    password_hash: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +124,7 @@ class Credentials:
 class CreatedSession:
     session: Session
     credentials: Credentials
+    ttl_capped: bool = False  # the TTL was cut to fit the user's GPU-hour budget
 
 
 def utcnow() -> datetime:

@@ -37,6 +37,7 @@ from datetime import datetime, timedelta
 
 from gateway import timers
 from gateway.audit import Audit, disconnect_data, session_data
+from gateway.budgets import Budgets
 from gateway.config import Config
 from gateway.core import ttl
 from gateway.errors import (
@@ -57,6 +58,7 @@ from gateway.models import (
     CreatedSession,
     CreateRequest,
     Credentials,
+    QueuedRequest,
     Session,
     SessionState,
     User,
@@ -141,8 +143,14 @@ class SessionManager:
         identity: HostIdentity,
         instance_id: str,
         clock: Clock,
+        budgets: Budgets,
+        on_end: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_end`` is told whenever an ending session's GPU is released (under the
+        reserve lock) and again when its row (so its port) is gone: capacity may be free."""
         self._config = config
+        self._budgets = budgets
+        self._on_end = on_end
         self._provision = Provisioner(
             config, runtime=runtime, gpus=gpus, identity=identity, instance_id=instance_id
         )
@@ -213,25 +221,44 @@ class SessionManager:
 
     # -- create ----------------------------------------------------------------------------
 
-    async def create(self, request: CreateRequest) -> CreatedSession:
+    async def create(
+        self,
+        request: CreateRequest,
+        *,
+        queued: QueuedRequest | None = None,
+        reserved: Callable[[Session], None] = lambda session: None,
+        guard: Callable[[], None] = lambda: None,
+    ) -> CreatedSession:
         """Start a session and return it once its sshd answers with its host certificate.
+        ``queued``: start that waiting request (its id and credentials), taking it off the
+        waiting list as its row is stored; ``reserved`` is called once GPU, port and row are;
+        ``guard`` is called just before the GPU is chosen, under the lock that GPU releases
+        also take, and may refuse by raising.
 
         Raises:
-            SessionExists, NoPortAvailable, NoGpuAvailable, ...: nothing was reserved.
+            QuotaExceeded, SessionExists, NoPortAvailable, NoGpuAvailable, ...: nothing was
+                reserved.
             ContainerStartFailed: the container did not answer SSH within the start
                 timeout; everything was released (or is left ``ending`` for the sweep).
-            SessionDeleted: a DELETE ended the session while it was starting.
+            SessionDeleted: a DELETE ended the session while it was starting (or, for
+                ``queued``, withdrew it).
             GatewayStopping: the gateway began shutting down meanwhile (rolled back).
         """
         started = time.monotonic()
-        keys = new_key_pair(request.public_keys)
-        # the password's bcrypt (~60 ms) runs in a thread while port, row and container are made
-        creds = asyncio.ensure_future(_credentials(keys))
+        if queued is None:
+            keys = new_key_pair(request.public_keys)
+            # the password's bcrypt (~60 ms) runs in a thread while port, row and container
+            # are made
+            creds = asyncio.ensure_future(_credentials(keys))
+        else:
+            keys = (None, queued.authorized_keys)
+            creds = asyncio.ensure_future(_ready(Credentials(*keys, "", queued.password_hash)))
         try:
-            live = await self._reserve(request, keys[1])
+            live = await self._reserve(request, keys[1], queued, guard)
         except BaseException:
             creds.cancel()
             raise
+        reserved(live.session)
         self._step_done(live.session, "port_bound")
         task = asyncio.create_task(self._start(live, creds), name=f"start:{live.session.id}")
         live.starting = task
@@ -261,25 +288,37 @@ class SessionManager:
             "session %s created for %s on port %d (gpu %s)",
             session.id, session.user_id, session.ssh_port, session.gpu_uuid,
         )  # fmt: skip
-        return CreatedSession(session=session, credentials=creds.result())
+        return CreatedSession(
+            session=session,
+            credentials=creds.result(),
+            ttl_capped=session.ttl_seconds < request.ttl_seconds,
+        )
 
     async def _reserve(
-        self, request: CreateRequest, authorized_keys: tuple[str, ...]
+        self,
+        request: CreateRequest,
+        authorized_keys: tuple[str, ...],
+        queued: QueuedRequest | None,
+        guard: Callable[[], None],
     ) -> LiveSession:
-        """Reserve user uid, GPU, port and row atomically with respect to other creates.
+        """Reserve user uid, GPU, port and row atomically with respect to other creates;
+        the TTL is capped to the user's GPU-hour budget.
 
         Raises:
-            SessionExists: before anything is allocated.
+            SessionExists, QuotaExceeded: before anything is allocated.
         """
-        session_id = str(uuid.uuid4())
+        session_id = str(uuid.uuid4()) if queued is None else queued.id
         now = self._clock().replace(microsecond=0)  # so the shown expires_at is exact
         async with self._reserve_lock:
             if await self._store.session_of_user(request.user_id) is not None:
                 raise SessionExists(f"user {request.user_id!r} already has a live session")
+            await self._budgets.precheck(request.user_id)
             user = await self._store.ensure_user(request.user_id, now)
+            guard()
             allocation = await self._gpus.allocate(request, await self._store.allocated_gpus())
             listener: SessionListener | None = None
             try:
+                ttl_seconds = await self._budgets.admit(request, allocation.profile)
                 listener = await self._bind_free_port(session_id, user)
                 session = Session(
                     id=session_id,
@@ -288,17 +327,25 @@ class SessionManager:
                     ssh_port=listener.port,
                     image=request.image,
                     workspace=str(self._config.workspace_root / request.user_id),
-                    ttl_seconds=request.ttl_seconds,
+                    ttl_seconds=ttl_seconds,
                     created_at=now,
-                    expires_at=ttl.expires_at(now, request.ttl_seconds),
+                    expires_at=ttl.expires_at(now, ttl_seconds),
                     gpu_uuid=allocation.uuid,
                     mig_profile=allocation.profile,
                     gpu_created=allocation.created,
                     authorized_keys=authorized_keys,
                     cpu_limit=request.cpu_limit,
                     memory_limit=request.memory_limit,
+                    claim_by=None
+                    if queued is None
+                    else now + timedelta(seconds=self._config.claim_timeout),
                 )
-                await self._store.insert_session(session, idle_exempt=not request.idle_reclaim)
+                await self._store.insert_session(
+                    session,
+                    idle_exempt=not request.idle_reclaim,
+                    gpu_fraction=await self._budgets.fraction(allocation.profile),
+                    from_queue=queued is not None,
+                )
             except BaseException:
                 await self._unreserve(allocation, listener)
                 raise
@@ -411,6 +458,7 @@ class SessionManager:
             SessionNotFound: no such session.
             SessionEnding: it is ending (also when it began ending during this call).
             InvalidTtl: beyond ``--max-ttl-minutes``, or ending in the past.
+            QuotaExceeded: longer than the user's GPU-hour budget allows.
         """
         live = self._live.get(session_id)
         session = await self.get(session_id)  # 404 when unknown
@@ -432,6 +480,8 @@ class SessionManager:
             except ValueError as exc:
                 raise InvalidTtl(str(exc)) from None
             expires = ttl.expires_at(session.created_at, total)
+            if expires > session.expires_at:
+                await self._budgets.check_extend(session, expires)
             updated = replace(session, ttl_seconds=total, expires_at=expires)
             if live.files_written and session.container_id:
                 try:
@@ -529,7 +579,9 @@ class SessionManager:
                 live.listener = None
             await self._provision.remove(row)
             if row.gpu_uuid:
-                await self._gpus.release_session(row)
+                async with self._reserve_lock:  # a create's guard sees it before or after
+                    await self._gpus.release_session(row)
+                    self._on_end()
             why = row.end_reason or reason
             deleted = await self._delete_row(row, why)
         except BaseException:
@@ -538,6 +590,7 @@ class SessionManager:
                 self._forget(live)
             raise
         self._forget(live)
+        self._on_end()
         if deleted:
             self._metrics.sessions_ended.labels(why).inc()
             log.info("session %s of %s ended: %s", session_id, row.user_id, why)
@@ -549,7 +602,7 @@ class SessionManager:
         while ``running`` was being written: no ``session_created``), ends with its POST's
         answer."""
         if row.container_ip is None or why == CREATE_FAILED:
-            return await self._store.delete_session(row.id)
+            return await self._store.delete_session(row.id, self._clock())
         event = _END_EVENT.get(why, "session_ended")
         saved = await self._store.delete_session_audited(
             row, self._clock(), event, session_data(row, reason=why)
@@ -791,6 +844,10 @@ async def _quietly(work: Awaitable[object], what: str) -> None:
         await work
     except Exception:
         log.exception("%s failed", what)
+
+
+async def _ready(creds: Credentials) -> Credentials:
+    return creds
 
 
 async def _credentials(keys: tuple[str | None, tuple[str, ...]]) -> Credentials:

@@ -26,3 +26,9 @@ def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def bindable_unit_port() -> int:
+    """A port of this process's unit block that nothing listens on now (for a gateway with a
+    one-port pool: full after one session)."""
+    return next(p for p in range(UNIT_PORT_BASE, UNIT_PORT_BASE + 20) if port_bindable(p))

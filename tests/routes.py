@@ -14,4 +14,7 @@ PROTECTED_ROUTES = [
     ("GET", "/gpus/profiles"),
     ("GET", "/gpus/available"),
     ("GET", "/nodes"),
+    ("GET", "/queue"),
+    ("GET", "/users/x/usage"),
+    ("PUT", "/users/x/limits"),
 ]

@@ -3,8 +3,9 @@
 Start-up opens the database, resolves the API token and the SSH host CA, opens the audit
 trail and metrics, connects to Docker (creating the session network), opens the GPU
 backend (refusing a default MIG profile this host lacks, reclaiming MIG instances it made
-that no session holds), recovers sessions (before serving), and starts the TTL sweeper
-and the idle sampler. Shutdown undoes that in reverse; sessions and containers stay.
+that no session holds), recovers sessions (before serving), and starts the TTL sweeper,
+the idle sampler and the waiting list (which starts queued requests as capacity frees).
+Shutdown undoes that in reverse; sessions and containers stay.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gateway.api import admin_page, keys, middleware, openapi
 from gateway.api.access_log import AccessLogger
 from gateway.api.routes import routes
 from gateway.audit import Audit
+from gateway.budgets import Budgets
 from gateway.config import Config
 from gateway.errors import ApiTokenUnavailable
 from gateway.gpu import open_backend
@@ -35,6 +37,7 @@ from gateway.runtime.base import Runtime
 from gateway.sessions import Clock, SessionManager
 from gateway.ssh.identity import HostIdentity
 from gateway.store import Store
+from gateway.waiting import WaitingList
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,15 @@ def create_app(
             await backend.close()
 
     async def sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+        budgets = Budgets(config, store=app[keys.STORE], gpus=app[keys.GPUS], clock=clock)
+        waiting = WaitingList(
+            config,
+            store=app[keys.STORE],
+            budgets=budgets,
+            audit=app[keys.AUDIT],
+            metrics=app[keys.METRICS],
+            clock=clock,
+        )
         manager = SessionManager(
             config,
             store=app[keys.STORE],
@@ -188,7 +200,10 @@ def create_app(
             identity=app[keys.IDENTITY],
             instance_id=await app[keys.STORE].instance_id(),
             clock=clock,
+            budgets=budgets,
+            on_end=waiting.wake,
         )
+        waiting.attach(manager)
         await manager.recover()
         app[keys.SESSIONS] = manager
         app[keys.IDLE] = IdleReclaimer(
@@ -201,9 +216,12 @@ def create_app(
             metrics=app[keys.METRICS],
             clock=clock,
         )
+        app[keys.BUDGETS] = budgets
+        app[keys.WAITING] = waiting
         try:
             yield
         finally:
+            await waiting.close()
             await manager.close()
 
     async def sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -221,6 +239,7 @@ def create_app(
         tasks = [
             asyncio.create_task(sweep_forever(), name="ttl-sweeper"),
             asyncio.create_task(manager.watch_containers(), name="container-events"),
+            asyncio.create_task(app[keys.WAITING].run(), name="waiting-list"),
         ]
         if config.idle_reclaim:
             tasks.append(asyncio.create_task(app[keys.IDLE].run(), name="idle-sampler"))

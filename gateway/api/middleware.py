@@ -21,13 +21,16 @@ CORS_MAX_AGE = str(24 * 3600)
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-def error_body(message: str, code: str, status: int) -> web.Response:
-    return web.json_response({"error": message, "code": code}, status=status)
+def error_body(
+    message: str, code: str, status: int, details: dict[str, object] | None = None
+) -> web.Response:
+    return web.json_response({"error": message, "code": code, **(details or {})}, status=status)
 
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every failure as ``{"error", "code"}``; never send a trace."""
+    """Render every failure as ``{"error", "code"}`` (plus the error's ``details``); never
+    send a trace."""
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -41,7 +44,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             exc.code,
             exc.log_message,
         )
-        return error_body(exc.message, exc.code, exc.status)
+        return error_body(exc.message, exc.code, exc.status, exc.details)
     except web.HTTPRequestEntityTooLarge:
         exc = BodyTooLarge("request body is too large")
         return error_body(exc.message, exc.code, exc.status)

@@ -117,8 +117,47 @@ SCHEMAS: dict[str, Any] = {
                 "type": ["boolean", "null"],
                 "description": "false: exempt from idle reclaim (default true)",
             },
+            "wait": {
+                "type": ["boolean", "null"],
+                "description": "when nothing fits, queue (202) instead of 503",
+            },
         },
     },
+    "Queued": _object(
+        {
+            "id": {"type": "string", "description": "the session's id once it starts"},
+            "user_id": {"type": "string"},
+            "state": {"enum": ["queued"]},
+            "queue_position": {"type": "integer", "minimum": 1, "description": "1: next"},
+            "submitted_at": _TIMESTAMP,
+            "queue_expires_at": _TIMESTAMP,
+            "ttl_minutes": {"type": "number"},
+            "ttl_seconds": {"type": "integer"},
+            "mig_profile": _NULLABLE_STR,
+            "mig_instance_uuid": _NULLABLE_STR,
+            "ssh_port": {"type": "null"},
+            "gpu_uuid": {"type": "null"},
+            "ssh_user": {"type": "string"},
+            "ssh_host": {"type": "string"},
+            "ssh_host_key_fingerprint": {"type": "string"},
+            "ssh_known_hosts": {"type": "string"},
+        }
+    ),
+    "Usage": _object(
+        {
+            "user_id": {"type": "string"},
+            "gpu_hours_used": {"type": "number"},
+            "gpu_hours_budget": {**_NULLABLE_NUM, "description": "null: unlimited"},
+            "budget_source": {"enum": ["user", "default"]},
+            "window_start": _TIMESTAMP,
+            "window_end": _TIMESTAMP,
+            "next_available_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when a spent budget has a minute of a 1g slice; null: not spent",
+            },
+        }
+    ),
     "PatchSession": {
         "type": "object",
         "additionalProperties": False,
@@ -150,6 +189,12 @@ SCHEMAS: dict[str, Any] = {
             "mig_profile": _NULLABLE_STR,
             "created_at": _TIMESTAMP,
             "expires_at": _TIMESTAMP,
+            "ttl_seconds": {"type": "integer"},
+            "ttl_capped": {
+                "type": "boolean",
+                "description": "the TTL was cut to the user's GPU-hour budget",
+            },
+            "ttl_capped_by": {"enum": ["gpu_hours_per_week", None]},
             **_LIMITS,
             **_SESSION_ACCESS,
         }
@@ -349,6 +394,12 @@ _BAD = _error("invalid request")
 _NOT_FOUND = _error("no such session")
 _UNAVAILABLE = _error("Docker, the GPUs or the port pool cannot serve this now")
 _VIEW = _json(_ref("Session"), "the session view")
+_QUOTA = _error(
+    "quota_exceeded: the GPU-hour budget is spent; the body adds gpu_hours_used,"
+    " gpu_hours_budget and next_available_at"
+)
+_USER_ID = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_USAGE = _json(_ref("Usage"), "GPU-hours of the last 7 days against the budget")
 
 PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {
@@ -383,9 +434,27 @@ PATHS: dict[str, dict[str, Any]] = {
             "create a session; the only answer with the private key and password",
             {
                 "201": _json(_ref("CreatedSession"), "created; ssh works now"),
+                "202": _json(
+                    {
+                        "allOf": [
+                            _ref("Queued"),
+                            _object(
+                                {
+                                    "session_id": {"type": "string"},
+                                    "ssh_private_key": _NULLABLE_STR,
+                                    "ssh_password": _NULLABLE_STR,
+                                }
+                            ),
+                        ]
+                    },
+                    "queued (wait: true and nothing fits); the credentials work once it starts",
+                ),
                 "400": _BAD,
+                "403": _QUOTA,
                 "404": _error("no such MIG instance"),
-                "409": _error("the user has a live session, or the instance is taken"),
+                "409": _error(
+                    "the user has a live session or too many queued, or the instance is taken"
+                ),
                 "408": _error("the body did not arrive within --http-timeout"),
                 "413": _error("body too large"),
                 "502": _error("the container did not start"),
@@ -401,10 +470,16 @@ PATHS: dict[str, dict[str, Any]] = {
             {"200": _json({"type": "array", "items": _ref("Session")}, "session views")},
         ),
         "delete": _op(
-            "end every session",
+            "end every session and withdraw every queued request",
             {
                 "200": _json(
-                    _object({"message": {"type": "string"}, "deleted": {"type": "integer"}}),
+                    _object(
+                        {
+                            "message": {"type": "string"},
+                            "deleted": {"type": "integer"},
+                            "withdrawn": {"type": "integer"},
+                        }
+                    ),
                     "how many ended",
                 ),
                 "503": _UNAVAILABLE,
@@ -413,12 +488,21 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/sessions/{session_id}": {
         "parameters": [_SESSION_ID],
-        "get": _op("one session", {"200": _VIEW, "404": _NOT_FOUND}),
+        "get": _op(
+            "one session, or a queued request",
+            {
+                "200": _json(
+                    {"oneOf": [_ref("Session"), _ref("Queued")]}, "the session or queued view"
+                ),
+                "404": _NOT_FOUND,
+            },
+        ),
         "patch": _op(
             "change the TTL, or hold the session from idle reclaim",
             {
                 "200": _VIEW,
                 "400": _BAD,
+                "403": _QUOTA,
                 "404": _NOT_FOUND,
                 "409": _error("the session is ending"),
                 "408": _error("the body did not arrive within --http-timeout"),
@@ -430,7 +514,7 @@ PATHS: dict[str, dict[str, Any]] = {
             },
         ),
         "delete": _op(
-            "end the session now",
+            "end the session now, or withdraw a queued request",
             {
                 "200": _json(_object({"message": {"type": "string"}}), "ended"),
                 "404": _NOT_FOUND,
@@ -459,6 +543,47 @@ PATHS: dict[str, dict[str, Any]] = {
             },
             parameters=_AUDIT_PARAMS,
         )
+    },
+    "/queue": {
+        "get": _op(
+            "the waiting list in the order it starts",
+            {"200": _list_of("queue", "Queued", "queued requests", **_COUNT)},
+        )
+    },
+    "/users/{user_id}/usage": {
+        "parameters": [_USER_ID],
+        "get": _op("a user's GPU-hours and budget", {"200": _USAGE, "400": _BAD}),
+    },
+    "/users/{user_id}/limits": {
+        "parameters": [_USER_ID],
+        "put": _op(
+            "set a user's GPU-hours per week (null: the gateway's default)",
+            {
+                "200": _USAGE,
+                "400": _BAD,
+                "408": _error("the body did not arrive within --http-timeout"),
+                "413": _error("body too large"),
+            },
+            requestBody={
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["gpu_hours_per_week"],
+                            "properties": {
+                                "gpu_hours_per_week": {
+                                    "type": ["number", "null"],
+                                    "minimum": 0,
+                                    "maximum": 10000,
+                                }
+                            },
+                        }
+                    }
+                },
+            },
+        ),
     },
     "/metrics": {"get": _op("Prometheus metrics", {"200": _text("Prometheus text format")})},
     "/gpus": {

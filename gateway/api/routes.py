@@ -8,22 +8,38 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.keys import CONFIG, GPUS, IDENTITY, IDLE, METRICS, RUNTIME, SESSIONS, STORE
-from gateway.api.schemas import parse_audit_query, parse_create, parse_patch
+from gateway.api.keys import (
+    AUDIT,
+    BUDGETS,
+    CONFIG,
+    GPUS,
+    IDENTITY,
+    IDLE,
+    METRICS,
+    RUNTIME,
+    SESSIONS,
+    STORE,
+    WAITING,
+)
+from gateway.api.schemas import parse_audit_query, parse_create, parse_limits, parse_patch
 from gateway.api.views import (
     available_view,
     created_view,
+    enqueued_view,
     gpu_view,
     node_view,
     profile_view,
+    queued_view,
     session_view,
     unhealthy_gpu_view,
+    usage_view,
 )
 from gateway.audit import connection_data, event_data
-from gateway.errors import GatewayError, RequestTimeout, SessionNotFound
+from gateway.core.validation import validate_user_id
+from gateway.errors import GatewayError, QuotaExceeded, RequestTimeout, SessionNotFound
 from gateway.gpu.allocator import GpuAllocator
 from gateway.metrics import CONTENT_TYPE
-from gateway.models import Session
+from gateway.models import CreatedSession, Session
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +128,57 @@ async def _view(request: web.Request, session: Session) -> dict[str, Any]:
 
 @routes.post("/sessions")
 async def create_session(request: web.Request) -> web.Response:
+    """201 with the session; with ``wait`` and nothing free, 202 ``queued``; 403
+    ``quota_exceeded`` when the user's GPU-hour budget is spent (audited, counted)."""
     config = request.app[CONFIG]
     create = parse_create(await _body(request), config)
-    created = await request.app[SESSIONS].create(create)
-    return web.json_response(created_view(created, config, request.app[IDENTITY]), status=201)
+    try:
+        result = await request.app[WAITING].submit(create)
+    except QuotaExceeded as exc:
+        await _quota_refused(request, create.user_id, None, exc)
+        raise
+    identity = request.app[IDENTITY]
+    if isinstance(result, CreatedSession):
+        return web.json_response(created_view(result, config, identity), status=201)
+    return web.json_response(enqueued_view(result, config, identity), status=202)
+
+
+async def _quota_refused(
+    request: web.Request, user_id: str, session_id: str | None, exc: QuotaExceeded
+) -> None:
+    """Count and audit a budget's refusal (``quota_exceeded``)."""
+    request.app[METRICS].quota_refusals.inc()
+    await request.app[AUDIT].user_event(
+        "quota_exceeded", session_id=session_id, user_id=user_id, **exc.details
+    )
+
+
+@routes.get("/queue")
+async def list_queue(request: web.Request) -> web.Response:
+    """The waiting list in the order it starts."""
+    config, identity = request.app[CONFIG], request.app[IDENTITY]
+    ordered = await request.app[WAITING].ordered()
+    views = [queued_view(q, i, config, identity) for i, q in enumerate(ordered, start=1)]
+    return web.json_response({"queue": views, "count": len(views)})
+
+
+@routes.get("/users/{user_id}/usage")
+async def user_usage(request: web.Request) -> web.Response:
+    user_id = validate_user_id(request.match_info["user_id"])
+    return web.json_response(usage_view(await request.app[BUDGETS].usage(user_id)))
+
+
+@routes.put("/users/{user_id}/limits")
+async def set_user_limits(request: web.Request) -> web.Response:
+    """Set one user's GPU-hours per week (null: the gateway's default); answers the usage."""
+    user_id = validate_user_id(request.match_info["user_id"])
+    hours = parse_limits(await _body(request))
+    budgets = request.app[BUDGETS]
+    await budgets.set_limit(user_id, hours)
+    await request.app[AUDIT].user_event(
+        "user_limits_set", session_id=None, user_id=user_id, gpu_hours_per_week=hours
+    )
+    return web.json_response(usage_view(await budgets.usage(user_id)))
 
 
 @routes.get("/sessions")
@@ -126,23 +189,35 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 @routes.get("/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
-    session = await request.app[SESSIONS].get(request.match_info["session_id"])
+    """A session, or a request still waiting (``state: "queued"``, ``queue_position``)."""
+    session_id = request.match_info["session_id"]
+    try:
+        session = await request.app[SESSIONS].get(session_id)
+    except SessionNotFound:
+        queued, position = await request.app[WAITING].get(session_id)
+        view = queued_view(queued, position, request.app[CONFIG], request.app[IDENTITY])
+        return web.json_response(view)
     return web.json_response(await _view(request, session))
 
 
 @routes.patch("/sessions/{session_id}")
 async def extend_session(request: web.Request) -> web.Response:
     change = parse_patch(await _body(request))
-    session_id = request.match_info["session_id"]
+    manager, session_id = request.app[SESSIONS], request.match_info["session_id"]
     if change.idle_hold_minutes is not None:
         await request.app[IDLE].hold(session_id, change.idle_hold_minutes)
-        session = await request.app[SESSIONS].get(session_id)
+        session = await manager.get(session_id)
     else:
-        session = await request.app[SESSIONS].extend(
-            session_id,
-            new_total_seconds=change.new_total_seconds,
-            extend_seconds=change.extend_seconds,
-        )
+        try:
+            session = await manager.extend(
+                session_id,
+                new_total_seconds=change.new_total_seconds,
+                extend_seconds=change.extend_seconds,
+            )
+        except QuotaExceeded as exc:
+            user_id = (await manager.get(session_id)).user_id
+            await _quota_refused(request, user_id, session_id, exc)
+            raise
     return web.json_response(await _view(request, session))
 
 
@@ -185,6 +260,7 @@ async def metrics(request: web.Request) -> web.Response:
     manager = request.app[SESSIONS]
     app_metrics.sessions_live.set(manager.live_sessions)
     app_metrics.connections_live.set(manager.live_connections)
+    app_metrics.queue_length.set(len(await request.app[STORE].queued()))
     free, used = await _gpu_slices(request.app[GPUS], await request.app[STORE].allocated_gpus())
     app_metrics.gpu_slices.labels("free").set(free)
     app_metrics.gpu_slices.labels("used").set(used)
@@ -201,14 +277,25 @@ async def _gpu_slices(gpus: GpuAllocator, allocated: set[str]) -> tuple[int, int
 @routes.delete("/sessions/{session_id}")
 async def delete_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
+    if await request.app[WAITING].withdraw(session_id):
+        return web.json_response({"message": f"queued request {session_id} withdrawn"})
     await request.app[SESSIONS].delete(session_id)
     return web.json_response({"message": f"session {session_id} deleted"})
 
 
 @routes.delete("/sessions")
 async def delete_all_sessions(request: web.Request) -> web.Response:
+    """End every session and withdraw every waiting request (which would start next)."""
+    waiting = request.app[WAITING]
+    withdrawn = [await waiting.withdraw(q.id) for q in await request.app[STORE].queued()]
     deleted = await request.app[SESSIONS].delete_all()
-    return web.json_response({"message": f"{deleted} session(s) deleted", "deleted": deleted})
+    return web.json_response(
+        {
+            "message": f"{deleted} session(s) deleted",
+            "deleted": deleted,
+            "withdrawn": sum(withdrawn),
+        }
+    )
 
 
 @routes.get("/gpus")

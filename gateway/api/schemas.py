@@ -38,6 +38,7 @@ _CREATE_FIELDS: dict[str, _Kind] = {
     "cpu_limit": (int, float),
     "memory_limit": (int, str),
     "idle_reclaim": bool,
+    "wait": bool,
 }
 
 
@@ -118,7 +119,27 @@ def parse_create(body: bytes, config: Config) -> CreateRequest:
         cpu_limit=cpu_limit,
         memory_limit=memory_limit,
         idle_reclaim=values["idle_reclaim"] is not False,
+        wait=bool(values["wait"]),
     )
+
+
+MAX_GPU_HOURS = 10_000.0  # a week has 168 hours; this is many GPUs' worth
+
+
+def parse_limits(body: bytes) -> float | None:
+    """Parse a PUT /users/{user_id}/limits body: ``{"gpu_hours_per_week": H}``, ``H`` a
+    number from 0 (no GPU time) or null (the gateway's default).
+
+    Raises:
+        InvalidRequest: malformed, unknown fields, the field missing or out of range.
+    """
+    data = parse_json_object(body)
+    if "gpu_hours_per_week" not in data:
+        raise InvalidRequest("field 'gpu_hours_per_week' is required (a number, or null)")
+    hours = _typed(data, {"gpu_hours_per_week": (int, float)})["gpu_hours_per_week"]
+    if hours is not None and not 0 <= hours <= MAX_GPU_HOURS:
+        raise InvalidRequest(f"gpu_hours_per_week must be between 0 and {MAX_GPU_HOURS:g}")
+    return None if hours is None else float(hours)
 
 
 _PATCH_FIELDS: dict[str, _Kind] = {

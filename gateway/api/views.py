@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from gateway.budgets import Usage
 from gateway.config import Config
 from gateway.core.gpu_select import AvailableInstance
 from gateway.core.gpu_types import GpuInfo, Leftover, MigProfile
 from gateway.core.ssh import ssh_command
 from gateway.core.ttl import ttl_minutes_view
-from gateway.models import CreatedSession, Session, rfc3339
+from gateway.models import CreatedSession, QueuedRequest, Session, rfc3339
 from gateway.runtime.base import NodeInfo
 from gateway.ssh.identity import HostIdentity
+from gateway.waiting import Queued
 
 
 def ssh_access(session: Session, config: Config, identity: HostIdentity) -> dict[str, Any]:
@@ -76,7 +78,62 @@ def created_view(created: CreatedSession, config: Config, identity: HostIdentity
         "expires_at": rfc3339(session.expires_at),
         "cpu_limit": session.cpu_limit,
         "memory_limit": session.memory_limit,
+        "ttl_seconds": session.ttl_seconds,
+        "ttl_capped": created.ttl_capped,
+        "ttl_capped_by": "gpu_hours_per_week" if created.ttl_capped else None,
         **ssh_access(session, config, identity),
+    }
+
+
+def queued_view(
+    queued: QueuedRequest, position: int, config: Config, identity: HostIdentity
+) -> dict[str, Any]:
+    """A request on the waiting list (``GET /sessions/{id}``, ``GET /queue``): no port or
+    GPU yet; ``queue_position`` 1 starts next."""
+    request = queued.request
+    return {
+        "id": queued.id,
+        "user_id": request.user_id,
+        "state": "queued",
+        "queue_position": position,
+        "submitted_at": rfc3339(queued.submitted_at),
+        "queue_expires_at": rfc3339(queued.expires_at),
+        "ttl_minutes": ttl_minutes_view(request.ttl_seconds),
+        "ttl_seconds": request.ttl_seconds,
+        "mig_profile": request.mig_profile,
+        "mig_instance_uuid": request.mig_instance_uuid,
+        "ssh_port": None,
+        "gpu_uuid": None,
+        "ssh_user": request.user_id,
+        "ssh_host": config.public_host,
+        "ssh_host_key_fingerprint": identity.fingerprint(request.user_id),
+        "ssh_known_hosts": identity.known_hosts_line,
+    }
+
+
+def enqueued_view(queued: Queued, config: Config, identity: HostIdentity) -> dict[str, Any]:
+    """The 202 of a queued POST: the waiting request and its credentials, shown once; they
+    work when it starts (then ``GET /sessions/{id}`` gives the port)."""
+    return {
+        **queued_view(queued.queued, queued.position, config, identity),
+        "session_id": queued.queued.id,
+        "ssh_private_key": queued.private_key,
+        "ssh_password": queued.password if config.ssh_password_auth else None,
+    }
+
+
+def usage_view(usage: Usage) -> dict[str, Any]:
+    """``GET /users/{user_id}/usage``: GPU-hours of the rolling 7-day window."""
+    return {
+        "user_id": usage.user_id,
+        "gpu_hours_used": round(usage.used, 6),
+        "gpu_hours_budget": usage.budget,
+        "budget_source": "user" if usage.own else "default",
+        "window_start": rfc3339(usage.window_start),
+        "window_end": rfc3339(usage.window_end),
+        "next_available_at": None
+        if usage.next_available_at is None
+        else rfc3339(usage.next_available_at),
     }
 
 

@@ -80,12 +80,21 @@ async def session_create(api: Api, args: argparse.Namespace, io: Io) -> int:
         body["ssh_public_keys"] = _read_public_keys(args.public_key)
     if args.no_idle_reclaim:
         body["idle_reclaim"] = False
+    if args.follow and not args.wait:
+        raise ApiError("--follow needs --wait", "invalid_request")
+    if args.wait:
+        body["wait"] = True
     created = await api.call("POST", "/sessions", json=body)
     key_file = remember_session_key(io.env, created)
     if args.json:
         shown = {**created, "ssh_private_key": None}
         fmt.dump(io.out, {**shown, "ssh_private_key_file": key_file and str(key_file)})
         return 0
+    if created.get("state") == "queued":
+        _print_queued(created, key_file, io)
+        if not args.follow:
+            return 0
+        created = await _follow(api, created, args.interval, io)
     io.out.write(f"Session {created['session_id']} for {created['ssh_user']} is ready.\n")
     pairs: list[tuple[str, object]] = [
         ("ssh", shlex.join(ssh_argv(io.env, created, api.url))),
@@ -104,6 +113,48 @@ async def session_create(api: Api, args: argparse.Namespace, io: Io) -> int:
         pairs.append(("password", f"{created['ssh_password']} (shown this once)"))
     fmt.fields(io.out, pairs)
     return 0
+
+
+def _print_queued(queued: Mapping[str, Any], key_file: Path | None, io: Io) -> None:
+    io.out.write(
+        f"No GPU is free: request {queued['session_id']} for {queued['ssh_user']} is queued"
+        f" at position {queued['queue_position']}.\n"
+    )
+    pairs: list[tuple[str, object]] = [
+        ("gives up", fmt.local_time(queued["queue_expires_at"])),
+        ("check", f"sandman session show {queued['session_id']}"),
+    ]
+    if key_file is not None:
+        pairs.append(("private key", f"{key_file} (0600; works once it starts)"))
+    if queued.get("ssh_password"):
+        pairs.append(("password", f"{queued['ssh_password']} (shown this once)"))
+    fmt.fields(io.out, pairs)
+
+
+async def _follow(api: Api, queued: Mapping[str, Any], interval: float, io: Io) -> dict[str, Any]:
+    """Wait until the queued request runs; its view, with the 202's credentials.
+
+    Raises:
+        ApiError: it ended while waiting (timed out, withdrawn, or its start failed).
+    """
+    session_id = queued["session_id"]
+    position = queued["queue_position"]
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            view = await api.call("GET", f"/sessions/{session_id}")
+        except ApiError as exc:
+            if exc.code == "session_not_found":
+                raise ApiError(
+                    f"request {session_id} is no longer waiting (timed out or withdrawn)",
+                    "session_not_found",
+                ) from None
+            raise
+        if view["state"] == "running":
+            return {**queued, **view, "session_id": session_id, "ssh_user": view["user_id"]}
+        if view["state"] == "queued" and view["queue_position"] != position:
+            position = view["queue_position"]
+            io.out.write(f"now at position {position}\n")
 
 
 async def session_list(api: Api, args: argparse.Namespace, io: Io) -> int:
@@ -177,9 +228,27 @@ def _limits(session: Mapping[str, Any]) -> str:
 
 
 async def session_show(api: Api, args: argparse.Namespace, io: Io) -> int:
-    session = await api.find_session(args.session)
+    """A live session by id or user, or a waiting request by its id."""
+    try:
+        session = await api.find_session(args.session)
+    except ApiError as exc:
+        if exc.code != "session_not_found" or "/" in args.session:
+            raise
+        session = await api.call("GET", f"/sessions/{args.session}")  # waiting, by id
     if args.json:
         fmt.dump(io.out, session)
+    elif session["state"] == "queued":
+        fmt.fields(
+            io.out,
+            [
+                ("id", session["id"]),
+                ("user", session["user_id"]),
+                ("state", f"queued at position {session['queue_position']}"),
+                ("since", fmt.local_time(session["submitted_at"])),
+                ("gives up", fmt.local_time(session["queue_expires_at"])),
+                ("profile", session.get("mig_profile") or "default"),
+            ],
+        )
     else:
         _show(api, session, io)
     return 0

@@ -80,6 +80,19 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="log in with this OpenSSH public key instead of a generated one (repeatable)",
     )
+    create.add_argument(
+        "--wait",
+        action="store_true",
+        help="when no GPU is free, join the waiting list instead of failing",
+    )
+    create.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --wait: wait until the session runs, then print how to log in",
+    )
+    create.add_argument(
+        "--interval", type=float, default=2.0, help=argparse.SUPPRESS
+    )  # --follow's polling period (tests shorten it)
 
     create.add_argument(
         "--no-idle-reclaim",

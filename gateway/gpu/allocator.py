@@ -52,6 +52,11 @@ class GpuAllocator:
     def needs_device_request(self) -> bool:
         return self.backend.needs_device_request
 
+    @property
+    def gpu_less(self) -> bool:
+        """Sessions here never get a GPU (``--gpus none``)."""
+        return isinstance(self.backend, NoneBackend)
+
     async def check_default_profile(self) -> None:
         """At start-up: refuse an explicit default profile that no MIG GPU here offers,
         and log what an unset one gives on each model.
@@ -92,7 +97,7 @@ class GpuAllocator:
             allocated=allocated | self._to_destroy(),
             default_profile=self._default_profile,
             dynamic=self._dynamic,
-            gpu_less=isinstance(self.backend, NoneBackend),
+            gpu_less=self.gpu_less,
         )
         match decision:
             case NoGpu():

@@ -7,6 +7,7 @@ transactions never interleave. Returns :mod:`gateway.models` dataclasses, never 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -21,11 +22,21 @@ from typing import Any, ParamSpec, Self, TypeVar
 
 import aiosqlite
 
-from gateway.errors import DatabaseTooNew, GpuInstanceBusy, NoPortAvailable, SessionExists
+from gateway.core.fairshare import UsageRecord
+from gateway.errors import (
+    DatabaseTooNew,
+    GpuInstanceBusy,
+    NoPortAvailable,
+    SessionDeleted,
+    SessionExists,
+    TooManyQueued,
+)
 from gateway.models import (
     AuditEvent,
     CloseReason,
     ConnectionRecord,
+    CreateRequest,
+    QueuedRequest,
     Session,
     SessionIdle,
     SessionState,
@@ -41,7 +52,7 @@ T = TypeVar("T")
 _SESSION_COLUMNS = (
     "id, user_id, ssh_port, image, workspace, ttl_seconds, created_at, expires_at, state, "
     "container_id, container_ip, gpu_uuid, mig_profile, gpu_created, authorized_keys, end_reason, "
-    "cpu_limit, memory_limit"
+    "cpu_limit, memory_limit, claim_by"
 )
 
 
@@ -101,6 +112,28 @@ def _session(row: aiosqlite.Row) -> Session:
         end_reason=row["end_reason"],
         cpu_limit=row["cpu_limit"],
         memory_limit=row["memory_limit"],
+        claim_by=None if row["claim_by"] is None else _dt(row["claim_by"]),
+    )
+
+
+def _queued(row: aiosqlite.Row) -> QueuedRequest:
+    request = json.loads(row["request"])
+    request["public_keys"] = tuple(request["public_keys"])
+    return QueuedRequest(
+        id=row["id"],
+        request=CreateRequest(**request),
+        submitted_at=_dt(row["submitted_at"]),
+        expires_at=_dt(row["expires_at"]),
+        authorized_keys=tuple(json.loads(row["authorized_keys"])),
+        password_hash=row["password_hash"],
+    )
+
+
+def _usage(row: aiosqlite.Row) -> UsageRecord:
+    return UsageRecord(
+        fraction=row["fraction"],
+        start=_dt(row["started_at"]),
+        end=None if row["ended_at"] is None else _dt(row["ended_at"]),
     )
 
 
@@ -170,6 +203,14 @@ async def _stick_port(conn: aiosqlite.Connection, user_id: str, port: int, at: d
     await conn.execute(
         "UPDATE users SET ssh_port = ?, ssh_port_used_at = ? WHERE user_id = ?",
         (port, _ts(at), user_id),
+    )
+
+
+async def _end_usage(conn: aiosqlite.Connection, session_id: str, at: datetime) -> None:
+    """Close the session's GPU usage record at ``at`` (once: the first end counts)."""
+    await conn.execute(
+        "UPDATE gpu_usage SET ended_at = ? WHERE session_id = ? AND ended_at IS NULL",
+        (_ts(at), session_id),
     )
 
 
@@ -293,20 +334,35 @@ class Store:
             return {int(row["ssh_port"]): None for row in await cur.fetchall()}
 
     @_atomic
-    async def insert_session(self, session: Session, *, idle_exempt: bool = False) -> None:
+    async def insert_session(
+        self,
+        session: Session,
+        *,
+        idle_exempt: bool = False,
+        gpu_fraction: float = 0.0,
+        from_queue: bool = False,
+    ) -> None:
         """Insert a new session row, with its idle record (exempt from idle reclaim or not;
-        the connection clock starts at creation, the compute clock at the first sample).
+        the connection clock starts at creation, the compute clock at the first sample);
+        with ``gpu_fraction``, open its GPU usage record (from its creation);
+        ``from_queue`` takes the queued request of the same id off the waiting list, in the
+        same transaction.
 
         Raises:
             SessionExists: the user already has a session.
             NoPortAvailable: another session holds the port.
             GpuInstanceBusy: another session holds the GPU.
+            SessionDeleted: ``from_queue``, and the request was withdrawn or timed out.
         """
         try:
             async with self._transaction() as conn:
+                if from_queue:
+                    cur = await conn.execute("DELETE FROM queue WHERE id = ?", (session.id,))
+                    if cur.rowcount == 0:
+                        raise SessionDeleted("the queued request was withdrawn")
                 await conn.execute(
                     f"INSERT INTO sessions ({_SESSION_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         session.id,
                         session.user_id,
@@ -326,6 +382,7 @@ class Store:
                         session.end_reason,
                         session.cpu_limit,
                         session.memory_limit,
+                        None if session.claim_by is None else _ts(session.claim_by),
                     ),
                 )
                 await conn.execute(  # nobody has connected yet: that clock runs from now
@@ -333,6 +390,12 @@ class Store:
                     "VALUES (?, ?, ?)",
                     (session.id, int(idle_exempt), _ts(session.created_at)),
                 )
+                if gpu_fraction > 0:
+                    await conn.execute(
+                        "INSERT INTO gpu_usage (session_id, user_id, fraction, started_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (session.id, session.user_id, gpu_fraction, _ts(session.created_at)),
+                    )
                 await _stick_port(conn, session.user_id, session.ssh_port, session.created_at)
         except sqlite3.IntegrityError as exc:
             text = str(exc)
@@ -399,8 +462,11 @@ class Store:
             )
 
     @_atomic
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str, now: datetime) -> bool:
+        """Delete the row and close its GPU usage record at ``now`` (once: the first end
+        counts)."""
         async with self._transaction() as conn:
+            await _end_usage(conn, session_id, now)
             cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             return cur.rowcount > 0
 
@@ -408,15 +474,118 @@ class Store:
     async def delete_session_audited(
         self, session: Session, at: datetime, event: str, data: dict[str, object]
     ) -> AuditEvent | None:
-        """Delete the session's row and insert its end event in one transaction, so the
-        trail holds exactly one end per session whatever crashes when. None (and no
-        event) if the row was already gone."""
+        """Delete the session's row (closing its GPU usage at ``at``) and insert its end
+        event in one transaction, so the trail holds exactly one end per session whatever
+        crashes when. None (and no event) if the row was already gone."""
         async with self._transaction() as conn:
+            await _end_usage(conn, session.id, at)
             cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session.id,))
             if cur.rowcount == 0:
                 return None
             return await _insert_event(
                 conn, at, event, session_id=session.id, user_id=session.user_id, data=data
+            )
+
+    @_atomic
+    async def claimed(self, session_id: str) -> None:
+        """The session has had a connection: no claim deadline any more."""
+        async with self._transaction() as conn:
+            await conn.execute("UPDATE sessions SET claim_by = NULL WHERE id = ?", (session_id,))
+
+    # -- waiting list ----------------------------------------------------------------------
+
+    @_atomic
+    async def enqueue(self, queued: QueuedRequest, *, max_per_user: int) -> None:
+        """Put a request on the waiting list.
+
+        Raises:
+            TooManyQueued: the user already has ``max_per_user`` waiting.
+        """
+        request = queued.request
+        async with self._transaction() as conn:
+            sql = "SELECT COUNT(*) AS n FROM queue WHERE user_id = ?"
+            async with conn.execute(sql, (request.user_id,)) as cur:
+                waiting = (await cur.fetchone())["n"]
+            if waiting >= max_per_user:
+                raise TooManyQueued(
+                    f"user {request.user_id!r} already has {waiting} request(s) waiting"
+                    f" (at most {max_per_user})"
+                )
+            data = dataclasses.asdict(request)
+            await conn.execute(
+                "INSERT INTO queue (id, user_id, submitted_at, expires_at, request,"
+                " authorized_keys, password_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    queued.id,
+                    request.user_id,
+                    _ts(queued.submitted_at),
+                    _ts(queued.expires_at),
+                    json.dumps(data),
+                    json.dumps(list(queued.authorized_keys)),
+                    queued.password_hash,
+                ),
+            )
+
+    async def queued(self) -> list[QueuedRequest]:
+        """The waiting list in arrival order."""
+        sql = "SELECT * FROM queue ORDER BY submitted_at, rowid"
+        async with self._lock, self._conn.execute(sql) as cur:
+            return [_queued(row) for row in await cur.fetchall()]
+
+    async def get_queued(self, queued_id: str) -> QueuedRequest | None:
+        async with (
+            self._lock,
+            self._conn.execute("SELECT * FROM queue WHERE id = ?", (queued_id,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return None if row is None else _queued(row)
+
+    @_atomic
+    async def withdraw(self, queued_id: str) -> bool:
+        """Take a request off the waiting list; False if it is not there (any more)."""
+        async with self._transaction() as conn:
+            cur = await conn.execute("DELETE FROM queue WHERE id = ?", (queued_id,))
+            return cur.rowcount > 0
+
+    # -- GPU usage and budgets -------------------------------------------------------------
+
+    async def usage(
+        self, since: datetime, user_id: str | None = None
+    ) -> dict[str, list[UsageRecord]]:
+        """GPU usage records still open or ended after ``since``, by user."""
+        sql = "SELECT * FROM gpu_usage WHERE (ended_at IS NULL OR ended_at > ?)"
+        params: tuple[object, ...] = (_ts(since),)
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params += (user_id,)
+        found: dict[str, list[UsageRecord]] = {}
+        async with self._lock, self._conn.execute(sql + " ORDER BY started_at", params) as cur:
+            for row in await cur.fetchall():
+                found.setdefault(row["user_id"], []).append(_usage(row))
+        return found
+
+    @_atomic
+    async def prune_usage(self, before: datetime) -> None:
+        """Forget usage that ended before ``before`` (it no longer counts anywhere)."""
+        async with self._transaction() as conn:
+            await conn.execute("DELETE FROM gpu_usage WHERE ended_at < ?", (_ts(before),))
+
+    async def user_budget(self, user_id: str) -> tuple[bool, float | None]:
+        """(whether the user has a budget of their own, that budget in GPU-hours/week)."""
+        sql = "SELECT gpu_hours_per_week FROM users WHERE user_id = ?"
+        async with self._lock, self._conn.execute(sql, (user_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None or row["gpu_hours_per_week"] is None:
+            return False, None
+        return True, float(row["gpu_hours_per_week"])
+
+    @_atomic
+    async def set_user_budget(self, user_id: str, hours: float | None, now: datetime) -> None:
+        """Set (None: clear) the user's own budget; a user not seen yet is registered."""
+        await self.ensure_user(user_id, now)
+        async with self._transaction() as conn:
+            await conn.execute(
+                "UPDATE users SET gpu_hours_per_week = ? WHERE user_id = ?", (hours, user_id)
             )
 
     @staticmethod

@@ -111,6 +111,34 @@ MIGRATIONS: tuple[str, ...] = (
         hold_set_at         REAL
     );
     """,
+    # 8: fair sharing. The waiting list (a queued request keeps its credentials' public
+    # parts, so the 202's key and password work when it starts), each session's hold on
+    # GPU capacity (charged against budgets and decayed for the queue's order), per-user
+    # GPU-hour budgets (NULL: the gateway's default), and the deadline by which a session
+    # started from the queue must see a connection.
+    """
+    CREATE TABLE queue (
+        id              TEXT PRIMARY KEY,
+        user_id         TEXT NOT NULL REFERENCES users(user_id),
+        submitted_at    REAL NOT NULL,
+        expires_at      REAL NOT NULL,
+        request         TEXT NOT NULL,
+        authorized_keys TEXT NOT NULL,
+        password_hash   TEXT NOT NULL
+    );
+    CREATE INDEX queue_user ON queue(user_id);
+    CREATE TABLE gpu_usage (
+        session_id TEXT PRIMARY KEY,
+        user_id    TEXT NOT NULL,
+        fraction   REAL NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at   REAL
+    );
+    CREATE INDEX gpu_usage_user ON gpu_usage(user_id, started_at);
+    CREATE INDEX gpu_usage_ended ON gpu_usage(ended_at);
+    ALTER TABLE users ADD COLUMN gpu_hours_per_week REAL;
+    ALTER TABLE sessions ADD COLUMN claim_by REAL;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

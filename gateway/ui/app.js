@@ -168,6 +168,38 @@ async function refreshSessions() {
   renderSessions();
 }
 
+// Waiting list
+
+let queueShown = "";
+
+async function refreshQueue() {
+  const data = await api("GET", "/queue");
+  const shown = JSON.stringify(data);
+  if (shown === queueShown) return; // a redraw would swap the buttons under the pointer
+  queueShown = shown;
+  $("queue-body").replaceChildren(
+    ...data.queue.map((q) => {
+      const button = el(
+        "button",
+        { type: "button", class: "danger", "aria-label": `Withdraw request of ${q.user_id}`, onclick: () => withdraw(q) },
+        "Withdraw",
+      );
+      const tr = row(q.queue_position, q.user_id, q.mig_profile ?? "default", time(q.submitted_at), time(q.queue_expires_at), el("td", { class: "actions" }, button));
+      tr.dataset.user = q.user_id;
+      return tr;
+    }),
+  );
+  $("queue-empty").hidden = data.count > 0;
+}
+
+async function withdraw(q) {
+  if (!window.confirm(`Withdraw the waiting request of ${q.user_id}?`)) return;
+  await act(async () => {
+    await api("DELETE", `/sessions/${encodeURIComponent(q.id)}`);
+    say(`Request of ${q.user_id} withdrawn.`);
+  });
+}
+
 async function extend(s) {
   const minutes = Number($("extend-minutes").value);
   await act(async () => {
@@ -393,7 +425,7 @@ async function refreshAll() {
   if (!sessionStorage.getItem(TOKEN_KEY)) return;
   try {
     await refreshSessions();
-    await Promise.all([refreshGpus(), refreshProfiles(), refreshAudit(), refreshHistory()]);
+    await Promise.all([refreshGpus(), refreshProfiles(), refreshAudit(), refreshHistory(), refreshQueue()]);
     $("sessions-error").textContent = "";
   } catch (err) {
     if (err.message !== "unauthorized") $("sessions-error").textContent = `Refresh failed: ${err.message}`;

@@ -10,11 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from playwright.async_api import Locator, Page, async_playwright, expect
 
 from gateway.api.admin_page import UI_DIR
+from gateway.core.ports import PortRange
 from gateway.gpu.sim import SimBackend
+from tests.net import bindable_unit_port
 from tests.unit.conftest import TOKEN
 from tests.unit.helpers import EXAMPLES, connections_written, hello
 
@@ -258,3 +260,34 @@ async def test_create_with_a_public_key_offers_no_private_key(make_server, brows
     await expect(page.locator("#gpus-list")).to_have_text(
         "This host has no GPUs: sessions get none."
     )
+
+
+async def test_admin_page_shows_the_waiting_list(make_server, browser_page):
+    port = bindable_unit_port()
+    server = await make_server(ssh_ports=PortRange(port, port))  # one port: full at once
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with ClientSession(headers=headers) as http:
+        for user in ("ann", "bob"):
+            body = {"user_id": user, "wait": True}
+            resp = await http.post(server.make_url("/sessions"), json=body)
+            assert resp.status == (201 if user == "ann" else 202)
+    page = browser_page
+    asked: list[str] = []
+
+    async def on_dialog(dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    page.on("dialog", on_dialog)
+    await page.goto(str(server.make_url("/ui")))
+    await sign_in(page)
+    waiting = page.locator("#queue-body tr[data-user=bob]")
+    await expect(waiting).to_contain_text("1")
+    await expect(page.locator("#queue-empty")).to_be_hidden()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.get_by_role("button", name="Withdraw request of bob").click()
+    await expect(page.locator("#status")).to_have_text("Request of bob withdrawn.")
+    await expect(waiting).to_have_count(0)
+    await expect(page.locator("#queue-empty")).to_be_visible()
+    assert asked == ["Withdraw the waiting request of bob?"] and errors == []

@@ -15,15 +15,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 
 from gateway.cli import main
 from gateway.core.gpu_delivery import gpu_path
+from gateway.core.ports import PortRange
 from gateway.gpu import nvml
 from gateway.gpu.nvml import NvmlBackend
 from gateway.gpu.sim import SimBackend
 from gateway.runtime import docker as docker_runtime
 from tests.fakes import CDI_DOCKER
+from tests.net import bindable_unit_port
 from tests.unit.conftest import TOKEN
 from tests.unit.fake_pynvml import FakeGpu, FakeNvml
 from tests.unit.helpers import EXAMPLES, connections_written, hello
@@ -536,3 +538,32 @@ def test_serve_refuses_a_damaged_host_key_seed_with_what_to_do(tmp_path):
     argv = ["serve", "--state-dir", str(state), "--workspace-root", str(tmp_path / "w")]
     assert main(argv, env={}, out=io.StringIO(), err=err) == 1
     assert "ssh_host_key_seed holds 0 bytes, not 32: restore it" in err.getvalue()
+
+
+async def test_create_wait_follow_queues_then_prints_the_ssh_line(make_server, tmp_path):
+    port = bindable_unit_port()
+    server = await make_server(ssh_ports=PortRange(port, port))  # one port: full at once
+    cli = Cli(str(server.make_url("")).rstrip("/"), tmp_path / "home")
+    assert (await cli("session", "create", "ann"))[0] == 0
+    rc, out, err = await cli("session", "create", "bob", "--follow")
+    assert rc == 1 and "--follow needs --wait" in err
+    following = asyncio.create_task(
+        cli("session", "create", "bob", "--wait", "--follow", "--interval", "0.05")
+    )
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with ClientSession(headers=headers) as http, asyncio.timeout(10):
+        while True:  # another process's state (the CLI's thread): polled
+            waiting = (await (await http.get(server.make_url("/queue"))).json())["queue"]
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+    queued_id = waiting[0]["id"]
+    rc, shown, _ = await cli("session", "show", queued_id)
+    assert rc == 0 and "queued at position 1" in shown
+    assert (await cli("session", "delete", "ann"))[0] == 0
+    rc, out, err = await asyncio.wait_for(following, 10)
+    assert rc == 0, err
+    assert "queued at position 1" in out and "password" in out
+    assert "is ready" in out and f"ssh -p {port}" in out
+    key = re.search(r"-i (\S+)", out)
+    assert key is not None and Path(key[1]).name == "bob"  # the key of bob's sessions

@@ -73,3 +73,24 @@ async def test_store_opens_in_wal_mode_with_stable_uids(tmp_path):
         assert (await store.ensure_user("alice", now)).uid == 10000
     conn = sqlite3.connect(tmp_path / "s.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_version_seven_sessions_survive_fair_sharing_with_no_usage_or_claim(tmp_path):
+    from datetime import UTC, datetime
+
+    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    for step in MIGRATIONS[:7]:
+        conn.executescript(step)
+    conn.execute("PRAGMA user_version = 7")
+    conn.execute("INSERT INTO users (user_id, uid, created_at) VALUES ('alice', 10000, 0)")
+    conn.execute(
+        "INSERT INTO sessions (id, user_id, ssh_port, image, workspace, ttl_seconds, created_at,"
+        " expires_at, state) VALUES ('s1', 'alice', 10000, 'img', '/w', 60, 0, 60, 'running')"
+    )
+    conn.close()
+    async with await Store.open(tmp_path / "s.db") as store:
+        session = await store.get_session("s1")
+        assert session is not None and session.claim_by is None
+        assert await store.queued() == []
+        assert await store.usage(datetime(1970, 1, 1, tzinfo=UTC)) == {}
+        assert await store.user_budget("alice") == (False, None)
