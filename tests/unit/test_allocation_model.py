@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gateway.audit import Audit
+from gateway.budgets import Budgets
 from gateway.core.gpu_select import FULL_GPU
 from gateway.core.ports import PortRange
 from gateway.errors import GpuInstanceBusy, NoGpuAvailable, NoPortAvailable, UnknownMigProfile
@@ -52,11 +53,13 @@ class PortPool(RuleBasedStateMachine):
         self.clock = Clock()
         config = unit_config(Path(self.folder.name), ssh_ports=POOL)
         self.store = self._run(Store.open(config.db_path))
+        gpus = GpuAllocator(NoneBackend(), default_profile=None, dynamic=False)
         self.manager = SessionManager(
             config,
             store=self.store,
             runtime=FakeRuntime(),
-            gpus=GpuAllocator(NoneBackend(), default_profile=None, dynamic=False),
+            gpus=gpus,
+            budgets=Budgets(config, store=self.store, gpus=gpus, clock=self.clock),
             audit=Audit(self.store, Metrics(), None, self.clock),
             metrics=Metrics(),
             identity=None,  # reserving and ending never certify a host key
@@ -101,7 +104,7 @@ class PortPool(RuleBasedStateMachine):
         request = CreateRequest(user_id=user, ttl_seconds=60, image="i")
         expected = self._expected(user)
         try:
-            live = self._run(self.manager._reserve(request, ()))
+            live = self._run(self.manager._reserve(request, (), None, lambda: None))
         except NoPortAvailable:
             assert expected is None
             return
