@@ -30,6 +30,20 @@ def packet(message: int, body: bytes = b"") -> bytes:
 #: NEWKEYS, the end of a key exchange: a connection that sends it is recorded in full.
 KEX_END = packet(21)
 
+SERVER_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
+CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
+#: What a client sends up to the end of its key exchange (KEXINIT, ECDH_INIT, NEWKEYS).
+CLIENT_KEX = CLIENT_BANNER + packet(20, b"k" * 300) + packet(30, b"e" * 36) + KEX_END
+
+
+async def echo_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A stand-in for a container's sshd: says its banner, then echoes what it reads."""
+    writer.write(SERVER_BANNER)
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
 
 async def hello(port: int, banner: bytes) -> bytes:
     """One client connection through the session port that says ``banner``, ends a key

@@ -11,7 +11,7 @@ from gateway.metrics import Metrics
 from gateway.models import CloseReason, ConnectionRecord, Session, utcnow
 from gateway.relay import RelayLimits, SessionListener
 from gateway.store import Store
-from tests.unit.test_relay import CLIENT_BANNER, CLIENT_KEX, SERVER_BANNER, echo_upstream
+from tests.unit.helpers import CLIENT_BANNER, CLIENT_KEX, SERVER_BANNER, echo_upstream
 
 
 class GatedStore:

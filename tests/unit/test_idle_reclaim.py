@@ -12,7 +12,7 @@ from gateway.core.idle import IdlePolicy
 from gateway.gpu.nvml import NvmlBackend
 from gateway.idle_reclaim import HOLD_FILE, IDLE_INFO
 from tests.unit.fake_pynvml import FakeGpu, FakeNvml, h100
-from tests.unit.test_relay import CLIENT_BANNER, CLIENT_KEX
+from tests.unit.helpers import CLIENT_BANNER, CLIENT_KEX
 
 #: idle after 1 min with no connection and 2 min of idle compute; warned 1 min before
 POLICY = IdlePolicy(no_connection=60, compute=120, warnings=(60,), hold_max=3600)

@@ -21,8 +21,7 @@ from gateway.store import Store
 from tests.net import UNIT_PORT_BASE as FIRST_PORT
 from tests.net import port_bindable
 from tests.unit.conftest import TOKEN
-from tests.unit.helpers import create
-from tests.unit.test_relay import CLIENT_KEX
+from tests.unit.helpers import CLIENT_KEX, create
 
 PORTS = range(FIRST_PORT, FIRST_PORT + 20)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

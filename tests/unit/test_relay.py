@@ -15,14 +15,7 @@ import pytest
 
 from gateway.models import CloseReason, ConnectionRecord, utcnow
 from gateway.relay import RelayLimits, SessionListener, splice
-from tests.unit.helpers import packet
-
-SERVER_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
-CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
-
-
-#: What a client sends up to the end of its key exchange (KEXINIT, ECDH_INIT, NEWKEYS).
-CLIENT_KEX = CLIENT_BANNER + packet(20, b"k" * 300) + packet(30, b"e" * 36) + packet(21)
+from tests.unit.helpers import CLIENT_BANNER, CLIENT_KEX, SERVER_BANNER, echo_upstream, packet
 
 
 class Recorder:
@@ -47,14 +40,6 @@ class Recorder:
 
     async def next_closed(self) -> ConnectionRecord:
         return await asyncio.wait_for(self.closed.get(), 5)
-
-
-async def echo_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    writer.write(SERVER_BANNER)
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
 
 
 async def closing_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -13,7 +13,7 @@ from gateway.core.ssh_transport import (
     Phase,
     disconnect_message,
 )
-from tests.unit.test_relay import CLIENT_BANNER, CLIENT_KEX, packet
+from tests.unit.helpers import CLIENT_BANNER, CLIENT_KEX, packet
 
 KEXINIT = packet(20, b"k" * 300)
 

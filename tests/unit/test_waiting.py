@@ -12,7 +12,7 @@ from gateway.api.keys import SESSIONS, WAITING
 from gateway.config import config_from_args, parse
 from gateway.gpu.sim import SimBackend
 from gateway.session_files import AUTHORIZED_KEYS_DIR, PASSWORD_HASH
-from tests.unit.test_relay import CLIENT_KEX
+from tests.unit.helpers import CLIENT_KEX
 
 SLICES = 7
 
