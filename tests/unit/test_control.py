@@ -38,16 +38,18 @@ def entry(path: str, content: bytes, mode: int = 0o644) -> dict[str, object]:
     return {"path": path, "content": base64.b64encode(content).decode(), "mode": mode}
 
 
-def test_writes_the_session_facts_and_a_users_keys_atomically(root):
+def test_writes_the_session_facts_idle_clocks_and_a_users_keys_atomically(root):
     request = {
         "files": [
             entry("/etc/sandman/session.json", b'{"expires_at": "later"}\n'),
+            entry("/etc/sandman/idle.json", b'{"reclaim_at": null}\n'),
             entry("/etc/ssh/authorized_keys/alice", b"ssh-ed25519 AAAA\n"),
         ]
     }
     done = control(root, request)
     assert (done.returncode, done.stderr) == (0, "")
     assert (root / "etc/sandman/session.json").read_text() == '{"expires_at": "later"}\n'
+    assert (root / "etc/sandman/idle.json").read_text() == '{"reclaim_at": null}\n'
     keys = root / "etc/ssh/authorized_keys/alice"
     assert keys.read_text() == "ssh-ed25519 AAAA\n"
     assert keys.stat().st_mode & 0o777 == 0o644
