@@ -77,16 +77,20 @@ async def _client(settings: Settings, args: argparse.Namespace, io: Io) -> int:
         return await getattr(args, COMMAND)(api, args, io)
 
 
+def configure_logging(level: str) -> None:
+    """The gateway's log at ``level``. asyncssh logs every connection it opens at INFO (each
+    readiness probe and control-channel call): its lines show only at DEBUG."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
 def _serve(args: argparse.Namespace, env: Mapping[str, str], io: Io) -> int:
     try:
         config = config_from_args(args, env)
     except ValueError as exc:
         io.err.write(f"sandman: {exc}\n")
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level)
     from gateway.api import create_app
     from gateway.api.app import run_settings
     from gateway.fdlimit import raise_fd_limit

@@ -63,7 +63,7 @@ def test_sessions_get_their_slice_and_it_comes_back(gateway_factory, topology):
     view = gateway.request("GET", f"/sessions/{first.body['session_id']}").body
     assert (view["gpu_uuid"], view["mig_profile"]) == (uuid, "3g.40gb")
 
-    short = gateway.create(user_id="ben", ttl_seconds=5).body  # outlives the next checks
+    short = gateway.create(user_id="ben", ttl_seconds=15).body  # outlives the checks below
     assert short["gpu_uuid"] in before and short["gpu_uuid"] != uuid
     whole = gateway.create(user_id="cat").body
     assert whole["gpu_uuid"].startswith("GPU-")  # default profile exhausted: whole GPU
@@ -71,7 +71,7 @@ def test_sessions_get_their_slice_and_it_comes_back(gateway_factory, topology):
     busy = gateway.create(user_id="dan")
     assert (busy.status, busy.body["code"]) == (503, "no_gpu_available")
 
-    wait_for(lambda: short["gpu_uuid"] in available(gateway), timeout=20, what="TTL release")
+    wait_for(lambda: short["gpu_uuid"] in available(gateway), timeout=45, what="TTL release")
     gateway.request("DELETE", f"/sessions/{first.body['session_id']}")
     gateway.request("DELETE", f"/sessions/{whole['session_id']}")
     assert available(gateway) == before

@@ -4,6 +4,7 @@ command, its ``--json`` form, and its error exits."""
 import asyncio
 import io
 import json
+import logging
 import os
 import re
 import stat
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession, web
 
-from gateway.cli import main
+from gateway.cli import configure_logging, main
 from gateway.core.gpu_delivery import gpu_path
 from gateway.core.ports import PortRange
 from gateway.gpu import nvml
@@ -567,3 +568,13 @@ async def test_create_wait_follow_queues_then_prints_the_ssh_line(make_server, t
     assert "is ready" in out and f"ssh -p {port}" in out
     key = re.search(r"-i (\S+)", out)
     assert key is not None and Path(key[1]).name == "bob"  # the key of bob's sessions
+
+
+@pytest.mark.parametrize(("level", "asyncssh_level"), [("INFO", "WARNING"), ("DEBUG", "DEBUG")])
+def test_asyncssh_connection_lines_show_only_at_debug(level, asyncssh_level):
+    before = logging.getLogger("asyncssh").level
+    try:
+        configure_logging(level)
+        assert logging.getLevelName(logging.getLogger("asyncssh").level) == asyncssh_level
+    finally:
+        logging.getLogger("asyncssh").setLevel(before)
