@@ -62,6 +62,7 @@ from gateway.runtime.swarm_spec import (
     service_spec,
 )
 from gateway.runtime.swarm_tasks import (
+    assigned_slice,
     check_not_failed,
     node_info,
     stranded,
@@ -359,15 +360,15 @@ class SwarmRuntime:
 
     async def _address(
         self, service: str, tasks: Sequence[Mapping[str, Any]]
-    ) -> tuple[str, tuple[str, int]] | None:
-        """The id and address of a running task that has one; notes the task's node."""
+    ) -> tuple[Mapping[str, Any], tuple[str, int]] | None:
+        """A running task that has an address, and that address; notes the task's node."""
         if not any((t.get("Status") or {}).get("State") == "running" for t in tasks):
             return None
         nodes = await self._node_addresses()
         for task in tasks:
             if address := task_address(task, nodes):
                 self._where[service] = self._hostnames.get(task["NodeID"], task["NodeID"])
-                return task["ID"], address
+                return task, address
         return None
 
     def node_of(self, container_id: str) -> str | None:
@@ -386,7 +387,7 @@ class SwarmRuntime:
         labels = dict((service.get("Spec") or {}).get("Labels") or {})
         self._sessions[container_id] = labels.get(LABEL_SESSION, "")
         found = await self._address(container_id, tasks)
-        address = found[1] if found else None
+        task, address = found if found else (None, None)
         return ContainerInfo(
             id=container_id,
             name=container_id,
@@ -394,6 +395,7 @@ class SwarmRuntime:
             ip=address[0] if address else None,
             labels=labels,
             ssh_port=address[1] if address else 22,
+            gpu_uuid=assigned_slice(task) if task else None,
         )
 
     def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
@@ -407,7 +409,7 @@ class SwarmRuntime:
                 tasks = await self._tasks(container_id)
                 found = await self._address(container_id, tasks)
                 if found is not None:
-                    task_id, address = found
+                    task_id, address = found[0]["ID"], found[1]
                     if self._answering.get(container_id) == task_id:
                         return address
                     if await sshd_answers(address):

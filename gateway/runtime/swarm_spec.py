@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.gpu_select import FULL_GPU
 from gateway.runtime.base import ContainerFile, ContainerSpec
 
 #: Where a task finds the gateway's files (secrets and configs), mirroring their paths.
@@ -19,9 +20,17 @@ SHARED_SENTINEL_TARGET = "/run/sandman-shared"
 IMAGE_ENTRYPOINT = "/usr/local/sbin/sandman-entrypoint"
 #: Labels the secrets and configs of a service carry, to find and remove them with it.
 LABEL_SERVICE = "sandman.service"
-#: The service's command: install the files where the image expects them (root-owned,
-#: modes kept), then run the image's entrypoint with no-new-privileges.
+#: The generic resource kind of a whole GPU (a MIG profile's is ``MIG-<profile>``).
+WHOLE_GPU_KIND = "NVIDIA-GPU"
+#: The service's command: pin ``NVIDIA_VISIBLE_DEVICES`` to the GPU slice Swarm assigned
+#: (``DOCKER_RESOURCE_<KIND>``, a name dash drops, so read from the process's environment),
+#: install the files where the image expects them (root-owned, modes kept), then run the
+#: image's entrypoint with no-new-privileges.
 INSTALL_AND_RUN = f"""set -eu
+assigned=$(tr '\\0' '\\n' < /proc/$$/environ | sed -n 's/^DOCKER_RESOURCE_[^=]*=//p' | head -n 1)
+if [ -n "$assigned" ]; then
+  export NVIDIA_VISIBLE_DEVICES="$assigned"
+fi
 if [ -n "${{SANDMAN_SHARED_TOKEN:-}}" ] \\
    && [ "$(cat {SHARED_SENTINEL_TARGET} 2>/dev/null)" != "$SANDMAN_SHARED_TOKEN" ]; then
   echo "sandman: this node's workspace root is not the gateway's shared one" >&2
@@ -33,6 +42,11 @@ find . -type f | while IFS= read -r f; do
 done
 exec setpriv --no-new-privs -- "$@"
 """
+
+
+def slice_kind(profile: str) -> str:
+    """The node generic resource kind offering ``profile``'s slices (``full``: whole GPUs)."""
+    return WHOLE_GPU_KIND if profile == FULL_GPU else f"MIG-{profile}"
 
 
 def network_config_name(network: str) -> str:
@@ -93,6 +107,10 @@ def service_spec(
         "Secrets": [r for r in references if "SecretID" in r],
         "Configs": [r for r in references if "ConfigID" in r],
     }
+    resources: dict[str, Any] = {"Limits": limits}
+    if spec.gpu_slice is not None:  # Swarm places the task on a node with one free
+        slice_request = {"DiscreteResourceSpec": {"Kind": slice_kind(spec.gpu_slice), "Value": 1}}
+        resources["Reservations"] = {"GenericResources": [slice_request]}
     constraints = [] if placement.node_id is None else [f"node.id=={placement.node_id}"]
     if placement.sentinel is not None and placement.token is not None:
         container["Env"]["SANDMAN_SHARED_TOKEN"] = placement.token
@@ -103,7 +121,7 @@ def service_spec(
         "labels": dict(spec.labels),
         "task_template": {
             "ContainerSpec": container,
-            "Resources": {"Limits": limits},
+            "Resources": resources,
             # a task that dies is started again (fresh, files again); a task that keeps
             # dying ends the session (no task left wants to run)
             "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 3},

@@ -32,6 +32,15 @@ def task_address(
     return address, int(port)
 
 
+def assigned_slice(task: Mapping[str, Any]) -> str | None:
+    """The GPU slice (a node's named generic resource, e.g. a MIG UUID) Swarm gave the
+    task for its reservation, else None."""
+    for item in task.get("AssignedGenericResources") or []:
+        if value := (item.get("NamedResourceSpec") or {}).get("Value"):
+            return str(value)
+    return None
+
+
 def check_not_failed(tasks: Sequence[Mapping[str, Any]]) -> None:
     """Raises: ContainerStartFailed: Swarm gave the service up (its reason)."""
     if tasks and not wants_to_run(tasks):

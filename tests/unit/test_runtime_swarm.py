@@ -24,6 +24,7 @@ from gateway.runtime.swarm_spec import (
     service_spec,
 )
 from gateway.runtime.swarm_tasks import (
+    assigned_slice,
     node_info,
     parse_time,
     stranded,
@@ -96,6 +97,48 @@ def test_shared_workspaces_place_anywhere_and_check_the_share():
         "ReadOnly": True,
     }
     assert "SANDMAN_SHARED_TOKEN" not in SPEC.env  # the spec itself is left alone
+
+
+@pytest.mark.parametrize(
+    ("profile", "kind"),
+    [("1g.10gb", "MIG-1g.10gb"), ("3g.40gb", "MIG-3g.40gb"), ("full", "NVIDIA-GPU")],
+)
+def test_a_gpu_slice_is_one_generic_resource_of_its_profiles_kind(profile, kind):
+    """Swarm places the task on a node offering a free slice of that kind (the nodes
+    offer them as named resources, ``MIG-1g.10gb=MIG-<uuid>``)."""
+    body = service_spec(replace(SPEC, gpu_slice=profile), [], Placement(node_id="n"))
+    reservations = body["task_template"]["Resources"]["Reservations"]
+    assert reservations == {
+        "GenericResources": [{"DiscreteResourceSpec": {"Kind": kind, "Value": 1}}]
+    }
+
+
+def test_no_gpu_slice_reserves_nothing():
+    body = service_spec(SPEC, [], Placement(node_id="n"))
+    assert "Reservations" not in body["task_template"]["Resources"]
+
+
+@pytest.mark.parametrize(
+    ("task", "uuid"),
+    [
+        (
+            {
+                "AssignedGenericResources": [
+                    {"NamedResourceSpec": {"Kind": "MIG-1g.10gb", "Value": "MIG-a1"}}
+                ]
+            },
+            "MIG-a1",
+        ),
+        (
+            {"AssignedGenericResources": [{"DiscreteResourceSpec": {"Kind": "x", "Value": 2}}]},
+            None,
+        ),
+        ({"AssignedGenericResources": None}, None),
+        ({}, None),
+    ],
+)
+def test_the_slice_swarm_assigned_a_task(task, uuid):
+    assert assigned_slice(task) == uuid
 
 
 @pytest.mark.parametrize(
