@@ -24,12 +24,14 @@ LABEL_SERVICE = "sandman.service"
 WHOLE_GPU_KIND = "NVIDIA-GPU"
 #: The service's command: pin ``NVIDIA_VISIBLE_DEVICES`` to the GPU slice Swarm assigned
 #: (``DOCKER_RESOURCE_<KIND>``, a name dash drops, so read from the process's environment),
+#: for sshd and, through ``/etc/environment`` (pam_env), the user's logins;
 #: install the files where the image expects them (root-owned, modes kept), then run the
 #: image's entrypoint with no-new-privileges.
 INSTALL_AND_RUN = f"""set -eu
 assigned=$(tr '\\0' '\\n' < /proc/$$/environ | sed -n 's/^DOCKER_RESOURCE_[^=]*=//p' | head -n 1)
 if [ -n "$assigned" ]; then
   export NVIDIA_VISIBLE_DEVICES="$assigned"
+  echo "NVIDIA_VISIBLE_DEVICES=$assigned" >> /etc/environment
 fi
 if [ -n "${{SANDMAN_SHARED_TOKEN:-}}" ] \\
    && [ "$(cat {SHARED_SENTINEL_TARGET} 2>/dev/null)" != "$SANDMAN_SHARED_TOKEN" ]; then

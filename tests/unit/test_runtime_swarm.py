@@ -27,6 +27,7 @@ from gateway.runtime.swarm_tasks import (
     assigned_slice,
     node_info,
     parse_time,
+    stopping,
     stranded,
     task_address,
     unplaced_reason,
@@ -133,12 +134,32 @@ def test_no_gpu_slice_reserves_nothing():
             {"AssignedGenericResources": [{"DiscreteResourceSpec": {"Kind": "x", "Value": 2}}]},
             None,
         ),
+        (
+            {"GenericResources": [{"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-b"}}]},
+            "GPU-b",
+        ),
         ({"AssignedGenericResources": None}, None),
         ({}, None),
     ],
 )
 def test_the_slice_swarm_assigned_a_task(task, uuid):
     assert assigned_slice(task) == uuid
+
+
+@pytest.mark.parametrize(
+    ("states", "holding"),
+    [
+        ([], False),  # all gone
+        ([("running", "n1")], True),
+        ([("shutdown", "n1"), ("failed", "n1"), ("complete", "n1")], False),
+        ([("shutdown", "n1"), ("running", "n1")], True),
+        ([("running", "down")], False),  # its node reports nothing until it returns
+        ([("pending", None)], False),  # never placed
+    ],
+)
+def test_a_removed_services_tasks_hold_resources_until_they_stop(states, holding):
+    tasks = [{"Status": {"State": state}, "NodeID": node} for state, node in states]
+    assert stopping(tasks, {"n1", "n2"}) is holding
 
 
 @pytest.mark.parametrize(
