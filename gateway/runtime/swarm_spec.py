@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core.gpu_select import FULL_GPU
+from gateway.core.node_slices import slice_kind
 from gateway.runtime.base import ContainerFile, ContainerSpec
 
 #: Where a task finds the gateway's files (secrets and configs), mirroring their paths.
@@ -20,8 +20,6 @@ SHARED_SENTINEL_TARGET = "/run/sandman-shared"
 IMAGE_ENTRYPOINT = "/usr/local/sbin/sandman-entrypoint"
 #: Labels the secrets and configs of a service carry, to find and remove them with it.
 LABEL_SERVICE = "sandman.service"
-#: The generic resource kind of a whole GPU (a MIG profile's is ``MIG-<profile>``).
-WHOLE_GPU_KIND = "NVIDIA-GPU"
 #: The service's command: pin ``NVIDIA_VISIBLE_DEVICES`` to the GPU slice Swarm assigned
 #: (``DOCKER_RESOURCE_<KIND>``, a name dash drops, so read from the process's environment),
 #: for sshd and, through ``/etc/environment`` (pam_env), the user's logins;
@@ -44,11 +42,6 @@ find . -type f | while IFS= read -r f; do
 done
 exec setpriv --no-new-privs -- "$@"
 """
-
-
-def slice_kind(profile: str) -> str:
-    """The node generic resource kind offering ``profile``'s slices (``full``: whole GPUs)."""
-    return WHOLE_GPU_KIND if profile == FULL_GPU else f"MIG-{profile}"
 
 
 def network_config_name(network: str) -> str:
