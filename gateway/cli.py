@@ -23,6 +23,37 @@ from gateway.config import Config, EnvError, config_from_args, parse
 from gateway.errors import GatewayError
 
 
+def _node(args: argparse.Namespace, io: Io) -> int:
+    """``sandman node``: print (or ``--write`` into a daemon.json) this machine's GPU slices
+    as node generic resources."""
+    import tempfile
+    from pathlib import Path
+
+    from gateway.core.node_slices import node_generic_resources, with_node_resources
+    from gateway.gpu import open_backend
+
+    async def read() -> list[str]:
+        with tempfile.TemporaryDirectory() as state:
+            backend = await open_backend(args.gpus, state_dir=Path(state))
+            try:
+                return node_generic_resources(await backend.inventory())
+            finally:
+                await backend.close()
+
+    try:
+        offered = asyncio.run(read())
+        path = Path(args.write) if args.write else None
+        daemon = json.loads(path.read_text()) if path and path.exists() else {}
+        merged = with_node_resources(daemon, offered)
+        if path is not None:
+            path.write_text(json.dumps(merged, indent=2) + "\n")
+    except (GatewayError, OSError, ValueError) as exc:
+        io.err.write(f"sandman node: {getattr(exc, 'log_message', None) or exc}\n")
+        return 1
+    io.out.write(json.dumps(with_node_resources({}, offered), indent=2) + "\n")
+    return 0
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -48,6 +79,8 @@ def main(
         healthy, detail = check(health_url(args.url, args.host, args.port, env))
         (io.out if healthy else io.err).write(detail + "\n")
         return 0 if healthy else 1
+    if args.command == "node":
+        return _node(args, io)
     if args.command == "gpus" and args.probe:
         from gateway.gpu.nvml import probe
         from gateway.runtime.docker import probe_gpu_path

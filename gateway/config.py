@@ -457,6 +457,16 @@ def build_parser(
         default=_env_default(env, "--port", None),
         help=f"its API port (default: {d.port}; env SANDMAN_PORT)",
     )
+    node = sub.add_parser(
+        "node",
+        help="this machine's GPU slices as Swarm node generic resources (daemon.json)",
+        description="Read this machine's GPUs (NVML, or a simulated topology) and print the "
+        "dockerd setting that offers each MIG device as MIG-<profile>=<uuid> and each whole "
+        "GPU as NVIDIA-GPU=<uuid>; with --write, set it in that daemon.json (other settings "
+        "kept; restart dockerd to apply). docs/scale-out.md",
+    )
+    node.add_argument("--gpus", default="nvml", help="nvml, or sim:<topology.json> (default nvml)")
+    node.add_argument("--write", metavar="DAEMON_JSON", help="e.g. /etc/docker/daemon.json")
     return parser
 
 

@@ -101,6 +101,8 @@ class Provisioner:
             pids_limit=self._config.pids_limit,
             gpu_uuid=session.gpu_uuid,
             device_request=self._gpus.needs_device_request and session.gpu_uuid is not None,
+            # a profile with no device yet: the engine picks it (Swarm), and start() tells
+            gpu_slice=session.mig_profile if session.gpu_uuid is None else None,
             cap_add=SSHD_CAPABILITIES,
             cpu_limit=session.cpu_limit,
             memory_limit=session.memory_limit,

@@ -426,13 +426,14 @@ class SessionManager:
         lookup = self._runtime.address_lookup(container_id, network)
         live.listener.set_upstream(info.ip, info.ssh_port, lookup)
         async with live.lock:
-            if not await self._store.mark_running(session.id, container_id, info.ip):
+            if not await self._store.mark_running(session.id, container_id, info.ip, info.gpu_uuid):
                 raise SessionDeleted("the session was ended while it was starting")
             live.session = replace(
                 live.session,
                 state=SessionState.RUNNING,
                 container_id=container_id,
                 container_ip=info.ip,
+                gpu_uuid=info.gpu_uuid or live.session.gpu_uuid,
             )
         self._step_done(session, "marked_running")
         self._start_timer(live)
@@ -750,7 +751,7 @@ class SessionManager:
         lookup = self._runtime.address_lookup(info.id, self._config.docker_network)
         listener.set_upstream(info.ip or session.container_ip or "", info.ssh_port, lookup)
         if info.ip and info.ip != session.container_ip:
-            await self._store.mark_running(session.id, info.id, info.ip)
+            await self._store.mark_running(session.id, info.id, info.ip, info.gpu_uuid)
         if listener.port != session.ssh_port:
             await self._store.move_port(session.id, session.user_id, listener.port, self._clock())
             live.session = replace(session, ssh_port=listener.port)

@@ -169,7 +169,10 @@ def create_app(
             backend = gpu_factory()
         try:
             allocator = GpuAllocator(
-                backend, default_profile=config.default_mig_profile, dynamic=config.mig_dynamic
+                backend,
+                default_profile=config.default_mig_profile,
+                dynamic=config.mig_dynamic,
+                engine_places=config.runtime == "swarm",
             )
             await allocator.check_default_profile()
             if backend.needs_device_request:

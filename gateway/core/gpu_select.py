@@ -354,3 +354,27 @@ def _free_whole_gpu(gpus: Sequence[GpuInfo], allocated: Collection[str]) -> UseD
 
 def _use(device: MigDevice) -> UseDevice:
     return UseDevice(device.uuid, device.gpu_uuid, device.profile)
+
+
+def engine_slice(
+    *, mig_profile: str | None, mig_instance_uuid: str | None, default_profile: str | None
+) -> str | None:
+    """The GPU slice profile a session asks the engine for where the engine places GPUs
+    (``--runtime swarm``: each node offers its slices as generic resources per profile,
+    and Swarm picks node and device): the request's profile, else an explicit default
+    profile; None (no GPU) when neither names one. ``full`` asks for a whole GPU.
+
+    Raises:
+        InvalidRequest: ``mig_instance_uuid`` (the engine picks the device, not the caller).
+        UnknownMigProfile: a malformed profile name.
+    """
+    if mig_instance_uuid is not None:
+        raise InvalidRequest(
+            "mig_instance_uuid does not work when Swarm places GPUs: name a mig_profile"
+        )
+    profile = mig_profile or (default_profile if default_profile != ANY_PROFILE else None)
+    if profile is None:
+        return None
+    if profile != FULL_GPU and re.fullmatch(r"(\d+c\.)?\d+g\.\d+gb(\+[a-z0-9]+)*", profile) is None:
+        raise UnknownMigProfile(f"{profile!r} is not a MIG profile name (e.g. 1g.10gb, or full)")
+    return profile

@@ -19,6 +19,7 @@ from gateway.core.gpu_select import (
     available_instances,
     default_profile_problem,
     default_profiles,
+    engine_slice,
     select_gpu,
 )
 from gateway.core.gpu_types import GpuInfo, Leftover, MigProfile
@@ -41,12 +42,23 @@ class Allocation:
 
 
 class GpuAllocator:
-    def __init__(self, backend: GpuBackend, *, default_profile: str | None, dynamic: bool) -> None:
+    def __init__(
+        self,
+        backend: GpuBackend,
+        *,
+        default_profile: str | None,
+        dynamic: bool,
+        engine_places: bool = False,
+    ) -> None:
         """``default_profile``: what requests naming none get on a MIG host (None: each
-        model's 3-slice profile; ``any``: any free MIG instance; see :func:`select_gpu`)."""
+        model's 3-slice profile; ``any``: any free MIG instance; see :func:`select_gpu`).
+        ``engine_places``: the engine picks node and device (``--runtime swarm``): an
+        allocation then names only the profile (:func:`engine_slice`), and the device
+        is learnt from the started task."""
         self.backend = backend
         self._default_profile = default_profile
         self._dynamic = dynamic
+        self._engine_places = engine_places
 
     @property
     def needs_device_request(self) -> bool:
@@ -64,8 +76,8 @@ class GpuAllocator:
         Raises:
             GpuError: it is not offered; the log message names the valid profiles.
         """
-        if isinstance(self.backend, FailedBackend):
-            return  # nothing to check against; /healthz names the failure
+        if isinstance(self.backend, FailedBackend) or self._engine_places:
+            return  # nothing to check against (/healthz names the failure), or not here
         inventory, profiles = await self.backend.inventory(), await self.backend.profiles()
         problem = default_profile_problem(self._default_profile, inventory, profiles)
         if problem is not None:
@@ -87,8 +99,16 @@ class GpuAllocator:
         """Choose (and with ``--mig-dynamic`` create) the session's GPU.
 
         Raises:
-            UnknownMigProfile, GpuInstanceNotFound, GpuInstanceBusy, NoGpuAvailable, GpuError.
+            UnknownMigProfile, GpuInstanceNotFound, GpuInstanceBusy, NoGpuAvailable, GpuError,
+            InvalidRequest.
         """
+        if self._engine_places:
+            profile = engine_slice(
+                mig_profile=request.mig_profile,
+                mig_instance_uuid=request.mig_instance_uuid,
+                default_profile=self._default_profile,
+            )
+            return Allocation(profile=profile)
         decision = select_gpu(
             mig_profile=request.mig_profile,
             mig_instance_uuid=request.mig_instance_uuid,

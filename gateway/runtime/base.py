@@ -32,6 +32,9 @@ class ContainerSpec:
     pids_limit: int
     gpu_uuid: str | None = None
     device_request: bool = False  # ask the nvidia runtime for exactly gpu_uuid
+    #: a GPU slice profile (MIG profile, ``full``) the engine picks the device of (Swarm:
+    #: a generic resource reservation); then ``gpu_uuid`` is None
+    gpu_slice: str | None = None
     cap_add: tuple[str, ...] = field(default=())
     cpu_limit: float | None = None  # CPUs; None: unlimited
     memory_limit: int | None = None  # bytes (swap included); None: unlimited
@@ -54,6 +57,7 @@ class ContainerInfo:
     ip: str | None
     labels: dict[str, str]
     ssh_port: int = 22  # where the container's sshd listens on ``ip``
+    gpu_uuid: str | None = None  # the GPU slice the engine assigned (``ContainerSpec.gpu_slice``)
 
 
 @dataclass(frozen=True, slots=True)

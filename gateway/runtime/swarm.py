@@ -62,8 +62,10 @@ from gateway.runtime.swarm_spec import (
     service_spec,
 )
 from gateway.runtime.swarm_tasks import (
+    assigned_slice,
     check_not_failed,
     node_info,
+    stopping,
     stranded,
     task_address,
     unplaced_reason,
@@ -80,6 +82,8 @@ T = TypeVar("T")
 TASK_POLL_SECONDS = 0.1
 REPLACEMENT_WAIT_SECONDS = 4.0
 BANNER_WAIT_SECONDS = 1.0
+#: How long a removal waits for the service's task to stop (and free its GPU slice).
+TASKS_GONE_WAIT_SECONDS = 10.0
 
 
 def _sentinel_token(path: Path) -> str:
@@ -359,15 +363,15 @@ class SwarmRuntime:
 
     async def _address(
         self, service: str, tasks: Sequence[Mapping[str, Any]]
-    ) -> tuple[str, tuple[str, int]] | None:
-        """The id and address of a running task that has one; notes the task's node."""
+    ) -> tuple[Mapping[str, Any], tuple[str, int]] | None:
+        """A running task that has an address, and that address; notes the task's node."""
         if not any((t.get("Status") or {}).get("State") == "running" for t in tasks):
             return None
         nodes = await self._node_addresses()
         for task in tasks:
             if address := task_address(task, nodes):
                 self._where[service] = self._hostnames.get(task["NodeID"], task["NodeID"])
-                return task["ID"], address
+                return task, address
         return None
 
     def node_of(self, container_id: str) -> str | None:
@@ -386,7 +390,7 @@ class SwarmRuntime:
         labels = dict((service.get("Spec") or {}).get("Labels") or {})
         self._sessions[container_id] = labels.get(LABEL_SESSION, "")
         found = await self._address(container_id, tasks)
-        address = found[1] if found else None
+        task, address = found if found else (None, None)
         return ContainerInfo(
             id=container_id,
             name=container_id,
@@ -394,6 +398,7 @@ class SwarmRuntime:
             ip=address[0] if address else None,
             labels=labels,
             ssh_port=address[1] if address else 22,
+            gpu_uuid=assigned_slice(task) if task else None,
         )
 
     def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:
@@ -407,7 +412,7 @@ class SwarmRuntime:
                 tasks = await self._tasks(container_id)
                 found = await self._address(container_id, tasks)
                 if found is not None:
-                    task_id, address = found
+                    task_id, address = found[0]["ID"], found[1]
                     if self._answering.get(container_id) == task_id:
                         return address
                     if await sshd_answers(address):
@@ -423,7 +428,9 @@ class SwarmRuntime:
         return lookup
 
     async def remove(self, container_id: str) -> None:
-        """Remove the service, then its secrets and configs (idempotent)."""
+        """Remove the service, wait for its task to stop (:meth:`_wait_tasks_gone`), then
+        remove its secrets and configs (idempotent)."""
+        session_id = self._sessions.get(container_id)  # before its removal event pops it
         self._pending.pop(container_id, None)
         self._answering.pop(container_id, None)
         self._rewritten.pop(container_id, None)
@@ -438,6 +445,8 @@ class SwarmRuntime:
         except DockerError as exc:
             if exc.status != 404:
                 raise translate_error(exc, f"remove service {container_id}") from exc
+        if session_id:
+            await self._wait_tasks_gone(session_id)
         filters = {"label": f"{LABEL_SERVICE}={container_id}"}
         for objects in (self._docker.secrets, self._docker.configs):
             for found in await self._call(
@@ -452,6 +461,25 @@ class SwarmRuntime:
                 except DockerError as exc:
                     if exc.status != 404:
                         raise translate_error(exc, f"remove {found['ID']}") from exc
+
+    async def _wait_tasks_gone(self, session_id: str) -> None:
+        """Return once the tasks of the session's removed service have stopped, so their
+        GPU slices are free when the session has ended (found by the session label: a
+        removed service's name no longer filters); after :data:`TASKS_GONE_WAIT_SECONDS`
+        log and return. Tasks on nodes that are down are not waited for."""
+        filters = {"label": f"{LABEL_SESSION}={session_id}"}
+        deadline = asyncio.get_running_loop().time() + TASKS_GONE_WAIT_SECONDS
+        while True:
+            tasks = await self._call(
+                f"list the tasks of session {session_id}",
+                lambda: self._docker.tasks.list(filters=filters),
+            )
+            if not stopping(tasks, await self._node_addresses()):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("session %s: its removed task has not stopped yet", session_id)
+                return
+            await asyncio.sleep(TASK_POLL_SECONDS)
 
     async def list_owned(self, instance: str, network: str) -> list[ContainerInfo]:
         """``instance``'s services, and the services whose secrets or configs were made by a

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.node_slices import slice_kind
 from gateway.runtime.base import ContainerFile, ContainerSpec
 
 #: Where a task finds the gateway's files (secrets and configs), mirroring their paths.
@@ -19,9 +20,17 @@ SHARED_SENTINEL_TARGET = "/run/sandman-shared"
 IMAGE_ENTRYPOINT = "/usr/local/sbin/sandman-entrypoint"
 #: Labels the secrets and configs of a service carry, to find and remove them with it.
 LABEL_SERVICE = "sandman.service"
-#: The service's command: install the files where the image expects them (root-owned,
-#: modes kept), then run the image's entrypoint with no-new-privileges.
+#: The service's command: pin ``NVIDIA_VISIBLE_DEVICES`` to the GPU slice Swarm assigned
+#: (``DOCKER_RESOURCE_<KIND>``, a name dash drops, so read from the process's environment),
+#: for sshd and, through ``/etc/environment`` (pam_env), the user's logins;
+#: install the files where the image expects them (root-owned, modes kept), then run the
+#: image's entrypoint with no-new-privileges.
 INSTALL_AND_RUN = f"""set -eu
+assigned=$(tr '\\0' '\\n' < /proc/$$/environ | sed -n 's/^DOCKER_RESOURCE_[^=]*=//p' | head -n 1)
+if [ -n "$assigned" ]; then
+  export NVIDIA_VISIBLE_DEVICES="$assigned"
+  echo "NVIDIA_VISIBLE_DEVICES=$assigned" >> /etc/environment
+fi
 if [ -n "${{SANDMAN_SHARED_TOKEN:-}}" ] \\
    && [ "$(cat {SHARED_SENTINEL_TARGET} 2>/dev/null)" != "$SANDMAN_SHARED_TOKEN" ]; then
   echo "sandman: this node's workspace root is not the gateway's shared one" >&2
@@ -93,6 +102,10 @@ def service_spec(
         "Secrets": [r for r in references if "SecretID" in r],
         "Configs": [r for r in references if "ConfigID" in r],
     }
+    resources: dict[str, Any] = {"Limits": limits}
+    if spec.gpu_slice is not None:  # Swarm places the task on a node with one free
+        slice_request = {"DiscreteResourceSpec": {"Kind": slice_kind(spec.gpu_slice), "Value": 1}}
+        resources["Reservations"] = {"GenericResources": [slice_request]}
     constraints = [] if placement.node_id is None else [f"node.id=={placement.node_id}"]
     if placement.sentinel is not None and placement.token is not None:
         container["Env"]["SANDMAN_SHARED_TOKEN"] = placement.token
@@ -103,7 +116,7 @@ def service_spec(
         "labels": dict(spec.labels),
         "task_template": {
             "ContainerSpec": container,
-            "Resources": {"Limits": limits},
+            "Resources": resources,
             # a task that dies is started again (fresh, files again); a task that keeps
             # dying ends the session (no task left wants to run)
             "RestartPolicy": {"Condition": "any", "Delay": 500_000_000, "MaxAttempts": 3},

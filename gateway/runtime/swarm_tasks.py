@@ -4,7 +4,7 @@ Swarm still means to run a service, why a task waits, and what a node offers. Pu
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +13,8 @@ from gateway.runtime.base import NodeInfo
 
 #: Task states that will never run (the start fails with the engine's reason).
 FAILED_STATES = {"failed", "rejected", "orphaned"}
+#: Task states past running: the container is gone, its resources free.
+STOPPED_STATES = FAILED_STATES | {"complete", "shutdown", "remove"}
 
 
 def task_address(
@@ -30,6 +32,17 @@ def task_address(
     if not address or not port:
         return None
     return address, int(port)
+
+
+def assigned_slice(task: Mapping[str, Any]) -> str | None:
+    """The GPU slice (a node's named generic resource, e.g. a MIG UUID) Swarm gave the
+    task for its reservation, else None. The engine names the field ``GenericResources``
+    (its Go type; 20.10 measured), its API reference ``AssignedGenericResources``."""
+    assigned = task.get("GenericResources") or task.get("AssignedGenericResources") or []
+    for item in assigned:
+        if value := (item.get("NamedResourceSpec") or {}).get("Value"):
+            return str(value)
+    return None
 
 
 def check_not_failed(tasks: Sequence[Mapping[str, Any]]) -> None:
@@ -52,6 +65,17 @@ def unplaced_reason(tasks: Sequence[Mapping[str, Any]]) -> str | None:
     if status.get("State") not in ("new", "pending"):
         return None
     return status.get("Err") or status.get("Message") or "no node can run it"
+
+
+def stopping(tasks: Sequence[Mapping[str, Any]], ready_nodes: Collection[str]) -> bool:
+    """Whether a removed service's tasks still hold their node's resources: some task has
+    a container that has not stopped yet, on a node that is up (a node that is down
+    reports nothing until it returns, and Swarm frees its slices then)."""
+    return any(
+        (t.get("Status") or {}).get("State") not in STOPPED_STATES
+        and t.get("NodeID") in ready_nodes
+        for t in tasks
+    )
 
 
 def runs(task: Mapping[str, Any]) -> bool:

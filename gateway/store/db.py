@@ -408,17 +408,21 @@ class Store:
             raise
 
     @_atomic
-    async def mark_running(self, session_id: str, container_id: str, container_ip: str) -> bool:
-        """starting -> running (or a recovered session's new address). False when the
-        session is ending or gone: it must not be started."""
+    async def mark_running(
+        self, session_id: str, container_id: str, container_ip: str, gpu_uuid: str | None = None
+    ) -> bool:
+        """starting -> running (or a recovered session's new address), with the GPU the
+        engine assigned if it picks them (else the row's stays). False when the session is
+        ending or gone: it must not be started."""
         async with self._transaction() as conn:
             cur = await conn.execute(
-                "UPDATE sessions SET state = ?, container_id = ?, container_ip = ? "
-                "WHERE id = ? AND state != ?",
+                "UPDATE sessions SET state = ?, container_id = ?, container_ip = ?, "
+                "gpu_uuid = COALESCE(?, gpu_uuid) WHERE id = ? AND state != ?",
                 (
                     SessionState.RUNNING.value,
                     container_id,
                     container_ip,
+                    gpu_uuid,
                     session_id,
                     SessionState.ENDING.value,
                 ),

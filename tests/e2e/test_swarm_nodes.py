@@ -8,63 +8,114 @@ and the file reaches the shared workspace; a PATCH's new facts reach the task th
 gateway's control channel. ``GET /nodes`` shows the worker's GPU slice (a
 node generic resource). When the worker's engine dies and no other node may take the task,
 the session ends as ``backend_gone`` and its port closes.
+
+A session asking for a MIG profile reserves one slice of it: Swarm places it on the worker
+offering that slice (though this node takes tasks too), the task's sshd runs pinned to the
+slice's UUID, the row records it, a second request finds none free (503 ``no_capacity``
+with the engine's reason), and once the first session's TTL ends the slice serves another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
-from tests.e2e.conftest import IMAGE, docker, port_refuses, wait_for
-from tests.e2e.swarm import ensure_swarm, remove_swarm_leftovers, set_availability, swarm_worker
+from tests.e2e.conftest import IMAGE, Gateway, docker, port_refuses, wait_for
+from tests.e2e.swarm import (
+    Worker,
+    ensure_swarm,
+    remove_swarm_leftovers,
+    set_availability,
+    swarm_worker,
+)
 
 SLICE = "MIG-1g.10gb=MIG-e2e00000-0000-0000-0000-000000000001"
+SLICE_UUID = SLICE.split("=")[1]
 
 
-def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_factory: Any, ssh):
+@contextlib.contextmanager
+def _gateway_and_worker(gateway_factory: Any) -> Iterator[tuple[Gateway, Worker]]:
+    """A Swarm gateway with shared workspaces, and a nested worker offering :data:`SLICE`;
+    this node active again, and everything they made removed, afterwards."""
     ensure_swarm()
     gw = gateway_factory("--runtime", "swarm", "--shared-workspaces", "--place-timeout", "3s",
                          "--reap-interval", "1", start=False)  # fmt: skip
     gw.workspaces.mkdir(parents=True)
     with swarm_worker(gw.workspaces, IMAGE, [SLICE]) as worker:
+        # the session network's config-only half, which every node needs
         worker.docker("network", "create", "--config-only",
                       "-o", "com.docker.network.bridge.enable_icc=false",
                       f"{gw.network}-config")  # fmt: skip
         gw.start()
         instance = gw.instance_id()
         try:
-            nodes = {n["hostname"]: n for n in gw.request("GET", "/nodes").body["nodes"]}
-            kind, value = SLICE.split("=")
-            assert nodes[worker.name]["role"] == "worker"
-            assert nodes[worker.name]["resources"] == [{"kind": kind, "value": value}]
-            assert nodes[worker.name]["address"] == worker.address
-
-            set_availability("pause")  # this node takes no new task: the worker must
-            created = gw.create(user_id="nested")
-            assert created.status == 201, created.body
-            session = created.body
-            where = docker("service", "ps", session["container_id"], "--format", "{{.Node}}",
-                           "--filter", "desired-state=running")  # fmt: skip
-            assert where == worker.name
-            url = f"/sessions/{session['session_id']}"
-            assert gw.request("GET", url).body["node"] == worker.name  # the view names it
-            # a PATCH reaches the task on the worker through the control channel (the
-            # manager's Engine cannot exec there), and never updates the service
-            patched = gw.request("PATCH", url, {"extend_minutes": 45})
-            assert patched.status == 200, patched.body
-            facts = ssh.with_key(session, "cat /etc/sandman/session.json")
-            assert json.loads(facts.stdout)["expires_at"] == patched.body["expires_at"]
-            done = ssh.with_key(session, "echo from-worker > ~/w.txt")
-            assert done.returncode == 0, done.stderr
-            assert (gw.workspaces / "nested" / "w.txt").read_text() == "from-worker\n"
-
-            docker("kill", worker.name)  # its engine dies; no other node may take the task
-            wait_for(lambda: gw.request("GET", url).status == 404, timeout=60, what="the end")
-            events = gw.request("GET", f"/audit?session_id={session['session_id']}").body
-            (ended,) = [e for e in events["events"] if e["event"] == "session_ended"]
-            assert ended["reason"] == "backend_gone"
-            assert port_refuses(session["ssh_port"])
+            yield gw, worker
         finally:
             set_availability("active")
             gw.stop()
             remove_swarm_leftovers(gw, instance)
+
+
+def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_factory: Any, ssh):
+    with _gateway_and_worker(gateway_factory) as (gw, worker):
+        nodes = {n["hostname"]: n for n in gw.request("GET", "/nodes").body["nodes"]}
+        kind, value = SLICE.split("=")
+        assert nodes[worker.name]["role"] == "worker"
+        assert nodes[worker.name]["resources"] == [{"kind": kind, "value": value}]
+        assert nodes[worker.name]["address"] == worker.address
+
+        set_availability("pause")  # this node takes no new task: the worker must
+        created = gw.create(user_id="nested")
+        assert created.status == 201, created.body
+        session = created.body
+        where = docker("service", "ps", session["container_id"], "--format", "{{.Node}}",
+                       "--filter", "desired-state=running")  # fmt: skip
+        assert where == worker.name
+        url = f"/sessions/{session['session_id']}"
+        assert gw.request("GET", url).body["node"] == worker.name  # the view names it
+        # a PATCH reaches the task on the worker through the control channel (the
+        # manager's Engine cannot exec there), and never updates the service
+        patched = gw.request("PATCH", url, {"extend_minutes": 45})
+        assert patched.status == 200, patched.body
+        facts = ssh.with_key(session, "cat /etc/sandman/session.json")
+        assert json.loads(facts.stdout)["expires_at"] == patched.body["expires_at"]
+        done = ssh.with_key(session, "echo from-worker > ~/w.txt")
+        assert done.returncode == 0, done.stderr
+        assert (gw.workspaces / "nested" / "w.txt").read_text() == "from-worker\n"
+
+        docker("kill", worker.name)  # its engine dies; no other node may take the task
+        wait_for(lambda: gw.request("GET", url).status == 404, timeout=60, what="the end")
+        events = gw.request("GET", f"/audit?session_id={session['session_id']}").body
+        (ended,) = [e for e in events["events"] if e["event"] == "session_ended"]
+        assert ended["reason"] == "backend_gone"
+        assert port_refuses(session["ssh_port"])
+
+
+def test_a_mig_session_lands_on_the_node_with_the_slice_and_frees_it_at_ttl(
+    gateway_factory: Any, ssh
+):
+    with _gateway_and_worker(gateway_factory) as (gw, worker):
+        created = gw.create(user_id="migone", mig_profile="1g.10gb", ttl_seconds=15)
+        assert created.status == 201, created.body
+        session = created.body
+        assert session["gpu_uuid"] == SLICE_UUID and session["mig_profile"] == "1g.10gb"
+        url = f"/sessions/{session['session_id']}"
+        assert gw.request("GET", url).body["node"] == worker.name  # this node has none
+        # the task runs pinned to its slice, and the user's login sees which
+        logged_in = ssh.with_key(session, "echo $NVIDIA_VISIBLE_DEVICES")
+        assert logged_in.returncode == 0, logged_in.stderr
+        assert logged_in.stdout.strip() == SLICE_UUID
+
+        refused = gw.create(user_id="migtwo", mig_profile="1g.10gb")
+        assert refused.status == 503 and refused.body["code"] == "no_capacity", refused.body
+        assert "insufficient resources" in refused.body["error"]
+
+        wait_for(lambda: gw.request("GET", url).status == 404, timeout=40, what="the TTL")
+        events = gw.request("GET", f"/audit?session_id={session['session_id']}").body
+        assert [e for e in events["events"] if e["event"] == "session_expired"]
+        again = gw.create(user_id="migtwo", mig_profile="1g.10gb")
+        assert again.status == 201, again.body
+        assert again.body["gpu_uuid"] == SLICE_UUID
+        assert gw.request("DELETE", f"/sessions/{again.body['session_id']}").status == 200

@@ -1,6 +1,7 @@
 import pytest
 
 from gateway.core.gpu_select import (
+    ANY_PROFILE,
     AvailableInstance,
     CreateInstance,
     LegacyMigId,
@@ -9,6 +10,7 @@ from gateway.core.gpu_select import (
     available_instances,
     default_profile_problem,
     default_profiles,
+    engine_slice,
     parse_mig_uuid,
     select_gpu,
 )
@@ -392,3 +394,44 @@ def test_unset_default_creates_each_models_profile_when_dynamic():
 def test_unset_default_without_any_3_slice_model_takes_any_free_instance():
     inventory = [gpu(0, name=A30, devices=[dev(0, 3, "4g.24gb")])]
     assert select(inventory, default=None, profiles=MIXED).uuid == "MIG-0-3"
+
+
+@pytest.mark.parametrize(
+    ("mig_profile", "default_profile", "wanted"),
+    [
+        ("1g.10gb", None, "1g.10gb"),
+        ("1g.10gb", "3g.40gb", "1g.10gb"),  # the request's beats the default
+        (None, "3g.40gb", "3g.40gb"),
+        (None, None, None),  # no GPU
+        (None, ANY_PROFILE, None),  # "any instance here" means nothing across nodes
+        ("full", None, "full"),  # a whole GPU
+        ("1c.3g.40gb", None, "1c.3g.40gb"),
+        ("1g.10gb+me", None, "1g.10gb+me"),
+    ],
+)
+def test_where_the_engine_places_gpus_a_session_asks_for_a_profile(
+    mig_profile, default_profile, wanted
+):
+    assert (
+        engine_slice(
+            mig_profile=mig_profile, mig_instance_uuid=None, default_profile=default_profile
+        )
+        == wanted
+    )
+
+
+@pytest.mark.parametrize(
+    ("mig_profile", "mig_instance_uuid", "error"),
+    [
+        (None, "MIG-aaaa", InvalidRequest),  # the engine picks the device
+        ("1g.10gb=MIG-x", None, UnknownMigProfile),  # never a generic resource's syntax
+        ("MIG-1g.10gb", None, UnknownMigProfile),
+    ],
+)
+def test_where_the_engine_places_gpus_a_device_or_malformed_profile_is_refused(
+    mig_profile, mig_instance_uuid, error
+):
+    with pytest.raises(error):
+        engine_slice(
+            mig_profile=mig_profile, mig_instance_uuid=mig_instance_uuid, default_profile=None
+        )

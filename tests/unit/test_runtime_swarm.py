@@ -24,8 +24,10 @@ from gateway.runtime.swarm_spec import (
     service_spec,
 )
 from gateway.runtime.swarm_tasks import (
+    assigned_slice,
     node_info,
     parse_time,
+    stopping,
     stranded,
     task_address,
     unplaced_reason,
@@ -96,6 +98,68 @@ def test_shared_workspaces_place_anywhere_and_check_the_share():
         "ReadOnly": True,
     }
     assert "SANDMAN_SHARED_TOKEN" not in SPEC.env  # the spec itself is left alone
+
+
+@pytest.mark.parametrize(
+    ("profile", "kind"),
+    [("1g.10gb", "MIG-1g.10gb"), ("3g.40gb", "MIG-3g.40gb"), ("full", "NVIDIA-GPU")],
+)
+def test_a_gpu_slice_is_one_generic_resource_of_its_profiles_kind(profile, kind):
+    """Swarm places the task on a node offering a free slice of that kind (the nodes
+    offer them as named resources, ``MIG-1g.10gb=MIG-<uuid>``)."""
+    body = service_spec(replace(SPEC, gpu_slice=profile), [], Placement(node_id="n"))
+    reservations = body["task_template"]["Resources"]["Reservations"]
+    assert reservations == {
+        "GenericResources": [{"DiscreteResourceSpec": {"Kind": kind, "Value": 1}}]
+    }
+
+
+def test_no_gpu_slice_reserves_nothing():
+    body = service_spec(SPEC, [], Placement(node_id="n"))
+    assert "Reservations" not in body["task_template"]["Resources"]
+
+
+@pytest.mark.parametrize(
+    ("task", "uuid"),
+    [
+        (
+            {
+                "AssignedGenericResources": [
+                    {"NamedResourceSpec": {"Kind": "MIG-1g.10gb", "Value": "MIG-a1"}}
+                ]
+            },
+            "MIG-a1",
+        ),
+        (
+            {"AssignedGenericResources": [{"DiscreteResourceSpec": {"Kind": "x", "Value": 2}}]},
+            None,
+        ),
+        (
+            {"GenericResources": [{"NamedResourceSpec": {"Kind": "NVIDIA-GPU", "Value": "GPU-b"}}]},
+            "GPU-b",
+        ),
+        ({"AssignedGenericResources": None}, None),
+        ({}, None),
+    ],
+)
+def test_the_slice_swarm_assigned_a_task(task, uuid):
+    assert assigned_slice(task) == uuid
+
+
+@pytest.mark.parametrize(
+    ("states", "holding"),
+    [
+        ([], False),  # all gone
+        ([("running", "n1")], True),
+        ([("shutdown", "n1"), ("failed", "n1"), ("complete", "n1")], False),
+        ([("shutdown", "n1"), ("running", "n1")], True),
+        ([("running", "down")], False),  # its node reports nothing until it returns
+        ([("pending", None)], False),  # never placed
+    ],
+)
+def test_a_removed_services_tasks_hold_resources_until_they_stop(states, holding):
+    tasks = [{"Status": {"State": state}, "NodeID": node} for state, node in states]
+    assert stopping(tasks, {"n1", "n2"}) is holding
 
 
 @pytest.mark.parametrize(
