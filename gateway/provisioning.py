@@ -36,7 +36,6 @@ from gateway.ssh.probe import Probe, probe_sshd
 log = logging.getLogger(__name__)
 
 READY_POLL_SECONDS = 0.1
-TTY_GROUP = 5  # wall writes to ptys of mode 0620, group tty; root here lacks DAC_OVERRIDE
 
 
 def container_name(session: Session) -> str:
@@ -202,7 +201,7 @@ class Provisioner:
         if not session.container_id:
             return
         try:
-            await self._runtime.exec(session.container_id, ["wall", message], user=f"0:{TTY_GROUP}")
+            await self._runtime.tell(session.container_id, message)
         except GatewayError as exc:
             log.warning("session %s: message to terminals failed: %s", session.id, exc.log_message)
 

@@ -318,6 +318,10 @@ class FakeRuntime:
         self._existing(container_id, "exec in the container")
         self.execs.append((container_id, argv, user))
 
+    async def tell(self, container_id: str, message: str) -> None:
+        """As Docker's: ``wall`` run in the container with the tty group."""
+        await self.exec(container_id, ["wall", message], user="0:5")
+
     async def cpu_seconds(self, container_id: str) -> float | None:
         """The container's ``cpu_seconds`` (a test raises it to look busy)."""
         await self._step("cpu_seconds")

@@ -163,6 +163,10 @@ class Runtime(Protocol):
         if it is not running."""
         ...
 
+    async def tell(self, container_id: str, message: str) -> None:
+        """Write ``message`` to every terminal open in the container (``wall``)."""
+        ...
+
     async def close(self) -> None: ...
 
 

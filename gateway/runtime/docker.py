@@ -46,6 +46,7 @@ _UNREACHABLE = 900
 #: The longest one engine call may take (removing a container with a large GPU process
 #: takes seconds; a minute without an answer is a hung engine).
 CALL_TIMEOUT_SECONDS = 60.0
+TTY_GROUP = 5  # wall writes to ptys of mode 0620, group tty; root here lacks DAC_OVERRIDE
 
 
 def translate_error(exc: DockerError, doing: str) -> Exception:
@@ -335,6 +336,9 @@ class DockerRuntime:
             await execution.start(detach=True)
 
         await self._call(f"exec in container {container_id[:12]}", run)
+
+    async def tell(self, container_id: str, message: str) -> None:
+        await self.exec(container_id, ["wall", message], user=f"0:{TTY_GROUP}")
 
     async def cpu_seconds(self, container_id: str) -> float | None:
         """From the engine's one-shot stats (the cgroup's CPU usage, v1 or v2)."""

@@ -533,12 +533,35 @@ class SwarmRuntime:
         return task_container
 
     async def cpu_seconds(self, container_id: str) -> float | None:
-        """The running task's CPU time if it runs on this node; None elsewhere (idle reclaim
-        then has no compute verdict, so it never reclaims for idle compute there)."""
+        """The running task's CPU time: through the control channel (any node), else
+        through the Engine if it runs on this node; None when no task runs, or it runs
+        elsewhere without a channel (idle reclaim then has no compute verdict)."""
+        if self._channel is not None:
+            found = await self._address(container_id, await self._tasks(container_id))
+            if found is None:
+                return None
+            return await self._channel.cpu_seconds(self._sessions.get(container_id, ""), found[1])
         task_container = await self._local_container(container_id)
         if task_container is None:
             return None
         return await self._local.cpu_seconds(task_container)
+
+    async def tell(self, container_id: str, message: str) -> None:
+        """Through the control channel (any node), else through the Engine on this node.
+
+        Raises:
+            ContainerStartFailed: no running task to tell, or the channel failed.
+        """
+        if self._channel is None:
+            await self._local.tell(await self._on_task(container_id), message)
+            return
+        found = await self._address(container_id, await self._tasks(container_id))
+        if found is None:
+            raise ContainerStartFailed(
+                f"service {container_id} has no running task to write to",
+                log_message=f"service {container_id}: no running task for a message",
+            )
+        await self._channel.wall(self._sessions.get(container_id, ""), found[1], message)
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         try:

@@ -29,7 +29,8 @@ CONTROL_TIMEOUT = 10.0
 
 
 class ControlChannel:
-    """Writes files into running sessions through their sshd. Build with :meth:`open`."""
+    """Writes files and terminal messages into running sessions, and reads their CPU
+    time, through their sshd. Build with :meth:`open`."""
 
     def __init__(self, key: asyncssh.SSHKey, identity: HostIdentity) -> None:
         self._key = key
@@ -55,8 +56,7 @@ class ControlChannel:
         """Write ``files`` (session facts, authorized keys) into the session at ``address``.
 
         Raises:
-            ContainerStartFailed: not reached in :data:`CONTROL_TIMEOUT`, not this
-                session's server, or ``sandman-control`` refused (its message logged).
+            ContainerStartFailed: as :meth:`_ask`.
         """
         request = {
             "files": [
@@ -64,6 +64,38 @@ class ControlChannel:
                 for f in files
             ]
         }
+        await self._ask(session_id, address, request)
+
+    async def wall(self, session_id: str, address: tuple[str, int], message: str) -> None:
+        """Write ``message`` to every terminal open in the session at ``address``.
+
+        Raises:
+            ContainerStartFailed: as :meth:`_ask`.
+        """
+        await self._ask(session_id, address, {"wall": message})
+
+    async def cpu_seconds(self, session_id: str, address: tuple[str, int]) -> float:
+        """The CPU time the session's processes have used so far (its cgroup, seconds).
+
+        Raises:
+            ContainerStartFailed: as :meth:`_ask`, or an answer without the figure.
+        """
+        answer = await self._ask(session_id, address, {"read": "cpu"})
+        try:
+            return float(json.loads(answer)["cpu_seconds"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ContainerStartFailed(
+                "the session's CPU reading was not understood",
+                log_message=f"session {session_id}: sandman-control answered {answer!r}",
+            ) from exc
+
+    async def _ask(self, session_id: str, address: tuple[str, int], request: object) -> str:
+        """Run ``sandman-control`` in the session at ``address`` with ``request``; its stdout.
+
+        Raises:
+            ContainerStartFailed: not reached in :data:`CONTROL_TIMEOUT`, not this
+                session's server, or ``sandman-control`` refused (its message logged).
+        """
         try:
             async with (
                 asyncio.timeout(CONTROL_TIMEOUT),
@@ -88,7 +120,8 @@ class ControlChannel:
             ) from exc
         if done.exit_status != 0:
             raise ContainerStartFailed(
-                "the session refused the gateway's files",
+                "the session refused the gateway's request",
                 log_message=f"session {session_id}: sandman-control exit {done.exit_status}: "
                 f"{str(done.stderr).strip()}",
             )
+        return str(done.stdout)

@@ -4,15 +4,16 @@ engine's docker0, built offline: ``make images``) joins this engine's Swarm.
 With ``--shared-workspaces`` (the workspace root bound at the same path in the worker, as
 shared storage would be) a session lands on the worker while the manager takes no new
 tasks; the user logs in through the gateway, which finds the task at the worker's address,
-and the file reaches the shared workspace; a PATCH's new facts reach the task through the
-gateway's control channel. ``GET /nodes`` shows the worker's GPU slice (a
-node generic resource). When the worker's engine dies and no other node may take the task,
-the session ends as ``backend_gone`` and its port closes.
+and the file reaches the shared workspace; a PATCH's new facts reach the task, and idle
+reclaim reads its CPU time, through the gateway's control channel. ``GET /nodes`` shows the
+worker's GPU slice (a node generic resource). When the worker's engine dies and no other
+node may take the task, the session ends as ``backend_gone`` and its port closes.
 
 A session asking for a MIG profile reserves one slice of it: Swarm places it on the worker
 offering that slice (though this node takes tasks too), the task's sshd runs pinned to the
 slice's UUID, the row records it, a second request finds none free (503 ``no_capacity``
-with the engine's reason), and once the first session's TTL ends the slice serves another.
+with the engine's reason), the expiry warning reaches the user's terminal on the worker
+(through the control channel), and once the first session's TTL ends the slice serves another.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ SLICE_UUID = SLICE.split("=")[1]
 
 
 @contextlib.contextmanager
-def _gateway_and_worker(gateway_factory: Any) -> Iterator[tuple[Gateway, Worker]]:
-    """A Swarm gateway with shared workspaces, and a nested worker offering :data:`SLICE`;
-    this node active again, and everything they made removed, afterwards."""
+def _gateway_and_worker(gateway_factory: Any, *options: str) -> Iterator[tuple[Gateway, Worker]]:
+    """A Swarm gateway with shared workspaces (and ``options``), and a nested worker
+    offering :data:`SLICE`; this node active again, and everything they made removed,
+    afterwards."""
     ensure_swarm()
     gw = gateway_factory("--runtime", "swarm", "--shared-workspaces", "--place-timeout", "3s",
-                         "--reap-interval", "1", start=False)  # fmt: skip
+                         "--reap-interval", "1", *options, start=False)  # fmt: skip
     gw.workspaces.mkdir(parents=True)
     with swarm_worker(gw.workspaces, IMAGE, [SLICE]) as worker:
         # the session network's config-only half, which every node needs
@@ -59,7 +61,7 @@ def _gateway_and_worker(gateway_factory: Any) -> Iterator[tuple[Gateway, Worker]
 
 
 def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_factory: Any, ssh):
-    with _gateway_and_worker(gateway_factory) as (gw, worker):
+    with _gateway_and_worker(gateway_factory, "--idle-sample", "1s") as (gw, worker):
         nodes = {n["hostname"]: n for n in gw.request("GET", "/nodes").body["nodes"]}
         kind, value = SLICE.split("=")
         assert nodes[worker.name]["role"] == "worker"
@@ -84,6 +86,9 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
         done = ssh.with_key(session, "echo from-worker > ~/w.txt")
         assert done.returncode == 0, done.stderr
         assert (gw.workspaces / "nested" / "w.txt").read_text() == "from-worker\n"
+        # idle reclaim reads the task's CPU time on the worker through the control channel
+        wait_for(lambda: gw.request("GET", url).body["idle"]["utilization"] is not None,
+                 timeout=15, what="a CPU reading from the worker")  # fmt: skip
 
         docker("kill", worker.name)  # its engine dies; no other node may take the task
         wait_for(lambda: gw.request("GET", url).status == 404, timeout=60, what="the end")
@@ -96,7 +101,7 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
 def test_a_mig_session_lands_on_the_node_with_the_slice_and_frees_it_at_ttl(
     gateway_factory: Any, ssh
 ):
-    with _gateway_and_worker(gateway_factory) as (gw, worker):
+    with _gateway_and_worker(gateway_factory, "--expiry-warning", "9s") as (gw, worker):
         created = gw.create(user_id="migone", mig_profile="1g.10gb", ttl_seconds=15)
         assert created.status == 201, created.body
         session = created.body
@@ -107,12 +112,17 @@ def test_a_mig_session_lands_on_the_node_with_the_slice_and_frees_it_at_ttl(
         logged_in = ssh.with_key(session, "echo $NVIDIA_VISIBLE_DEVICES")
         assert logged_in.returncode == 0, logged_in.stderr
         assert logged_in.stdout.strip() == SLICE_UUID
+        # the expiry warning reaches its terminal through the control channel (the
+        # manager's Engine cannot exec on the worker)
+        terminal = ssh.start_with_key(session, "sleep 30", tty=True)
 
         refused = gw.create(user_id="migtwo", mig_profile="1g.10gb")
         assert refused.status == 503 and refused.body["code"] == "no_capacity", refused.body
         assert "insufficient resources" in refused.body["error"]
 
         wait_for(lambda: gw.request("GET", url).status == 404, timeout=40, what="the TTL")
+        shown, _ = terminal.communicate(timeout=30)
+        assert "Sandman: this session ends in" in shown
         events = gw.request("GET", f"/audit?session_id={session['session_id']}").body
         assert [e for e in events["events"] if e["event"] == "session_expired"]
         again = gw.create(user_id="migtwo", mig_profile="1g.10gb")

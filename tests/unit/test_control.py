@@ -4,6 +4,7 @@ standing in for ``/``) and the key line the gateway gives each session."""
 from __future__ import annotations
 
 import base64
+import grp
 import json
 import os
 import subprocess
@@ -27,9 +28,11 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def control(root: Path, request: object) -> subprocess.CompletedProcess[str]:
+def control(
+    root: Path, request: object, path: str | None = None
+) -> subprocess.CompletedProcess[str]:
     text = request if isinstance(request, str) else json.dumps(request)
-    env = {**os.environ, "SANDMAN_CONTROL_ROOT": str(root)}
+    env = {**os.environ, "SANDMAN_CONTROL_ROOT": str(root), "PATH": path or os.environ["PATH"]}
     return subprocess.run([sys.executable, str(SCRIPT)], input=text, env=env,
                           capture_output=True, text=True, timeout=30)  # fmt: skip
 
@@ -66,7 +69,14 @@ def test_writes_the_session_facts_idle_clocks_and_a_users_keys_atomically(root):
         ({"files": [{"path": "/etc/sandman/session.json", "content": "!!", "mode": 420}]},
          "malformed"),
         ("not json", "malformed"),
-        ({"wall": "hello"}, "malformed"),
+        ({"exec": "id"}, "not a request"),
+        ({"read": "memory"}, "not a request"),
+        (["wall", "hi"], "malformed"),
+        ({"wall": ""}, "malformed"),
+        ({"wall": 3}, "malformed"),
+        ({"wall": "hi", "files": []}, "malformed"),
+        ({"wall": "x" * 4097}, "more than 4096 bytes"),
+        ({"wall": "\x1b]0;owned\x07hi"}, "control characters"),
     ],
 )  # fmt: skip
 def test_refuses_anything_else_and_writes_nothing(root, request_, says):
@@ -89,3 +99,54 @@ def test_the_sessions_root_key_line_forces_the_command_and_nothing_else(tmp_path
     again = ControlChannel.open(tmp_path, identity).authorized_keys_file()
     assert again == file  # the same key after a restart
     asyncssh.import_public_key(f"{key_type} {key}")
+
+
+@pytest.fixture
+def fake_wall(tmp_path: Path) -> tuple[str, Path]:
+    """A ``wall`` on PATH that notes its group, arguments and stdin."""
+    bin_dir, said = tmp_path / "bin", tmp_path / "said"
+    bin_dir.mkdir()
+    wall = bin_dir / "wall"
+    wall.write_text(f'#!/bin/sh\n{{ id -g; echo "args:$#"; cat; }} > {said}\n')
+    wall.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}", said
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs wall with the tty group, as root does")
+def test_wall_writes_the_text_from_stdin_with_the_tty_group(root, fake_wall):
+    path, said = fake_wall
+    done = control(root, {"wall": "-n this session ends in 5 minutes\n\tsave your work"}, path)
+    assert (done.returncode, done.stderr) == (0, "")
+    group = str(grp.getgrnam("tty").gr_gid)
+    assert (
+        said.read_text() == f"{group}\nargs:0\n-n this session ends in 5 minutes\n\tsave your work"
+    )
+
+
+def test_a_refused_message_reaches_no_terminal(root, fake_wall):
+    path, said = fake_wall
+    assert control(root, {"wall": "\x07" * 3}, path).returncode == 2
+    assert not said.exists()
+
+
+@pytest.mark.parametrize(
+    ("files", "seconds"),
+    [
+        ({"sys/fs/cgroup/cpu.stat": "usage_usec 2500000\nuser_usec 2000000\n"}, 2.5),
+        ({"sys/fs/cgroup/cpuacct/cpuacct.usage": "1500000000\n"}, 1.5),
+        ({"sys/fs/cgroup/cpu,cpuacct/cpuacct.usage": "250000000\n"}, 0.25),
+    ],
+)
+def test_reads_the_sessions_cgroup_cpu_time(root, files, seconds):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    done = control(root, {"read": "cpu"})
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout) == {"cpu_seconds": seconds}
+
+
+def test_no_cgroup_cpu_accounting_is_a_failure_not_a_zero(root):
+    done = control(root, {"read": "cpu"})
+    assert done.returncode == 1 and "no cgroup CPU accounting" in done.stderr
+    assert done.stdout == ""

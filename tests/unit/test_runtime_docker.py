@@ -48,6 +48,7 @@ CALLS = {
     "put_files": lambda r: r.put_files("c1", [ContainerFile("/etc/x", b"x")]),
     "list_owned": lambda r: r.list_owned("i1", "net"),
     "exec": lambda r: r.exec("c1", ["wall", "hi"], user="0:5"),
+    "tell": lambda r: r.tell("c1", "hi"),
     "run": lambda r: r.run("c1", ["nvidia-smi", "-L"], user="0"),
 }
 
