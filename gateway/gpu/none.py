@@ -32,5 +32,7 @@ class NoneBackend(NothingLeftBehind):
         """Nothing exists here, so there is nothing to destroy."""
 
     async def utilization(self, uuid: str) -> Reading:
-        """No GPU here says nothing (a GPU-less session is judged by its CPU)."""
-        return Reading(None)
+        """A GPU this host does not have (a slice Swarm placed on another node; a GPU-less
+        session is judged by its CPU and never asks) is unknown, read as running work:
+        unknown is not idle, unless ``--idle-mig-unknown idle``."""
+        return Reading(None, processes=True)

@@ -8,7 +8,8 @@ import pytest
 
 from gateway.api import keys
 from gateway.config import config_from_args, parse
-from gateway.core.idle import IdlePolicy
+from gateway.core.idle import IdlePolicy, is_busy
+from gateway.gpu.none import NoneBackend
 from gateway.gpu.nvml import NvmlBackend
 from gateway.idle_reclaim import HOLD_FILE, IDLE_INFO
 from tests.unit.fake_pynvml import FakeGpu, FakeNvml, h100
@@ -266,3 +267,10 @@ def _minutes(n):
 
 def _fields(policy):
     return {name: getattr(policy, name) for name in IdlePolicy.__dataclass_fields__}
+
+
+async def test_a_gpu_this_host_cannot_see_is_unknown_so_busy():
+    """A slice Swarm placed on a worker, seen from a GPU-less manager: no reading is work."""
+    reading = await NoneBackend().utilization("MIG-on-a-worker")
+    assert is_busy(reading, 5.0, IdlePolicy())
+    assert not is_busy(reading, 5.0, IdlePolicy(mig_unknown="idle"))  # the operator's choice
