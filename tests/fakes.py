@@ -130,6 +130,8 @@ class FakeRuntime:
     #: the daemon's ``docker info`` (ServerVersion, CDISpecDirs, DiscoveredDevices, Runtimes);
     #: empty: an engine before CDI routing, where the toolkit's hook resolves GPU requests
     daemon_info: dict[str, Any] = field(default_factory=dict)
+    #: a Swarm's nodes, the first holding every task; empty: plain Docker (this host alone)
+    swarm_nodes: list[NodeInfo] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -303,10 +305,13 @@ class FakeRuntime:
         return None  # like Docker's: a container keeps its address
 
     def node_of(self, container_id: str) -> str | None:
-        return None
+        placed = self.swarm_nodes and container_id in self.containers
+        return self.swarm_nodes[0].hostname if placed else None
 
     async def nodes(self) -> list[NodeInfo]:
         self._check()
+        if self.swarm_nodes:
+            return self.swarm_nodes
         return [NodeInfo("fake-node", "fakehost", "standalone", "ready", "active", None, 2.0,
                          2**30, "0.0-fake", gateway=True)]  # fmt: skip
 
@@ -361,3 +366,12 @@ def nvidia_smi_list(uuids: tuple[str, ...]) -> CommandResult:
     if not lines:
         return CommandResult(6, "No devices were found\n")
     return CommandResult(0, "\n".join(lines) + "\n")
+
+
+#: a two-node Swarm whose worker holds a MIG slice, for :attr:`FakeRuntime.swarm_nodes`
+SWARM_NODES = [
+    NodeInfo("n-worker", "worker1", "worker", "ready", "active", "10.0.0.2", 4.0, 2**32,
+             "27.0", (("NVIDIA-MIG", "MIG-worker-1"),)),
+    NodeInfo("n-manager", "manager1", "manager", "ready", "drain", "10.0.0.1", 2.0, 2**31,
+             "27.0", gateway=True),
+]  # fmt: skip

@@ -431,12 +431,32 @@ async def gpus(api: Api, args: argparse.Namespace, io: Io) -> int:
     inventory = await api.call("GET", "/gpus")
     available = await api.call("GET", "/gpus/available")
     holders = {s["gpu_uuid"]: s["user_id"] for s in await api.sessions() if s.get("gpu_uuid")}
+    swarm = _swarm_nodes((await api.call("GET", "/nodes"))["nodes"])
     if args.json:
-        fmt.dump(io.out, {**inventory, "available_instances": available["available_instances"]})
+        extra = {"nodes": swarm} if swarm else {}
+        fmt.dump(
+            io.out,
+            {**inventory, "available_instances": available["available_instances"], **extra},
+        )
         return 0
-    if not inventory["gpus"]:
+    if inventory["gpus"]:
+        _gpu_table(io, inventory, available, holders)
+    else:
         io.out.write("this host has no GPUs: sessions get none\n")
-        return 0
+    if swarm:  # the gateway's NVML sees only its own host: the slices of every node
+        io.out.write("\n")
+        _node_table(io, swarm)
+    return 0
+
+
+def _swarm_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Swarm's nodes; none for plain Docker, whose one node is this host."""
+    return nodes if any(node["role"] != "standalone" for node in nodes) else []
+
+
+def _gpu_table(
+    io: Io, inventory: dict[str, Any], available: dict[str, Any], holders: dict[str, str]
+) -> None:
     rows: list[list[object]] = []
     for gpu in inventory["gpus"]:
         if not gpu["mig_enabled"]:
@@ -468,14 +488,18 @@ async def gpus(api: Api, args: argparse.Namespace, io: Io) -> int:
         counts[item["profile"]] = counts.get(item["profile"], 0) + 1
     free = ", ".join(f"{n} x {p}" for p, n in sorted(counts.items())) or "none"
     io.out.write(f"\nfree: {free}\n")
-    return 0
 
 
 async def nodes(api: Api, args: argparse.Namespace, io: Io) -> int:
     listed = await api.call("GET", "/nodes")
     if args.json:
         fmt.dump(io.out, listed)
-        return 0
+    else:
+        _node_table(io, listed["nodes"])
+    return 0
+
+
+def _node_table(io: Io, nodes: list[dict[str, Any]]) -> None:
     rows = [
         [
             node["hostname"] + (" (gateway)" if node["gateway"] else ""),
@@ -485,10 +509,9 @@ async def nodes(api: Api, args: argparse.Namespace, io: Io) -> int:
             node["address"] or "-",
             ", ".join(f"{r['kind']}={r['value']}" for r in node["resources"]) or "-",
         ]
-        for node in listed["nodes"]
+        for node in nodes
     ]
     fmt.table(io.out, ["NODE", "ROLE", "STATE", "AVAILABILITY", "ADDRESS", "SLICES"], rows)
-    return 0
 
 
 async def login(args: argparse.Namespace, io: Io) -> int:

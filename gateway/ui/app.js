@@ -7,6 +7,7 @@ const REFRESH_MS = 5000;
 const $ = (id) => document.getElementById(id);
 
 let sessions = [];
+let swarm = false; // the gateway runs on a Swarm: nodes, and each session's node, are shown
 let sessionsShown = "";
 let historyOf = null;
 let pendingKey = null;
@@ -145,14 +146,15 @@ function actions(s) {
 }
 
 function renderSessions() {
-  const shown = JSON.stringify(sessions);
+  const shown = JSON.stringify([swarm, sessions]);
   if (shown === sessionsShown) return;
   sessionsShown = shown;
   const body = $("sessions-body");
   const focused = body.contains(document.activeElement) ? document.activeElement.getAttribute("aria-label") : null;
   body.replaceChildren(
     ...sessions.map((s) => {
-      const tr = row(s.user_id, s.ssh_port, slice(s), s.state, countdown(s.expires_at), s.active_connections, actions(s));
+      const node = swarm ? [s.node ?? "-"] : [];
+      const tr = row(s.user_id, s.ssh_port, slice(s), s.state, ...node, countdown(s.expires_at), s.active_connections, actions(s));
       tr.dataset.user = s.user_id;
       return tr;
     }),
@@ -402,6 +404,23 @@ async function refreshGpus() {
   );
 }
 
+// Nodes (Swarm only: with plain Docker the one node is this host)
+
+async function refreshNodes() {
+  const data = await api("GET", "/nodes");
+  swarm = data.nodes.some((n) => n.role !== "standalone");
+  $("nodes").hidden = !swarm;
+  $("sessions-node").hidden = !swarm;
+  $("nodes-body").replaceChildren(
+    ...data.nodes.map((n) => {
+      const slices = n.resources.map((r) => `${r.kind}=${r.value}`).join(", ") || "-";
+      const tr = row(n.hostname + (n.gateway ? " (gateway)" : ""), n.role, n.state, n.availability, n.address ?? "-", slices);
+      tr.dataset.node = n.hostname;
+      return tr;
+    }),
+  );
+}
+
 // Audit
 
 const DETAIL_KEYS = ["client_addr", "reason", "expires_at", "gpu_uuid", "client_banner"];
@@ -424,6 +443,7 @@ async function refreshAudit() {
 async function refreshAll() {
   if (!sessionStorage.getItem(TOKEN_KEY)) return;
   try {
+    await refreshNodes(); // first: it decides whether the sessions show their node
     await refreshSessions();
     await Promise.all([refreshGpus(), refreshProfiles(), refreshAudit(), refreshHistory(), refreshQueue()]);
     $("sessions-error").textContent = "";

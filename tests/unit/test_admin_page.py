@@ -16,6 +16,7 @@ from playwright.async_api import Locator, Page, async_playwright, expect
 from gateway.api.admin_page import UI_DIR
 from gateway.core.ports import PortRange
 from gateway.gpu.sim import SimBackend
+from tests.fakes import SWARM_NODES
 from tests.net import bindable_unit_port
 from tests.unit.conftest import TOKEN
 from tests.unit.helpers import EXAMPLES, connections_written, hello
@@ -260,6 +261,30 @@ async def test_create_with_a_public_key_offers_no_private_key(make_server, brows
     await expect(page.locator("#gpus-list")).to_have_text(
         "This host has no GPUs: sessions get none."
     )
+    # plain Docker: no nodes table, no node column
+    await expect(page.locator("#nodes")).to_be_hidden()
+    await expect(page.locator("#sessions thead th")).to_have_count(8)
+    await expect(page.locator("#sessions thead th:visible")).to_have_count(7)
+
+
+async def test_admin_page_shows_a_swarms_nodes(make_server, runtime, browser_page):
+    runtime.swarm_nodes = SWARM_NODES
+    server = await make_server()
+    async with ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        resp = await http.post(server.make_url("/sessions"), json={"user_id": "ann"})
+        assert resp.status == 201
+    page = browser_page
+    await page.goto(str(server.make_url("/ui")))
+    await sign_in(page)
+    worker = page.locator("#nodes-body tr[data-node=worker1]")
+    await expect(worker).to_have_text(
+        re.compile("worker1.*worker.*ready.*active.*10.0.0.2.*NVIDIA-MIG=MIG-worker-1")
+    )
+    await expect(page.locator("#nodes-body tr[data-node=manager1]")).to_contain_text(
+        "manager1 (gateway)"
+    )
+    await expect(page.locator("#sessions-node")).to_be_visible()
+    await expect(page.locator("#sessions-body tr[data-user=ann] td").nth(4)).to_have_text("worker1")
 
 
 async def test_admin_page_shows_the_waiting_list(make_server, browser_page):

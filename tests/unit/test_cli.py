@@ -25,7 +25,7 @@ from gateway.gpu import nvml
 from gateway.gpu.nvml import NvmlBackend
 from gateway.gpu.sim import SimBackend
 from gateway.runtime import docker as docker_runtime
-from tests.fakes import CDI_DOCKER
+from tests.fakes import CDI_DOCKER, SWARM_NODES
 from tests.net import bindable_unit_port
 from tests.unit.conftest import TOKEN
 from tests.unit.fake_pynvml import FakeGpu, FakeNvml
@@ -457,6 +457,21 @@ async def test_nodes_lists_the_machines(cli):
     assert rows[0] == ["NODE", "ROLE", "STATE", "AVAILABILITY", "ADDRESS", "SLICES"]
     assert rows[1] == ["fakehost", "(gateway)", "standalone", "ready", "active", "-", "-"]
     assert (await cli.json("nodes"))["count"] == 1
+
+
+async def test_gpus_lists_a_swarms_nodes_after_the_gpus(cli, runtime):
+    rc, out, _ = await cli("gpus")
+    assert (rc, "NODE" in out) == (0, False)  # plain Docker: this host is the only node
+    runtime.swarm_nodes = SWARM_NODES
+    rc, out, _ = await cli("gpus")
+    lines = out.splitlines()
+    assert rc == 0 and lines[:2] == ["this host has no GPUs: sessions get none", ""]
+    assert [line.split() for line in lines[3:]] == [
+        ["worker1", "worker", "ready", "active", "10.0.0.2", "NVIDIA-MIG=MIG-worker-1"],
+        ["manager1", "(gateway)", "manager", "ready", "drain", "10.0.0.1", "-"],
+    ]
+    assert lines[2].split()[0] == "NODE"
+    assert [n["hostname"] for n in (await cli.json("gpus"))["nodes"]] == ["worker1", "manager1"]
 
 
 async def test_gpus_probe_needs_no_gateway(monkeypatch):
