@@ -255,32 +255,32 @@ async def session_show(api: Api, args: argparse.Namespace, io: Io) -> int:
 
 
 async def session_extend(api: Api, args: argparse.Namespace, io: Io) -> int:
-    session = await api.find_session(args.session)
-    updated = await api.call(
-        "PATCH", f"/sessions/{session['id']}", json={"extend_minutes": args.minutes}
-    )
-    if args.json:
-        fmt.dump(io.out, updated)
-    else:
-        io.out.write(
-            f"Session {updated['id']} of {updated['user_id']} now expires at "
-            f"{fmt.local_time(updated['expires_at'])} "
-            f"(in {fmt.expires_in(updated['expires_at'], _now())}).\n"
+    def said(updated: dict) -> str:
+        return (
+            f" now expires at {fmt.local_time(updated['expires_at'])} "
+            f"(in {fmt.expires_in(updated['expires_at'], _now())})"
         )
-    return 0
+
+    return await _patch(api, args, io, {"extend_minutes": args.minutes}, said)
 
 
 async def session_hold(api: Api, args: argparse.Namespace, io: Io) -> int:
-    session = await api.find_session(args.session)
-    updated = await api.call(
-        "PATCH", f"/sessions/{session['id']}", json={"idle_hold_minutes": args.minutes}
+    return await _patch(
+        api, args, io, {"idle_hold_minutes": args.minutes}, lambda u: f": {_idle(u['idle'])}"
     )
+
+
+async def _patch(
+    api: Api, args: argparse.Namespace, io: Io, body: dict, said: Callable[[dict], str]
+) -> int:
+    """PATCH the session ``args.session`` names with ``body``; print the answer (``--json``)
+    or one line: ``Session ID of USER`` and what ``said`` makes of the answer."""
+    session = await api.find_session(args.session)
+    updated = await api.call("PATCH", f"/sessions/{session['id']}", json=body)
     if args.json:
         fmt.dump(io.out, updated)
     else:
-        io.out.write(
-            f"Session {updated['id']} of {updated['user_id']}: {_idle(updated['idle'])}.\n"
-        )
+        io.out.write(f"Session {updated['id']} of {updated['user_id']}{said(updated)}.\n")
     return 0
 
 
