@@ -94,7 +94,11 @@ def swarm_worker(shared: Path, image: str, resources: list[str]) -> Iterator[Wor
     with (WORKER_CACHE / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         store = WORKER_CACHE / "docker"
-        shutil.rmtree(store / "swarm", ignore_errors=True)  # a former run's membership
+        # A former worker's membership and networks: a worker killed while in the Swarm
+        # leaves each swarm network's local bridge (a /16 or /20 of the default pools) in
+        # the store, and after ~30 such runs no session network can be made on it.
+        for state in ("swarm", "network"):
+            shutil.rmtree(store / state, ignore_errors=True)
         name = f"sandman-test-worker-{secrets.token_hex(3)}"
         generic = [arg for r in resources for arg in ("--node-generic-resource", r)]
         docker("run", "-d", "--name", name, "--hostname", name, *NODE_SECURITY,
