@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,21 @@ def prerequisites() -> None:
         pytest.fail("e2e tests need a running Docker engine (run: make setup)")
     if subprocess.run(["docker", "image", "inspect", IMAGE], capture_output=True).returncode:
         pytest.fail(f"e2e tests need the image {IMAGE} (run: make images)")
+    remove_stale_test_networks()
+
+
+def remove_stale_test_networks(older_than: timedelta = timedelta(hours=2)) -> None:
+    """Remove the empty ``sandman-test-*`` networks a killed run left behind: each holds one
+    of the engine's ~30 default address pools. A run takes minutes, so one made hours ago
+    belongs to no run in progress (a second run alongside keeps its own)."""
+    names = docker("network", "ls", "--filter", "name=sandman-test-", "--format", "{{.Name}}")
+    now = datetime.now(UTC)
+    for name in names.split():
+        shown = docker("network", "inspect", name, "--format",
+                       "{{.Created.Unix}} {{len .Containers}}", check=False).split()  # fmt: skip
+        empty = len(shown) == 2 and shown[1] == "0"
+        if empty and now - datetime.fromtimestamp(int(shown[0]), UTC) > older_than:
+            docker("network", "rm", name, check=False)
 
 
 def port_block() -> tuple[int, int]:
