@@ -391,7 +391,7 @@ class SessionManager:
         )
 
     async def _start(self, live: LiveSession, creds: Awaitable[Credentials]) -> Session:
-        """Container, files, start, handshake; then ``running`` and the timer.
+        """Container, files, start, handshake, GPU check; then ``running`` and the timer.
 
         Raises:
             ContainerStartFailed: not up within ``--start-timeout``, or it failed.
