@@ -135,22 +135,31 @@ class Provisioner:
             files.append(session_files.password_file(creds.password_hash))
         return files + session_files.expiring_files(session, self._config)
 
-    async def start(self, container_id: str, session: Session) -> ContainerInfo:
-        """Start the container and check it sees exactly its GPU.
+    async def start(self, container_id: str) -> ContainerInfo:
+        """Start the container.
 
         Raises:
             ContainerStartFailed: it has no address on the session network.
-            GpuPinMismatch: the toolkit gave it other GPUs than its own.
         """
         info = await self._runtime.start(container_id, self._config.docker_network)
         if info.ip is None:
             raise ContainerStartFailed(
                 f"the session container has no address on network {self._config.docker_network}"
             )
-        if self._gpus.needs_device_request and session.gpu_uuid:
-            # toolkit settings can defeat the DeviceRequest: it must see exactly its GPU
-            await verify_pin(self._runtime, container_id, session.gpu_uuid)
         return info
+
+    async def check_gpu(self, session: Session, container_id: str, info: ContainerInfo) -> None:
+        """Check that the started container sees exactly its GPU: the slice the engine
+        assigned its task (Swarm: asked through the control channel, so once its sshd
+        answers), or the GPU the gateway gave it by DeviceRequest (plain Docker with real
+        GPUs). A GPU-less session, or simulated GPUs, has nothing to check.
+
+        Raises:
+            ContainerStartFailed: it sees other or more devices, or could not be asked.
+        """
+        expected = info.gpu_uuid or (session.gpu_uuid if self._gpus.needs_device_request else None)
+        if expected:
+            await verify_pin(self._runtime, container_id, expected)
 
     async def wait_ready(
         self, session: Session, container_id: str, address: tuple[str, int]

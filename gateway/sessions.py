@@ -391,7 +391,7 @@ class SessionManager:
         )
 
     async def _start(self, live: LiveSession, creds: Awaitable[Credentials]) -> Session:
-        """Container, files, start, handshake; then ``running`` and the timer.
+        """Container, files, start, handshake, GPU check; then ``running`` and the timer.
 
         Raises:
             ContainerStartFailed: not up within ``--start-timeout``, or it failed.
@@ -416,11 +416,12 @@ class SessionManager:
             await self._provision.write_files(container_id, session, await creds)
             live.files_written = True
         self._step_done(session, "files_written")
-        info = await self._provision.start(container_id, session)
+        info = await self._provision.start(container_id)
         self._step_done(session, "container_started")
         assert info.ip is not None  # start() guarantees an address
         await self._provision.wait_ready(session, container_id, (info.ip, info.ssh_port))
         self._step_done(session, "sshd_ready")
+        await self._provision.check_gpu(session, container_id, info)
         assert live.listener is not None
         network = self._config.docker_network
         lookup = self._runtime.address_lookup(container_id, network)

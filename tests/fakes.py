@@ -118,10 +118,13 @@ class FakeRuntime:
     containers: dict[str, FakeContainer] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     execs: list[tuple[str, list[str], str]] = field(default_factory=list)
-    runs: list[tuple[str, list[str], str]] = field(default_factory=list)
+    gpu_checks: list[str] = field(default_factory=list)  # the containers asked for GPUs
     #: the devices ``nvidia-smi -L`` lists in any container; None: exactly the container's
     #: own GPU, as a correctly configured NVIDIA Container Toolkit exposes it
-    visible_gpus: tuple[str, ...] | None = None
+    seen_gpus: tuple[str, ...] | None = None
+    #: as a Swarm's node generic resources: the slice the engine assigns a container whose
+    #: spec asks for a profile (``gpu_slice``), reported as its ``gpu_uuid``
+    engine_slices: dict[str, str] = field(default_factory=dict)
     networks: set[str] = field(default_factory=set)
     #: the open event streams: each gets the session id of every event (None: it broke)
     subscribers: list[asyncio.Queue[str | None]] = field(default_factory=list)
@@ -235,7 +238,11 @@ class FakeRuntime:
             ip="127.0.0.1" if c.running and not self.no_address else None,
             labels=c.spec.labels,
             ssh_port=c.port or 1,
+            gpu_uuid=self._assigned(c),
         )
+
+    def _assigned(self, c: FakeContainer) -> str | None:
+        return None if c.spec.gpu_slice is None else self.engine_slices.get(c.spec.gpu_slice)
 
     async def remove(self, container_id: str) -> None:
         await self._step("remove")
@@ -344,14 +351,15 @@ class FakeRuntime:
             if container.server is not None:
                 container.server.close()
 
-    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
-        """Only ``nvidia-smi -L`` exists in these containers."""
-        await self._step("run")
-        own = self._existing(container_id, f"run {argv[0]} in the container").spec.gpu_uuid
-        self.runs.append((container_id, argv, user))
-        if argv != ["nvidia-smi", "-L"]:
-            return CommandResult(127, f"{argv[0]}: not found")
-        visible = self.visible_gpus if self.visible_gpus is not None else (own,) if own else ()
+    async def visible_gpus(self, container_id: str) -> CommandResult:
+        """``nvidia-smi -L`` in a running container: :attr:`seen_gpus`, else its own GPU."""
+        await self._step("visible_gpus")
+        container = self._existing(container_id, "list the container's GPUs")
+        self.gpu_checks.append(container_id)
+        if not container.running:
+            raise ContainerStartFailed(f"container {container_id} is not running")
+        own = container.spec.gpu_uuid or self._assigned(container)
+        visible = self.seen_gpus if self.seen_gpus is not None else (own,) if own else ()
         return nvidia_smi_list(visible)
 
 

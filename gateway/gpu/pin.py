@@ -1,10 +1,12 @@
-"""Check inside a started container that the NVIDIA runtime exposed exactly its GPU.
+"""Check inside a started container that it sees exactly its GPU.
 
 Toolkit settings can defeat ``NVIDIA_VISIBLE_DEVICES`` and the DeviceRequest
 (``accept-nvidia-visible-devices-as-volume-mounts = true``, or
 ``accept-nvidia-visible-devices-envvar-when-unprivileged = false`` with an image that
-asks for ``all``), so the create path asks the container itself: ``nvidia-smi -L``,
-which the toolkit mounts with the ``utility`` driver capability.
+asks for ``all``), and on a Swarm node the toolkit must honour the slice the engine
+assigned, so the create path asks the container itself: ``nvidia-smi -L``, which the
+toolkit mounts with the ``utility`` driver capability (through ``docker exec`` with plain
+Docker, through the control channel on any Swarm node: :meth:`Runtime.visible_gpus`).
 """
 
 from __future__ import annotations
@@ -13,17 +15,16 @@ from gateway.core.gpu_pin import pin_problem
 from gateway.errors import ContainerStartFailed
 from gateway.runtime.base import Runtime
 
-LIST_COMMAND = ("nvidia-smi", "-L")
-
 
 async def verify_pin(runtime: Runtime, container_id: str, gpu_uuid: str) -> None:
     """Return if the container sees exactly ``gpu_uuid``.
 
     Raises:
-        ContainerStartFailed: it sees other or more devices, or ``nvidia-smi -L`` fails.
+        ContainerStartFailed: it sees other or more devices, ``nvidia-smi -L`` fails, or
+            the container cannot be asked.
         DockerUnavailable: the engine is unreachable.
     """
-    result = await runtime.run(container_id, list(LIST_COMMAND), user="0:0")
+    result = await runtime.visible_gpus(container_id)
     if result.exit_code != 0:
         raise ContainerStartFailed(
             "could not check which GPU the session container sees",

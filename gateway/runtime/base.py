@@ -151,8 +151,9 @@ class Runtime(Protocol):
         """Start ``argv`` in the container as ``user`` ("uid:gid"), without waiting."""
         ...
 
-    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
-        """Run ``argv`` in the container as ``user`` ("uid:gid") and wait for it to end.
+    async def visible_gpus(self, container_id: str) -> CommandResult:
+        """What ``nvidia-smi -L`` lists in the running container (:data:`GPU_LIST`, run as
+        root): the devices the NVIDIA toolkit gave it, for the GPU pin check.
 
         The caller bounds the time (e.g. with ``asyncio.timeout``).
         """
@@ -169,6 +170,9 @@ class Runtime(Protocol):
 
     async def close(self) -> None: ...
 
+
+#: The command whose output names the GPU devices a container sees.
+GPU_LIST: tuple[str, ...] = ("nvidia-smi", "-L")
 
 #: Capabilities the workspace image's entrypoint and sshd need on top of ``CapDrop: ALL``;
 #: why each is needed is in workspace-image/CAPABILITIES.md.

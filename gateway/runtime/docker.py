@@ -27,6 +27,7 @@ from aiodocker.exceptions import DockerError
 from gateway.core.gpu_delivery import DEVICE_REQUEST, GpuPath, gpu_host_config, gpu_path
 from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
+    GPU_LIST,
     LABEL_INSTANCE,
     LABEL_SESSION,
     AddressLookup,
@@ -353,11 +354,12 @@ class DockerRuntime:
         total = usage.get("total_usage")
         return None if not isinstance(total, int) else total / 1e9
 
-    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
+    async def visible_gpus(self, container_id: str) -> CommandResult:
+        """:data:`GPU_LIST` through ``docker exec`` (this engine's containers only)."""
         container = self._docker.containers.container(container_id)
 
         async def go() -> CommandResult:
-            execution = await container.exec(argv, stdout=True, stderr=True, user=user)
+            execution = await container.exec(list(GPU_LIST), stdout=True, stderr=True, user="0:0")
             chunks: list[bytes] = []
             async with execution.start(detach=False) as stream:
                 while (message := await stream.read_out()) is not None:
@@ -365,7 +367,7 @@ class DockerRuntime:
             exit_code = (await execution.inspect())["ExitCode"]
             return CommandResult(exit_code, b"".join(chunks).decode(errors="replace"))
 
-        return await self._call(f"run {argv[0]} in container {container_id[:12]}", go)
+        return await self._call(f"run {GPU_LIST[0]} in container {container_id[:12]}", go)
 
 
 async def probe_gpu_path() -> dict[str, Any]:

@@ -555,13 +555,33 @@ class SwarmRuntime:
         if self._channel is None:
             await self._local.tell(await self._on_task(container_id), message)
             return
-        found = await self._address(container_id, await self._tasks(container_id))
+        address = await self._task_address(container_id, "a message")
+        await self._channel.wall(self._sessions.get(container_id, ""), address, message)
+
+    async def visible_gpus(self, container_id: str) -> CommandResult:
+        """Through the control channel (any node), else through the Engine on this node.
+
+        Raises:
+            ContainerStartFailed: no running task to ask, or the channel failed.
+        """
+        if self._channel is None:
+            return await self._local.visible_gpus(await self._on_task(container_id))
+        address = await self._task_address(container_id, "the GPU check")
+        return await self._channel.visible_gpus(self._sessions.get(container_id, ""), address)
+
+    async def _task_address(self, service: str, purpose: str) -> tuple[str, int]:
+        """Where the service's running task answers, for the control channel.
+
+        Raises:
+            ContainerStartFailed: no task runs.
+        """
+        found = await self._address(service, await self._tasks(service))
         if found is None:
             raise ContainerStartFailed(
-                f"service {container_id} has no running task to write to",
-                log_message=f"service {container_id}: no running task for a message",
+                f"service {service} has no running task to reach",
+                log_message=f"service {service}: no running task for {purpose}",
             )
-        await self._channel.wall(self._sessions.get(container_id, ""), found[1], message)
+        return found[1]
 
     async def logs(self, container_id: str, tail: int = 20) -> str:
         try:
@@ -578,6 +598,3 @@ class SwarmRuntime:
 
     async def exec(self, container_id: str, argv: list[str], *, user: str) -> None:
         await self._local.exec(await self._on_task(container_id), argv, user=user)
-
-    async def run(self, container_id: str, argv: list[str], *, user: str) -> CommandResult:
-        return await self._local.run(await self._on_task(container_id), argv, user=user)

@@ -18,7 +18,7 @@ from pathlib import Path
 import asyncssh
 
 from gateway.errors import ContainerStartFailed
-from gateway.runtime.base import ContainerFile
+from gateway.runtime.base import CommandResult, ContainerFile
 from gateway.ssh.identity import HostIdentity, create_secret
 
 CONTROL_KEY = "control_ed25519"
@@ -28,9 +28,24 @@ ROOT_AUTHORIZED_KEYS = "/etc/ssh/authorized_keys/root"
 CONTROL_TIMEOUT = 10.0
 
 
+def gpu_listing(answer: str) -> CommandResult | None:
+    """The ``nvidia-smi -L`` run that ``sandman-control`` reports for ``{"read": "gpus"}``
+    (``{"exit_code": <int>, "output": <text>}``), or None if ``answer`` is not that."""
+    try:
+        found = json.loads(answer)
+    except ValueError:
+        return None
+    if not isinstance(found, dict) or set(found) != {"exit_code", "output"}:
+        return None
+    exit_code, output = found["exit_code"], found["output"]
+    if type(exit_code) is not int or not isinstance(output, str):
+        return None
+    return CommandResult(exit_code, output)
+
+
 class ControlChannel:
     """Writes files and terminal messages into running sessions, and reads their CPU
-    time, through their sshd. Build with :meth:`open`."""
+    time and visible GPUs, through their sshd. Build with :meth:`open`."""
 
     def __init__(self, key: asyncssh.SSHKey, identity: HostIdentity) -> None:
         self._key = key
@@ -88,6 +103,22 @@ class ControlChannel:
                 "the session's CPU reading was not understood",
                 log_message=f"session {session_id}: sandman-control answered {answer!r}",
             ) from exc
+
+    async def visible_gpus(self, session_id: str, address: tuple[str, int]) -> CommandResult:
+        """What ``nvidia-smi -L`` lists in the session at ``address``, and its exit status
+        (a missing or failing ``nvidia-smi`` is a result, not an error).
+
+        Raises:
+            ContainerStartFailed: as :meth:`_ask`, or an answer not understood.
+        """
+        answer = await self._ask(session_id, address, {"read": "gpus"})
+        listing = gpu_listing(answer)
+        if listing is None:
+            raise ContainerStartFailed(
+                "the session's GPU listing was not understood",
+                log_message=f"session {session_id}: sandman-control answered {answer!r}",
+            )
+        return listing
 
     async def _ask(self, session_id: str, address: tuple[str, int], request: object) -> str:
         """Run ``sandman-control`` in the session at ``address`` with ``request``; its stdout.

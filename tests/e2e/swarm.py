@@ -23,6 +23,9 @@ NODE_IMAGE = os.environ.get("SANDMAN_SWARM_NODE_IMAGE", "sandman-swarm-node:book
 #: 5-20 s); one worker at a time uses it (a lock file).
 WORKER_CACHE = Path("/var/tmp/sandman-swarm-worker")
 NODE_ENTRY = Path(__file__).with_name("swarm_node_entry.sh")
+#: The worker's stand-in for the NVIDIA Container Runtime, its engine's default runtime.
+NODE_NVIDIA = Path(__file__).with_name("swarm_node_nvidia.sh")
+NODE_RUNTIME = ("--add-runtime", "nvidia=/sandman-node-nvidia", "--default-runtime", "nvidia")
 #: What dockerd in a container needs (measured): every capability but SYS_RESOURCE (not in
 #: this host's bounding set, so --privileged fails), no seccomp/AppArmor, writable /sys.
 NODE_SECURITY = (
@@ -82,12 +85,21 @@ class Worker:
     def docker(self, *args: str) -> str:
         return docker("exec", self.name, "docker", *args)
 
+    def expose_gpus(self, *uuids: str) -> None:
+        """Make the node's fake NVIDIA toolkit give containers made from now on ``uuids``
+        instead of their assigned slices (as toolkit settings that defeat the pin would);
+        none: their own slices again."""
+        knob = "/etc/sandman-fake-nvidia/visible"
+        script = f"mkdir -p {Path(knob).parent} && printf '%s\\n' \"$@\" >{knob}"
+        docker("exec", self.name, "sh", "-c", script if uuids else f"rm -f {knob}", "-", *uuids)
+
 
 @contextlib.contextmanager
 def swarm_worker(shared: Path, image: str, resources: list[str]) -> Iterator[Worker]:
     """A worker joined to this engine's Swarm, with ``image`` loaded, ``shared`` bound at
     the same path (shared storage) and the node generic ``resources`` ("KIND=VALUE");
-    killed and removed from the Swarm afterwards."""
+    killed and removed from the Swarm afterwards. Its engine runs containers through a fake
+    NVIDIA toolkit (:data:`NODE_NVIDIA`)."""
     if subprocess.run(["docker", "image", "inspect", NODE_IMAGE], capture_output=True).returncode:
         pytest.fail(f"the multi-node test needs the image {NODE_IMAGE} (run: make images)")
     WORKER_CACHE.mkdir(parents=True, exist_ok=True)
@@ -103,8 +115,9 @@ def swarm_worker(shared: Path, image: str, resources: list[str]) -> Iterator[Wor
         generic = [arg for r in resources for arg in ("--node-generic-resource", r)]
         docker("run", "-d", "--name", name, "--hostname", name, *NODE_SECURITY,
                "-v", f"{store}:/var/lib/docker", "-v", f"{NODE_ENTRY}:/sandman-node-entry:ro",
+               "-v", f"{NODE_NVIDIA}:/sandman-node-nvidia:ro",
                "-v", f"{shared}:{shared}", "--entrypoint", "/sandman-node-entry",
-               NODE_IMAGE, *generic)  # fmt: skip
+               NODE_IMAGE, *NODE_RUNTIME, *generic)  # fmt: skip
         worker = Worker(name, docker("inspect", name, "-f", "{{.NetworkSettings.IPAddress}}"))
         try:
             _start_worker(worker, image)

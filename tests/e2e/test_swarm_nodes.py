@@ -14,6 +14,9 @@ offering that slice (though this node takes tasks too), the task's sshd runs pin
 slice's UUID, the row records it, a second request finds none free (503 ``no_capacity``
 with the engine's reason), the expiry warning reaches the user's terminal on the worker
 (through the control channel), and once the first session's TTL ends the slice serves another.
+The worker's engine runs a fake NVIDIA toolkit (``swarm_node_nvidia.sh``): the gateway's pin
+check asks the task on the worker, through the control channel, what ``nvidia-smi -L``
+lists; a task that sees another device than its slice fails the create and is rolled back.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tests.e2e.conftest import IMAGE, Gateway, docker, port_refuses, wait_for
 from tests.e2e.swarm import (
     Worker,
     ensure_swarm,
+    owned,
     remove_swarm_leftovers,
     set_availability,
     swarm_worker,
@@ -34,6 +38,7 @@ from tests.e2e.swarm import (
 
 SLICE = "MIG-1g.10gb=MIG-e2e00000-0000-0000-0000-000000000001"
 SLICE_UUID = SLICE.split("=")[1]
+OTHER_UUID = "MIG-e2e00000-0000-0000-0000-000000000002"  # a device not given to the session
 
 
 @contextlib.contextmanager
@@ -102,16 +107,31 @@ def test_a_mig_session_lands_on_the_node_with_the_slice_and_frees_it_at_ttl(
     gateway_factory: Any, ssh
 ):
     with _gateway_and_worker(gateway_factory, "--expiry-warning", "9s") as (gw, worker):
+        # the worker's toolkit exposes another device than the slice Swarm assigned: the
+        # pin check in the task (on the worker: the manager's Engine cannot exec there)
+        # fails the create, and the rollback removes the service and frees the slice
+        worker.expose_gpus(OTHER_UUID)
+        failed = gw.create(user_id="migbad", mig_profile="1g.10gb")
+        assert (failed.status, failed.body["code"]) == (502, "container_start_failed")
+        assert (
+            f"GPU isolation failed: the container sees GPU-e2e-parent, {OTHER_UUID} instead of "
+            f"only {SLICE_UUID}" in failed.body["error"]
+        )
+        instance = gw.instance_id()
+        assert owned("service", instance) == owned("secret", instance) == []
+        worker.expose_gpus()
+
         created = gw.create(user_id="migone", mig_profile="1g.10gb", ttl_seconds=15)
         assert created.status == 201, created.body
         session = created.body
         assert session["gpu_uuid"] == SLICE_UUID and session["mig_profile"] == "1g.10gb"
         url = f"/sessions/{session['session_id']}"
         assert gw.request("GET", url).body["node"] == worker.name  # this node has none
-        # the task runs pinned to its slice, and the user's login sees which
-        logged_in = ssh.with_key(session, "echo $NVIDIA_VISIBLE_DEVICES")
+        # the task runs pinned to its slice, sees only it, and the user's login sees which
+        logged_in = ssh.with_key(session, "echo $NVIDIA_VISIBLE_DEVICES; nvidia-smi -L")
         assert logged_in.returncode == 0, logged_in.stderr
-        assert logged_in.stdout.strip() == SLICE_UUID
+        pinned, listing = logged_in.stdout.split("\n", 1)
+        assert pinned == SLICE_UUID and f"(UUID: {SLICE_UUID})" in listing
         # the expiry warning reaches its terminal through the control channel (the
         # manager's Engine cannot exec on the worker)
         terminal = ssh.start_with_key(session, "sleep 30", tty=True)

@@ -205,7 +205,7 @@ async def test_a_container_seeing_exactly_its_gpu_is_accepted(make_client, runti
     assert resp.status == 201
     (container,) = runtime.containers.values()
     assert container.spec.device_request and container.spec.gpu_uuid == WHOLE
-    assert [(argv, user) for _, argv, user in runtime.runs] == [(["nvidia-smi", "-L"], "0:0")]
+    assert runtime.gpu_checks == [container.id]
 
 
 @pytest.mark.parametrize(
@@ -218,14 +218,14 @@ async def test_a_container_seeing_exactly_its_gpu_is_accepted(make_client, runti
 async def test_a_container_seeing_other_gpus_is_rolled_back(make_client, runtime, visible, error):
     nv = nvml(FakeGpu(WHOLE, mig=False))
     client = await make_client(gpu_factory=lambda: NvmlBackend(nv))
-    runtime.visible_gpus = visible
+    runtime.seen_gpus = visible
     resp = await create(client)
     body = await resp.json()
     assert (resp.status, body["code"]) == (502, "container_start_failed")
     assert error in body["error"]
     assert runtime.containers == {} and runtime.removed
     assert await (await client.get("/sessions")).json() == []
-    runtime.visible_gpus = None
+    runtime.seen_gpus = None
     assert (await create(client)).status == 201  # the GPU was released
 
 
@@ -237,7 +237,7 @@ async def test_a_mig_container_seeing_every_slice_is_rolled_back_and_the_slice_d
     client = await make_client(
         gpu_factory=lambda: NvmlBackend(nv), default_mig_profile="3g.40gb", mig_dynamic=True
     )
-    runtime.visible_gpus = (H100, other.uuid, "MIG-made-for-this-session")
+    runtime.seen_gpus = (H100, other.uuid, "MIG-made-for-this-session")
     resp = await create(client)
     assert resp.status == 502
     assert "instead of only MIG-" in (await resp.json())["error"]
@@ -247,7 +247,29 @@ async def test_a_mig_container_seeing_every_slice_is_rolled_back_and_the_slice_d
 async def test_gpu_less_sessions_run_no_check(make_client, runtime):
     client = await make_client()
     assert (await create(client)).status == 201
-    assert runtime.runs == []
+    assert runtime.gpu_checks == []
+
+
+async def test_a_swarm_task_must_see_exactly_the_slice_the_engine_assigned_it(make_client, runtime):
+    """With Swarm the gateway's own GPUs say nothing (simulated or none here): the task is
+    checked against the slice the engine gave it, which the row then records."""
+    runtime.engine_slices = {"1g.10gb": "MIG-node-slice-1"}
+    client = await make_client(runtime="swarm")
+    runtime.seen_gpus = ("GPU-node-parent", "MIG-node-slice-2")  # the node's toolkit ignores it
+    failed = await create(client, mig_profile="1g.10gb")
+    body = await failed.json()
+    assert (failed.status, body["code"]) == (502, "container_start_failed")
+    assert (
+        "GPU isolation failed: the container sees GPU-node-parent, MIG-node-slice-2 instead "
+        "of only MIG-node-slice-1" in body["error"]
+    )
+    assert runtime.containers == {} and len(runtime.gpu_checks) == 1
+    runtime.seen_gpus = None
+    created = await create(client, mig_profile="1g.10gb")
+    assert created.status == 201 and (await created.json())["gpu_uuid"] == "MIG-node-slice-1"
+    assert len(runtime.gpu_checks) == 2
+    assert (await create(client, user_id="bob")).status == 201  # no slice: nothing to check
+    assert len(runtime.gpu_checks) == 2
 
 
 # --- a MIG instance another process holds --------------------------------------------

@@ -14,7 +14,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from gateway.ssh.control import CONTROL_COMMAND, ROOT_AUTHORIZED_KEYS, ControlChannel
+from gateway.runtime.base import CommandResult
+from gateway.ssh.control import CONTROL_COMMAND, ROOT_AUTHORIZED_KEYS, ControlChannel, gpu_listing
 from gateway.ssh.identity import HostIdentity
 
 SCRIPT = Path(__file__).parents[2] / "workspace-image" / "session" / "sandman-control"
@@ -71,6 +72,8 @@ def test_writes_the_session_facts_idle_clocks_and_a_users_keys_atomically(root):
         ("not json", "malformed"),
         ({"exec": "id"}, "not a request"),
         ({"read": "memory"}, "not a request"),
+        ({"read": "gpus", "wall": "hi"}, "malformed"),
+        ({"read": ["gpus"]}, "not a request"),
         (["wall", "hi"], "malformed"),
         ({"wall": ""}, "malformed"),
         ({"wall": 3}, "malformed"),
@@ -150,3 +153,56 @@ def test_no_cgroup_cpu_accounting_is_a_failure_not_a_zero(root):
     done = control(root, {"read": "cpu"})
     assert done.returncode == 1 and "no cgroup CPU accounting" in done.stderr
     assert done.stdout == ""
+
+
+def fake_nvidia_smi(tmp_path: Path, script: str) -> str:
+    """A PATH whose ``nvidia-smi`` runs ``script`` (sh), as the toolkit's would."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+LISTING = "GPU 0: NVIDIA A100 (UUID: GPU-1)\n  MIG 1g.10gb     Device  0: (UUID: MIG-1)\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "answer"),
+    [
+        (f"[ \"$*\" = -L ] && printf '{LISTING}'", {"exit_code": 0, "output": LISTING}),
+        ("echo 'Failed to initialize NVML: Unknown Error' >&2; exit 255",
+         {"exit_code": 255, "output": "Failed to initialize NVML: Unknown Error\n"}),
+    ],
+)  # fmt: skip
+def test_lists_the_gpus_nvidia_smi_sees_with_its_exit_status(root, tmp_path, script, answer):
+    done = control(root, {"read": "gpus"}, fake_nvidia_smi(tmp_path, script))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout) == answer
+
+
+def test_a_missing_nvidia_smi_is_an_answer_not_a_failure(root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = control(root, {"read": "gpus"}, str(empty))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout) == {"exit_code": 127, "output": "nvidia-smi: not found"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "result"),
+    [
+        ('{"exit_code": 0, "output": "GPU 0: x"}\n', CommandResult(0, "GPU 0: x")),
+        ('{"exit_code": 127, "output": "not found"}', CommandResult(127, "not found")),
+        ('{"cpu_seconds": 1.5}', None),  # another request's answer
+        ('{"exit_code": "0", "output": ""}', None),
+        ('{"exit_code": true, "output": ""}', None),
+        ('{"exit_code": 0, "output": null}', None),
+        ('{"exit_code": 0, "output": "", "more": 1}', None),
+        ('[0, ""]', None),
+        ("", None),
+        ("sandman-control: not json", None),
+    ],
+)  # fmt: skip
+def test_the_gateway_reads_the_gpu_listing_answer_strictly(answer, result):
+    assert gpu_listing(answer) == result

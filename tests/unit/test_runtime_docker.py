@@ -49,7 +49,7 @@ CALLS = {
     "list_owned": lambda r: r.list_owned("i1", "net"),
     "exec": lambda r: r.exec("c1", ["wall", "hi"], user="0:5"),
     "tell": lambda r: r.tell("c1", "hi"),
-    "run": lambda r: r.run("c1", ["nvidia-smi", "-L"], user="0"),
+    "visible_gpus": lambda r: r.visible_gpus("c1"),
 }
 
 
