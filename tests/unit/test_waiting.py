@@ -92,6 +92,15 @@ async def reached(gate):
         await gate.reached.wait()
 
 
+async def start_held(client, runtime, holder):
+    """End ``holder``: the head of the list starts, and is held at its container's create
+    (the gate)."""
+    gate = runtime.pause("create")
+    await client.delete(f"/sessions/{holder}")
+    await reached(gate)
+    return gate
+
+
 async def events(client, name):
     body = await (await client.get("/audit", params={"limit": "1000"})).json()
     return [e for e in body["events"] if e["event"] == name]
@@ -319,9 +328,7 @@ async def test_a_dequeued_start_that_fails_goes_back_and_starts_with_its_credent
     ids = await fill(client)
     _, first = await post(client, "late", wait=True)
     _, second = await post(client, "later", wait=True, ttl_minutes=120)  # never backfills
-    gate = runtime.pause("create")
-    await client.delete(f"/sessions/{ids[0]}")
-    await reached(gate)
+    gate = await start_held(client, runtime, ids[0])
     assert (await state_of(client, first["session_id"]))["state"] == "starting"
     assert (await state_of(client, second["session_id"]))["queue_position"] == 1
     runtime.mode = "fail_create"
@@ -356,9 +363,7 @@ async def test_delete_while_a_dequeued_request_starts_ends_it_for_good(make_sim,
     client = await make_sim()
     ids = await fill(client)
     _, queued = await post(client, "late", wait=True)
-    gate = runtime.pause("create")
-    await client.delete(f"/sessions/{ids[0]}")
-    await reached(gate)
+    gate = await start_held(client, runtime, ids[0])
     resp = await client.delete(f"/sessions/{queued['session_id']}")
     assert resp.status == 200, await resp.json()
     gate.open()
@@ -416,9 +421,7 @@ async def test_a_start_the_gateway_stops_mid_way_goes_back_on_the_list(make_sim,
     client = await make_sim()
     ids = await fill(client)
     _, queued = await post(client, "late", wait=True)
-    gate = runtime.pause("create")
-    await client.delete(f"/sessions/{ids[0]}")
-    await reached(gate)
+    await start_held(client, runtime, ids[0])
     await client.close()  # as on SIGTERM: the start is cancelled and rolled back
     runtime.gates.clear()
 
