@@ -450,7 +450,6 @@ class Store:
         started, if any, leaves the waiting list. False when the session is ending or gone:
         it must not be started."""
         async with self._transaction() as conn:
-            await conn.execute("DELETE FROM queue WHERE id = ? AND starting = 1", (session_id,))
             cur = await conn.execute(
                 "UPDATE sessions SET state = ?, container_id = ?, container_ip = ?, "
                 "gpu_uuid = COALESCE(?, gpu_uuid) WHERE id = ? AND state != ?",
@@ -463,7 +462,11 @@ class Store:
                     SessionState.ENDING.value,
                 ),
             )
-            return cur.rowcount > 0
+            if cur.rowcount == 0:
+                return False
+            sql = "DELETE FROM queue WHERE id = ? AND starting = 1"
+            await conn.execute(sql, (session_id,))
+            return True
 
     @_atomic
     async def begin_ending(self, session_id: str, reason: str) -> Session | None:
