@@ -280,8 +280,10 @@ class WaitingList:
             if request.user_id in busy_users:
                 continue  # a later request of a user with a session: after it ends
             if queued.id in self._starts or self._held_back(queued.id):
-                head_blocked = True  # its start just failed (and is rolling back) or found
-                continue  # no node: it goes first once that is over, or capacity frees
+                # its failed start is still rolling back, or no node took it (Swarm): it
+                # blocks like a head that does not fit, and is tried again later
+                head_blocked = True
+                continue
             if head_blocked:
                 end = ttl.expires_at(now, request.ttl_seconds)
                 if not fairshare.may_backfill(end, holding):
