@@ -108,6 +108,7 @@ class QueuedRequest:
     expires_at: datetime  # --queue-timeout after submission
     authorized_keys: tuple[str, ...]
     password_hash: str
+    attempts: int = 0  # starts that failed (it went back on the list each time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,10 @@ before its side effects, so a crash or a failed step is always visible and resum
   session is never extended: the row's state is checked under the lock and by the update.
 - **recover** re-opens each live session's listener on its port, or on another one when
   that port is taken (the container and the user's jobs keep running; the move is audited).
+
+A session started from the waiting list keeps its queued request until it runs: a create
+that fails puts the request back on the list, in the transaction that deletes its row
+(:meth:`Store.delete_session`), so neither a failure nor a crash mid-start loses it.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ WATCH_RETRY_SECONDS = 2.0
 SWEEP_CONCURRENCY = 16
 SWEEP_BUDGET_SECONDS = 150.0
 CREATE_FAILED = "create_failed"  # an end reason that was never a created session
+#: The error of a create whose failure this process did not see: the gateway crashed or
+#: stopped mid-start (recovery), or the failed create's cleanup was finished by the sweep.
+START_INTERRUPTED = "start_interrupted"
 #: A create's steps, in order; each is logged at DEBUG when done (the kill test stops there).
 CREATE_STEPS = (
     "port_bound",  # GPU, port and row reserved, listener bound
@@ -119,6 +126,7 @@ class LiveSession:
     timer: asyncio.Task[None] | None = None
     ending: asyncio.Task[bool] | None = None
     files_written: bool = False  # the container holds its files: a PATCH rewrites them
+    failure: str | None = None  # the error code its create failed with
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # PATCH vs start vs sweep
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # the expiry moved
 
@@ -267,14 +275,14 @@ class SessionManager:
         except asyncio.CancelledError:
             if not task.cancelled():  # our caller went away: the start goes too
                 task.cancel()
-                await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+                await self._roll_back(live, GatewayStopping.code)
                 raise
-            await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+            await self._roll_back(live, GatewayStopping.code)  # a DELETE's reason wins
             if self._stopping:
                 raise GatewayStopping("the gateway is stopping; try again shortly") from None
             raise SessionDeleted("the session was ended while it was starting") from None
-        except BaseException:
-            await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+        except BaseException as exc:
+            await self._roll_back(live, _error_code(exc))
             raise
         self._metrics.create_seconds.observe(time.monotonic() - started)
         await _quietly(
@@ -294,6 +302,12 @@ class SessionManager:
             ttl_capped=session.ttl_seconds < request.ttl_seconds,
         )
 
+    async def _roll_back(self, live: LiveSession, error: str) -> None:
+        """End a session whose create failed with ``error`` (its queued request, if any,
+        goes back on the waiting list: see :meth:`_delete_row`)."""
+        live.failure = error
+        await _quietly(self.end(live.session, CREATE_FAILED), "rollback")
+
     async def _reserve(
         self,
         request: CreateRequest,
@@ -305,11 +319,13 @@ class SessionManager:
         the TTL is capped to the user's GPU-hour budget.
 
         Raises:
-            SessionExists, QuotaExceeded: before anything is allocated.
+            SessionExists, QuotaExceeded, GatewayStopping: before anything is allocated.
         """
         session_id = str(uuid.uuid4()) if queued is None else queued.id
         now = self._clock().replace(microsecond=0)  # so the shown expires_at is exact
         async with self._reserve_lock:
+            if self._stopping:  # its start would be cancelled at once
+                raise GatewayStopping("the gateway is stopping; try again shortly")
             if await self._store.session_of_user(request.user_id) is not None:
                 raise SessionExists(f"user {request.user_id!r} already has a live session")
             await self._budgets.precheck(request.user_id)
@@ -585,7 +601,7 @@ class SessionManager:
                     await self._gpus.release_session(row)
                     self._on_end()
             why = row.end_reason or reason
-            deleted = await self._delete_row(row, why)
+            deleted = await self._delete_row(row, why, live.failure)
         except BaseException:
             live.ending = None
             if not live.holds:
@@ -598,13 +614,19 @@ class SessionManager:
             log.info("session %s of %s ended: %s", session_id, row.user_id, why)
         return deleted
 
-    async def _delete_row(self, row: Session, why: str) -> bool:
+    async def _delete_row(self, row: Session, why: str, failure: str | None) -> bool:
         """Delete the row; one that was created gets its end event in the same transaction.
         One that never ran, or whose create failed even after it ran (its start timed out
         while ``running`` was being written: no ``session_created``), ends with its POST's
-        answer."""
+        answer; the queued request it started goes back on the list if its create failed
+        (with ``failure``, the error), else with it."""
         if row.container_ip is None or why == CREATE_FAILED:
-            return await self._store.delete_session(row.id, self._clock())
+            failed = (failure or START_INTERRUPTED) if why == CREATE_FAILED else None
+            deleted, saved = await self._store.delete_session(
+                row.id, self._clock(), reason=why, failed=failed
+            )
+            self._audit.stored([saved] if saved is not None else [])
+            return deleted
         event = _END_EVENT.get(why, "session_ended")
         saved = await self._store.delete_session_audited(
             row, self._clock(), event, session_data(row, reason=why)
@@ -825,6 +847,10 @@ class SessionManager:
 def _report(task: asyncio.Task) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("background task %s failed", task.get_name(), exc_info=exc)
+
+
+def _error_code(exc: BaseException) -> str:
+    return exc.code if isinstance(exc, GatewayError) else GatewayError.code
 
 
 def _ending(session_id: str) -> SessionEnding:

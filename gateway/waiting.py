@@ -8,7 +8,15 @@ capacity frees.
   ``--reap-interval``): the queue in fair order (lowest decayed GPU usage, then
   submission); the first that fits starts; behind a head that does not fit, a request
   starts only if it ends before any capacity now held frees (it cannot delay the head).
-  Each start takes the row off the list in the transaction that stores its session.
+- **start**: storing its session marks the row ``starting`` (off the list, still the user's);
+  the row goes when the session runs. A create that fails (or a crash mid-start, which
+  recovery ends as a failed create) puts it back with its submission time, deadline and
+  credentials, in the transaction that deletes the session's row; after
+  :data:`~gateway.core.fairshare.MAX_START_ATTEMPTS` failures it ends
+  (``session_dequeue_failed``). A Swarm that places the task nowhere (``no_capacity``) is
+  "nothing fits": the request goes back uncounted and is tried again when capacity frees,
+  else after :data:`NO_CAPACITY_RETRY_SECONDS` (each try costs a service and up to
+  ``--place-timeout``).
 - **deadlines**: a request waiting past ``--queue-timeout`` ends (``queue_timeout``); a
   session started from the list with no connection within ``--claim-timeout`` ends
   (``not_claimed``); ``DELETE`` withdraws a waiting request.
@@ -34,9 +42,12 @@ from gateway.core import fairshare, ttl
 from gateway.core.fairshare import Waiting
 from gateway.errors import (
     GatewayError,
+    GatewayStopping,
+    NoCapacity,
     NoGpuAvailable,
     NoPortAvailable,
     QuotaExceeded,
+    SessionDeleted,
     SessionExists,
     SessionNotFound,
 )
@@ -49,9 +60,12 @@ from gateway.store import Store
 log = logging.getLogger(__name__)
 
 #: What "nothing fits" means: a ``wait`` request queues on these instead of failing.
-_NO_ROOM = (NoGpuAvailable, NoPortAvailable)
+_NO_ROOM = (NoGpuAvailable, NoPortAvailable, NoCapacity)
 _NO_ROOM_LEFT = object()  # a start found nothing that fits
 MIN_STEP_SECONDS = 0.5
+#: A request no Swarm node took is tried again when capacity frees, else after this long.
+NO_CAPACITY_RETRY_SECONDS = 30.0
+CLOSE_GRACE_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +99,9 @@ class WaitingList:
         self._wake = asyncio.Event()
         self._freed = 0  # capacity freed this many times: a step's view of it is stale
         self._step_lock = asyncio.Lock()
-        self._starts: set[asyncio.Task[object]] = set()
+        self._starts: dict[str, asyncio.Task[bool]] = {}  # by request: its create
+        #: requests no node took (Swarm), by id: ``_freed`` then, and when to try again
+        self._no_node: dict[str, tuple[int, datetime]] = {}
 
     def attach(self, manager: SessionManager) -> None:
         self._manager = manager
@@ -94,6 +110,11 @@ class WaitingList:
     def manager(self) -> SessionManager:
         assert self._manager is not None, "attach() the session manager first"
         return self._manager
+
+    @property
+    def starting(self) -> int:
+        """Starts from the list in progress (until their create returns)."""
+        return len(self._starts)
 
     def wake(self) -> None:
         """Capacity may have freed: run a step soon. Called right after a GPU release,
@@ -114,14 +135,15 @@ class WaitingList:
         """
         if not request.wait:
             return await self.manager.create(request)
+        no_node = False
         if not await self._store.queued():
             try:
                 return await self.manager.create(request)
-            except _NO_ROOM:
-                pass
-        return await self._enqueue(request)
+            except _NO_ROOM as exc:
+                no_node = isinstance(exc, NoCapacity)
+        return await self._enqueue(request, no_node=no_node)
 
-    async def _enqueue(self, request: CreateRequest) -> Queued:
+    async def _enqueue(self, request: CreateRequest, *, no_node: bool) -> Queued:
         await self._budgets.precheck(request.user_id)
         if await self._store.session_of_user(request.user_id) is not None:
             raise SessionExists(f"user {request.user_id!r} already has a live session")
@@ -137,6 +159,8 @@ class WaitingList:
             authorized_keys=public_keys,
             password_hash=password_hash,
         )
+        if no_node:  # it just met no_capacity: not again at once
+            self._hold_back(queued.id)
         await self._store.enqueue(queued, max_per_user=self._config.max_queued_per_user)
         position = await self.position(queued.id)
         await self._event("session_queued", queued, queue_position=position)
@@ -202,6 +226,7 @@ class WaitingList:
         now = self._clock()
         deadlines = [q.expires_at for q in await self._store.queued()]
         deadlines += [s.claim_by for s in await self._store.list_sessions() if s.claim_by]
+        deadlines += [retry_at for _, retry_at in self._no_node.values()]
         wait = self._config.reap_interval
         for deadline in deadlines:
             # a deadline a failed step left behind is retried, but never in a tight loop
@@ -248,10 +273,17 @@ class WaitingList:
         head_blocked = False
         now = self._clock()
         freed = self._freed
-        for queued in await self.ordered():
+        ordered = await self.ordered()
+        self._no_node = {q.id: self._no_node[q.id] for q in ordered if q.id in self._no_node}
+        for queued in ordered:
             request = queued.request
             if request.user_id in busy_users:
                 continue  # a later request of a user with a session: after it ends
+            if queued.id in self._starts or self._held_back(queued.id):
+                # its failed start is still rolling back, or no node took it (Swarm): it
+                # blocks like a head that does not fit, and is tried again later
+                head_blocked = True
+                continue
             if head_blocked:
                 end = ttl.expires_at(now, request.ttl_seconds)
                 if not fairshare.may_backfill(end, holding):
@@ -269,6 +301,22 @@ class WaitingList:
                 if started.gpu_uuid is not None:
                     holding.append(started.expires_at)
 
+    def _hold_back(self, queued_id: str) -> None:
+        """No node took ``queued_id``: try it again when capacity frees, or after
+        :data:`NO_CAPACITY_RETRY_SECONDS`."""
+        retry_at = self._clock() + timedelta(seconds=NO_CAPACITY_RETRY_SECONDS)
+        self._no_node[queued_id] = (self._freed, retry_at)
+
+    def _held_back(self, queued_id: str) -> bool:
+        held = self._no_node.get(queued_id)
+        if held is None:
+            return False
+        freed, retry_at = held
+        if freed == self._freed and self._clock() < retry_at:
+            return True
+        del self._no_node[queued_id]
+        return False
+
     def _guard(self, freed: int) -> Callable[[], None]:
         """A backfill's guard: refuse if capacity freed since the head found none (the head
         may fit now, and goes first)."""
@@ -284,15 +332,16 @@ class WaitingList:
         are, :data:`_NO_ROOM_LEFT` if nothing fits it (it stays queued), or None when it
         could not start for another reason (see :meth:`_create`)."""
         reserved: asyncio.Future[Session] = asyncio.get_running_loop().create_future()
-
-        def on_reserved(session: Session) -> None:
-            reserved.set_result(session)
-
         task = asyncio.create_task(
-            self._create(queued, on_reserved, guard), name=f"dequeue:{queued.id}"
+            self._create(queued, reserved, guard), name=f"dequeue:{queued.id}"
         )
-        self._starts.add(task)
-        task.add_done_callback(self._starts.discard)
+        self._starts[queued.id] = task
+
+        def done(_: object) -> None:  # a failed start is back on the list: step again
+            self._starts.pop(queued.id, None)
+            self._wake.set()
+
+        task.add_done_callback(done)
         await asyncio.wait({reserved, task}, return_when=asyncio.FIRST_COMPLETED)
         if reserved.done():
             return reserved.result()
@@ -301,30 +350,34 @@ class WaitingList:
     async def _create(
         self,
         queued: QueuedRequest,
-        reserved: Callable[[Session], None],
+        reserved: asyncio.Future[Session],
         guard: Callable[[], None],
     ) -> bool:
-        """Create the session of ``queued``; True if nothing fits it. A budget now spent, or
-        a start that failed, takes it off the list (audited); a user who has a session
-        meanwhile leaves it waiting."""
+        """Create the session of ``queued`` (``reserved`` is set once its row is stored);
+        True if nothing fits it. A budget now spent takes it off the list (audited); a start
+        that failed puts it back, counted (:meth:`Store.start_failed`, or with its row's
+        deletion once stored); a user who has a session meanwhile leaves it waiting."""
         request = queued.request
         try:
             created = await self.manager.create(
-                request, queued=queued, reserved=reserved, guard=guard
+                request, queued=queued, reserved=reserved.set_result, guard=guard
             )
-        except _NO_ROOM:
+        except _NO_ROOM as exc:
+            if isinstance(exc, NoCapacity):
+                log.info("request %s of %s: %s", queued.id, request.user_id, exc.log_message)
+                self._hold_back(queued.id)
             return True
-        except SessionExists:
-            return False
+        except (SessionExists, SessionDeleted, GatewayStopping):
+            return False  # it waits on; or it was withdrawn, or the gateway stops: as stored
         except QuotaExceeded as exc:
             if await self._store.withdraw(queued.id):
                 await self._event("session_quota_exceeded", queued, **exc.details)
             return False
         except GatewayError as exc:
-            # withdrawn meanwhile, or the start failed after the row was taken off the list
             log.warning("request %s of %s did not start: %s", queued.id, request.user_id, exc)
-            if await self._store.withdraw(queued.id):
-                await self._event("session_dequeue_failed", queued, error=exc.code)
+            if not reserved.done():  # no row was stored, whose deletion would count it
+                saved = await self._store.start_failed(queued.id, self._clock(), exc.code)
+                self._audit.stored([saved] if saved is not None else [])
             return False
         waited = (created.session.created_at - queued.submitted_at).total_seconds()
         self._metrics.queue_wait_seconds.observe(max(waited, 0.0))
@@ -339,10 +392,15 @@ class WaitingList:
         return False
 
     async def close(self) -> None:
-        """Cancel starts in progress (their rollback runs) and wait for them."""
-        for task in list(self._starts):
+        """Wait (at most :data:`CLOSE_GRACE_SECONDS`) for starts in progress, which the
+        shutdown cancelled (:meth:`SessionManager.stop_starting`), to roll back and put
+        their requests back on the list; cancel what is left (recovery finishes it)."""
+        starts = list(self._starts.values())
+        if starts:
+            await asyncio.wait(starts, timeout=CLOSE_GRACE_SECONDS)
+        for task in starts:
             task.cancel()
-        await asyncio.gather(*self._starts, return_exceptions=True)
+        await asyncio.gather(*starts, return_exceptions=True)
 
     async def _event(self, event: str, queued: QueuedRequest, **data: object) -> None:
         try:

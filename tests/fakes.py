@@ -17,7 +17,7 @@ from typing import Any
 import asyncssh
 
 from gateway.core.gpu_delivery import DEVICE_REQUEST, GpuPath, gpu_path
-from gateway.errors import ContainerStartFailed, DockerUnavailable
+from gateway.errors import ContainerStartFailed, DockerUnavailable, NoCapacity
 from gateway.runtime.base import (
     LABEL_INSTANCE,
     LABEL_SESSION,
@@ -99,8 +99,9 @@ class Gate:
 @dataclass
 class FakeRuntime:
     """In-memory containers, as unkind as Docker by default. ``mode``: "ok", "never_ready",
-    "crash", "fail_create" or "wrong_host_key" (an SSH server answers, but not with the
-    session's host key).
+    "crash", "fail_create", "wrong_host_key" (an SSH server answers, but not with the
+    session's host key) or "no_capacity" (as a Swarm whose nodes take no task: the start
+    fails with :class:`NoCapacity` once ``--place-timeout`` is over).
 
     Like Docker: a container that is not running has no address; a name in use is refused
     (409, which the real runtime reports as :class:`ContainerStartFailed`); every removal,
@@ -200,6 +201,11 @@ class FakeRuntime:
     async def start(self, container_id: str, network: str) -> ContainerInfo:
         await self._step("start")
         container = self._existing(container_id, "start the container")
+        if self.mode == "no_capacity":
+            raise NoCapacity(
+                "no node can run the session now: no suitable node (insufficient resources"
+                " on 1 node)"
+            )
         self._resolve_devices(container)
         container.running = True
         if self.mode in ("ok", "wrong_host_key") and container.server is None:

@@ -146,7 +146,8 @@ async def _follow(api: Api, queued: Mapping[str, Any], interval: float, io: Io) 
         except ApiError as exc:
             if exc.code == "session_not_found":
                 raise ApiError(
-                    f"request {session_id} is no longer waiting (timed out or withdrawn)",
+                    f"request {session_id} is no longer waiting"
+                    " (timed out, withdrawn, or its starts failed)",
                     "session_not_found",
                 ) from None
             raise

@@ -11,6 +11,8 @@ allows.
 - **Backfill** (:func:`may_backfill`): a request behind a head that does not fit may start
   only if it ends before anything now holding capacity ends, so it never takes capacity the
   head could use at its earliest start.
+- **Failed starts** (:func:`attempts_after`): a queued request whose start fails goes back
+  on the list, at most :data:`MAX_START_ATTEMPTS` times; finding no room does not count.
 - **Budget** (:func:`usage_in_window`, :func:`ttl_allowed`, :func:`next_available`): a rolling
   window (7 days) of GPU-hours per user; a create gets its TTL capped to what is left.
 
@@ -33,6 +35,10 @@ MIN_SESSION_SECONDS = 60
 #: A budget with less than this left is spent: a minute of the smallest MIG slice (1 of 7).
 #: ``next_available_at`` is when this much is free again.
 MIN_AVAILABLE_GPU_HOURS = MIN_SESSION_SECONDS / 3600 / 7
+#: A queued request whose start failed this many times ends (``session_dequeue_failed``).
+MAX_START_ATTEMPTS = 3
+#: Error codes of a start that found nothing to run on: the request just waits on.
+NO_ROOM_ERRORS = frozenset({"no_gpu_available", "no_port_available", "no_capacity"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +115,14 @@ def may_backfill(candidate_end: datetime, holding_ends: Iterable[datetime]) -> b
     capacity that anyone frees, so nothing backfills."""
     ends = list(holding_ends)
     return bool(ends) and candidate_end <= min(ends)
+
+
+def attempts_after(attempts: int, error: str) -> int | None:
+    """The failed starts of a queued request after one more failed with ``error`` (one that
+    found no room does not count), or None: that was its last, it ends."""
+    if error in NO_ROOM_ERRORS:
+        return attempts
+    return attempts + 1 if attempts + 1 < MAX_START_ATTEMPTS else None
 
 
 def usage_in_window(

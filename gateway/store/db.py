@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, Self, TypeVar
 
 import aiosqlite
 
+from gateway.core import fairshare
 from gateway.core.fairshare import UsageRecord
 from gateway.errors import (
     DatabaseTooNew,
@@ -126,6 +127,7 @@ def _queued(row: aiosqlite.Row) -> QueuedRequest:
         expires_at=_dt(row["expires_at"]),
         authorized_keys=tuple(json.loads(row["authorized_keys"])),
         password_hash=row["password_hash"],
+        attempts=row["attempts"],
     )
 
 
@@ -191,6 +193,34 @@ async def _insert_event(
     )
     assert cur.lastrowid is not None
     return AuditEvent(cur.lastrowid, at, event, session_id, user_id, connection_id, data)
+
+
+async def _start_failed(
+    conn: aiosqlite.Connection, queued_id: str, at: datetime, error: str
+) -> AuditEvent | None:
+    """Inside the caller's transaction: a start of the queued request ``queued_id`` failed
+    with ``error``. It goes back on the list (``session_requeued``, unless it just found no
+    room: no event), or after its last attempt ends (``session_dequeue_failed``); the
+    session it never got is not charged. None (and no event) if it is not on the list."""
+    sql = "SELECT user_id, attempts FROM queue WHERE id = ?"
+    async with conn.execute(sql, (queued_id,)) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    await conn.execute("DELETE FROM gpu_usage WHERE session_id = ?", (queued_id,))
+    attempts = fairshare.attempts_after(row["attempts"], error)
+    if attempts is None:
+        await conn.execute("DELETE FROM queue WHERE id = ?", (queued_id,))
+        event, data = "session_dequeue_failed", {"error": error, "attempts": row["attempts"] + 1}
+    else:
+        sql = "UPDATE queue SET starting = 0, attempts = ? WHERE id = ?"
+        await conn.execute(sql, (attempts, queued_id))
+        if attempts == row["attempts"]:
+            return None
+        event, data = "session_requeued", {"error": error, "attempt": attempts}
+    return await _insert_event(
+        conn, at, event, session_id=queued_id, user_id=row["user_id"], data=data
+    )
 
 
 async def _stick_port(conn: aiosqlite.Connection, user_id: str, port: int, at: datetime) -> None:
@@ -345,8 +375,9 @@ class Store:
         """Insert a new session row, with its idle record (exempt from idle reclaim or not;
         the connection clock starts at creation, the compute clock at the first sample);
         with ``gpu_fraction``, open its GPU usage record (from its creation);
-        ``from_queue`` takes the queued request of the same id off the waiting list, in the
-        same transaction.
+        ``from_queue`` marks the queued request of the same id ``starting`` (off the ordered
+        list) in the same transaction; it leaves the list when the session runs
+        (:meth:`mark_running`) and goes back when its create fails (:meth:`delete_session`).
 
         Raises:
             SessionExists: the user already has a session.
@@ -357,7 +388,10 @@ class Store:
         try:
             async with self._transaction() as conn:
                 if from_queue:
-                    cur = await conn.execute("DELETE FROM queue WHERE id = ?", (session.id,))
+                    cur = await conn.execute(
+                        "UPDATE queue SET starting = 1 WHERE id = ? AND starting = 0",
+                        (session.id,),
+                    )
                     if cur.rowcount == 0:
                         raise SessionDeleted("the queued request was withdrawn")
                 await conn.execute(
@@ -412,8 +446,9 @@ class Store:
         self, session_id: str, container_id: str, container_ip: str, gpu_uuid: str | None = None
     ) -> bool:
         """starting -> running (or a recovered session's new address), with the GPU the
-        engine assigned if it picks them (else the row's stays). False when the session is
-        ending or gone: it must not be started."""
+        engine assigned if it picks them (else the row's stays); the queued request it
+        started, if any, leaves the waiting list. False when the session is ending or gone:
+        it must not be started."""
         async with self._transaction() as conn:
             cur = await conn.execute(
                 "UPDATE sessions SET state = ?, container_id = ?, container_ip = ?, "
@@ -427,7 +462,11 @@ class Store:
                     SessionState.ENDING.value,
                 ),
             )
-            return cur.rowcount > 0
+            if cur.rowcount == 0:
+                return False
+            sql = "DELETE FROM queue WHERE id = ? AND starting = 1"
+            await conn.execute(sql, (session_id,))
+            return True
 
     @_atomic
     async def begin_ending(self, session_id: str, reason: str) -> Session | None:
@@ -466,13 +505,35 @@ class Store:
             )
 
     @_atomic
-    async def delete_session(self, session_id: str, now: datetime) -> bool:
-        """Delete the row and close its GPU usage record at ``now`` (once: the first end
-        counts)."""
+    async def delete_session(
+        self, session_id: str, now: datetime, *, reason: str, failed: str | None = None
+    ) -> tuple[bool, AuditEvent | None]:
+        """Delete the row of a session that never ran (or whose create failed) and close
+        its GPU usage record at ``now`` (once: the first end counts). The queued request
+        it started, if any, goes with it in the same transaction: ``failed`` (the create's
+        error code) puts it back on the waiting list or, after its last attempt, ends it;
+        otherwise (DELETE while starting) it is withdrawn for good, with ``reason``.
+        Whether the row was deleted, and the event the request's fate was recorded as."""
         async with self._transaction() as conn:
             await _end_usage(conn, session_id, now)
             cur = await conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-            return cur.rowcount > 0
+            deleted = cur.rowcount > 0
+            if failed is not None:
+                return deleted, await _start_failed(conn, session_id, now, failed)
+            sql = "DELETE FROM queue WHERE id = ? AND starting = 1 RETURNING user_id"
+            async with conn.execute(sql, (session_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return deleted, None
+            event = await _insert_event(
+                conn,
+                now,
+                "session_queue_withdrawn",
+                session_id=session_id,
+                user_id=row["user_id"],
+                data={"reason": reason},
+            )
+            return deleted, event
 
     @_atomic
     async def delete_session_audited(
@@ -531,25 +592,33 @@ class Store:
             )
 
     async def queued(self) -> list[QueuedRequest]:
-        """The waiting list in arrival order."""
-        sql = "SELECT * FROM queue ORDER BY submitted_at, rowid"
+        """The waiting list in arrival order (not the requests starting now)."""
+        sql = "SELECT * FROM queue WHERE starting = 0 ORDER BY submitted_at, rowid"
         async with self._lock, self._conn.execute(sql) as cur:
             return [_queued(row) for row in await cur.fetchall()]
 
     async def get_queued(self, queued_id: str) -> QueuedRequest | None:
-        async with (
-            self._lock,
-            self._conn.execute("SELECT * FROM queue WHERE id = ?", (queued_id,)) as cur,
-        ):
+        """The request if it is waiting (not starting)."""
+        sql = "SELECT * FROM queue WHERE id = ? AND starting = 0"
+        async with self._lock, self._conn.execute(sql, (queued_id,)) as cur:
             row = await cur.fetchone()
         return None if row is None else _queued(row)
 
     @_atomic
     async def withdraw(self, queued_id: str) -> bool:
-        """Take a request off the waiting list; False if it is not there (any more)."""
+        """Take a waiting request off the list; False if it is not there (any more) or is
+        starting (its session's end takes it)."""
         async with self._transaction() as conn:
-            cur = await conn.execute("DELETE FROM queue WHERE id = ?", (queued_id,))
+            sql = "DELETE FROM queue WHERE id = ? AND starting = 0"
+            cur = await conn.execute(sql, (queued_id,))
             return cur.rowcount > 0
+
+    @_atomic
+    async def start_failed(self, queued_id: str, now: datetime, error: str) -> AuditEvent | None:
+        """A waiting request's start failed with ``error`` before its session row was
+        stored: back on the list or ended, as :meth:`delete_session` does after it."""
+        async with self._transaction() as conn:
+            return await _start_failed(conn, queued_id, now, error)
 
     # -- GPU usage and budgets -------------------------------------------------------------
 

@@ -139,6 +139,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE users ADD COLUMN gpu_hours_per_week REAL;
     ALTER TABLE sessions ADD COLUMN claim_by REAL;
     """,
+    # 9: a queued request stays on the list until the session it started runs. While that
+    # session's row exists the request is ``starting`` (off the ordered list, still the
+    # user's); a start that fails puts it back, and ``attempts`` counts those failures.
+    """
+    ALTER TABLE queue ADD COLUMN starting INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE queue ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

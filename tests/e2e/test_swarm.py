@@ -118,6 +118,26 @@ def test_a_session_no_node_can_take_is_503_no_capacity_in_time(swarm_gateway):
     assert gw.request("GET", "/sessions").body == []
 
 
+def test_a_wait_request_no_node_can_take_is_queued_and_can_be_withdrawn(swarm_gateway):
+    """no_capacity is "nothing fits" for ``wait``: a 202, and the request stays queued (it
+    is not tried again at once: no capacity freed) until it is withdrawn."""
+    gw = swarm_gateway
+    set_availability("pause")
+    try:
+        queued = gw.create(user_id="waitswarm", wait=True)
+        assert queued.status == 202, queued.body
+        url = f"/sessions/{queued.body['session_id']}"
+        time.sleep(1)  # a step runs after the 202: it leaves the request waiting
+        view = gw.request("GET", url).body
+        assert (view["state"], view["queue_position"]) == ("queued", 1), view
+        withdrawn = gw.request("DELETE", url)
+    finally:
+        set_availability("active")
+    assert withdrawn.body["message"] == f"queued request {queued.body['session_id']} withdrawn"
+    instance = gw.instance_id()
+    assert (owned("service", instance), owned("secret", instance)) == ([], [])
+
+
 def test_a_node_without_the_shared_workspace_root_refuses_to_run_sessions(gateway_factory):
     """--shared-workspaces: a task whose node's workspace root is not the gateway's (here:
     the sentinel's token changed behind the gateway's back) never starts on an empty home."""

@@ -3,9 +3,13 @@ dynamic MIG (seven 1g slices), real containers, real ssh through the session por
 
 from __future__ import annotations
 
+import concurrent.futures
+import signal
+from functools import partial
 from typing import Any
 
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import holdings, wait_for
+from tests.e2e.test_faults import stopped
 
 ONE_A100 = {"host": "e2e-queue", "gpus": [{"model": "A100-80GB", "mig": True}]}
 
@@ -104,3 +108,43 @@ def test_queue_starts_in_usage_order_survives_a_restart_and_budgets_refuse(
     assert gateway.create(user_id="bud", wait=True).status == 403  # never queued
     other = gateway.create(user_id="olga", ttl_minutes=60)
     assert (other.status, other.body["ttl_capped"]) == (201, False)
+
+
+def test_a_crash_mid_start_puts_a_dequeued_request_back_and_it_starts(
+    gateway_factory, topology, ssh
+):
+    """SIGKILL while a request from the list starts (its container made): the restart puts
+    it back on the list, starts it, and its user logs in with the 202's credentials."""
+    gateway = gateway_factory(
+        *("--gpus", topology(ONE_A100), "--mig-dynamic", "--default-mig-profile", "1g.10gb"),
+    )
+    whole = gateway.create(user_id="hal", mig_profile="7g.80gb", ttl_minutes=30)
+    assert whole.status == 201, whole.body  # the whole A100: nothing else fits
+    queued = gateway.create(user_id="quinn", ttl_minutes=30, wait=True)
+    assert (queued.status, queued.body["queue_position"]) == (202, 1), queued.body
+    request_id = queued.body["session_id"]
+
+    gateway.stop()  # from now on the only create is the dequeued start: it stops itself there
+    gateway.env["SANDMAN_TEST_STOP_AT"] = "container_created"
+    gateway.start()
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # it may stop before answering
+        pool.submit(gateway.request, "DELETE", f"/sessions/{whole.body['session_id']}")
+        wait_for(partial(stopped, pid), timeout=60, what="the dequeued start stopping")
+        gateway.stop(signal.SIGKILL)
+    assert gateway.query(f"SELECT state FROM sessions WHERE id = '{request_id}'") == [("starting",)]
+    assert gateway.query(f"SELECT starting FROM queue WHERE id = '{request_id}'") == [(1,)]
+
+    del gateway.env["SANDMAN_TEST_STOP_AT"]
+    gateway.start()
+    started = wait_running(gateway, request_id)
+    assert logs_in(ssh, queued.body, started) == "key-quinn password-quinn"
+    events = gateway.request("GET", f"/audit?session_id={request_id}").body["events"]
+    names = [e["event"] for e in reversed(events) if "queue" in e["event"]]
+    assert names == ["session_queued", "session_requeued", "session_dequeued"], names
+    (requeued,) = [e for e in events if e["event"] == "session_requeued"]
+    assert (requeued["attempt"], requeued["error"]) == (1, "start_interrupted")
+    assert gateway.query(f"SELECT COUNT(*) FROM queue WHERE id = '{request_id}'") == [(0,)]
+    assert view(gateway, whole.body["session_id"]) is None
+    assert holdings(gateway).consistent

@@ -146,3 +146,18 @@ def test_next_available_counts_a_running_session_until_its_expiry():
 
 def test_next_available_is_now_with_room():
     assert fairshare.next_available([UsageRecord(1.0, T0 - H, T0)], T0, budget=2.0) == T0
+
+
+@pytest.mark.parametrize(
+    ("attempts", "error", "after"),
+    [
+        (0, "container_start_failed", 1),
+        (1, "gateway_stopping", 2),
+        (2, "container_start_failed", None),  # the third failure ends it
+        (2, "no_capacity", 2),  # no node took it: it just waits on
+        (0, "no_gpu_available", 0),
+    ],
+)
+def test_attempts_after_a_failed_start(attempts, error, after):
+    assert fairshare.MAX_START_ATTEMPTS == 3
+    assert fairshare.attempts_after(attempts, error) == after

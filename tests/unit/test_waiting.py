@@ -3,15 +3,21 @@ MIG (seven 1g slices), the fake runtime and a settable clock."""
 
 import asyncio
 import json
+from datetime import timedelta
 
 import bcrypt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway.api.keys import SESSIONS, WAITING
+from gateway.api.keys import SESSIONS, STORE, WAITING
 from gateway.config import config_from_args, parse
+from gateway.core.fairshare import MAX_START_ATTEMPTS
 from gateway.gpu.sim import SimBackend
+from gateway.models import Session
 from gateway.session_files import AUTHORIZED_KEYS_DIR, PASSWORD_HASH
+from gateway.store import Store
+from gateway.waiting import NO_CAPACITY_RETRY_SECONDS
+from tests.net import UNIT_PORT_BASE
 from tests.unit.helpers import CLIENT_KEX
 
 SLICES = 7
@@ -69,6 +75,32 @@ async def running(client, session_id):
     return await until(check, f"{session_id} running")
 
 
+def assert_got_credentials(runtime, view, queued):
+    """The session's container got the 202's key and password (their public halves)."""
+    container = runtime.containers[view["container_id"]]
+    key = serialization.load_ssh_private_key(queued["ssh_private_key"].encode(), None)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    assert public.split()[1] in container.files[f"{AUTHORIZED_KEYS_DIR}/{view['user_id']}"]
+    stored_hash = container.files[PASSWORD_HASH].strip()
+    assert bcrypt.checkpw(queued["ssh_password"].encode(), stored_hash)
+
+
+async def reached(gate):
+    async with asyncio.timeout(10):
+        await gate.reached.wait()
+
+
+async def start_held(client, runtime, holder):
+    """End ``holder``: the head of the list starts, and is held at its container's create
+    (the gate)."""
+    gate = runtime.pause("create")
+    await client.delete(f"/sessions/{holder}")
+    await reached(gate)
+    return gate
+
+
 async def events(client, name):
     body = await (await client.get("/audit", params={"limit": "1000"})).json()
     return [e for e in body["events"] if e["event"] == name]
@@ -91,15 +123,7 @@ async def test_eighth_request_waits_and_starts_with_its_credentials(make_sim, ru
     assert (await client.delete(f"/sessions/{ids[0]}")).status == 200
     view = await running(client, queued["session_id"])
     assert view["ssh_port"] and view["mig_profile"] == "1g.10gb"
-    # the container got the 202's key and password (their public halves)
-    container = runtime.containers[view["container_id"]]
-    key = serialization.load_ssh_private_key(queued["ssh_private_key"].encode(), None)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    assert public.split()[1] in container.files[f"{AUTHORIZED_KEYS_DIR}/late"]
-    stored_hash = container.files[PASSWORD_HASH].strip()
-    assert bcrypt.checkpw(queued["ssh_password"].encode(), stored_hash)
+    assert_got_credentials(runtime, view, queued)
     assert [e["session_id"] for e in await events(client, "session_queued")] == [view["id"]]
     assert [e["session_id"] for e in await events(client, "session_dequeued")] == [view["id"]]
     assert (await (await client.get("/queue")).json())["count"] == 0
@@ -295,3 +319,149 @@ async def test_restart_keeps_the_queue_in_order(make_sim):
     await client.delete(f"/sessions/{ids[0]}")
     await running(client, first["session_id"])
     assert (await state_of(client, second["session_id"]))["queue_position"] == 1
+
+
+async def test_a_dequeued_start_that_fails_goes_back_and_starts_with_its_credentials(
+    make_sim, runtime
+):
+    client = await make_sim()
+    ids = await fill(client)
+    _, first = await post(client, "late", wait=True)
+    _, second = await post(client, "later", wait=True, ttl_minutes=120)  # never backfills
+    gate = await start_held(client, runtime, ids[0])
+    assert (await state_of(client, first["session_id"]))["state"] == "starting"
+    assert (await state_of(client, second["session_id"]))["queue_position"] == 1
+    runtime.mode = "fail_create"
+    retry = runtime.pause("create")
+    gate.open()
+    await reached(retry)  # it failed, went back ahead of `second`, and starts again
+    [requeued] = await events(client, "session_requeued")
+    assert requeued["session_id"] == first["session_id"]
+    assert (requeued["attempt"], requeued["error"]) == (1, "container_start_failed")
+    runtime.mode = "ok"
+    retry.open()
+    view = await running(client, first["session_id"])
+    assert_got_credentials(runtime, view, first)
+    assert (await state_of(client, second["session_id"]))["queue_position"] == 1
+    assert len(await events(client, "session_dequeued")) == 1
+
+
+async def test_a_request_whose_starts_keep_failing_ends_audited(make_sim, runtime):
+    client = await make_sim()
+    ids = await fill(client)
+    _, queued = await post(client, "late", wait=True)
+    runtime.mode = "fail_create"
+    await client.delete(f"/sessions/{ids[0]}")
+    [failed] = await until(lambda: events(client, "session_dequeue_failed"), "the last try")
+    assert (failed["error"], failed["attempts"]) == ("container_start_failed", MAX_START_ATTEMPTS)
+    assert [e["attempt"] for e in await events(client, "session_requeued")] == [2, 1]
+    assert await state_of(client, queued["session_id"]) is None
+    assert (await (await client.get("/queue")).json())["count"] == 0
+
+
+async def test_delete_while_a_dequeued_request_starts_ends_it_for_good(make_sim, runtime):
+    client = await make_sim()
+    ids = await fill(client)
+    _, queued = await post(client, "late", wait=True)
+    gate = await start_held(client, runtime, ids[0])
+    resp = await client.delete(f"/sessions/{queued['session_id']}")
+    assert resp.status == 200, await resp.json()
+    gate.open()
+    await client.app[WAITING].step()
+    assert await state_of(client, queued["session_id"]) is None
+    [withdrawn] = await events(client, "session_queue_withdrawn")
+    assert (withdrawn["session_id"], withdrawn["reason"]) == (
+        queued["session_id"],
+        "session_deleted",
+    )
+    assert await events(client, "session_requeued") == []
+    status, _ = await post(client, "late", wait=True)  # its place on the list is free
+    assert status == 201  # and so is the slice
+
+
+async def test_no_node_for_a_dequeued_start_keeps_it_waiting_uncounted(make_sim, runtime, clock):
+    client = await make_sim()
+    ids = await fill(client)
+    _, queued = await post(client, "late", wait=True)
+    waiting = client.app[WAITING]
+    runtime.mode = "no_capacity"  # a Swarm whose nodes take no task
+    await client.delete(f"/sessions/{ids[0]}")
+
+    async def back():
+        view = await state_of(client, queued["session_id"])
+        return view["state"] == "queued" and not waiting.starting
+
+    await until(back, "back on the list")
+    gate = runtime.pause("create")
+    await waiting.step()  # nothing freed, not yet due: not tried again
+    assert (await state_of(client, queued["session_id"]))["queue_position"] == 1
+    clock.advance(NO_CAPACITY_RETRY_SECONDS)
+    await waiting.step()  # due
+    assert (await state_of(client, queued["session_id"]))["state"] == "starting"
+    gate.open()
+    await until(back, "back on the list again")
+    assert (await client.app[STORE].get_queued(queued["session_id"])).attempts == 0
+    runtime.mode = "ok"
+    await client.delete(f"/sessions/{ids[1]}")  # capacity frees: tried at once
+    view = await running(client, queued["session_id"])
+    assert_got_credentials(runtime, view, queued)
+    assert await events(client, "session_requeued") == []
+
+
+async def test_a_wait_request_no_node_takes_is_queued(make_sim, runtime):
+    client = await make_sim()
+    runtime.mode = "no_capacity"
+    status, queued = await post(client, "ann", wait=True)
+    assert (status, queued["state"], queued["queue_position"]) == (202, "queued", 1)
+    status, refused = await post(client, "bob")  # without wait: as before
+    assert (status, refused["code"]) == (503, "no_capacity")
+
+
+async def test_a_start_the_gateway_stops_mid_way_goes_back_on_the_list(make_sim, runtime):
+    client = await make_sim()
+    ids = await fill(client)
+    _, queued = await post(client, "late", wait=True)
+    await start_held(client, runtime, ids[0])
+    await client.close()  # as on SIGTERM: the start is cancelled and rolled back
+    runtime.gates.clear()
+
+    client = await make_sim()
+    view = await running(client, queued["session_id"])
+    assert_got_credentials(runtime, view, queued)
+    [requeued] = await events(client, "session_requeued")
+    assert (requeued["attempt"], requeued["error"]) == (1, "gateway_stopping")
+
+
+async def test_a_start_a_crash_cut_off_goes_back_on_the_list(make_sim, runtime, tmp_path):
+    client = await make_sim()
+    ids = await fill(client)
+    _, queued = await post(client, "late", wait=True)
+    await client.close()
+    # what a SIGKILL mid-start leaves: the session row stored, the request marked starting
+    async with await Store.open(tmp_path / "state" / "sessions.db") as store:
+        [request] = await store.queued()
+        now = request.submitted_at
+        user = await store.ensure_user("late", now)
+        starting = Session(
+            id=request.id,
+            user_id="late",
+            uid=user.uid,
+            ssh_port=UNIT_PORT_BASE + 19,
+            image="gpu-workspace:latest",
+            workspace=str(tmp_path / "workspaces" / "late"),
+            ttl_seconds=3600,
+            created_at=now,
+            expires_at=now + timedelta(hours=1),
+            authorized_keys=request.authorized_keys,
+        )
+        await store.insert_session(starting, from_queue=True)
+        assert await store.queued() == []
+
+    client = await make_sim()  # recovery ends the row as a failed create: the request is back
+    view = await state_of(client, queued["session_id"])
+    assert (view["state"], view["queue_position"]) == ("queued", 1)
+    [requeued] = await events(client, "session_requeued")
+    assert (requeued["attempt"], requeued["error"]) == (1, "start_interrupted")
+    await client.delete(f"/sessions/{ids[0]}")
+    view = await running(client, queued["session_id"])
+    assert_got_credentials(runtime, view, queued)
