@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from multidict import MultiMapping
 
 from gateway.config import Config
 from gateway.core.validation import (
@@ -220,15 +221,18 @@ def _integer(name: str, value: str) -> int:
     return int(value)
 
 
-def parse_audit_query(query: Mapping[str, str]) -> AuditQuery:
+def parse_audit_query(query: MultiMapping[str]) -> AuditQuery:
     """Parse ``GET /audit`` parameters.
 
     Raises:
-        InvalidRequest: unknown parameter, bad timestamp, limit or cursor.
+        InvalidRequest: unknown or repeated parameter, bad timestamp, limit or cursor.
     """
     unknown = sorted(set(query) - {"user_id", "session_id", "since", "until", "limit", "cursor"})
     if unknown:
         raise InvalidRequest(f"unknown parameter(s): {', '.join(unknown)}")
+    repeated = sorted(name for name in set(query) if len(query.getall(name)) > 1)
+    if repeated:  # each takes one value: which one was meant is not for us to guess
+        raise InvalidRequest(f"parameter(s) given more than once: {', '.join(repeated)}")
     limit = _integer("limit", query["limit"]) if "limit" in query else AUDIT_PAGE_DEFAULT
     cursor = _integer("cursor", query["cursor"]) if "cursor" in query else None
     if not 1 <= limit <= AUDIT_PAGE_MAX:

@@ -175,6 +175,8 @@ async def test_hostile_session_ids_are_404(make_client, path):
         "limit=%D9%A5",
         "cursor=%2B5",
         "cursor=99999999999999999999999",
+        "limit=1&limit=2",  # one value each: the first is not silently taken
+        "user_id=a&user_id=b",
     ],
 )
 async def test_audit_parameters_are_strict(make_client, query):
