@@ -72,6 +72,7 @@ class FakeContainer:
     files: dict[str, bytes] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # CPU time used so far (a test raises it to look busy)
     body: dict[str, Any] = field(default_factory=dict)  # what containers/create was sent
+    task: int = 0  # how many times Swarm replaced its task (:meth:`FakeRuntime.replace_task`)
 
     def host_key(self) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
         key = asyncssh.import_private_key(self.files[HOST_KEY])
@@ -245,6 +246,7 @@ class FakeRuntime:
             labels=c.spec.labels,
             ssh_port=c.port or 1,
             gpu_uuid=self._assigned(c),
+            task_id=f"task-{c.id}-{c.task}" if c.running else None,
         )
 
     def _assigned(self, c: FakeContainer) -> str | None:
@@ -296,6 +298,12 @@ class FakeRuntime:
     def kill(self, container_id: str) -> None:
         """What ``docker rm -f`` does behind the gateway's back: gone, with its events."""
         self._gone(self.containers[container_id])
+
+    def replace_task(self, container_id: str) -> None:
+        """What Swarm does when it restarts or moves a task (``docker service update
+        --force``, a node lost): the same service under a new task id, holding the slice
+        :attr:`engine_slices` names now, and seeing what :attr:`seen_gpus` says."""
+        self.containers[container_id].task += 1
 
     def _existing(self, container_id: str, doing: str) -> FakeContainer:
         """Docker answers 404 for a container that is gone (the runtime's translation)."""
