@@ -738,7 +738,8 @@ class SessionManager:
                             session.id, info.task_id[:12], why)  # fmt: skip
                 return None
         live.task_id = info.task_id
-        if previous is None and info.gpu_uuid == session.gpu_uuid:
+        moved = info.gpu_uuid is not None and info.gpu_uuid != session.gpu_uuid
+        if previous is None and not moved:
             return GPU_PIN_LOST if problem else None  # recovered; nothing seen changed
         if not await self._store.mark_running(session.id, container_id, info.ip, info.gpu_uuid):
             return None  # it is ending

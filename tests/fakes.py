@@ -127,6 +127,9 @@ class FakeRuntime:
     #: as a Swarm's node generic resources: the slice the engine assigns a container whose
     #: spec asks for a profile (``gpu_slice``), reported as its ``gpu_uuid``
     engine_slices: dict[str, str] = field(default_factory=dict)
+    #: as a Swarm: a running container reports the id of the task running it
+    #: (:meth:`replace_task` makes a new one); off: plain Docker, which has no tasks
+    swarm_tasks: bool = False
     networks: set[str] = field(default_factory=set)
     #: the open event streams: each gets the session id of every event (None: it broke)
     subscribers: list[asyncio.Queue[str | None]] = field(default_factory=list)
@@ -246,7 +249,7 @@ class FakeRuntime:
             labels=c.spec.labels,
             ssh_port=c.port or 1,
             gpu_uuid=self._assigned(c),
-            task_id=f"task-{c.id}-{c.task}" if c.running else None,
+            task_id=f"task-{c.id}-{c.task}" if c.running and self.swarm_tasks else None,
         )
 
     def _assigned(self, c: FakeContainer) -> str | None:

@@ -11,6 +11,7 @@ OTHER = "MIG-node-slice-2"
 
 
 async def _mig_session(make_client, runtime):
+    runtime.swarm_tasks = True
     runtime.engine_slices = {"1g.10gb": SLICE}
     client = await make_client(runtime="swarm")
     created = await create(client, mig_profile="1g.10gb")
@@ -75,6 +76,7 @@ async def test_a_replaced_task_not_answering_yet_is_checked_at_the_next_sweep(ma
 
 
 async def test_a_gpu_less_replaced_task_is_audited_only(make_client, runtime):
+    runtime.swarm_tasks = True
     client = await make_client(runtime="swarm")
     body = await (await create(client)).json()
     runtime.replace_task(body["container_id"])
@@ -91,6 +93,12 @@ async def test_a_task_replaced_while_the_gateway_was_down_is_checked_at_recovery
 ):
     client, body = await _mig_session(make_client, runtime)
     await client.close()
+    client = await make_client(runtime="swarm")  # the same task: checked, nothing audited
+    assert len(runtime.gpu_checks) == 2 and await _replaced(client) == []
+    assert await client.app[keys.SESSIONS].sweep() == 0
+    assert len(runtime.gpu_checks) == 2
+    await client.close()
+
     runtime.engine_slices = {"1g.10gb": OTHER}
     runtime.replace_task(body["container_id"])
     client = await make_client(runtime="swarm")
@@ -98,7 +106,7 @@ async def test_a_task_replaced_while_the_gateway_was_down_is_checked_at_recovery
     assert (view["state"], view["gpu_uuid"]) == ("running", OTHER)
     (event,) = await _replaced(client)
     assert (event["previous_task"], event["previous_gpu_uuid"]) == (None, SLICE)
-    assert len(runtime.gpu_checks) == 2
+    assert len(runtime.gpu_checks) == 3
     await client.close()
 
     runtime.seen_gpus = ("GPU-node-parent", SLICE)  # replaced again, onto the wrong device
