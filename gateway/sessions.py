@@ -56,6 +56,7 @@ from gateway.errors import (
     SessionNotFound,
 )
 from gateway.gpu.allocator import Allocation, GpuAllocator
+from gateway.gpu.pin import seen_problem
 from gateway.metrics import Metrics
 from gateway.models import (
     CloseReason,
@@ -87,6 +88,11 @@ CREATE_FAILED = "create_failed"  # an end reason that was never a created sessio
 #: The error of a create whose failure this process did not see: the gateway crashed or
 #: stopped mid-start (recovery), or the failed create's cleanup was finished by the sweep.
 START_INTERRUPTED = "start_interrupted"
+#: The end reason of a session whose task Swarm replaced with one that does not see
+#: exactly the GPU slice the engine assigned it (the pin check of the new task failed).
+GPU_PIN_LOST = "gpu_pin_lost"
+#: How long the check of a replaced task's GPU may take (it is tried again next sweep).
+TASK_CHECK_SECONDS = 15.0
 #: A create's steps, in order; each is logged at DEBUG when done (the kill test stops there).
 CREATE_STEPS = (
     "port_bound",  # GPU, port and row reserved, listener bound
@@ -104,6 +110,7 @@ _CONNECTION_REASON = {
     "session_deleted": CloseReason.SESSION_DELETED,
     "container_gone": CloseReason.SERVER_CLOSED,
     "backend_gone": CloseReason.SERVER_CLOSED,
+    GPU_PIN_LOST: CloseReason.SERVER_CLOSED,
 }
 #: The audit event of a session ending, by why it ends.
 _END_EVENT = {
@@ -127,6 +134,9 @@ class LiveSession:
     ending: asyncio.Task[bool] | None = None
     files_written: bool = False  # the container holds its files: a PATCH rewrites them
     failure: str | None = None  # the error code its create failed with
+    #: the engine's task running its container, as last checked (Swarm replaces tasks);
+    #: None: not yet checked in this process (a recovered session)
+    task_id: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # PATCH vs start vs sweep
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # the expiry moved
 
@@ -438,6 +448,7 @@ class SessionManager:
         await self._provision.wait_ready(session, container_id, (info.ip, info.ssh_port))
         self._step_done(session, "sshd_ready")
         await self._provision.check_gpu(session, container_id, info)
+        live.task_id = info.task_id
         assert live.listener is not None
         network = self._config.docker_network
         lookup = self._runtime.address_lookup(container_id, network)
@@ -680,7 +691,7 @@ class SessionManager:
                 current = await self._store.get_session(session.id)
                 if current is None or live.ending is not None:
                     return False
-                reason = await self._due_reason(current)
+                reason = await self._due_reason(current, live)
                 if reason is None:
                     return False
                 task = self._begin_end(current, reason)
@@ -688,14 +699,69 @@ class SessionManager:
         reason = await self._due_reason(session)
         return reason is not None and await self.end(session, reason)
 
-    async def _due_reason(self, session: Session) -> str | None:
+    async def _due_reason(self, session: Session, live: LiveSession | None = None) -> str | None:
         if ttl.is_expired(session, self._clock()):
             return "ttl_expired"
         if session.container_id:
             info = await self._runtime.inspect(session.container_id, self._config.docker_network)
             if info is None or not info.running:
                 return self._runtime.gone_reason
+            if live is not None:
+                return await self._follow_task(live, session, info)
         return None
+
+    async def _follow_task(
+        self, live: LiveSession, session: Session, info: ContainerInfo
+    ) -> str | None:
+        """Take in a task the engine started for a running session since it was last
+        checked (Swarm restarted or moved it): the row gets the new task's address and
+        GPU slice, the replacement is audited (``session_task_replaced``), and a GPU
+        session's new task must see exactly its slice (checked as at the create), else
+        :data:`GPU_PIN_LOST` is returned: the session must end. A check that cannot be
+        made now (the task is not answering yet) is logged and made at the next sweep.
+
+        The first check of a recovered session (no task known yet) checks the GPU, and
+        audits a replacement only if the slice changed while the gateway was down.
+        """
+        previous = live.task_id
+        if info.task_id is None or info.task_id == previous or info.ip is None:
+            return None
+        container_id = info.id
+        problem = None
+        if info.gpu_uuid is not None:
+            try:
+                async with asyncio.timeout(TASK_CHECK_SECONDS):
+                    problem = await seen_problem(self._runtime, container_id, info.gpu_uuid)
+            except (GatewayError, TimeoutError) as exc:
+                why = exc.log_message if isinstance(exc, GatewayError) else "timed out"
+                log.warning("session %s: the GPU of its task %s is not checked yet: %s",
+                            session.id, info.task_id[:12], why)  # fmt: skip
+                return None
+        live.task_id = info.task_id
+        moved = info.gpu_uuid is not None and info.gpu_uuid != session.gpu_uuid
+        if previous is None and not moved:
+            return GPU_PIN_LOST if problem else None  # recovered; nothing seen changed
+        if not await self._store.mark_running(session.id, container_id, info.ip, info.gpu_uuid):
+            return None  # it is ending
+        live.session = replace(
+            session, container_ip=info.ip, gpu_uuid=info.gpu_uuid or session.gpu_uuid
+        )
+        node = self._runtime.node_of(container_id)
+        log.info("session %s: its task was replaced by %s on %s (GPU %s)",
+                 session.id, info.task_id[:12], node, info.gpu_uuid)  # fmt: skip
+        await _quietly(
+            self._audit.session_event(
+                "session_task_replaced",
+                live.session,
+                previous_task=previous,
+                task=info.task_id,
+                node=node,
+                previous_gpu_uuid=session.gpu_uuid,
+                gpu_problem=problem,
+            ),
+            "audit",
+        )
+        return GPU_PIN_LOST if problem else None
 
     async def _remove_orphans(self, owned: list[ContainerInfo]) -> None:
         """Remove containers labelled by this gateway whose session has no row. ``owned``
@@ -788,6 +854,8 @@ class SessionManager:
         await _quietly(self._audit.session_event("session_recovered", live.session), "audit")
         log.info("session %s of %s recovered on port %d", session.id, session.user_id,
                  listener.port)  # fmt: skip
+        if reason := await self._follow_task(live, live.session, info):  # replaced meanwhile?
+            await self.end(live.session, reason)
 
     async def _move_port(self, session: Session, busy: OSError) -> SessionListener:
         """A listener on another free port for a session whose port another process took

@@ -72,6 +72,7 @@ class FakeContainer:
     files: dict[str, bytes] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # CPU time used so far (a test raises it to look busy)
     body: dict[str, Any] = field(default_factory=dict)  # what containers/create was sent
+    task: int = 0  # how many times Swarm replaced its task (:meth:`FakeRuntime.replace_task`)
 
     def host_key(self) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
         key = asyncssh.import_private_key(self.files[HOST_KEY])
@@ -126,6 +127,9 @@ class FakeRuntime:
     #: as a Swarm's node generic resources: the slice the engine assigns a container whose
     #: spec asks for a profile (``gpu_slice``), reported as its ``gpu_uuid``
     engine_slices: dict[str, str] = field(default_factory=dict)
+    #: as a Swarm: a running container reports the id of the task running it
+    #: (:meth:`replace_task` makes a new one); off: plain Docker, which has no tasks
+    swarm_tasks: bool = False
     networks: set[str] = field(default_factory=set)
     #: the open event streams: each gets the session id of every event (None: it broke)
     subscribers: list[asyncio.Queue[str | None]] = field(default_factory=list)
@@ -245,6 +249,7 @@ class FakeRuntime:
             labels=c.spec.labels,
             ssh_port=c.port or 1,
             gpu_uuid=self._assigned(c),
+            task_id=f"task-{c.id}-{c.task}" if c.running and self.swarm_tasks else None,
         )
 
     def _assigned(self, c: FakeContainer) -> str | None:
@@ -296,6 +301,12 @@ class FakeRuntime:
     def kill(self, container_id: str) -> None:
         """What ``docker rm -f`` does behind the gateway's back: gone, with its events."""
         self._gone(self.containers[container_id])
+
+    def replace_task(self, container_id: str) -> None:
+        """What Swarm does when it restarts or moves a task (``docker service update
+        --force``, a node lost): the same service under a new task id, holding the slice
+        :attr:`engine_slices` names now, and seeing what :attr:`seen_gpus` says."""
+        self.containers[container_id].task += 1
 
     def _existing(self, container_id: str, doing: str) -> FakeContainer:
         """Docker answers 404 for a container that is gone (the runtime's translation)."""

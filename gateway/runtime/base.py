@@ -58,6 +58,9 @@ class ContainerInfo:
     labels: dict[str, str]
     ssh_port: int = 22  # where the container's sshd listens on ``ip``
     gpu_uuid: str | None = None  # the GPU slice the engine assigned (``ContainerSpec.gpu_slice``)
+    #: the engine's id of the task running the container now (Swarm: a new one each time
+    #: Swarm restarts or moves it); None where the container is the task (plain Docker)
+    task_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

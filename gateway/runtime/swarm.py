@@ -399,6 +399,7 @@ class SwarmRuntime:
             labels=labels,
             ssh_port=address[1] if address else 22,
             gpu_uuid=assigned_slice(task) if task else None,
+            task_id=task.get("ID") if task else None,
         )
 
     def address_lookup(self, container_id: str, network: str) -> AddressLookup | None:

@@ -4,7 +4,8 @@ one yet (and left so: other tests' plain containers and networks are unaffected)
 A session is a service; the user logs in through the gateway and writes to the workspace;
 a PATCH leaves the service as it is (an update would replace the task); Swarm replaces the
 task (``docker service update --force``) and the user logs in again, with no gateway
-restart, and finds the PATCHed session facts; DELETE leaves no service, secret or config behind.
+restart, and finds the PATCHed session facts (the sweep audits the new task); DELETE leaves
+no service, secret or config behind.
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def test_swarm_session_survives_a_replaced_task_and_leaves_nothing(swarm_gateway
     assert json.loads(facts)["expires_at"] == patched.body["expires_at"]
     view = gw.request("GET", url).body
     assert (view["state"], view["node"]) == ("running", own["hostname"])
+    # the sweep took the new task in: audited, old and new (a GPU-less one: nothing to check)
+    audit = f"/audit?session_id={session['session_id']}"
+
+    def replaced() -> list[dict[str, Any]]:
+        events = gw.request("GET", audit).body["events"]
+        return [e for e in events if e["event"] == "session_task_replaced"]
+
+    wait_for(replaced, timeout=10, what="the replacement in the audit")
+    (event,) = replaced()
+    assert (event["previous_task"], event["task"]) == (first, running_task(service))
+    assert (event["node"], event["gpu_uuid"]) == (own["hostname"], None)
 
     deleted = gw.request("DELETE", url)
     assert deleted.status in (200, 204)

@@ -16,7 +16,9 @@ with the engine's reason), the expiry warning reaches the user's terminal on the
 (through the control channel), and once the first session's TTL ends the slice serves another.
 The worker's engine runs a fake NVIDIA toolkit (``swarm_node_nvidia.sh``): the gateway's pin
 check asks the task on the worker, through the control channel, what ``nvidia-smi -L``
-lists; a task that sees another device than its slice fails the create and is rolled back.
+lists; a task that sees another device than its slice fails the create and is rolled back,
+and a task Swarm replaces with one that sees another device ends its session as
+``gpu_pin_lost``, freeing the slice.
 """
 
 from __future__ import annotations
@@ -148,4 +150,21 @@ def test_a_mig_session_lands_on_the_node_with_the_slice_and_frees_it_at_ttl(
         again = gw.create(user_id="migtwo", mig_profile="1g.10gb")
         assert again.status == 201, again.body
         assert again.body["gpu_uuid"] == SLICE_UUID
-        assert gw.request("DELETE", f"/sessions/{again.body['session_id']}").status == 200
+
+        # Swarm replaces the task (forced here; a node reboot or a task that died alike) and
+        # the new one sees another device: the sweep checks it and ends the session
+        worker.expose_gpus(OTHER_UUID)
+        docker("service", "update", "--force", "--detach", "--quiet", again.body["container_id"])
+        url = f"/sessions/{again.body['session_id']}"
+        wait_for(lambda: gw.request("GET", url).status == 404, timeout=30, what="the check")
+        events = gw.request("GET", f"/audit?session_id={again.body['session_id']}").body
+        (replaced,) = [e for e in events["events"] if e["event"] == "session_task_replaced"]
+        assert f"sees GPU-e2e-parent, {OTHER_UUID} instead of only" in replaced["gpu_problem"]
+        assert (replaced["node"], replaced["gpu_uuid"]) == (worker.name, SLICE_UUID)
+        (ended,) = [e for e in events["events"] if e["event"] == "session_ended"]
+        assert ended["reason"] == "gpu_pin_lost"
+        assert owned("service", instance) == []  # its end waited for the task: slice free
+        worker.expose_gpus()
+        third = gw.create(user_id="migthree", mig_profile="1g.10gb")
+        assert third.status == 201 and third.body["gpu_uuid"] == SLICE_UUID, third.body
+        assert gw.request("DELETE", f"/sessions/{third.body['session_id']}").status == 200
