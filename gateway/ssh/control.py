@@ -17,6 +17,9 @@ from pathlib import Path
 
 import asyncssh
 
+from gateway.core import gpu_activity
+from gateway.core.gpu_activity import command_run
+from gateway.core.idle import Reading
 from gateway.errors import ContainerStartFailed
 from gateway.runtime.base import CommandResult, ContainerFile
 from gateway.ssh.identity import HostIdentity, create_secret
@@ -32,20 +35,31 @@ def gpu_listing(answer: str) -> CommandResult | None:
     """The ``nvidia-smi -L`` run that ``sandman-control`` reports for ``{"read": "gpus"}``
     (``{"exit_code": <int>, "output": <text>}``), or None if ``answer`` is not that."""
     try:
+        found = command_run(json.loads(answer))
+    except ValueError:
+        return None
+    return None if found is None else CommandResult(*found)
+
+
+def gpu_reading(answer: str) -> Reading | None:
+    """The idle reading of what ``sandman-control`` reports for ``{"read": "gpu"}``
+    (``{"apps": <run>, "utilization": <run>}``, see :mod:`gateway.core.gpu_activity`);
+    None if ``answer`` is not that, or the processes could not be read."""
+    try:
         found = json.loads(answer)
     except ValueError:
         return None
-    if not isinstance(found, dict) or set(found) != {"exit_code", "output"}:
+    if not isinstance(found, dict) or set(found) != {"apps", "utilization"}:
         return None
-    exit_code, output = found["exit_code"], found["output"]
-    if type(exit_code) is not int or not isinstance(output, str):
+    apps, usage = command_run(found["apps"]), command_run(found["utilization"])
+    if apps is None or usage is None:
         return None
-    return CommandResult(exit_code, output)
+    return gpu_activity.reading(apps, usage)
 
 
 class ControlChannel:
     """Writes files and terminal messages into running sessions, and reads their CPU
-    time and visible GPUs, through their sshd. Build with :meth:`open`."""
+    time, visible GPUs and GPU activity, through their sshd. Build with :meth:`open`."""
 
     def __init__(self, key: asyncssh.SSHKey, identity: HostIdentity) -> None:
         self._key = key
@@ -119,6 +133,23 @@ class ControlChannel:
                 log_message=f"session {session_id}: sandman-control answered {answer!r}",
             )
         return listing
+
+    async def gpu_reading(self, session_id: str, address: tuple[str, int]) -> Reading:
+        """What the GPU the session at ``address`` sees is doing, from ``nvidia-smi`` run
+        there: compute processes, and a whole GPU's utilisation (unknown for a MIG device).
+
+        Raises:
+            ContainerStartFailed: as :meth:`_ask`, or an answer that says nothing usable
+                (``nvidia-smi`` missing, failing or hanging there).
+        """
+        answer = await self._ask(session_id, address, {"read": "gpu"})
+        found = gpu_reading(answer)
+        if found is None:
+            raise ContainerStartFailed(
+                "the session's GPU reading was not understood",
+                log_message=f"session {session_id}: sandman-control answered {answer!r}",
+            )
+        return found
 
     async def _ask(self, session_id: str, address: tuple[str, int], request: object) -> str:
         """Run ``sandman-control`` in the session at ``address`` with ``request``; its stdout.
