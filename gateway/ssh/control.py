@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import asyncssh
 
@@ -30,6 +31,8 @@ CONTROL_COMMAND = "/usr/local/sbin/sandman-control"
 ROOT_AUTHORIZED_KEYS = "/etc/ssh/authorized_keys/root"
 CONTROL_TIMEOUT = 10.0
 
+T = TypeVar("T")
+
 
 def gpu_listing(answer: str) -> CommandResult | None:
     """The ``nvidia-smi -L`` run that ``sandman-control`` reports for ``{"read": "gpus"}``
@@ -39,6 +42,15 @@ def gpu_listing(answer: str) -> CommandResult | None:
     except ValueError:
         return None
     return None if found is None else CommandResult(*found)
+
+
+def cpu_reading(answer: str) -> float | None:
+    """The seconds ``sandman-control`` reports for ``{"read": "cpu"}``
+    (``{"cpu_seconds": <number>}``), or None if ``answer`` is not that."""
+    try:
+        return float(json.loads(answer)["cpu_seconds"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def gpu_reading(answer: str) -> Reading | None:
@@ -109,14 +121,7 @@ class ControlChannel:
         Raises:
             ContainerStartFailed: as :meth:`_ask`, or an answer without the figure.
         """
-        answer = await self._ask(session_id, address, {"read": "cpu"})
-        try:
-            return float(json.loads(answer)["cpu_seconds"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ContainerStartFailed(
-                "the session's CPU reading was not understood",
-                log_message=f"session {session_id}: sandman-control answered {answer!r}",
-            ) from exc
+        return await self._read(session_id, address, "cpu", cpu_reading, "CPU reading")
 
     async def visible_gpus(self, session_id: str, address: tuple[str, int]) -> CommandResult:
         """What ``nvidia-smi -L`` lists in the session at ``address``, and its exit status
@@ -125,14 +130,7 @@ class ControlChannel:
         Raises:
             ContainerStartFailed: as :meth:`_ask`, or an answer not understood.
         """
-        answer = await self._ask(session_id, address, {"read": "gpus"})
-        listing = gpu_listing(answer)
-        if listing is None:
-            raise ContainerStartFailed(
-                "the session's GPU listing was not understood",
-                log_message=f"session {session_id}: sandman-control answered {answer!r}",
-            )
-        return listing
+        return await self._read(session_id, address, "gpus", gpu_listing, "GPU listing")
 
     async def gpu_reading(self, session_id: str, address: tuple[str, int]) -> Reading:
         """What the GPU the session at ``address`` sees is doing, from ``nvidia-smi`` run
@@ -142,11 +140,26 @@ class ControlChannel:
             ContainerStartFailed: as :meth:`_ask`, or an answer that says nothing usable
                 (``nvidia-smi`` missing, failing or hanging there).
         """
-        answer = await self._ask(session_id, address, {"read": "gpu"})
-        found = gpu_reading(answer)
+        return await self._read(session_id, address, "gpu", gpu_reading, "GPU reading")
+
+    async def _read(
+        self,
+        session_id: str,
+        address: tuple[str, int],
+        what: str,
+        parse: Callable[[str], T | None],
+        name: str,
+    ) -> T:
+        """The answer to ``{"read": what}``, parsed.
+
+        Raises:
+            ContainerStartFailed: as :meth:`_ask`, or ``parse`` found nothing (None).
+        """
+        answer = await self._ask(session_id, address, {"read": what})
+        found = parse(answer)
         if found is None:
             raise ContainerStartFailed(
-                "the session's GPU reading was not understood",
+                f"the session's {name} was not understood",
                 log_message=f"session {session_id}: sandman-control answered {answer!r}",
             )
         return found
