@@ -71,7 +71,7 @@ def _gateway_and_worker(gateway_factory: Any, *options: str) -> Iterator[tuple[G
 
 
 #: short idle clocks (test_idle's); the control channel's own login each second costs the
-#: task CPU (8 % of a core measured; 0.1 % at the default 60 s), so a higher CPU threshold
+#: task CPU (8 % of a core measured; well under 1 % at the default 60 s): a higher threshold
 IDLE = (*SHORT, "--idle-cpu-threshold", "50")
 
 
