@@ -129,7 +129,7 @@ def _gpu_sessions_on_the_worker_are_reclaimed_when_idle(gw: Gateway, ssh: Any) -
     session = working.body
     started = ssh.with_key(session, "touch /tmp/sandman-fake-gpu-app")  # a job; the user leaves
     assert started.returncode == 0, started.stderr
-    view = stays(gw, session, 12)  # three times the idle clocks
+    view = stays(gw, session, 8)  # twice the idle clocks
     assert view["kept_because"] == ["compute_busy"] and view["utilization"] is None
     assert view["no_connection_since"] is not None
     ended = ssh.with_key(session, "rm /tmp/sandman-fake-gpu-app")  # the job ends
