@@ -203,16 +203,33 @@ class IdleReclaimer:
     async def _compute(self, session: Session, memory: _Memory) -> tuple[bool | None, float | None]:
         """Whether the session's compute is busy now (None: no verdict yet, the first CPU
         sample after a start) and the utilisation shown (None: unknown)."""
-        if session.gpu_uuid:
-            try:
-                reading: idle.Reading | None = await self._gpus.utilization(session.gpu_uuid)
-            except GatewayError as exc:
-                log.warning("session %s: GPU utilisation unknown: %s", session.id,
-                            exc.log_message)  # fmt: skip
-                reading = None
-            threshold = self._policy.gpu_threshold
-            shown = reading.utilization if reading else None
-            return idle.is_busy(reading, threshold, self._policy), shown
+        if not session.gpu_uuid:
+            return await self._cpu(session, memory)
+        reading, inside = await self._gpu(session)
+        busy = idle.is_busy(reading, self._policy.gpu_threshold, self._policy)
+        shown = reading.utilization if reading else None
+        if busy or not inside:
+            return busy, shown
+        # Read from inside the container, where the driver may list no process of the
+        # session's (host PIDs, not the container's): an idle GPU leaves it to the CPU.
+        return (await self._cpu(session, memory))[0], shown
+
+    async def _gpu(self, session: Session) -> tuple[idle.Reading | None, bool]:
+        """The session GPU's reading (None: unreadable), and whether it was read from inside
+        the container (a Swarm node's), else by the gateway's own GPU backend (NVML)."""
+        try:
+            container = session.container_id
+            inside = await self._runtime.gpu_reading(container) if container else None
+            if inside is not None:
+                return inside, True
+            return await self._gpus.utilization(session.gpu_uuid or ""), False
+        except GatewayError as exc:
+            log.warning("session %s: GPU utilisation unknown: %s", session.id, exc.log_message)
+            return None, False
+
+    async def _cpu(self, session: Session, memory: _Memory) -> tuple[bool | None, float | None]:
+        """Whether the container's CPU is busy since the last sample, and its percent of one
+        core (both None on the first sample, or when it cannot be read)."""
         if not session.container_id:
             return None, None
         try:

@@ -16,7 +16,9 @@ from typing import Any
 
 import asyncssh
 
+from gateway.core import gpu_activity
 from gateway.core.gpu_delivery import DEVICE_REQUEST, GpuPath, gpu_path
+from gateway.core.idle import Reading
 from gateway.errors import ContainerStartFailed, DockerUnavailable, NoCapacity
 from gateway.runtime.base import (
     LABEL_INSTANCE,
@@ -71,6 +73,9 @@ class FakeContainer:
     port: int = 0
     files: dict[str, bytes] = field(default_factory=dict)
     cpu_seconds: float = 0.0  # CPU time used so far (a test raises it to look busy)
+    #: what ``nvidia-smi --query-compute-apps=pid,used_memory`` prints in it (a test adds a
+    #: line to run a GPU process); the runtime answers it when ``gpu_inside`` is set
+    gpu_apps: str = ""
     body: dict[str, Any] = field(default_factory=dict)  # what containers/create was sent
     task: int = 0  # how many times Swarm replaced its task (:meth:`FakeRuntime.replace_task`)
 
@@ -138,6 +143,9 @@ class FakeRuntime:
     #: the daemon's ``docker info`` (ServerVersion, CDISpecDirs, DiscoveredDevices, Runtimes);
     #: empty: an engine before CDI routing, where the toolkit's hook resolves GPU requests
     daemon_info: dict[str, Any] = field(default_factory=dict)
+    #: as a Swarm with a control channel: a container's GPU is read from inside it (its
+    #: ``gpu_apps``, a MIG device with no utilisation); False: the gateway's backend reads it
+    gpu_inside: bool = False
     #: a Swarm's nodes, the first holding every task; empty: plain Docker (this host alone)
     swarm_nodes: list[NodeInfo] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -356,6 +364,20 @@ class FakeRuntime:
         await self._step("cpu_seconds")
         container = self.find(container_id)
         return None if container is None or not container.running else container.cpu_seconds
+
+    async def gpu_reading(self, container_id: str) -> Reading | None:
+        """With ``gpu_inside``, the container's ``gpu_apps`` parsed as the control channel's
+        answer is; else None (the gateway's backend reads the GPU)."""
+        await self._step("gpu_reading")
+        container = self._existing(container_id, "read the container's GPU")
+        if not self.gpu_inside:
+            return None
+        if not container.running:
+            raise ContainerStartFailed(f"container {container_id} is not running")
+        reading = gpu_activity.reading((0, container.gpu_apps), (0, "[N/A]\n"))
+        if reading is None:
+            raise ContainerStartFailed("the session's GPU reading was not understood")
+        return reading
 
     async def close(self) -> None:
         """The gateway lets go of the engine; its containers keep running, as Docker's do."""

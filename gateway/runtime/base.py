@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.core.gpu_delivery import GpuPath
+from gateway.core.idle import Reading
 
 LABEL_SESSION = "sandman.session_id"
 LABEL_USER = "sandman.user_id"
@@ -165,6 +166,16 @@ class Runtime(Protocol):
     async def cpu_seconds(self, container_id: str) -> float | None:
         """The CPU time the container has used so far (all its processes, seconds); None
         if it is not running."""
+        ...
+
+    async def gpu_reading(self, container_id: str) -> Reading | None:
+        """What the container's GPU is doing, read from inside it (``nvidia-smi``), for a
+        runtime whose containers run where the gateway's NVML cannot see; None when the
+        gateway's own GPU backend reads it (plain Docker: this host's GPUs).
+
+        Raises:
+            GatewayError: the container could not be asked, or said nothing usable.
+        """
         ...
 
     async def tell(self, container_id: str, message: str) -> None:

@@ -25,6 +25,7 @@ from aiodocker.events import DockerEvents
 from aiodocker.exceptions import DockerError
 
 from gateway.core.gpu_delivery import DEVICE_REQUEST, GpuPath, gpu_host_config, gpu_path
+from gateway.core.idle import Reading
 from gateway.errors import ContainerStartFailed, DockerUnavailable
 from gateway.runtime.base import (
     GPU_LIST,
@@ -353,6 +354,10 @@ class DockerRuntime:
         usage = (stats.get("cpu_stats") or {}).get("cpu_usage") or {}
         total = usage.get("total_usage")
         return None if not isinstance(total, int) else total / 1e9
+
+    async def gpu_reading(self, container_id: str) -> Reading | None:
+        """None: this host's GPUs, which the gateway's own backend (NVML) reads."""
+        return None
 
     async def visible_gpus(self, container_id: str) -> CommandResult:
         """:data:`GPU_LIST` through ``docker exec`` (this engine's containers only)."""

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import aiodocker
 from aiodocker.exceptions import DockerError
 
+from gateway.core.idle import Reading
 from gateway.errors import ContainerStartFailed, DockerUnavailable, GatewayError, NoCapacity
 from gateway.models import utcnow
 from gateway.runtime.base import (
@@ -569,6 +570,20 @@ class SwarmRuntime:
             return await self._local.visible_gpus(await self._on_task(container_id))
         address = await self._task_address(container_id, "the GPU check")
         return await self._channel.visible_gpus(self._sessions.get(container_id, ""), address)
+
+    async def gpu_reading(self, container_id: str) -> Reading | None:
+        """Through the control channel, from inside the task (any node: the manager's NVML
+        sees only its own GPUs); None without a channel (the gateway's backend then reads
+        the slice if it is this node's, else reports it unknown).
+
+        Raises:
+            ContainerStartFailed: no running task to ask, the channel failed, or
+                ``nvidia-smi`` there said nothing usable.
+        """
+        if self._channel is None:
+            return None
+        address = await self._task_address(container_id, "the GPU reading")
+        return await self._channel.gpu_reading(self._sessions.get(container_id, ""), address)
 
     async def _task_address(self, service: str, purpose: str) -> tuple[str, int]:
         """Where the service's running task answers, for the control channel.

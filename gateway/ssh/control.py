@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import asyncssh
 
+from gateway.core import gpu_activity
+from gateway.core.gpu_activity import command_run
+from gateway.core.idle import Reading
 from gateway.errors import ContainerStartFailed
 from gateway.runtime.base import CommandResult, ContainerFile
 from gateway.ssh.identity import HostIdentity, create_secret
@@ -27,25 +31,47 @@ CONTROL_COMMAND = "/usr/local/sbin/sandman-control"
 ROOT_AUTHORIZED_KEYS = "/etc/ssh/authorized_keys/root"
 CONTROL_TIMEOUT = 10.0
 
+T = TypeVar("T")
+
 
 def gpu_listing(answer: str) -> CommandResult | None:
     """The ``nvidia-smi -L`` run that ``sandman-control`` reports for ``{"read": "gpus"}``
     (``{"exit_code": <int>, "output": <text>}``), or None if ``answer`` is not that."""
     try:
+        found = command_run(json.loads(answer))
+    except ValueError:
+        return None
+    return None if found is None else CommandResult(*found)
+
+
+def cpu_reading(answer: str) -> float | None:
+    """The seconds ``sandman-control`` reports for ``{"read": "cpu"}``
+    (``{"cpu_seconds": <number>}``), or None if ``answer`` is not that."""
+    try:
+        return float(json.loads(answer)["cpu_seconds"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def gpu_reading(answer: str) -> Reading | None:
+    """The idle reading of what ``sandman-control`` reports for ``{"read": "gpu"}``
+    (``{"apps": <run>, "utilization": <run>}``, see :mod:`gateway.core.gpu_activity`);
+    None if ``answer`` is not that, or the processes could not be read."""
+    try:
         found = json.loads(answer)
     except ValueError:
         return None
-    if not isinstance(found, dict) or set(found) != {"exit_code", "output"}:
+    if not isinstance(found, dict) or set(found) != {"apps", "utilization"}:
         return None
-    exit_code, output = found["exit_code"], found["output"]
-    if type(exit_code) is not int or not isinstance(output, str):
+    apps, usage = command_run(found["apps"]), command_run(found["utilization"])
+    if apps is None or usage is None:
         return None
-    return CommandResult(exit_code, output)
+    return gpu_activity.reading(apps, usage)
 
 
 class ControlChannel:
     """Writes files and terminal messages into running sessions, and reads their CPU
-    time and visible GPUs, through their sshd. Build with :meth:`open`."""
+    time, visible GPUs and GPU activity, through their sshd. Build with :meth:`open`."""
 
     def __init__(self, key: asyncssh.SSHKey, identity: HostIdentity) -> None:
         self._key = key
@@ -95,14 +121,7 @@ class ControlChannel:
         Raises:
             ContainerStartFailed: as :meth:`_ask`, or an answer without the figure.
         """
-        answer = await self._ask(session_id, address, {"read": "cpu"})
-        try:
-            return float(json.loads(answer)["cpu_seconds"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ContainerStartFailed(
-                "the session's CPU reading was not understood",
-                log_message=f"session {session_id}: sandman-control answered {answer!r}",
-            ) from exc
+        return await self._read(session_id, address, "cpu", cpu_reading, "CPU reading")
 
     async def visible_gpus(self, session_id: str, address: tuple[str, int]) -> CommandResult:
         """What ``nvidia-smi -L`` lists in the session at ``address``, and its exit status
@@ -111,14 +130,39 @@ class ControlChannel:
         Raises:
             ContainerStartFailed: as :meth:`_ask`, or an answer not understood.
         """
-        answer = await self._ask(session_id, address, {"read": "gpus"})
-        listing = gpu_listing(answer)
-        if listing is None:
+        return await self._read(session_id, address, "gpus", gpu_listing, "GPU listing")
+
+    async def gpu_reading(self, session_id: str, address: tuple[str, int]) -> Reading:
+        """What the GPU the session at ``address`` sees is doing, from ``nvidia-smi`` run
+        there: compute processes, and a whole GPU's utilisation (unknown for a MIG device).
+
+        Raises:
+            ContainerStartFailed: as :meth:`_ask`, or an answer that says nothing usable
+                (``nvidia-smi`` missing, failing or hanging there).
+        """
+        return await self._read(session_id, address, "gpu", gpu_reading, "GPU reading")
+
+    async def _read(
+        self,
+        session_id: str,
+        address: tuple[str, int],
+        what: str,
+        parse: Callable[[str], T | None],
+        name: str,
+    ) -> T:
+        """The answer to ``{"read": what}``, parsed.
+
+        Raises:
+            ContainerStartFailed: as :meth:`_ask`, or ``parse`` found nothing (None).
+        """
+        answer = await self._ask(session_id, address, {"read": what})
+        found = parse(answer)
+        if found is None:
             raise ContainerStartFailed(
-                "the session's GPU listing was not understood",
+                f"the session's {name} was not understood",
                 log_message=f"session {session_id}: sandman-control answered {answer!r}",
             )
-        return listing
+        return found
 
     async def _ask(self, session_id: str, address: tuple[str, int], request: object) -> str:
         """Run ``sandman-control`` in the session at ``address`` with ``request``; its stdout.

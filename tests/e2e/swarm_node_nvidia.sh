@@ -3,9 +3,11 @@
 # OCI runtime that wraps runc and, as a container is created, gives it an nvidia-smi that
 # lists the GPU slices the engine assigned it (DOCKER_RESOURCE_* in its environment, which the
 # toolkit's swarm-resource setting reads), as the toolkit injects the driver's nvidia-smi with
-# the utility capability; a container assigned none gets nothing. Test knob: the UUIDs in
-# $VISIBLE (one a line) are listed instead, as a toolkit whose settings defeat the pin would
-# expose other devices.
+# the utility capability; a container assigned none gets nothing. Besides `-L` it answers the
+# idle reading's queries: compute apps (one while the file /tmp/sandman-fake-gpu-app exists in
+# the task: a user's job, test-only) and utilisation ([N/A] for a MIG device, as the driver
+# says, else 0). Test knob: the UUIDs in $VISIBLE (one a line) are listed instead, as a
+# toolkit whose settings defeat the pin would expose other devices.
 VISIBLE=/etc/sandman-fake-nvidia/visible
 
 bundle=
@@ -24,10 +26,20 @@ if [ -n "$create" ] && [ -f "$config" ]; then
     [ -f "$VISIBLE" ] && assigned=$(cat "$VISIBLE")
     rootfs=$(sed -n 's/.*"root":{"path":"\([^"]*\)".*/\1/p' "$config")
     case "$rootfs" in /*) ;; *) rootfs="$bundle/$rootfs" ;; esac
+    mkdir -p "$rootfs/usr/share/sandman-fake-nvidia"
+    cat >"$rootfs/usr/bin/nvidia-smi" <<'SMI'
+#!/bin/sh
+listing=/usr/share/sandman-fake-nvidia/listing
+case "$*" in
+  -L) cat "$listing" ;;
+  "--query-compute-apps=pid,used_memory --format=csv,noheader")
+    if [ -e /tmp/sandman-fake-gpu-app ]; then echo '4242, 310 MiB'; fi ;;
+  "--query-gpu=utilization.gpu --format=csv,noheader,nounits")
+    if grep -q '  MIG ' "$listing"; then echo '[N/A]'; else echo 0; fi ;;
+  *) echo "fake nvidia-smi: not faked: $*" >&2; exit 2 ;;
+esac
+SMI
     {
-      echo '#!/bin/sh'
-      echo '[ "$*" = -L ] || { echo "fake nvidia-smi: only -L" >&2; exit 2; }'
-      echo "cat <<'LISTING'"
       index=0
       for uuid in $assigned; do
         case "$uuid" in
@@ -37,8 +49,7 @@ if [ -n "$create" ] && [ -f "$config" ]; then
         esac
         index=$((index + 1))
       done
-      echo LISTING
-    } >"$rootfs/usr/bin/nvidia-smi"
+    } >"$rootfs/usr/share/sandman-fake-nvidia/listing"
     chmod 0755 "$rootfs/usr/bin/nvidia-smi"
   fi
 fi

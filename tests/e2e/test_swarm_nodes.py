@@ -5,7 +5,9 @@ With ``--shared-workspaces`` (the workspace root bound at the same path in the w
 shared storage would be) a session lands on the worker while the manager takes no new
 tasks; the user logs in through the gateway, which finds the task at the worker's address,
 and the file reaches the shared workspace; a PATCH's new facts reach the task, and idle
-reclaim reads its CPU time, through the gateway's control channel. ``GET /nodes`` shows the
+reclaim reads its CPU time, through the gateway's control channel; so it reads a GPU
+session's slice on the worker (``nvidia-smi`` in the task): with no GPU process and nobody
+connected it is reclaimed, while a GPU job runs it is kept. ``GET /nodes`` shows the
 worker's GPU slice (a node generic resource). When the worker's engine dies and no other
 node may take the task, the session ends as ``backend_gone`` and its port closes.
 
@@ -37,6 +39,7 @@ from tests.e2e.swarm import (
     set_availability,
     swarm_worker,
 )
+from tests.e2e.test_idle import SHORT, events, gone, stays
 
 SLICE = "MIG-1g.10gb=MIG-e2e00000-0000-0000-0000-000000000001"
 SLICE_UUID = SLICE.split("=")[1]
@@ -67,8 +70,13 @@ def _gateway_and_worker(gateway_factory: Any, *options: str) -> Iterator[tuple[G
             remove_swarm_leftovers(gw, instance)
 
 
+#: short idle clocks (test_idle's); the control channel's own login each second costs the
+#: task CPU (8 % of a core measured; well under 1 % at the default 60 s): a higher threshold
+IDLE = (*SHORT, "--idle-cpu-threshold", "50")
+
+
 def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_factory: Any, ssh):
-    with _gateway_and_worker(gateway_factory, "--idle-sample", "1s") as (gw, worker):
+    with _gateway_and_worker(gateway_factory, *IDLE) as (gw, worker):
         nodes = {n["hostname"]: n for n in gw.request("GET", "/nodes").body["nodes"]}
         kind, value = SLICE.split("=")
         assert nodes[worker.name]["role"] == "worker"
@@ -76,7 +84,7 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
         assert nodes[worker.name]["address"] == worker.address
 
         set_availability("pause")  # this node takes no new task: the worker must
-        created = gw.create(user_id="nested")
+        created = gw.create(user_id="nested", idle_reclaim=False)  # this flow takes its time
         assert created.status == 201, created.body
         session = created.body
         where = docker("service", "ps", session["container_id"], "--format", "{{.Node}}",
@@ -96,6 +104,7 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
         # idle reclaim reads the task's CPU time on the worker through the control channel
         wait_for(lambda: gw.request("GET", url).body["idle"]["utilization"] is not None,
                  timeout=15, what="a CPU reading from the worker")  # fmt: skip
+        _gpu_sessions_on_the_worker_are_reclaimed_when_idle(gw, ssh)
 
         docker("kill", worker.name)  # its engine dies; no other node may take the task
         wait_for(lambda: gw.request("GET", url).status == 404, timeout=60, what="the end")
@@ -103,6 +112,29 @@ def test_a_session_on_a_nested_worker_ends_when_the_worker_is_lost(gateway_facto
         (ended,) = [e for e in events["events"] if e["event"] == "session_ended"]
         assert ended["reason"] == "backend_gone"
         assert port_refuses(session["ssh_port"])
+
+
+def _gpu_sessions_on_the_worker_are_reclaimed_when_idle(gw: Gateway, ssh: Any) -> None:
+    """The manager has no NVML: idle reclaim reads a GPU session's slice through the control
+    channel, from ``nvidia-smi`` in the task (the fake toolkit's). No connection and no GPU
+    process: reclaimed as idle. A GPU job running: kept until it ends."""
+    unused = gw.create(user_id="gpuidle", mig_profile="1g.10gb")
+    assert unused.status == 201, unused.body
+    wait_for(lambda: gone(gw, unused.body), timeout=40, what="the idle reclaim")
+    trail = events(gw, unused.body)
+    assert trail.index("session_idle_warning") < trail.index("session_idle_reclaimed")
+
+    working = gw.create(user_id="gpubusy", mig_profile="1g.10gb")
+    assert working.status == 201, working.body
+    session = working.body
+    started = ssh.with_key(session, "touch /tmp/sandman-fake-gpu-app")  # a job; the user leaves
+    assert started.returncode == 0, started.stderr
+    view = stays(gw, session, 8)  # twice the idle clocks
+    assert view["kept_because"] == ["compute_busy"] and view["utilization"] is None
+    assert view["no_connection_since"] is not None
+    ended = ssh.with_key(session, "rm /tmp/sandman-fake-gpu-app")  # the job ends
+    assert ended.returncode == 0, ended.stderr
+    wait_for(lambda: gone(gw, session), timeout=40, what="the idle reclaim after the job")
 
 
 def test_a_mig_session_lands_on_the_node_with_the_slice_and_frees_it_at_ttl(

@@ -14,8 +14,15 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from gateway.core.idle import Reading
 from gateway.runtime.base import CommandResult
-from gateway.ssh.control import CONTROL_COMMAND, ROOT_AUTHORIZED_KEYS, ControlChannel, gpu_listing
+from gateway.ssh.control import (
+    CONTROL_COMMAND,
+    ROOT_AUTHORIZED_KEYS,
+    ControlChannel,
+    gpu_listing,
+    gpu_reading,
+)
 from gateway.ssh.identity import HostIdentity
 
 SCRIPT = Path(__file__).parents[2] / "workspace-image" / "session" / "sandman-control"
@@ -206,3 +213,60 @@ def test_a_missing_nvidia_smi_is_an_answer_not_a_failure(root, tmp_path):
 )  # fmt: skip
 def test_the_gateway_reads_the_gpu_listing_answer_strictly(answer, result):
     assert gpu_listing(answer) == result
+
+
+#: a node's ``nvidia-smi`` as a MIG device shows it: a process runs, no utilisation
+MIG_SMI = """case "$1" in
+  --query-compute-apps=pid,used_memory) [ "$2" = --format=csv,noheader ] && echo '4242, 310 MiB';;
+  --query-gpu=utilization.gpu) [ "$2" = --format=csv,noheader,nounits ] && echo '[N/A]';;
+  *) echo "unexpected: $*"; exit 2;;
+esac"""
+
+
+def test_reads_what_the_visible_gpu_is_doing(root, tmp_path):
+    done = control(root, {"read": "gpu"}, fake_nvidia_smi(tmp_path, MIG_SMI))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout) == {
+        "apps": {"exit_code": 0, "output": "4242, 310 MiB\n"},
+        "utilization": {"exit_code": 0, "output": "[N/A]\n"},
+    }
+    assert gpu_reading(done.stdout) == Reading(None, processes=True)
+
+
+def test_a_missing_or_hanging_nvidia_smi_is_a_gpu_reading_too(root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing = control(root, {"read": "gpu"}, str(empty))
+    assert (missing.returncode, missing.stderr) == (0, "")
+    assert json.loads(missing.stdout)["apps"] == {
+        "exit_code": 127,
+        "output": "nvidia-smi: not found",
+    }
+    assert gpu_reading(missing.stdout) is None  # unknown: busy
+    hangs = fake_nvidia_smi(tmp_path, 'case "$1" in --query-compute-apps*) sleep 60;; esac; echo 0')
+    hung = control(root, {"read": "gpu"}, hangs)
+    assert (hung.returncode, hung.stderr) == (0, "")
+    answer = json.loads(hung.stdout)
+    assert answer["apps"]["exit_code"] == 124 and answer["utilization"] == {
+        "exit_code": 0,
+        "output": "0\n",
+    }
+    assert gpu_reading(hung.stdout) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "result"),
+    [
+        (json.dumps({"apps": {"exit_code": 0, "output": ""},
+                     "utilization": {"exit_code": 0, "output": "3\n"}}),
+         Reading(3.0, processes=False)),
+        (json.dumps({"apps": {"exit_code": 0, "output": ""}}), None),
+        (json.dumps({"apps": {"exit_code": 0, "output": ""}, "utilization": None}), None),
+        (json.dumps({"apps": {"exit_code": 0, "output": ""},
+                     "utilization": {"exit_code": 0, "output": "3"}, "more": 1}), None),
+        ('{"exit_code": 0, "output": ""}', None),  # another request's answer
+        ("", None),
+    ],
+)  # fmt: skip
+def test_the_gateway_reads_the_gpu_reading_answer_strictly(answer, result):
+    assert gpu_reading(answer) == result

@@ -274,3 +274,62 @@ async def test_a_gpu_this_host_cannot_see_is_unknown_so_busy():
     reading = await NoneBackend().utilization("MIG-on-a-worker")
     assert is_busy(reading, 5.0, IdlePolicy())
     assert not is_busy(reading, 5.0, IdlePolicy(mig_unknown="idle"))  # the operator's choice
+
+
+# --- GPU sessions on a Swarm node (read from inside the task) --------------------------
+
+
+async def swarm_gpu_session(make_client, runtime):
+    """A GPU-less manager (no NVML) whose task got a node's slice: read through the task."""
+    runtime.engine_slices = {"1g.10gb": "MIG-node-slice-1"}
+    runtime.gpu_inside = True
+    client = await make_client(runtime="swarm", idle=POLICY, idle_sample=3600)
+    session_id = await start(client, mig_profile="1g.10gb")
+    (container,) = runtime.containers.values()
+    return client, session_id, container
+
+
+async def test_a_swarm_gpu_session_with_no_gpu_process_is_reclaimed(make_client, clock, runtime):
+    client, session_id, _ = await swarm_gpu_session(make_client, runtime)
+    await sample(client, clock)  # the GPU is idle: the CPU decides, no verdict yet
+    await sample(client, clock, 0.5)
+    view = await idle_view(client, session_id)
+    assert view["compute"] == "gpu" and view["utilization"] is None  # a MIG device
+    assert view["kept_because"] == [] and view["reclaim_at"] is not None
+    await sample(client, clock, 1.5)
+    warned = [e for e in await events(client, session_id) if e["event"] == "session_idle_warning"]
+    assert len(warned) == 1 and "GPU idle since" in warned[0]["reason"]
+    assert await sample(client, clock, 0.5) == 1
+    ended = [e for e in await events(client, session_id) if e["event"] == "session_idle_reclaimed"]
+    assert ended and ended[0]["reason"] == "idle"
+
+
+async def test_a_swarm_gpu_session_running_a_gpu_process_is_kept(make_client, clock, runtime):
+    client, session_id, container = await swarm_gpu_session(make_client, runtime)
+    container.gpu_apps = "4242, 310 MiB\n"  # a training run nobody watches
+    for _ in range(10):
+        assert await sample(client, clock, 1) == 0
+    view = await idle_view(client, session_id)
+    assert view["kept_because"] == ["compute_busy"] and view["no_connection_since"] is not None
+    container.gpu_apps = ""  # it ends: from now on idle
+    await sample(client, clock, 1)
+    await sample(client, clock, 1)
+    assert (await idle_view(client, session_id))["kept_because"] == []
+
+
+async def test_a_swarm_gpu_session_with_busy_cpu_is_kept(make_client, clock, runtime):
+    """``nvidia-smi`` in a container may list none of its processes (the driver reports host
+    PIDs): with the GPU idle, the CPU still keeps a job that works."""
+    client, session_id, container = await swarm_gpu_session(make_client, runtime)
+    for _ in range(10):
+        container.cpu_seconds += 600
+        await sample(client, clock, 1)
+    assert (await idle_view(client, session_id))["kept_because"] == ["compute_busy"]
+
+
+async def test_a_swarm_gpu_session_whose_gpu_cannot_be_read_is_kept(make_client, clock, runtime):
+    client, session_id, container = await swarm_gpu_session(make_client, runtime)
+    container.gpu_apps = "Failed to initialize NVML: Unknown Error\n"
+    for _ in range(10):
+        assert await sample(client, clock, 1) == 0
+    assert (await idle_view(client, session_id))["kept_because"] == ["compute_busy"]
