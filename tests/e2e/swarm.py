@@ -22,6 +22,8 @@ NODE_IMAGE = os.environ.get("SANDMAN_SWARM_NODE_IMAGE", "sandman-swarm-node:book
 #: A nested worker's image store, kept between runs (loading the workspace image takes
 #: 5-20 s); one worker at a time uses it (a lock file).
 WORKER_CACHE = Path("/var/tmp/sandman-swarm-worker")
+#: Held by a test that uses this engine's Swarm (see :func:`swarm_manager`).
+SWARM_LOCK = Path("/var/tmp/sandman-swarm.lock")
 NODE_ENTRY = Path(__file__).with_name("swarm_node_entry.sh")
 #: The worker's stand-in for the NVIDIA Container Runtime, its engine's default runtime.
 NODE_NVIDIA = Path(__file__).with_name("swarm_node_nvidia.sh")
@@ -35,15 +37,22 @@ NODE_SECURITY = (
 )
 
 
-def ensure_swarm() -> None:
-    """Make this engine a single-node Swarm manager unless it is in a Swarm already,
-    advertising its docker0 address (reachable by nested nodes, never the outside)."""
-    if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active":
-        gateway_ip = docker(
-            "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"
-        )
-        docker("swarm", "init", "--advertise-addr", gateway_ip)
-    set_availability("active")  # a run killed mid-test may have paused it
+@contextlib.contextmanager
+def swarm_manager() -> Iterator[None]:
+    """This engine as a single-node Swarm manager (made one unless it is in a Swarm
+    already, advertising its docker0 address: reachable by nested nodes, never the
+    outside), its node active, for one test. Tests pause and activate this node, so the
+    test holds it: a second run alongside waits rather than undo that mid-test."""
+    SWARM_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with SWARM_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "active":
+            gateway_ip = docker(
+                "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"
+            )
+            docker("swarm", "init", "--advertise-addr", gateway_ip)
+        set_availability("active")  # a run killed mid-test may have paused it
+        yield
 
 
 def set_availability(availability: str) -> None:

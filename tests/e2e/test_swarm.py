@@ -18,17 +18,17 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import Gateway, docker, wait_for
-from tests.e2e.swarm import ensure_swarm, owned, remove_swarm_leftovers, set_availability
+from tests.e2e.swarm import owned, remove_swarm_leftovers, set_availability, swarm_manager
 
 
 @pytest.fixture
 def swarm_gateway(gateway_factory: Any) -> Iterator[Gateway]:
-    ensure_swarm()
-    gw = gateway_factory("--runtime", "swarm", "--reap-interval", "1", "--place-timeout", "2s")
-    instance = gw.instance_id()
-    yield gw
-    gw.stop()
-    remove_swarm_leftovers(gw, instance)
+    with swarm_manager():
+        gw = gateway_factory("--runtime", "swarm", "--reap-interval", "1", "--place-timeout", "2s")
+        instance = gw.instance_id()
+        yield gw
+        gw.stop()
+        remove_swarm_leftovers(gw, instance)
 
 
 def running_task(service: str) -> str:
@@ -153,16 +153,16 @@ def test_a_wait_request_no_node_can_take_is_queued_and_can_be_withdrawn(swarm_ga
 def test_a_node_without_the_shared_workspace_root_refuses_to_run_sessions(gateway_factory):
     """--shared-workspaces: a task whose node's workspace root is not the gateway's (here:
     the sentinel's token changed behind the gateway's back) never starts on an empty home."""
-    ensure_swarm()
-    gw = gateway_factory("--runtime", "swarm", "--shared-workspaces")
-    instance = gw.instance_id()
-    try:
-        (gw.workspaces / ".sandman-shared").write_text("another-share\n")
-        refused = gw.create(user_id="elsewhere")
-        assert (refused.status, refused.body["code"]) == (502, "container_start_failed")
-        assert "exit" in refused.body["error"]  # before its SSH server started, or (65)
-        assert "not the gateway's shared one" in gw.log_path.read_text()  # the task's log
-        assert owned("service", instance) == []
-    finally:
-        gw.stop()
-        remove_swarm_leftovers(gw, instance)
+    with swarm_manager():
+        gw = gateway_factory("--runtime", "swarm", "--shared-workspaces")
+        instance = gw.instance_id()
+        try:
+            (gw.workspaces / ".sandman-shared").write_text("another-share\n")
+            refused = gw.create(user_id="elsewhere")
+            assert (refused.status, refused.body["code"]) == (502, "container_start_failed")
+            assert "exit" in refused.body["error"]  # before its SSH server started, or (65)
+            assert "not the gateway's shared one" in gw.log_path.read_text()  # the task's log
+            assert owned("service", instance) == []
+        finally:
+            gw.stop()
+            remove_swarm_leftovers(gw, instance)

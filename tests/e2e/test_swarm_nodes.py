@@ -33,10 +33,10 @@ from typing import Any
 from tests.e2e.conftest import IMAGE, Gateway, docker, port_refuses, wait_for
 from tests.e2e.swarm import (
     Worker,
-    ensure_swarm,
     owned,
     remove_swarm_leftovers,
     set_availability,
+    swarm_manager,
     swarm_worker,
 )
 from tests.e2e.test_idle import SHORT, events, gone, stays
@@ -51,11 +51,10 @@ def _gateway_and_worker(gateway_factory: Any, *options: str) -> Iterator[tuple[G
     """A Swarm gateway with shared workspaces (and ``options``), and a nested worker
     offering :data:`SLICE`; this node active again, and everything they made removed,
     afterwards."""
-    ensure_swarm()
     gw = gateway_factory("--runtime", "swarm", "--shared-workspaces", "--place-timeout", "3s",
                          "--reap-interval", "1", *options, start=False)  # fmt: skip
     gw.workspaces.mkdir(parents=True)
-    with swarm_worker(gw.workspaces, IMAGE, [SLICE]) as worker:
+    with swarm_manager(), swarm_worker(gw.workspaces, IMAGE, [SLICE]) as worker:
         # the session network's config-only half, which every node needs
         worker.docker("network", "create", "--config-only",
                       "-o", "com.docker.network.bridge.enable_icc=false",
