@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from gateway.api import keys
+from gateway.models import Session
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 
@@ -68,3 +71,13 @@ async def connections_written(app: web.Application) -> None:
         while sessions.live_connections:  # noqa: ASYNC110 (the relay offers no event for it)
             await asyncio.sleep(0.01)
     await app[keys.AUDIT].flush()
+
+
+def a_session(created_at: datetime, *, ttl_seconds: int = 3600, **fields: Any) -> Session:
+    """A session row for a test that needs one outside a gateway: ``alice``'s, expiring
+    ``ttl_seconds`` after ``created_at``; ``fields`` set the rest."""
+    return Session(**{
+        "id": "s1", "user_id": "alice", "uid": 2000, "ssh_port": 2222, "image": "img",
+        "workspace": "/w", "ttl_seconds": ttl_seconds, "created_at": created_at,
+        "expires_at": created_at + timedelta(seconds=ttl_seconds), **fields,
+    })  # fmt: skip

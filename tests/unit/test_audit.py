@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from datetime import timedelta
 
 from gateway.audit import Audit
 from gateway.metrics import Metrics
-from gateway.models import CloseReason, ConnectionRecord, Session, utcnow
+from gateway.models import CloseReason, ConnectionRecord, utcnow
 from gateway.relay import RelayLimits, SessionListener
 from gateway.store import Store
-from tests.unit.helpers import CLIENT_BANNER, CLIENT_KEX, SERVER_BANNER, echo_upstream
+from tests.unit.helpers import (
+    CLIENT_BANNER,
+    CLIENT_KEX,
+    SERVER_BANNER,
+    a_session,
+    echo_upstream,
+)
 
 
 class GatedStore:
@@ -72,17 +77,7 @@ async def test_a_session_event_waits_for_its_write_and_keeps_the_order(tmp_path)
     store = await Store.open(tmp_path / "db.sqlite")
     audit = Audit(store, Metrics(), None, utcnow)
     now = utcnow()
-    session = Session(
-        id="s1",
-        user_id="alice",
-        uid=2000,
-        ssh_port=2222,
-        image="img",
-        workspace="/w",
-        ttl_seconds=60,
-        created_at=now,
-        expires_at=now + timedelta(minutes=1),
-    )
+    session = a_session(now, ttl_seconds=60)
     try:
         one = record(1)
         await audit.connection_opened(one)

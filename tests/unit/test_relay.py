@@ -542,13 +542,19 @@ async def test_lookup_is_asked_at_each_connection(relay):
 
         listener.set_upstream("127.0.0.1", 1, lookup)  # the old address: refused
         for _ in range(2):
-            reader, writer = await connect(listener)
-            writer.write(CLIENT_BANNER)
-            assert await reader.readline() == SERVER_BANNER
-            writer.close()
-            assert (await recorder.next_closed()).reason is CloseReason.CLIENT_CLOSED
+            await _banner_round_trip(listener, recorder)
         moved.close()
     assert len(asked) == 2
+
+
+async def _banner_round_trip(listener: SessionListener, recorder) -> None:
+    """A client's banner reaches the upstream and its answer comes back; the client then
+    closes, and the connection is recorded as closed by it."""
+    reader, writer = await connect(listener)
+    writer.write(CLIENT_BANNER)
+    assert await reader.readline() == SERVER_BANNER
+    writer.close()
+    assert (await recorder.next_closed()).reason is CloseReason.CLIENT_CLOSED
 
 
 async def test_lookup_is_asked_again_once_when_its_answer_fails(relay):
@@ -562,11 +568,7 @@ async def test_lookup_is_asked_again_once_when_its_answer_fails(relay):
             return asked[-1]
 
         listener.set_upstream("127.0.0.1", 1, lookup)
-        reader, writer = await connect(listener)
-        writer.write(CLIENT_BANNER)
-        assert await reader.readline() == SERVER_BANNER
-        writer.close()
-        assert (await recorder.next_closed()).reason is CloseReason.CLIENT_CLOSED
+        await _banner_round_trip(listener, recorder)
         replacement.close()
     assert asked == answers
 

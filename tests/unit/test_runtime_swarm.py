@@ -5,13 +5,12 @@ where a task answers, when Swarm still means to run one, what a node offers; the
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from gateway.config import Config, config_from_args, parse
-from gateway.models import Session
 from gateway.runtime.base import SSHD_CAPABILITIES, ContainerFile, ContainerSpec
 from gateway.runtime.swarm_spec import (
     FILES_ROOT,
@@ -34,6 +33,7 @@ from gateway.runtime.swarm_tasks import (
     wants_to_run,
 )
 from gateway.session_files import AUTHORIZED_KEYS_DIR, expiring_files
+from tests.unit.helpers import a_session
 
 SPEC = ContainerSpec(
     name="sandman-alice-12345678",
@@ -314,18 +314,7 @@ def test_with_swarm_the_keys_outlast_any_patch(runtime, valid_until):
     they must hold until the latest expiry a PATCH can set (the gateway ends the session on
     time itself); plain Docker keys expire with the session."""
     created = datetime(2026, 12, 6, 10, 0, tzinfo=UTC)
-    session = Session(
-        id="s1",
-        user_id="alice",
-        uid=10000,
-        ssh_port=10000,
-        image="gpu-workspace",
-        workspace="/srv/workspaces/alice",
-        ttl_seconds=3600,
-        created_at=created,
-        expires_at=created + timedelta(hours=1),
-        authorized_keys=("ssh-ed25519 AAAAkey",),
-    )
+    session = a_session(created, authorized_keys=("ssh-ed25519 AAAAkey",))
     config = Config(runtime=runtime, max_ttl_minutes=120)
     files = {f.path: f.content.decode() for f in expiring_files(session, config)}
     assert files[f"{AUTHORIZED_KEYS_DIR}/alice"] == (

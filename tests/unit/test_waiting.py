@@ -3,7 +3,6 @@ MIG (seven 1g slices), the fake runtime and a settable clock."""
 
 import asyncio
 import json
-from datetime import timedelta
 
 import bcrypt
 import pytest
@@ -13,12 +12,11 @@ from gateway.api.keys import SESSIONS, STORE, WAITING
 from gateway.config import config_from_args, parse
 from gateway.core.fairshare import MAX_START_ATTEMPTS
 from gateway.gpu.sim import SimBackend
-from gateway.models import Session
 from gateway.session_files import AUTHORIZED_KEYS_DIR, PASSWORD_HASH
 from gateway.store import Store
 from gateway.waiting import NO_CAPACITY_RETRY_SECONDS
 from tests.net import UNIT_PORT_BASE
-from tests.unit.helpers import CLIENT_KEX
+from tests.unit.helpers import CLIENT_KEX, a_session
 
 SLICES = 7
 
@@ -442,16 +440,14 @@ async def test_a_start_a_crash_cut_off_goes_back_on_the_list(make_sim, runtime, 
         [request] = await store.queued()
         now = request.submitted_at
         user = await store.ensure_user("late", now)
-        starting = Session(
+        starting = a_session(
+            now,
             id=request.id,
             user_id="late",
             uid=user.uid,
             ssh_port=UNIT_PORT_BASE + 19,
             image="gpu-workspace:latest",
             workspace=str(tmp_path / "workspaces" / "late"),
-            ttl_seconds=3600,
-            created_at=now,
-            expires_at=now + timedelta(hours=1),
             authorized_keys=request.authorized_keys,
         )
         await store.insert_session(starting, from_queue=True)
